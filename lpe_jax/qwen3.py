@@ -1,0 +1,307 @@
+"""Qwen3 decoder in Flax NNX, with a shared-prefix KV cache for paired decoding.
+
+Numerics follow Hugging Face's `Qwen3ForCausalLM`: RMSNorm in float32 (cast back to the activation
+dtype before the weight multiply), q_norm/k_norm on the head dim before rotary embeddings
+(rotate-half), softmax in float32, logits returned in float32.
+
+Two entry points:
+- `Qwen3.__call__(tokens)`: a full causal pass over `[B, T]`; returns logits and the per-layer keys
+  and values (the prompt's cache when used as a prefill).
+- `Qwen3.decode(tokens, step, cache)`: one new token per row. The prompt's keys/values live once
+  in the cache (`prefix_k/v`, batch 1) and are shared by every row; only generated tokens are stored
+  per row. Reading the prompt once instead of once per row is what keeps large-batch decode cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+    """Static shape of a Qwen3 model. `head_dim` is explicit: Qwen3 does not use hidden/heads."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    max_position_embeddings: int = 40960
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
+                f"{self.num_kv_heads}; grouped-query attention needs whole groups."
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings.")
+
+    def kv_bytes_per_token(self, dtype: Any) -> int:
+        """Bytes of K and V cache one token occupies across all layers (one model)."""
+        itemsize = jnp.dtype(dtype).itemsize
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings counted once when tied)."""
+        h, hd = self.hidden_size, self.head_dim
+        attn = h * hd * (2 * self.num_heads + 2 * self.num_kv_heads) + 2 * hd
+        if self.attention_bias:
+            attn += hd * (2 * self.num_heads + self.num_kv_heads) + h
+        mlp = 3 * h * self.intermediate_size
+        layer = attn + mlp + 2 * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.vocab_size * h + self.num_layers * layer + h + head
+
+
+PRESETS: dict[str, Qwen3Config] = {
+    "qwen3_0_6b": Qwen3Config(151936, 1024, 28, 16, 8, 128, 3072),
+    "qwen3_1_7b": Qwen3Config(151936, 2048, 28, 16, 8, 128, 6144),
+    "qwen3_4b": Qwen3Config(151936, 2560, 36, 32, 8, 128, 9728),
+    "qwen3_8b": Qwen3Config(151936, 4096, 36, 32, 8, 128, 12288, tie_word_embeddings=False),
+    "tiny": Qwen3Config(512, 64, 2, 4, 2, 32, 128),
+}
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """HF Qwen3RMSNorm: normalise in float32, cast to x.dtype, then scale by the weight."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotate-half rotary embedding. x: [B, T, heads, hd]; positions: int [B, T]."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any, std: float = 0.02) -> nnx.Param:
+    return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
+
+
+def _ones(shape: tuple[int, ...], dtype: Any) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, dtype))
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention; weights stored [in, out] (HF's transposed)."""
+
+    def __init__(self, cfg: Qwen3Config, dtype: Any, rngs: nnx.Rngs):
+        h, hd = cfg.hidden_size, cfg.head_dim
+        self.cfg = cfg
+        self.q_proj = _param(rngs, (h, cfg.num_heads * hd), dtype)
+        self.k_proj = _param(rngs, (h, cfg.num_kv_heads * hd), dtype)
+        self.v_proj = _param(rngs, (h, cfg.num_kv_heads * hd), dtype)
+        self.o_proj = _param(rngs, (cfg.num_heads * hd, h), dtype)
+        self.q_norm = _ones((hd,), dtype)
+        self.k_norm = _ones((hd,), dtype)
+        if cfg.attention_bias:
+            self.q_bias = nnx.Param(jnp.zeros((cfg.num_heads * hd,), dtype))
+            self.k_bias = nnx.Param(jnp.zeros((cfg.num_kv_heads * hd,), dtype))
+            self.v_bias = nnx.Param(jnp.zeros((cfg.num_kv_heads * hd,), dtype))
+            self.o_bias = nnx.Param(jnp.zeros((h,), dtype))
+
+    def project_qkv(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+        """x [B, T, H] -> q [B, T, heads, hd], k/v [B, T, kv, hd]; q, k normed and rotated."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q, k, v = x @ self.q_proj[...], x @ self.k_proj[...], x @ self.v_proj[...]
+        if cfg.attention_bias:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q = rope(rms_norm(q, self.q_norm[...], cfg.rms_norm_eps), positions, cfg.rope_theta)
+        k = rope(rms_norm(k, self.k_norm[...], cfg.rms_norm_eps), positions, cfg.rope_theta)
+        return q, k, v
+
+    def output(self, attn: Array) -> Array:
+        """attn [B, T, heads, hd] -> [B, T, H]."""
+        b, t = attn.shape[:2]
+        out = attn.reshape(b, t, -1) @ self.o_proj[...]
+        return out + self.o_bias[...] if self.cfg.attention_bias else out
+
+    def __call__(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+        """Causal self-attention over the sequence. Returns (out, k, v); k/v [B, kv, T, hd]."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q, k, v = self.project_qkv(x, positions)
+        g = cfg.num_heads // cfg.num_kv_heads
+        q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(cfg.head_dim)
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        scores = jnp.where(causal, scores, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, -1)
+        return self.output(attn), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: Qwen3Config, dtype: Any, rngs: nnx.Rngs):
+        h, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _param(rngs, (h, f), dtype)
+        self.up_proj = _param(rngs, (h, f), dtype)
+        self.down_proj = _param(rngs, (f, h), dtype)
+
+    def __call__(self, x: Array) -> Array:
+        return (jax.nn.silu(x @ self.gate_proj[...]) * (x @ self.up_proj[...])) @ self.down_proj[
+            ...
+        ]
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, dtype: Any, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.input_layernorm = _ones((cfg.hidden_size,), dtype)
+        self.post_attention_layernorm = _ones((cfg.hidden_size,), dtype)
+        self.self_attn = Attention(cfg, dtype, rngs)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def _mlp_block(self, x: Array) -> Array:
+        return x + self.mlp(rms_norm(x, self.post_attention_layernorm[...], self.cfg.rms_norm_eps))
+
+
+@struct.dataclass
+class KVCache:
+    """Keys/values of one model for a batch of rows that share one prompt.
+
+    prefix_k/v: per layer [1, kv, P, hd] (the prompt, stored once).
+    k/v: per layer [B, kv, N, hd] (generated tokens; slot n holds generated token n).
+    """
+
+    prefix_k: tuple[Array, ...]
+    prefix_v: tuple[Array, ...]
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
+
+    @property
+    def prefix_len(self) -> int:
+        return self.prefix_k[0].shape[2]
+
+    @property
+    def capacity(self) -> int:
+        """How many generated tokens fit."""
+        return self.k[0].shape[2]
+
+
+class Qwen3(nnx.Module):
+    """Qwen3ForCausalLM. Parameters in `dtype` (float32 or bfloat16); logits always float32."""
+
+    def __init__(self, cfg: Qwen3Config, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+        self.norm = _ones((cfg.hidden_size,), dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
+
+    def _logits(self, x: Array) -> Array:
+        x = rms_norm(x, self.norm[...], self.cfg.rms_norm_eps)
+        if self.cfg.tie_word_embeddings:
+            return jnp.einsum(
+                "...h,vh->...v", x, self.embed_tokens[...], preferred_element_type=jnp.float32
+            )
+        return jnp.einsum("...h,hv->...v", x, self.lm_head[...], preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens: Array) -> tuple[Array, list[Array], list[Array]]:
+        """Full causal pass over tokens int [B, T].
+
+        Returns (logits f32 [B, T, V], keys and values per layer, each [B, kv, T, hd]).
+        """
+        b, t = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = self.embed_tokens[...][tokens]
+        ks, vs = [], []
+        for layer in self.layers:
+            h = rms_norm(x, layer.input_layernorm[...], self.cfg.rms_norm_eps)
+            attn, k, v = layer.self_attn(h, positions)
+            x = layer._mlp_block(x + attn)
+            ks.append(k)
+            vs.append(v)
+        return self._logits(x), ks, vs
+
+    def init_cache(self, prompt_tokens: Array, batch: int, capacity: int) -> tuple[Array, KVCache]:
+        """Prefill one prompt (int [P]) and make an empty per-row cache for `capacity` new tokens.
+
+        Returns the float32 logits [V] after the last prompt token, and the cache.
+        """
+        logits, ks, vs = self(prompt_tokens[None, :])
+        cfg = self.cfg
+        empty = jnp.zeros((batch, cfg.num_kv_heads, capacity, cfg.head_dim), self.dtype)
+        n = cfg.num_layers
+        cache = KVCache(tuple(ks), tuple(vs), (empty,) * n, (empty,) * n)
+        return logits[0, -1], cache
+
+    def decode(self, tokens: Array, step: Array, cache: KVCache) -> tuple[Array, KVCache]:
+        """Append one token per row at generated slot `step` (int scalar, same for all rows).
+
+        tokens int [B]; returns (logits f32 [B, V], updated cache). Position = P + step.
+        """
+        cfg = self.cfg
+        b = tokens.shape[0]
+        p = cache.prefix_len
+        positions = jnp.full((b, 1), p + step, jnp.int32)
+        x = self.embed_tokens[...][tokens][:, None, :]
+        g = cfg.num_heads // cfg.num_kv_heads
+        valid = (
+            jnp.arange(cache.capacity) <= step
+        )  # generated slots filled so far, this one included
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            attn_mod = layer.self_attn
+            h = rms_norm(x, layer.input_layernorm[...], cfg.rms_norm_eps)
+            q, k, v = attn_mod.project_qkv(h, positions)
+            ck = jax.lax.dynamic_update_slice_in_dim(
+                cache.k[i], k.transpose(0, 2, 1, 3), step, axis=2
+            )
+            cv = jax.lax.dynamic_update_slice_in_dim(
+                cache.v[i], v.transpose(0, 2, 1, 3), step, axis=2
+            )
+            q = q.reshape(b, cfg.num_kv_heads, g, cfg.head_dim)
+            s_pre = jnp.einsum(
+                "bkgd,kpd->bkgp", q, cache.prefix_k[i][0], preferred_element_type=jnp.float32
+            )
+            s_gen = jnp.einsum("bkgd,bknd->bkgn", q, ck, preferred_element_type=jnp.float32)
+            s_gen = jnp.where(valid, s_gen, -jnp.inf)
+            scores = jnp.concatenate([s_pre, s_gen], axis=-1) / math.sqrt(cfg.head_dim)
+            probs = jax.nn.softmax(scores, axis=-1).astype(ck.dtype)
+            f32 = jnp.float32
+            attn = jnp.einsum(
+                "bkgp,kpd->bkgd", probs[..., :p], cache.prefix_v[i][0], preferred_element_type=f32
+            )
+            attn += jnp.einsum("bkgn,bknd->bkgd", probs[..., p:], cv, preferred_element_type=f32)
+            attn = attn.astype(ck.dtype)
+            x = layer._mlp_block(x + attn_mod.output(attn.reshape(b, 1, cfg.num_heads, -1)))
+            new_k.append(ck)
+            new_v.append(cv)
+        cache = cache.replace(k=tuple(new_k), v=tuple(new_v))
+        return self._logits(x[:, 0]), cache
+
+
+def init_random(cfg: Qwen3Config, *, dtype: Any = jnp.float32, seed: int = 0) -> Qwen3:
+    """A Qwen3 with N(0, 0.02) weights and unit norms: for benchmarks, tests and training."""
+    return Qwen3(cfg, dtype=dtype, rngs=nnx.Rngs(params=seed))

@@ -1,0 +1,39 @@
+"""lpe_jax: Logit Path Extrapolation in JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lpe_jax",
+    version="0.1.0",
+    description="Estimate rare language-model behaviours by Logit Path Extrapolation, in JAX.",
+    packages=find_packages(include=["lpe_jax", "lpe_jax.*"]),
+    package_data={"lpe_jax": ["assets/**/*"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.12",
+        "transformers>=4.51",
+        "tokenizers",
+        "numpy",
+        "scipy",
+        "optax",
+        "orbax-checkpoint",
+        "absl-py",
+        "safetensors",
+        "ml_dtypes",
+        "matplotlib",
+        "scikit-learn",
+    ],
+    extras_require={
+        # torch is only a parity reference for the tests; 2.13.0 is the CPU build on this machine.
+        "test": [
+            "pytest",
+            "ruff",
+            "torch==2.13.0",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+        ],
+    },
+)
