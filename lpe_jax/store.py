@@ -1,0 +1,181 @@
+"""A run directory of rollouts: one manifest, one file per (prompt, alpha) chunk.
+
+Layout::
+
+    run_dir/manifest.json                     what produced the run (models, path, grid, seed, ...)
+    run_dir/chunks/<prompt_id>/a<alpha>.npz   tokens, lengths, log-probs, flags, verdicts
+
+Guarantees:
+- Every write is atomic (temp file in the same directory + ``os.replace``): a killed run leaves
+  whole chunks or none, never a torn file.
+- A chunk is a pure function of the manifest and its (prompt, alpha) (the sampler's keys derive
+  from seed, alpha and rollout index), so a resumed run skips finished chunks and regenerates the
+  rest identically: nothing is lost or duplicated.
+- A directory that holds another run (a different manifest) is refused, naming the fields.
+
+Verdicts are stored per chunk as int8: 1 complied, 0 did not, -1 unknown (the judge could not
+decide); ``verdict_judge_id`` records which judge wrote them. NumPy only: no JAX import.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+CHUNK_FIELDS = ("tokens", "lengths", "logp_original", "logp_variant", "truncated", "nonfinite")
+UNKNOWN = -1
+
+
+def alpha_key(alpha: float) -> str:
+    """File-name key of an alpha, exact to 1e-6 (e.g. 0.95 -> 'a0.950000')."""
+    return f"a{round(float(alpha), 6):.6f}"
+
+
+def _safe_id(prompt_id: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", prompt_id) or prompt_id in (".", ".."):
+        raise ValueError(
+            f"prompt id {prompt_id!r} is not usable as a file name; "
+            "use letters, digits, '_', '-' and '.'"
+        )
+    return prompt_id
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file or the new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _normalise(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    # A JSON round trip makes tuples lists and floats canonical, so comparisons are exact.
+    return json.loads(json.dumps(dict(manifest), sort_keys=True))
+
+
+def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if old.get(k) != new.get(k)]
+
+
+class RolloutStore:
+    """A run directory. Open it with `RolloutStore.open(root, manifest)`."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]):
+        self.root = root
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, manifest: Mapping[str, Any]) -> RolloutStore:
+        """Create the run directory, or reopen it if it holds the same manifest.
+
+        Raises ValueError if the directory holds a different run, PermissionError/OSError (with the
+        directory named) if it cannot be written.
+        """
+        root = Path(root)
+        manifest = _normalise(manifest)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / ".write_probe"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise OSError(
+                f"cannot write to run directory {root}: {e}; choose a writable --out"
+            ) from e
+        path = root / MANIFEST
+        if path.exists():
+            old = json.loads(path.read_text())
+            changed = _diff(old, manifest)
+            if changed:
+                raise ValueError(
+                    f"{root} holds another run: manifest fields differ: {', '.join(changed)}. "
+                    "Use a new directory, or rerun with the original settings to resume."
+                )
+        else:
+            atomic_write_json(path, manifest)
+        return cls(root, manifest)
+
+    @classmethod
+    def load(cls, root: str | os.PathLike) -> RolloutStore:
+        """Open an existing run directory read-only-style (its manifest is taken as is)."""
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{root} is not a run directory (no {MANIFEST}); run sample.py first"
+            )
+        return cls(root, json.loads(path.read_text()))
+
+    def chunk_path(self, prompt_id: str, alpha: float) -> Path:
+        return self.root / "chunks" / _safe_id(prompt_id) / f"{alpha_key(alpha)}.npz"
+
+    def has_chunk(self, prompt_id: str, alpha: float) -> bool:
+        return self.chunk_path(prompt_id, alpha).exists()
+
+    def write_chunk(self, prompt_id: str, alpha: float, arrays: Mapping[str, np.ndarray]) -> None:
+        """Atomically write one chunk. `arrays` must hold CHUNK_FIELDS (row-major over rollouts)."""
+        missing = [f for f in CHUNK_FIELDS if f not in arrays]
+        if missing:
+            raise ValueError(f"chunk for {prompt_id} at alpha={alpha} lacks fields {missing}")
+        n = len(arrays["lengths"])
+        bad = [k for k, v in arrays.items() if np.ndim(v) and len(v) != n]
+        if bad:
+            raise ValueError(f"chunk fields {bad} do not have {n} rows like 'lengths'")
+        buf = io.BytesIO()
+        np.savez(buf, alpha=np.float64(alpha), **{k: np.asarray(v) for k, v in arrays.items()})
+        atomic_write_bytes(self.chunk_path(prompt_id, alpha), buf.getvalue())
+
+    def read_chunk(self, prompt_id: str, alpha: float) -> dict[str, np.ndarray]:
+        path = self.chunk_path(prompt_id, alpha)
+        if not path.exists():
+            raise FileNotFoundError(f"no chunk for prompt {prompt_id!r} at alpha={alpha} ({path})")
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def set_verdicts(
+        self, prompt_id: str, alpha: float, verdicts: np.ndarray, judge_id: str
+    ) -> None:
+        """Store int8 verdicts (1/0/-1) for a chunk, atomically rewriting it."""
+        chunk = self.read_chunk(prompt_id, alpha)
+        verdicts = np.asarray(verdicts, np.int8)
+        if verdicts.shape != chunk["lengths"].shape:
+            raise ValueError(
+                f"{len(verdicts)} verdicts for a chunk of {len(chunk['lengths'])} rollouts"
+            )
+        if not np.isin(verdicts, (1, 0, UNKNOWN)).all():
+            raise ValueError("verdicts must be 1 (complied), 0 (did not) or -1 (unknown)")
+        chunk.pop("alpha")
+        chunk["verdicts"] = verdicts
+        chunk["verdict_judge_id"] = np.array(judge_id)
+        self.write_chunk(prompt_id, alpha, chunk)
+
+    def chunks(self) -> Iterator[tuple[str, float]]:
+        """All (prompt_id, alpha) chunks on disk, sorted."""
+        base = self.root / "chunks"
+        if not base.exists():
+            return
+        for pdir in sorted(p for p in base.iterdir() if p.is_dir()):
+            for f in sorted(pdir.glob("a*.npz")):
+                yield pdir.name, float(f.stem[1:])
