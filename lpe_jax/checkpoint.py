@@ -1,0 +1,486 @@
+"""Hugging Face Qwen3 checkpoints <-> `Qwen3` modules, without torch.
+
+`load_model` reads an HF directory (config.json + model.safetensors, or shards listed in
+model.safetensors.index.json; tensors in bf16, f16 or f32), maps names through one explicit table
+with shape checks, converts on the host with NumPy (HF Linear weights are [out, in]; ours are
+[in, out]) and puts each tensor on the device once. The module is built abstractly first
+(`nnx.eval_shape`), so a 4B model never materializes a random copy.
+
+`save_model` writes the inverse: a directory transformers' `Qwen3ForCausalLM` loads.
+
+Optional converted-params cache (`cache_dir=`): an orbax checkpoint keyed by the sha256 of
+config.json, the index file and the *full content* of every safetensors file. Header+size hashes
+are not enough here: an original model and its abliterated variant have identical headers and
+sizes, which is exactly the pair this project loads. Hashing 8 GB takes seconds, so each file's
+digest is memoized in the cache dir under (absolute path, size, mtime_ns); a file rewritten in place
+gets a new mtime and is hashed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from lpe_jax.qwen3 import Qwen3, Qwen3Config
+
+SUPPORTED_MODEL_TYPES = ("qwen3",)
+_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+_ST_TO_NP = {
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F16": np.dtype(np.float16),
+    "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64),
+}
+_NP_TO_ST = {v: k for k, v in _ST_TO_NP.items()}
+# Buffers some older exports carry; they hold nothing our model needs (rotary is recomputed).
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+_HF_DEFAULT_HEAD_DIM = 128  # transformers.Qwen3Config's default when config.json omits it
+_CACHE_FORMAT = "lpe_jax-qwen3-v1"  # bump when the converted layout changes
+
+
+# ----------------------------------------------------------------------------------------------
+# dtype and config
+
+
+def _np_dtype(dtype: Any) -> np.dtype:
+    """'float32' | 'bfloat16' (or the matching numpy/jnp dtype) -> numpy dtype."""
+    key = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    if key not in _DTYPES:
+        raise ValueError(
+            f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} (e.g. dtype='bfloat16')."
+        )
+    return _DTYPES[key]
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+    """rope_theta from transformers 4 (`rope_theta`) or 5 (`rope_parameters`) configs."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling")
+    if params:
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(
+                f"rope_type {rope_type!r} is not supported (only 'default' rotary embeddings); "
+                "use a checkpoint without rope scaling."
+            )
+        if "rope_theta" in params:
+            return float(params["rope_theta"])
+    if "rope_theta" in hf:
+        return float(hf["rope_theta"])
+    raise ValueError(
+        "config.json gives no rope_theta (neither 'rope_theta' nor 'rope_parameters.rope_theta'); "
+        "add it to the config."
+    )
+
+
+def config_from_hf(hf: dict[str, Any]) -> Qwen3Config:
+    """Qwen3Config from a parsed HF config.json. Raises ValueError on unsupported settings."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported; supported: "
+            f"{list(SUPPORTED_MODEL_TYPES)}. Point load_model at a Qwen3 checkpoint."
+        )
+    if hf.get("use_sliding_window"):
+        raise ValueError(
+            "use_sliding_window=true is not supported; this Qwen3 uses full attention everywhere."
+        )
+    missing = [
+        k
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+        )
+        if k not in hf
+    ]
+    if missing:
+        raise ValueError(f"config.json lacks {missing}; a Qwen3 config needs them.")
+    heads = int(hf["num_attention_heads"])
+    # head_dim is never derived from hidden/heads when given (Qwen3-4B: 128, hidden/heads = 80).
+    # When the key is absent we apply transformers' Qwen3Config default, which is 128, not
+    # hidden/heads: that is what Qwen3ForCausalLM builds, and a checkpoint that disagrees fails
+    # the per-tensor shape check below with both shapes named.
+    head_dim = hf.get("head_dim") or _HF_DEFAULT_HEAD_DIM
+    return Qwen3Config(
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(head_dim),
+        intermediate_size=int(hf["intermediate_size"]),
+        rope_theta=_rope_theta(hf),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        # transformers' Qwen3Config default is untied when the key is absent.
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", False)),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 40960)),
+    )
+
+
+def config_to_hf(cfg: Qwen3Config, dtype: str) -> dict[str, Any]:
+    """HF config.json dict for `cfg`, readable by transformers 4.5x and 5.x."""
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,  # transformers 4 key
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},  # 5
+        "rope_scaling": None,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": cfg.attention_bias,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": cfg.num_layers,
+        "layer_types": ["full_attention"] * cfg.num_layers,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# name table
+
+
+_Entry = tuple[tuple[str | int, ...], tuple[int, ...], bool]
+
+
+def weight_table(cfg: Qwen3Config) -> dict[str, _Entry]:
+    """HF tensor name -> (attribute path in `Qwen3`, HF shape, transpose?).
+
+    Transposed entries are Linear weights: HF [out, in], ours [in, out]. lm_head appears only
+    when embeddings are untied.
+    """
+    h, hd, v, f = cfg.hidden_size, cfg.head_dim, cfg.vocab_size, cfg.intermediate_size
+    qd, kvd = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    table: dict[str, _Entry] = {
+        "model.embed_tokens.weight": (("embed_tokens",), (v, h), False),
+        "model.norm.weight": (("norm",), (h,), False),
+    }
+    if not cfg.tie_word_embeddings:
+        table["lm_head.weight"] = (("lm_head",), (v, h), True)
+    for i in range(cfg.num_layers):
+        pre, at = f"model.layers.{i}.", ("layers", i, "self_attn")
+        lay = ("layers", i)
+        table[pre + "input_layernorm.weight"] = ((*lay, "input_layernorm"), (h,), False)
+        table[pre + "post_attention_layernorm.weight"] = (
+            (*lay, "post_attention_layernorm"),
+            (h,),
+            False,
+        )
+        for name, shape in (("q", (qd, h)), ("k", (kvd, h)), ("v", (kvd, h)), ("o", (h, qd))):
+            table[pre + f"self_attn.{name}_proj.weight"] = ((*at, f"{name}_proj"), shape, True)
+            if cfg.attention_bias:
+                table[pre + f"self_attn.{name}_proj.bias"] = (
+                    (*at, f"{name}_bias"),
+                    shape[:1],
+                    False,
+                )
+        table[pre + "self_attn.q_norm.weight"] = ((*at, "q_norm"), (hd,), False)
+        table[pre + "self_attn.k_norm.weight"] = ((*at, "k_norm"), (hd,), False)
+        for name, shape in (("gate", (f, h)), ("up", (f, h)), ("down", (h, f))):
+            table[pre + f"mlp.{name}_proj.weight"] = ((*lay, "mlp", f"{name}_proj"), shape, True)
+    return table
+
+
+def _variable(model: Qwen3, path: tuple[str | int, ...]) -> nnx.Variable:
+    obj: Any = model
+    for p in path:
+        obj = obj[p] if isinstance(p, int) else getattr(obj, p)
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors, read and written with the raw format: 8-byte little-endian header length, JSON
+# header {name: {dtype, shape, data_offsets}}, then the data. No torch needed.
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(header without __metadata__, byte offset where tensor data starts)."""
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes).")
+        (n,) = struct.unpack("<Q", raw)
+        if n > os.path.getsize(path):
+            raise ValueError(f"{path} is not a safetensors file (header length {n} too large).")
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _read_tensor(mm: np.memmap, info: dict[str, Any], start: int) -> np.ndarray:
+    """A read-only view of one tensor in its stored dtype (checked against _ST_TO_NP first)."""
+    lo, hi = info["data_offsets"]
+    return mm[start + lo : start + hi].view(_ST_TO_NP[info["dtype"]]).reshape(info["shape"])
+
+
+def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, arr in tensors.items():
+        header[name] = {
+            "dtype": _NP_TO_ST[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
+        offset += arr.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data section 8-byte aligned, as the spec recommends
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for arr in tensors.values():
+            fh.write(np.ascontiguousarray(arr).tobytes())
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of an HF directory, after checking they exist."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not weight_map:
+            raise ValueError(f"{index} has no 'weight_map'; re-save the checkpoint.")
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{index.name} lists shard(s) {missing} that are missing from {path}; "
+                "download the complete checkpoint."
+            )
+        return files
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    hint = f" (found {found}: re-save with safe_serialization=True)" if found else ""
+    raise FileNotFoundError(
+        f"no weights in {path}: expected model.safetensors or model.safetensors.index.json{hint}."
+    )
+
+
+def _read_headers(files: list[Path]) -> dict[str, tuple[Path, int, dict[str, Any]]]:
+    """tensor name -> (file, data start, header entry), over all shards."""
+    out: dict[str, tuple[Path, int, dict[str, Any]]] = {}
+    for file in files:
+        header, start = _read_header(file)
+        for name, info in header.items():
+            if name in out:
+                raise ValueError(f"tensor {name} appears in both {out[name][0]} and {file}.")
+            out[name] = (file, start, info)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# loading and saving
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist.")
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(
+            f"{path} has no config.json; pass an HF model directory (config.json + safetensors)."
+        )
+    return json.loads(cfg_file.read_text())
+
+
+def _abstract_model(cfg: Qwen3Config, dtype: np.dtype) -> Qwen3:
+    """A Qwen3 whose params are ShapeDtypeStructs: no memory, no random init."""
+    return nnx.eval_shape(lambda: Qwen3(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
+
+
+def _check_names(cfg: Qwen3Config, names: set[str]) -> None:
+    """Every tensor the config needs is present, and nothing else is (before reading any data)."""
+    table = weight_table(cfg)
+    ignorable = {n for n in names if n.endswith(_IGNORED_SUFFIXES)}
+    if cfg.tie_word_embeddings:
+        ignorable.add("lm_head.weight")  # some exports keep a copy of the tied embedding
+    unexpected = sorted(names - table.keys() - ignorable)
+    if unexpected:
+        # An error, not a warning: weights we would drop (e.g. biases while attention_bias is
+        # false, extra layers) mean config.json does not describe these weights, and ignoring
+        # them would silently give a different model.
+        raise ValueError(
+            f"checkpoint has {len(unexpected)} tensor(s) this Qwen3 config does not use, e.g. "
+            f"{unexpected[:5]}; fix config.json (attention_bias, num_hidden_layers, ...) to match."
+        )
+    missing = [n for n in table if n not in names]
+    if missing:
+        raise ValueError(
+            f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:5]}; the weights are "
+            "incomplete or config.json describes a different model."
+        )
+
+
+def _convert(model: Qwen3, cfg: Qwen3Config, files: list[Path], dtype: np.dtype) -> None:
+    """Fill the abstract `model` in place from the safetensors `files`.
+
+    All names, shapes and dtypes are checked from the headers before any data is read; then each
+    tensor is cast and transposed on the host and put on the device once.
+    """
+    table = weight_table(cfg)
+    headers = _read_headers(files)
+    _check_names(cfg, set(headers))
+    for name, (_, shape, _) in table.items():
+        info = headers[name][2]
+        if tuple(info["shape"]) != shape:
+            raise ValueError(
+                f"tensor {name} has shape {tuple(info['shape'])} but config.json implies {shape}; "
+                "the config and weights disagree (wrong config.json or wrong shard?)."
+            )
+        if info["dtype"] not in _ST_TO_NP:
+            raise ValueError(
+                f"tensor {name} has dtype {info['dtype']}; supported: {sorted(_ST_TO_NP)}. "
+                "Convert the checkpoint to bf16, f16 or f32."
+            )
+        lo, hi = info["data_offsets"]
+        if hi - lo != np.prod(shape, dtype=np.int64) * _ST_TO_NP[info["dtype"]].itemsize:
+            raise ValueError(
+                f"tensor {name} spans {hi - lo} bytes, not what shape {shape} and dtype "
+                f"{info['dtype']} need; {headers[name][0].name} is corrupt: download it again."
+            )
+    maps = {f: np.memmap(f, dtype=np.uint8, mode="r") for f in files}
+    for name, (attr, _, transpose) in table.items():
+        file, start, info = headers[name]
+        arr = _read_tensor(maps[file], info, start)
+        host = np.ascontiguousarray((arr.T if transpose else arr).astype(dtype, copy=False))
+        _variable(model, attr).set_value(jax.device_put(host))
+
+
+def load_model(
+    path: str | os.PathLike, dtype: str = "float32", cache_dir: str | os.PathLike | None = None
+) -> Qwen3:
+    """Load an HF Qwen3 directory as a `Qwen3` with parameters in `dtype` ('float32'|'bfloat16').
+
+    Linear weights come back [in, out]; embed_tokens [V, H]; lm_head [H, V] when untied. With
+    `cache_dir`, converted params are stored there (orbax) under a key derived from the
+    checkpoint's content and `dtype`; a later load of the same checkpoint restores them without
+    reading or converting safetensors.
+    """
+    path = Path(path)
+    np_dtype = _np_dtype(dtype)
+    hf = _read_config(path)
+    cfg = config_from_hf(hf)
+    files = _weight_files(path)
+    model = _abstract_model(cfg, np_dtype)
+    if cache_dir is None:
+        _convert(model, cfg, files, np_dtype)
+        return model
+    entry = Path(cache_dir) / f"{_content_key(path, files, Path(cache_dir))}-{np_dtype.name}"
+    if _cache_restore(model, entry):
+        return model
+    _convert(model, cfg, files, np_dtype)
+    _cache_save(model, entry)
+    return model
+
+
+def save_model(model: Qwen3, path: str | os.PathLike, *, dtype: str | None = None) -> Path:
+    """Write `model` as an HF directory: config.json + model.safetensors ([out, in] Linear weights).
+
+    dtype: 'float32' or 'bfloat16' for the stored tensors; None keeps the model's dtype. Returns
+    the directory. transformers' `Qwen3ForCausalLM.from_pretrained` and `load_model` read it.
+    """
+    path = Path(path)
+    np_dtype = _np_dtype(dtype if dtype is not None else model.dtype)
+    cfg = model.cfg
+    tensors = {}
+    for name, (attr, shape, transpose) in weight_table(cfg).items():
+        arr = np.asarray(_variable(model, attr)[...]).astype(np_dtype)
+        tensors[name] = np.ascontiguousarray(arr.T if transpose else arr)
+        assert tensors[name].shape == shape, (name, tensors[name].shape, shape)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config_to_hf(cfg, np_dtype.name), indent=2))
+    _write_safetensors(path / "model.safetensors", tensors)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# content key for the converted-params cache
+
+
+def _file_sha256(file: Path, memo_dir: Path) -> str:
+    """sha256 of `file`'s bytes, memoized under (absolute path, size, mtime_ns)."""
+    st = file.stat()
+    stamp = f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    memo = memo_dir / "digests" / (hashlib.sha256(stamp.encode()).hexdigest() + ".txt")
+    if memo.exists():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    with open(file, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(digest.hexdigest())
+    return digest.hexdigest()
+
+
+def _content_key(path: Path, files: list[Path], memo_dir: Path) -> str:
+    """sha256 over config.json, the shard index (if any) and every weight file's content."""
+    key = hashlib.sha256(_CACHE_FORMAT.encode())
+    key.update((path / "config.json").read_bytes())
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        key.update(index.read_bytes())
+    for file in files:
+        key.update(file.name.encode())
+        key.update(_file_sha256(file, memo_dir).encode())
+    return key.hexdigest()[:32]
+
+
+# orbax is imported only when a cache is used: it is slow to import and most loads do not need it.
+
+
+def _cache_restore(model: Qwen3, entry: Path) -> bool:
+    """Fill the abstract `model` from cache `entry`; False when there is no such entry."""
+    if not entry.exists():  # orbax renames a finished save into place, so present = complete
+        return False
+    import orbax.checkpoint as ocp
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state = nnx.state(model, nnx.Param)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        nnx.to_pure_dict(state),
+    )
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(entry.resolve(), abstract)
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(model, state)
+    return True
+
+
+def _cache_save(model: Qwen3, entry: Path) -> None:
+    import orbax.checkpoint as ocp
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(entry.resolve(), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        ckptr.wait_until_finished()
