@@ -1,0 +1,60 @@
+"""Estimators of a rare compliance rate (NumPy/SciPy only; importing this pulls in no JAX).
+
+Modules: ``naive`` (count from the original), ``importance`` (importance sampling from the
+variant), ``lpe`` (the paper's adaptive Logit Path Extrapolation), ``binomial`` (LPE with a
+penalized binomial fit and an interval).
+"""
+
+from lpe_jax.estimators import binomial, importance, lpe, naive
+from lpe_jax.estimators.binomial import (
+    BinomialFit,
+    LPEBinomialResult,
+    fit_binomial,
+    fit_binomial_batch,
+    lpe_binomial,
+    lpe_binomial_grid,
+    select_grid_points,
+)
+from lpe_jax.estimators.importance import ISResult, importance_sampling
+from lpe_jax.estimators.lpe import (
+    DrawFn,
+    DrawResult,
+    LPECountsResult,
+    LPEResult,
+    LPEStep,
+    adaptive_draws,
+    lpe_paper,
+    lpe_paper_from_counts,
+    ols_line,
+    paper_alpha_grid,
+)
+from lpe_jax.estimators.naive import NaiveResult, naive_estimate, simulate_naive_counts
+
+__all__ = [
+    "binomial",
+    "importance",
+    "lpe",
+    "naive",
+    "BinomialFit",
+    "LPEBinomialResult",
+    "fit_binomial",
+    "fit_binomial_batch",
+    "lpe_binomial",
+    "lpe_binomial_grid",
+    "select_grid_points",
+    "ISResult",
+    "importance_sampling",
+    "DrawFn",
+    "DrawResult",
+    "LPECountsResult",
+    "LPEResult",
+    "LPEStep",
+    "adaptive_draws",
+    "lpe_paper",
+    "lpe_paper_from_counts",
+    "ols_line",
+    "paper_alpha_grid",
+    "NaiveResult",
+    "naive_estimate",
+    "simulate_naive_counts",
+]

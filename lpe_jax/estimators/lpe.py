@@ -1,0 +1,365 @@
+"""Logit Path Extrapolation, as in the paper's appendix (adaptive search, then an OLS fit).
+
+NumPy only. One implementation serves live sampling and replay from a rollout bank, because all
+sampling goes through a callback ``draw(alpha, n)``:
+
+* ``draw`` must return the outcome of ``n`` *fresh* rollouts at ``alpha`` (never reuse ones it
+  already returned for the same alpha; a bank replays without replacement). It returns either
+  an ``int`` k (compliant count; all n judged, token count unknown), a tuple
+  ``(k, generated_tokens)`` or ``(k, generated_tokens, n_judged)``, or a :class:`DrawResult`.
+* ``n_judged`` is the number of the n rollouts that got a verdict; rollouts whose judge verdict
+  is None are left out of the denominator, so a judge failure never counts as a refusal.
+* ``generated_tokens`` is the number of tokens generated over the n rollouts (None if unknown).
+
+Our reading of every detail the appendix leaves open (the paper gives no more than this):
+
+1. Grid: exact decimals 0.95, 0.90, ..., 0.05, 0.0 (computed as round(i * 0.05, 10), so no
+   0.1 + 0.2 drift); alpha = 1 itself is never sampled, it is only the extrapolation target.
+2. Search: scan from the top of the grid toward 0, ``n_search`` (= 10) rollouts per alpha; stop
+   at the first alpha whose rate k / n_judged is >= 0.5. That alpha is the start alpha. If the
+   scan reaches alpha = 0 without such a rate, the start alpha is 0.
+3. Fit phase: the start alpha gets ``n_fit`` fresh rollouts too (search rollouts are not pooled
+   into it); then advance one grid step at a time toward 1, ``n_fit`` fresh rollouts each. Stop
+   advancing after the first alpha with zero compliant rollouts (that zero point is drawn and
+   paid for but not fitted), or after the top of the grid.
+4. Fit: ordinary least squares of log10(k / n_judged) on alpha over the fit-phase points whose
+   rate is in (0, 0.5) (the main text fits the alphas "with compliance below 50%"); search-phase
+   points are never fitted. Estimate = 10 ** (intercept + slope * 1), not clipped.
+5. Fallback: fewer than two fitted points -> estimate 1e-6, slope/intercept None.
+6. A draw in which no rollout was judged (n_judged == 0) has no rate: in the search it does not
+   stop the scan; in the fit phase it is neither fitted nor a stopping zero.
+7. Budget: rollouts spent = all rollouts requested, search included. Forward passes = passes
+   per generated token (2 for a paired rollout that runs both models, 1 for a single model)
+   times generated tokens; None if any draw did not report its token count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "DrawResult",
+    "DrawFn",
+    "LPEStep",
+    "LPEResult",
+    "LPECountsResult",
+    "paper_alpha_grid",
+    "adaptive_draws",
+    "lpe_paper",
+    "lpe_paper_from_counts",
+    "ols_line",
+]
+
+N_SEARCH = 10
+START_THRESHOLD = 0.5
+FALLBACK = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class DrawResult:
+    """Outcome of ``n`` fresh rollouts at one alpha.
+
+    Attributes:
+      k: compliant rollouts.
+      generated_tokens: tokens generated over the n rollouts, or None if unknown.
+      n_judged: rollouts with a verdict (None means all n); k <= n_judged <= n.
+    """
+
+    k: int
+    generated_tokens: int | None = None
+    n_judged: int | None = None
+
+
+DrawFn = Callable[[float, int], int | DrawResult | tuple]
+
+
+@dataclasses.dataclass(frozen=True)
+class LPEStep:
+    """One call of ``draw``: ``n`` rollouts requested at ``alpha`` in ``phase``."""
+
+    alpha: float
+    n: int
+    k: int
+    n_judged: int
+    phase: str  # "search" or "fit"
+    generated_tokens: int | None = None
+
+    @property
+    def rate(self) -> float | None:
+        """k / n_judged, or None when nothing was judged."""
+        return self.k / self.n_judged if self.n_judged else None
+
+
+@dataclasses.dataclass(frozen=True)
+class LPEResult:
+    """Result of one LPE run.
+
+    Attributes:
+      estimate: predicted compliance rate of the original (alpha = 1).
+      trace: every draw, in order.
+      intercept, slope: fitted line log10 r = intercept + slope * alpha (None on fallback).
+      fit_alphas, fit_log10_rates: the points fitted.
+      fallback: True when fewer than two points were fittable and ``estimate`` is the default.
+      start_alpha: alpha where the fit phase began.
+      rollouts: rollouts spent (search + fit).
+      forward_passes: passes_per_token * generated tokens, or None when any count is unknown.
+    """
+
+    estimate: float
+    trace: tuple[LPEStep, ...]
+    intercept: float | None
+    slope: float | None
+    fit_alphas: tuple[float, ...]
+    fit_log10_rates: tuple[float, ...]
+    fallback: bool
+    start_alpha: float
+    rollouts: int
+    forward_passes: int | None
+
+
+def paper_alpha_grid(step: float = 0.05, top: float = 0.95) -> np.ndarray:
+    """Increasing exact-decimal grid 0, step, ..., top (float64; the paper's is 0..0.95)."""
+    if not 0 < step <= top < 1:
+        raise ValueError(f"need 0 < step <= top < 1, got step={step}, top={top}")
+    n = int(round(top / step))
+    if abs(n * step - top) > 1e-9:
+        raise ValueError(f"top={top} is not a multiple of step={step}")
+    return np.round(np.arange(n + 1) * step, 10)
+
+
+def _check_grid(alphas: Sequence[float]) -> np.ndarray:
+    a = np.round(np.asarray(alphas, dtype=np.float64), 10)
+    if a.ndim != 1 or a.size < 1:
+        raise ValueError(f"alphas must be a non-empty 1-D grid, got shape {a.shape}")
+    if not np.all(np.diff(a) > 0):
+        raise ValueError("alphas must be strictly increasing (pass the grid in ascending order)")
+    if a[0] < 0 or a[-1] >= 1:
+        raise ValueError(f"alphas must lie in [0, 1) (alpha = 1 is the target), got {a}")
+    return a
+
+
+def _as_draw_result(out: int | DrawResult | tuple, n: int, alpha: float) -> DrawResult:
+    if isinstance(out, DrawResult):
+        res = out
+    elif isinstance(out, tuple):
+        if len(out) not in (2, 3):
+            raise ValueError(
+                "draw must return k, (k, generated_tokens), (k, generated_tokens, n_judged) "
+                f"or a DrawResult; got a tuple of length {len(out)}"
+            )
+        res = DrawResult(*out)
+    elif isinstance(out, (int, np.integer)):
+        res = DrawResult(int(out))
+    else:
+        raise TypeError(f"draw returned {type(out).__name__}; expected int, tuple or DrawResult")
+    judged = n if res.n_judged is None else int(res.n_judged)
+    if not 0 <= int(res.k) <= judged <= n:
+        raise ValueError(
+            f"draw({alpha}, {n}) returned k={res.k}, n_judged={res.n_judged}: need "
+            "0 <= k <= n_judged <= n"
+        )
+    if res.generated_tokens is not None and res.generated_tokens < 0:
+        raise ValueError(f"draw({alpha}, {n}) returned negative generated_tokens")
+    tokens = None if res.generated_tokens is None else int(res.generated_tokens)
+    return DrawResult(int(res.k), tokens, judged)
+
+
+def _step(draw: DrawFn, alpha: float, n: int, phase: str) -> LPEStep:
+    res = _as_draw_result(draw(float(alpha), int(n)), n, alpha)
+    return LPEStep(float(alpha), int(n), res.k, int(res.n_judged), phase, res.generated_tokens)
+
+
+def adaptive_draws(
+    draw: DrawFn,
+    n_fit: int,
+    *,
+    n_search: int = N_SEARCH,
+    alphas: Sequence[float] | None = None,
+    start_threshold: float = START_THRESHOLD,
+) -> tuple[LPEStep, ...]:
+    """Run the appendix's search and advance (points 1-3, 6 of the module docstring).
+
+    Returns the trace of draws; fit-phase steps have ``phase == "fit"``.
+    """
+    if n_fit < 1 or n_search < 1:
+        raise ValueError(f"need n_fit >= 1 and n_search >= 1, got {n_fit}, {n_search}")
+    grid = _check_grid(paper_alpha_grid() if alphas is None else alphas)
+    trace: list[LPEStep] = []
+    start = 0
+    for i in range(grid.size - 1, -1, -1):
+        s = _step(draw, grid[i], n_search, "search")
+        trace.append(s)
+        if s.rate is not None and s.rate >= start_threshold:
+            start = i
+            break
+    for i in range(start, grid.size):
+        s = _step(draw, grid[i], n_fit, "fit")
+        trace.append(s)
+        if s.n_judged > 0 and s.k == 0:
+            break
+    return tuple(trace)
+
+
+def ols_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Ordinary least squares y = intercept + slope * x; needs >= 2 distinct x."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.shape != y.shape or x.ndim != 1 or np.unique(x).size < 2:
+        raise ValueError("ols_line needs equal-length 1-D x, y with at least two distinct x")
+    xm, ym = x.mean(), y.mean()
+    slope = float(((x - xm) * (y - ym)).sum() / ((x - xm) ** 2).sum())
+    return float(ym - slope * xm), slope
+
+
+def _budget(trace: Sequence[LPEStep], passes_per_token: int) -> tuple[int, int | None]:
+    rollouts = sum(s.n for s in trace)
+    if any(s.generated_tokens is None for s in trace):
+        return rollouts, None
+    return rollouts, passes_per_token * sum(int(s.generated_tokens) for s in trace)
+
+
+def lpe_paper(
+    draw: DrawFn,
+    n_fit: int,
+    *,
+    n_search: int = N_SEARCH,
+    alphas: Sequence[float] | None = None,
+    start_threshold: float = START_THRESHOLD,
+    fallback: float = FALLBACK,
+    passes_per_token: int = 2,
+) -> LPEResult:
+    """Paper-exact adaptive LPE (module docstring, points 1-7).
+
+    Args:
+      draw: callback ``draw(alpha, n)``; see the module docstring for its contract.
+      n_fit: rollouts per alpha in the fit phase (the paper uses 13-100).
+      n_search: rollouts per alpha in the search (paper: 10).
+      alphas: increasing grid in [0, 1); default the paper's 0, 0.05, ..., 0.95.
+      start_threshold: search stops at the first rate >= this (paper: 0.5); the fit keeps
+        rates strictly below it.
+      fallback: prediction when fewer than two points are fittable (paper: 1e-6).
+      passes_per_token: 2 for paired rollouts (both models), 1 for a single model.
+    """
+    trace = adaptive_draws(
+        draw, n_fit, n_search=n_search, alphas=alphas, start_threshold=start_threshold
+    )
+    fit = [s for s in trace if s.phase == "fit"]
+    pts = [(s.alpha, s.rate) for s in fit if s.rate is not None and 0 < s.rate < start_threshold]
+    rollouts, passes = _budget(trace, passes_per_token)
+    xs = tuple(a for a, _ in pts)
+    ys = tuple(float(np.log10(r)) for _, r in pts)
+    common = dict(
+        trace=trace,
+        fit_alphas=xs,
+        fit_log10_rates=ys,
+        start_alpha=fit[0].alpha,
+        rollouts=rollouts,
+        forward_passes=passes,
+    )
+    if len(pts) < 2:
+        return LPEResult(
+            estimate=float(fallback), intercept=None, slope=None, fallback=True, **common
+        )
+    intercept, slope = ols_line(np.array(xs), np.array(ys))
+    return LPEResult(
+        estimate=float(10.0 ** (intercept + slope)),
+        intercept=intercept,
+        slope=slope,
+        fallback=False,
+        **common,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LPECountsResult:
+    """Vectorized LPE over a batch; every array has the batch shape ``B`` unless noted.
+
+    Attributes:
+      log10_estimate: float64 [*B] (log10 of the fallback where ``fallback``).
+      fallback: bool [*B].
+      rollouts: int64 [*B] rollouts spent.
+      start_index: int64 [*B] grid index of the start alpha.
+      drawn: bool [*B, A] fit-phase alphas drawn (stopping zero included).
+      fitted: bool [*B, A] points the OLS used.
+      n_search_drawn: int64 [*B] number of alphas scanned in the search.
+    """
+
+    log10_estimate: np.ndarray
+    fallback: np.ndarray
+    rollouts: np.ndarray
+    start_index: np.ndarray
+    drawn: np.ndarray
+    fitted: np.ndarray
+    n_search_drawn: np.ndarray
+
+
+def lpe_paper_from_counts(
+    search_k: np.ndarray,
+    search_n: np.ndarray,
+    fit_k: np.ndarray,
+    fit_n: np.ndarray,
+    alphas: np.ndarray,
+    n_fit: int,
+    *,
+    n_search: int = N_SEARCH,
+    start_threshold: float = START_THRESHOLD,
+    fallback: float = FALLBACK,
+) -> LPECountsResult:
+    """:func:`lpe_paper` as array operations, for Monte Carlo over many prompts and simulations.
+
+    Equivalent to running :func:`lpe_paper` with a callback that, at grid index ``a``, returns
+    ``(search_k, search_n)[..., a]`` for the search draw and ``(fit_k, fit_n)[..., a]`` for the
+    fit draw (``*_n`` are judged counts; ``n_search``/``n_fit`` rollouts are charged).
+
+    Args:
+      search_k, search_n, fit_k, fit_n: int [*B, A] compliant / judged counts per alpha.
+      alphas: float [A] increasing grid in [0, 1).
+      n_fit, n_search: rollouts charged per fit / search draw.
+    """
+    grid = _check_grid(alphas)
+    arrs = [np.asarray(x) for x in (search_k, search_n, fit_k, fit_n)]
+    shape = arrs[0].shape
+    if any(x.shape != shape for x in arrs) or shape[-1:] != grid.shape:
+        raise ValueError(
+            f"counts must all have shape [..., {grid.size}], got {[x.shape for x in arrs]}"
+        )
+    sk, sn, fk, fn = arrs
+    if np.any(sk < 0) or np.any(sk > sn) or np.any(fk < 0) or np.any(fk > fn):
+        raise ValueError("counts need 0 <= k <= n_judged")
+    if np.any(sn > n_search) or np.any(fn > n_fit):
+        raise ValueError("judged counts cannot exceed the rollouts drawn (n_search / n_fit)")
+    n_a = grid.size
+    idx = np.arange(n_a)
+    hit = (sn > 0) & (sk >= start_threshold * sn)
+    start = np.where(hit.any(-1), n_a - 1 - np.argmax(hit[..., ::-1], axis=-1), 0)
+    n_scanned = n_a - start
+    after = idx >= start[..., None]
+    zero = after & (fn > 0) & (fk == 0)
+    stop = np.where(zero.any(-1), np.argmax(zero, axis=-1), n_a - 1)
+    drawn = after & (idx <= stop[..., None])
+    safe_n = np.maximum(fn, 1)
+    fitted = drawn & (fk > 0) & (fk < start_threshold * fn)
+    m = fitted.astype(np.float64)
+    cnt = m.sum(-1)
+    y = np.log10(np.where(fitted, fk, 1) / safe_n)
+    denom = np.maximum(cnt, 1)
+    xm = (m * grid).sum(-1) / denom
+    ym = (m * y).sum(-1) / denom
+    dx = grid - xm[..., None]
+    sxx = (m * dx * dx).sum(-1)
+    sxy = (m * dx * (y - ym[..., None])).sum(-1)
+    ok = cnt >= 2
+    slope = np.where(ok, sxy / np.where(ok, sxx, 1.0), 0.0)
+    log10_est = np.where(ok, ym + slope * (1.0 - xm), np.log10(fallback))
+    rollouts = n_search * n_scanned + n_fit * drawn.sum(-1)
+    return LPECountsResult(
+        log10_estimate=log10_est,
+        fallback=~ok,
+        rollouts=rollouts.astype(np.int64),
+        start_index=start.astype(np.int64),
+        drawn=drawn,
+        fitted=fitted,
+        n_search_drawn=n_scanned.astype(np.int64),
+    )

@@ -1,0 +1,67 @@
+"""Naive sampling: count compliant rollouts drawn from the original model (alpha = 1).
+
+NumPy only. Verdicts are coded 1 (complied), 0 (refused) and -1 (unknown, e.g. the judge failed);
+unknown verdicts are dropped from both the count and the denominator, never read as refusals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+__all__ = ["NaiveResult", "naive_estimate", "simulate_naive_counts"]
+
+
+@dataclasses.dataclass(frozen=True)
+class NaiveResult:
+    """Naive estimate from rollouts of the original model.
+
+    Attributes:
+      k: compliant rollouts (the paper's score).
+      n: rollouts with a known verdict.
+      n_unknown: rollouts whose verdict was unknown (excluded from n).
+      estimate: k / n, or 0.0 when n == 0 (stated: no information reads as no evidence).
+    """
+
+    k: int
+    n: int
+    n_unknown: int
+    estimate: float
+
+
+def naive_estimate(verdicts: np.ndarray) -> NaiveResult:
+    """Count compliant rollouts among ``verdicts`` (1-D; bool or int in {1, 0, -1})."""
+    v = np.asarray(verdicts)
+    if v.ndim != 1:
+        raise ValueError(f"verdicts must be 1-D (one per rollout), got shape {v.shape}")
+    if v.dtype != bool and not np.isin(v, (-1, 0, 1)).all():
+        raise ValueError("verdicts must be bool or ints in {1, 0, -1 (unknown)}")
+    v = v.astype(np.int8)
+    k = int((v == 1).sum())
+    n = int((v >= 0).sum())
+    return NaiveResult(k=k, n=n, n_unknown=int(v.size - n), estimate=k / n if n else 0.0)
+
+
+def simulate_naive_counts(
+    rate: np.ndarray, budget: int, n_sims: int, rng: np.random.Generator
+) -> np.ndarray:
+    """The paper's naive score at budget ``budget``: Binomial(budget, rate) per prompt.
+
+    Args:
+      rate: [P] ground-truth compliance rates of the original (e.g. k / 100,000), in [0, 1].
+      budget: rollouts from the original per prompt (>= 0).
+      n_sims: Monte Carlo simulations.
+      rng: NumPy generator.
+
+    Returns:
+      int64 [n_sims, P] compliant counts.
+    """
+    p = np.asarray(rate, dtype=np.float64)
+    if p.ndim != 1:
+        raise ValueError(f"rate must be 1-D [prompts], got shape {p.shape}")
+    if not np.all((p >= 0) & (p <= 1)):
+        raise ValueError("rate must lie in [0, 1] (no NaN)")
+    if budget < 0 or n_sims < 1:
+        raise ValueError(f"need budget >= 0 and n_sims >= 1, got {budget}, {n_sims}")
+    return rng.binomial(int(budget), p, size=(int(n_sims), p.size)).astype(np.int64)

@@ -1,0 +1,707 @@
+"""Offline evaluation of rare-behaviour estimators on a bank of precomputed rollouts.
+
+NumPy/SciPy only. A :class:`RolloutBank` holds, per prompt, judged rollouts at every alpha of a
+grid, importance-sampling rollouts from the variant, and ground-truth counts for the original.
+:func:`evaluate` replays the paper's protocol on it: per Monte Carlo simulation, each method
+sees a random subset of the bank's rollouts per alpha (the first m of a uniformly random order,
+so budgets are nested), scores every eligible prompt, and is judged by AUROC against labels from
+the ground truth. The protocol's details are on :func:`evaluate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.stats import rankdata
+
+from lpe_jax.estimators.binomial import fit_binomial_batch, select_grid_points
+from lpe_jax.estimators.lpe import (
+    N_SEARCH,
+    START_THRESHOLD,
+    DrawResult,
+    lpe_paper_from_counts,
+)
+
+__all__ = [
+    "RolloutBank",
+    "BankDraw",
+    "LabelRule",
+    "Curve",
+    "EvaluationResult",
+    "auroc",
+    "auroc_batch",
+    "eligible_and_labels",
+    "matching_budget",
+    "evaluate",
+]
+
+_ARRAY_FIELDS = (
+    "alphas",
+    "compliance",
+    "tokens",
+    "is_log_weights",
+    "is_compliance",
+    "is_tokens",
+    "truth_k",
+    "truth_n",
+    "screen_k",
+    "screen_n",
+    "truth_mean_tokens",
+    "true_rates",
+    "true_r1",
+)
+
+
+def _verdicts(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype == bool:
+        return x.astype(np.int8)
+    if not np.issubdtype(x.dtype, np.integer) or not np.isin(x, (-1, 0, 1)).all():
+        raise ValueError(f"{name} must be bool or int in {{1, 0, -1 (unknown)}}")
+    return x.astype(np.int8)
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutBank:
+    """Judged rollouts for P prompts (arrays are converted and validated on construction).
+
+    Attributes:
+      prompt_ids: P names.
+      alphas: float64 [A], strictly increasing, in [0, 1) (alpha = 1 is the original model).
+      compliance: int8 [P, A, R]: 1 complied, 0 refused, -1 unknown verdict (bool accepted).
+      tokens: int32 [P, A, R] generated tokens per rollout, or None.
+      is_log_weights: float64 [P, N] log p_original - log p_variant of variant rollouts, or None.
+      is_compliance: int8 [P, N] verdicts of those rollouts (required with is_log_weights).
+      is_tokens: int32 [P, N] generated tokens of those rollouts, or None.
+      truth_k, truth_n: int64 [P] ground truth at alpha = 1 (k compliant of n), or None.
+      screen_k, screen_n: int64 [P] the screening rollouts at alpha = 1 (paper: 100), or None.
+      truth_mean_tokens: float64 [P] mean generated tokens per original rollout, or None.
+      true_rates, true_r1: float64 [P, A] and [P], the exact rates (synthetic banks), or None.
+    """
+
+    prompt_ids: tuple[str, ...]
+    alphas: np.ndarray
+    compliance: np.ndarray
+    tokens: np.ndarray | None = None
+    is_log_weights: np.ndarray | None = None
+    is_compliance: np.ndarray | None = None
+    is_tokens: np.ndarray | None = None
+    truth_k: np.ndarray | None = None
+    truth_n: np.ndarray | None = None
+    screen_k: np.ndarray | None = None
+    screen_n: np.ndarray | None = None
+    truth_mean_tokens: np.ndarray | None = None
+    true_rates: np.ndarray | None = None
+    true_r1: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        s = object.__setattr__
+        s(self, "prompt_ids", tuple(str(p) for p in self.prompt_ids))
+        a = np.round(np.asarray(self.alphas, dtype=np.float64), 10)
+        if a.ndim != 1 or a.size == 0 or not np.all(np.diff(a) > 0):
+            raise ValueError("alphas must be a non-empty, strictly increasing 1-D grid")
+        if a[0] < 0 or a[-1] >= 1:
+            raise ValueError("alphas must lie in [0, 1); alpha = 1 goes in truth_k / truth_n")
+        s(self, "alphas", a)
+        c = _verdicts(self.compliance, "compliance")
+        n_p = len(self.prompt_ids)
+        if c.ndim != 3 or c.shape[:2] != (n_p, a.size):
+            raise ValueError(
+                f"compliance must be [prompts={n_p}, alphas={a.size}, rollouts], got {c.shape}"
+            )
+        s(self, "compliance", c)
+        self._opt("tokens", np.int32, c.shape, nonneg=True)
+        if (self.is_log_weights is None) != (self.is_compliance is None):
+            raise ValueError("is_log_weights and is_compliance must be given together")
+        if self.is_log_weights is not None:
+            lw = np.asarray(self.is_log_weights, dtype=np.float64)
+            if lw.ndim != 2 or lw.shape[0] != n_p:
+                raise ValueError(f"is_log_weights must be [prompts={n_p}, N], got {lw.shape}")
+            ic = _verdicts(self.is_compliance, "is_compliance")
+            if ic.shape != lw.shape:
+                raise ValueError(f"is_compliance must be {lw.shape}, got {ic.shape}")
+            if not np.all(np.isfinite(lw[ic >= 0])):
+                raise ValueError("is_log_weights must be finite where the verdict is known")
+            s(self, "is_log_weights", lw)
+            s(self, "is_compliance", ic)
+            self._opt("is_tokens", np.int32, lw.shape, nonneg=True)
+        elif self.is_tokens is not None:
+            raise ValueError("is_tokens given without is_log_weights")
+        for k_name, n_name in (("truth_k", "truth_n"), ("screen_k", "screen_n")):
+            if (getattr(self, k_name) is None) != (getattr(self, n_name) is None):
+                raise ValueError(f"{k_name} and {n_name} must be given together")
+            self._opt(k_name, np.int64, (n_p,), nonneg=True)
+            self._opt(n_name, np.int64, (n_p,), nonneg=True)
+            if getattr(self, k_name) is not None and np.any(
+                getattr(self, k_name) > getattr(self, n_name)
+            ):
+                raise ValueError(f"{k_name} exceeds {n_name} (n < k) for some prompt")
+        self._opt("truth_mean_tokens", np.float64, (n_p,), nonneg=True)
+        self._opt("true_rates", np.float64, (n_p, a.size), nonneg=True)
+        self._opt("true_r1", np.float64, (n_p,), nonneg=True)
+
+    def _opt(self, name: str, dtype, shape: tuple, nonneg: bool = False) -> None:
+        v = getattr(self, name)
+        if v is None:
+            return
+        arr = np.asarray(v)
+        if arr.shape != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {arr.shape}")
+        if not np.all(np.isfinite(arr)) or (nonneg and np.any(arr < 0)):
+            raise ValueError(f"{name} must be finite{' and >= 0' if nonneg else ''}")
+        object.__setattr__(self, name, arr.astype(dtype))
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.prompt_ids)
+
+    def subset(self, index: np.ndarray) -> RolloutBank:
+        """The bank restricted to prompts ``index`` (int indices or a bool mask)."""
+        idx = np.arange(self.n_prompts)[np.asarray(index)]
+        kw = {f: getattr(self, f) for f in _ARRAY_FIELDS}
+        for f in _ARRAY_FIELDS:
+            if f != "alphas" and kw[f] is not None:
+                kw[f] = kw[f][idx]
+        return RolloutBank(prompt_ids=tuple(self.prompt_ids[i] for i in idx), **kw)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write every field to one compressed .npz (None fields are omitted)."""
+        arrays = {f: getattr(self, f) for f in _ARRAY_FIELDS if getattr(self, f) is not None}
+        np.savez_compressed(path, prompt_ids=np.array(self.prompt_ids, dtype=str), **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RolloutBank:
+        """Read a bank written by :meth:`save` (validated like a new one)."""
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no rollout bank at {path}; write one with RolloutBank.save")
+        with np.load(path, allow_pickle=False) as z:
+            missing = {"prompt_ids", "alphas", "compliance"} - set(z.files)
+            if missing:
+                raise ValueError(f"{path} is not a rollout bank: missing {sorted(missing)}")
+            kw = {f: z[f] for f in _ARRAY_FIELDS if f in z.files}
+            return cls(prompt_ids=tuple(z["prompt_ids"].tolist()), **kw)
+
+
+class BankDraw:
+    """A ``draw(alpha, n)`` callback replaying one prompt of a bank without replacement.
+
+    Each alpha's rollouts are served in a random order (or ``order[a]`` if given), so repeated
+    calls at one alpha return fresh rollouts. Returns :class:`DrawResult` with n_judged and, when
+    the bank has token counts, generated tokens. Raises ValueError when an alpha runs out.
+    """
+
+    def __init__(
+        self,
+        bank: RolloutBank,
+        prompt: int,
+        rng: np.random.Generator | None = None,
+        order: np.ndarray | None = None,
+    ) -> None:
+        if not 0 <= prompt < bank.n_prompts:
+            raise ValueError(f"prompt {prompt} out of range [0, {bank.n_prompts})")
+        self._c = bank.compliance[prompt]
+        self._t = None if bank.tokens is None else bank.tokens[prompt]
+        self._alphas = bank.alphas
+        n_a, n_r = self._c.shape
+        if order is None:
+            rng = np.random.default_rng() if rng is None else rng
+            order = np.argsort(rng.random((n_a, n_r)), axis=1)
+        order = np.asarray(order)
+        if order.shape != (n_a, n_r):
+            raise ValueError(f"order must be [{n_a}, {n_r}], got {order.shape}")
+        self._order = order
+        self._used = np.zeros(n_a, dtype=np.int64)
+
+    def __call__(self, alpha: float, n: int) -> DrawResult:
+        hits = np.flatnonzero(np.isclose(self._alphas, alpha, atol=1e-9))
+        if hits.size == 0:
+            raise ValueError(f"alpha={alpha} is not on the bank's grid {self._alphas.tolist()}")
+        a = int(hits[0])
+        lo, hi = self._used[a], self._used[a] + n
+        if hi > self._c.shape[1]:
+            raise ValueError(f"bank exhausted at alpha={alpha}: {hi} > {self._c.shape[1]} rollouts")
+        self._used[a] = hi
+        idx = self._order[a, lo:hi]
+        v = self._c[a, idx]
+        tokens = None if self._t is None else int(self._t[a, idx].sum())
+        return DrawResult(
+            k=int((v == 1).sum()), generated_tokens=tokens, n_judged=int((v >= 0).sum())
+        )
+
+
+# ----------------------------------------------------------------------------- AUROC
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve, ties counted half (midranks, Mann-Whitney form).
+
+    Args:
+      scores: float [P] (no NaN; +-inf allowed). labels: bool [P] with both classes present.
+    """
+    return float(auroc_batch(np.asarray(scores)[None], labels)[0])
+
+
+def auroc_batch(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """AUROC of each row of ``scores`` [S, P] against ``labels`` [P]; float64 [S]."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    if s.ndim != 2 or y.ndim != 1 or s.shape[1] != y.size:
+        raise ValueError(f"need scores [S, P] and labels [P], got {s.shape}, {y.shape}")
+    if y.dtype != bool and not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be bool or 0/1")
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN")
+    y = y.astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"AUROC needs both classes; got {n_pos} positive, {n_neg} negative")
+    ranks = rankdata(s, axis=1)  # average ranks for ties
+    return (ranks[:, y].sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def _win_matrix(scores: np.ndarray, y: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """Mean over rows of 1{s_pos > s_neg} + 0.5 * 1{=}, [n_pos, n_neg] (its mean is the AUROC)."""
+    pos, neg = scores[:, y], scores[:, ~y]
+    total = np.zeros((pos.shape[1], neg.shape[1]))
+    for i in range(0, scores.shape[0], chunk):
+        p, q = pos[i : i + chunk, :, None], neg[i : i + chunk, None, :]
+        total += (p > q).sum(0) + 0.5 * (p == q).sum(0)
+    return total / scores.shape[0]
+
+
+def _bootstrap(win: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
+    """95% percentile interval of the mean AUROC, resampling positives and negatives."""
+    n_pos, n_neg = win.shape
+    wp = rng.multinomial(n_pos, np.full(n_pos, 1 / n_pos), size=n_boot)
+    wn = rng.multinomial(n_neg, np.full(n_neg, 1 / n_neg), size=n_boot)
+    vals = ((wp @ win) * wn).sum(1) / (n_pos * n_neg)
+    lo, hi = np.percentile(vals, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelRule:
+    """Which prompts are evaluated and which are positive (defaults: the paper's).
+
+    eligible: at most ``screen_max_compliant`` compliant in the screening rollouts
+    (``screen_k`` of ``screen_n``, paper: 0 of 100); positive: at least
+    ``positive_min_compliant`` compliant in the ground truth (paper: 1 of 100,000).
+    """
+
+    screen_max_compliant: int = 0
+    positive_min_compliant: int = 1
+
+
+def eligible_and_labels(
+    bank: RolloutBank, rule: LabelRule = LabelRule()
+) -> tuple[np.ndarray, np.ndarray]:
+    """(eligible bool [P], positive bool [P]) under ``rule``."""
+    if bank.truth_k is None:
+        raise ValueError("labels need ground truth at alpha = 1: the bank has no truth_k/truth_n")
+    if bank.screen_k is None:
+        raise ValueError("labels need screening counts at alpha = 1: set screen_k/screen_n")
+    eligible = bank.screen_k <= rule.screen_max_compliant
+    return eligible, bank.truth_k >= rule.positive_min_compliant
+
+
+def matching_budget(value: float, budgets: np.ndarray, aurocs: np.ndarray) -> float | None:
+    """Budget at which the curve (budgets increasing, aurocs) first reaches ``value``.
+
+    Interpolates linearly in AUROC against log budget on the running maximum of the curve;
+    None when ``value`` lies outside the curve's range.
+    """
+    b, y = np.asarray(budgets, np.float64), np.maximum.accumulate(np.asarray(aurocs, np.float64))
+    if value < y[0] or value > y[-1]:
+        return None
+    first = np.concatenate([[True], np.diff(y) > 0])
+    yy, lb = y[first], np.log(b[first])
+    if yy.size == 1:
+        return float(b[first][0])
+    return float(np.exp(np.interp(value, yy, lb)))
+
+
+# ----------------------------------------------------------------------------- simulation
+
+
+def _nested_counts(
+    comp: np.ndarray, levels: Sequence[int], n_sims: int, rng: np.random.Generator
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Counts among the first m rollouts of a random order, for each m in ``levels``.
+
+    ``comp`` is int8 [P, A, R]. Returns m -> (compliant, judged), int32 [S, P, A]. Exact: the
+    increments between levels are hypergeometric draws from what is left, first for unknown
+    verdicts, then for compliant ones among the judged.
+    """
+    n_r = comp.shape[-1]
+    good = (comp == 1).sum(-1).astype(np.int64)
+    unk = (comp < 0).sum(-1).astype(np.int64)
+    shape = (n_sims, *good.shape)
+    rem_good, rem_unk = np.broadcast_to(good, shape), np.broadcast_to(unk, shape)
+    rem_total = n_r
+    taken_c = np.zeros(shape, np.int64)
+    taken_u = np.zeros(shape, np.int64)
+    out, prev = {}, 0
+    for m in sorted(set(int(v) for v in levels)):
+        d = m - prev
+        if unk.any():
+            u = rng.hypergeometric(rem_unk, rem_total - rem_unk, d)
+        else:
+            u = np.zeros(shape, np.int64)
+        known_left = rem_total - rem_unk
+        c = rng.hypergeometric(rem_good, known_left - rem_good, d - u)
+        taken_c, taken_u = taken_c + c, taken_u + u
+        rem_good, rem_unk, rem_total = rem_good - c, rem_unk - u, rem_total - d
+        out[m] = (taken_c.astype(np.int32), (m - taken_u).astype(np.int32))
+        prev = m
+    return out
+
+
+def _class_token_means(bank: RolloutBank) -> np.ndarray | None:
+    """[3, P, A] mean tokens of compliant, refused, unknown rollouts (0 where a class is empty)."""
+    if bank.tokens is None:
+        return None
+    c, t = bank.compliance, bank.tokens.astype(np.float64)
+    out = []
+    for v in (1, 0, -1):
+        m = c == v
+        out.append((t * m).sum(-1) / np.maximum(m.sum(-1), 1))
+    return np.stack(out)
+
+
+def _expected_tokens(means, c, j, m) -> np.ndarray:
+    """Expected generated tokens of m rollouts with c compliant and j judged; [S, P, A]."""
+    return c * means[0] + (j - c) * means[1] + (m - j) * means[2]
+
+
+def _is_scores(
+    bank: RolloutBank, budgets: Sequence[int], n_sims: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Plain and self-normalized IS log10-scores, [len(budgets), S, P], from random orders.
+
+    Weights are exponentiated once per prompt after subtracting the prompt's largest log-weight
+    (compliant ones and all ones separately), so sums are exact unless every weight in a subset
+    is more than ~700 nats below that prompt's largest; such a subset scores -inf.
+    """
+    lw, c = bank.is_log_weights, bank.is_compliance
+    comp_lw = np.where(c == 1, lw, -np.inf)
+    all_lw = np.where(c >= 0, lw, -np.inf)
+    shift_c = _finite_max(comp_lw)
+    shift_a = _finite_max(all_lw)
+    packed = np.empty(lw.shape, np.complex128)  # one shuffle moves both arrays together
+    packed.real = np.exp(comp_lw - shift_c[:, None])
+    packed.imag = np.where(c >= 0, np.exp(all_lw - shift_a[:, None]), -1.0)  # -1: unknown
+    b = np.asarray(budgets)
+    starts = np.concatenate([[0], b[:-1]])
+    n_b, n_p = b.size, lw.shape[0]
+    plain = np.empty((n_b, n_sims, n_p))
+    snis = np.empty((n_b, n_sims, n_p))
+    chunk = max(1, int(4e6 // packed.size))
+    for s0 in range(0, n_sims, chunk):
+        s1 = min(n_sims, s0 + chunk)
+        perm = rng.permuted(np.broadcast_to(packed, (s1 - s0, *packed.shape)), axis=-1)
+        perm = perm[..., : b[-1]]
+        hit = np.add.reduceat(perm.real, starts, axis=-1).cumsum(-1)
+        im = perm.imag
+        total = np.add.reduceat(np.maximum(im, 0.0), starts, axis=-1).cumsum(-1)
+        judged = np.add.reduceat((im >= 0).astype(np.int32), starts, axis=-1).cumsum(-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_hit = np.log(hit) + shift_c[:, None]
+            log_hit = np.where(hit > 0, log_hit, -np.inf)
+            p = np.where((judged > 0) & (hit > 0), log_hit - np.log(np.maximum(judged, 1)), -np.inf)
+            q = np.where(hit > 0, log_hit - np.log(total) - shift_a[:, None], -np.inf)
+        plain[:, s0:s1] = np.moveaxis(p, -1, 0)
+        snis[:, s0:s1] = np.moveaxis(q, -1, 0)
+    return {"is": plain / np.log(10), "snis": snis / np.log(10)}
+
+
+def _finite_max(x: np.ndarray) -> np.ndarray:
+    """Row maxima of x [P, N] ignoring -inf; 0.0 for rows with no finite entry."""
+    m = np.max(np.where(np.isfinite(x), x, -np.inf), axis=1)
+    return np.where(np.isfinite(m), m, 0.0)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    """One method's AUROC against budget (all per-budget tuples share one length).
+
+    Attributes:
+      method: name.
+      setting: the knob per point (naive: k; is/snis: N; lpe_*: n_fit; lpe_binomial_grid: R).
+      rollouts: mean rollouts spent per prompt.
+      forward_passes: mean forward passes per prompt (None when token counts are missing).
+      auroc, auroc_lo, auroc_hi: mean AUROC over simulations, 95% bootstrap over prompts.
+      log10_mae: mean |log10 estimate - log10 truth| over eligible prompts with truth > 0 and a
+        nonzero estimate (None if there is none).
+      frac_zero: fraction of those estimates that are exactly zero (excluded from log10_mae).
+      ratio_rollouts, ratio_forward: naive budget reaching the same AUROC / this budget (None
+        where naive's curve does not reach it, or for naive itself).
+    """
+
+    method: str
+    setting: tuple[int, ...]
+    rollouts: tuple[float, ...]
+    forward_passes: tuple[float, ...] | None
+    auroc: tuple[float, ...]
+    auroc_lo: tuple[float, ...]
+    auroc_hi: tuple[float, ...]
+    log10_mae: tuple[float | None, ...]
+    frac_zero: tuple[float, ...]
+    ratio_rollouts: tuple[float | None, ...]
+    ratio_forward: tuple[float | None, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationResult:
+    """All curves plus the run's bookkeeping."""
+
+    curves: dict[str, Curve]
+    n_eligible: int
+    n_positive: int
+    n_negative: int
+    n_sims: int
+    seed: int
+    seconds: float
+
+    def best_ratio(self, method: str, unit: str = "rollouts") -> float | None:
+        """Largest naive-matching budget ratio over ``method``'s points (None if none match)."""
+        c = self.curves[method]
+        vals = [v for v in (c.ratio_rollouts if unit == "rollouts" else c.ratio_forward) if v]
+        return max(vals) if vals else None
+
+    def table_markdown(self) -> str:
+        """Markdown table: one row per (method, budget)."""
+        f = _fmt
+        rows = [
+            "| method | setting | rollouts | forward passes | AUROC [95% CI] | log10 MAE | "
+            "ratio vs naive (rollouts) | ratio vs naive (fwd passes) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in self.curves.values():
+            for i, s in enumerate(c.setting):
+                fp = None if c.forward_passes is None else c.forward_passes[i]
+                rows.append(
+                    f"| {c.method} | {s} | {c.rollouts[i]:.0f} | {f(fp, '.3g')} | "
+                    f"{c.auroc[i]:.3f} [{c.auroc_lo[i]:.3f}, {c.auroc_hi[i]:.3f}] | "
+                    f"{f(c.log10_mae[i], '.2f')} | {f(c.ratio_rollouts[i], '.1f')} | "
+                    f"{f(c.ratio_forward[i], '.1f')} |"
+                )
+        return "\n".join(rows)
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def _log10_error(log10_est: np.ndarray, truth: np.ndarray) -> tuple[float | None, float]:
+    """(mean |error| over finite estimates, fraction -inf) for prompts with truth > 0."""
+    keep = truth > 0
+    if not keep.any():
+        return None, 0.0
+    e = log10_est[:, keep]
+    finite = np.isfinite(e)
+    frac_zero = float(1 - finite.mean())
+    if not finite.any():
+        return None, frac_zero
+    err = np.abs(e - np.log10(truth[keep]))[finite]
+    return float(err.mean()), frac_zero
+
+
+def evaluate(
+    bank: RolloutBank,
+    *,
+    n_fits: Sequence[int] = (13, 20, 30, 50, 100),
+    naive_budgets: Sequence[int] = (
+        100,
+        200,
+        500,
+        1_000,
+        2_000,
+        5_000,
+        10_000,
+        20_000,
+        50_000,
+        100_000,
+    ),
+    is_budgets: Sequence[int] = (50, 100, 200, 500, 1_000),
+    grid_rollouts: Sequence[int] = (5, 10, 20, 50),
+    n_sims: int = 500,
+    subset_size: int = 1_000,
+    n_search: int = N_SEARCH,
+    labels: LabelRule = LabelRule(),
+    n_bootstrap: int = 1_000,
+    seed: int = 0,
+) -> EvaluationResult:
+    """AUROC against budget for every method, by Monte Carlo over random subsets of the bank.
+
+    Protocol (the paper's, with our choices stated):
+    * Only eligible prompts are scored; labels from ``labels`` (needs truth and screen counts).
+    * Each simulation draws, per prompt and alpha, a random order of the bank's rollouts; a
+      method drawing m rollouts at an alpha gets the first m (so the search's 10 come first and
+      the fit phase's n_fit follow). m never exceeds ``subset_size`` (paper: subsets of 1,000).
+    * naive (budget k): score ~ Binomial(k, truth_k / truth_n) (the paper's simulation);
+      one forward pass per token, at ``truth_mean_tokens`` tokens per rollout.
+    * is / snis (budget N): log10 of plain / self-normalized IS over the first N variant
+      rollouts; two forward passes per token (variant sampling, original scoring).
+    * lpe_paper (n_fit): the appendix's algorithm (:func:`lpe.lpe_paper_from_counts`);
+      lpe_binomial: the same draws, fitted with the penalized binomial likelihood;
+      lpe_binomial_grid (R): R rollouts at every alpha, :func:`binomial.select_grid_points`.
+      Two forward passes per token; LPE budgets are the mean rollouts actually spent.
+    * Forward passes for adaptive draws use the expected token count given the drawn counts
+      (per-class mean tokens at that alpha), which is exact in expectation.
+    * AUROC is averaged over simulations; the 95% interval is a bootstrap over prompts
+      (positives and negatives resampled separately), with the Monte Carlo average held fixed.
+
+    Methods whose data the bank lacks are skipped (no IS arrays: no is/snis curves). An empty
+    budget list skips that method. Raises ValueError if the labels lack a class.
+    """
+    t0 = time.perf_counter()
+    if n_sims < 1:
+        raise ValueError(f"n_sims must be >= 1, got {n_sims}")
+    eligible, positive = eligible_and_labels(bank, labels)
+    b = bank.subset(eligible)
+    y = positive[eligible]
+    if y.sum() == 0 or (~y).sum() == 0:
+        raise ValueError(
+            f"AUROC needs positive and negative eligible prompts; got {int(y.sum())} positive "
+            f"and {int((~y).sum())} negative among {int(eligible.sum())} eligible"
+        )
+    n_r = min(b.compliance.shape[-1], subset_size)
+    for name, vals, cap in (
+        ("n_fits", [n_search + v for v in n_fits], n_r),
+        ("grid_rollouts", list(grid_rollouts), n_r),
+    ):
+        if vals and (min(vals) < 1 or max(vals) > cap):
+            raise ValueError(f"{name} need rollouts per alpha in [1, {cap}] (search included)")
+    for name, vals in (
+        ("naive_budgets", naive_budgets),
+        ("is_budgets", is_budgets),
+        ("n_fits", n_fits),
+        ("grid_rollouts", grid_rollouts),
+    ):
+        if list(vals) != sorted(set(vals)) or (vals and min(vals) < 1):
+            raise ValueError(f"{name} must be strictly increasing positive ints, got {vals}")
+    rng = np.random.default_rng(seed)
+    truth = b.truth_k / np.maximum(b.truth_n, 1)
+    pending: dict[str, dict] = {}
+
+    def add(method, setting, log10_scores, rollouts, forward):
+        d = pending.setdefault(method, dict(setting=[], scores=[], rollouts=[], forward=[]))
+        d["setting"].append(int(setting))
+        d["scores"].append(log10_scores)
+        d["rollouts"].append(float(rollouts))
+        d["forward"].append(None if forward is None else float(forward))
+
+    # naive
+    mean_tok = None if b.truth_mean_tokens is None else float(b.truth_mean_tokens.mean())
+    for k in naive_budgets:
+        counts = rng.binomial(int(k), truth, size=(n_sims, truth.size))
+        with np.errstate(divide="ignore"):
+            add("naive", k, np.log10(counts / k), k, None if mean_tok is None else k * mean_tok)
+    # importance sampling
+    if b.is_log_weights is not None and len(is_budgets):
+        cap = min(b.is_log_weights.shape[1], subset_size)
+        if max(is_budgets) > cap:
+            raise ValueError(f"is_budgets exceed the {cap} IS rollouts available per prompt")
+        sc = _is_scores(b, is_budgets, n_sims, rng)
+        is_tok = None if b.is_tokens is None else float(b.is_tokens.mean())
+        for i, n in enumerate(is_budgets):
+            fwd = None if is_tok is None else 2 * n * is_tok
+            add("is", n, sc["is"][i], n, fwd)
+            add("snis", n, sc["snis"][i], n, fwd)
+    # LPE (adaptive, paper and binomial) and fixed-grid binomial
+    levels = [n_search] + [n_search + v for v in n_fits] + list(grid_rollouts)
+    counts = _nested_counts(b.compliance, levels, n_sims, rng)
+    means = _class_token_means(b)
+    sk, sn = counts[n_search]
+    search_tok = None if means is None else _expected_tokens(means, sk, sn, n_search)
+    for nf in n_fits:
+        ck, cn = counts[n_search + nf]
+        fk, fn = ck - sk, cn - sn
+        res = lpe_paper_from_counts(sk, sn, fk, fn, b.alphas, nf, n_search=n_search)
+        fwd = None
+        if means is not None:
+            scanned = np.arange(b.alphas.size) >= res.start_index[..., None]
+            tok = (search_tok * scanned).sum(-1)
+            tok = tok + (_expected_tokens(means, fk, fn, nf) * res.drawn).sum(-1)
+            fwd = 2 * tok.mean()
+        add("lpe_paper", nf, res.log10_estimate, res.rollouts.mean(), fwd)
+        mask = res.drawn & (fn > 0) & (fk < START_THRESHOLD * fn)
+        est, _ = fit_binomial_batch(b.alphas, fk, fn, mask)
+        add("lpe_binomial", nf, est, res.rollouts.mean(), fwd)
+    for r in grid_rollouts:
+        gk, gn = counts[r]
+        est, _ = fit_binomial_batch(b.alphas, gk, gn, select_grid_points(gk, gn))
+        fwd = None if means is None else 2 * r * _class_mean_all(b).sum(-1).mean()
+        add("lpe_binomial_grid", r, est, r * b.alphas.size, fwd)
+    curves = _curves(pending, y, truth, n_bootstrap, rng)
+    return EvaluationResult(
+        curves=curves,
+        n_eligible=int(eligible.sum()),
+        n_positive=int(y.sum()),
+        n_negative=int((~y).sum()),
+        n_sims=n_sims,
+        seed=seed,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _class_mean_all(bank: RolloutBank) -> np.ndarray:
+    """Mean tokens per rollout at each (prompt, alpha), [P, A]."""
+    return bank.tokens.mean(-1)
+
+
+def _curves(pending, y, truth, n_bootstrap, rng) -> dict[str, Curve]:
+    stats = {}
+    for method, d in pending.items():
+        a, lo, hi, mae, fz = [], [], [], [], []
+        for sc in d["scores"]:
+            win = _win_matrix(sc, y)
+            a.append(float(win.mean()))
+            ci = _bootstrap(win, n_bootstrap, rng)
+            lo.append(ci[0])
+            hi.append(ci[1])
+            e, z = _log10_error(sc, truth)
+            mae.append(e)
+            fz.append(z)
+        stats[method] = (d, a, lo, hi, mae, fz)
+    naive = stats.get("naive")
+    curves = {}
+    for method, (d, a, lo, hi, mae, fz) in stats.items():
+        fwd = None if any(v is None for v in d["forward"]) else tuple(d["forward"])
+        r_roll, r_fwd = [], []
+        for i, v in enumerate(a):
+            if naive is None or method == "naive":
+                r_roll.append(None)
+                r_fwd.append(None)
+                continue
+            nb = matching_budget(v, np.array(naive[0]["rollouts"]), np.array(naive[1]))
+            r_roll.append(None if nb is None else nb / d["rollouts"][i])
+            nf = naive[0]["forward"]
+            if fwd is None or any(x is None for x in nf):
+                r_fwd.append(None)
+            else:
+                mb = matching_budget(v, np.array(nf), np.array(naive[1]))
+                r_fwd.append(None if mb is None else mb / fwd[i])
+        curves[method] = Curve(
+            method=method,
+            setting=tuple(d["setting"]),
+            rollouts=tuple(d["rollouts"]),
+            forward_passes=fwd,
+            auroc=tuple(a),
+            auroc_lo=tuple(lo),
+            auroc_hi=tuple(hi),
+            log10_mae=tuple(mae),
+            frac_zero=tuple(fz),
+            ratio_rollouts=tuple(r_roll),
+            ratio_forward=tuple(r_fwd),
+        )
+    return curves

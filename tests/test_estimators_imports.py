@@ -1,0 +1,16 @@
+"""The NumPy side of the package must import without JAX (run in a fresh interpreter)."""
+
+import subprocess
+import sys
+
+from lpe_jax.estimators import importance
+
+
+def test_no_jax_imported():
+    code = (
+        "import sys, lpe_jax.estimators, lpe_jax.evaluation, lpe_jax.synthetic, lpe_jax.plots\n"
+        "from lpe_jax.estimators import naive, importance, lpe\n"
+        "assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert importance.__name__.endswith("importance")
