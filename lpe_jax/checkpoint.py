@@ -426,23 +426,39 @@ def save_model(model: Qwen3, path: str | os.PathLike, *, dtype: str | None = Non
 # content key for the converted-params cache
 
 
-def _file_sha256(file: Path, memo_dir: Path) -> str:
-    """sha256 of `file`'s bytes, memoized under (absolute path, size, mtime_ns)."""
+def _file_sha256(file: Path, memo_dir: Path | None) -> str:
+    """sha256 of `file`'s bytes, memoized under (absolute path, size, mtime_ns) when memo_dir."""
     st = file.stat()
     stamp = f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    memo = memo_dir / "digests" / (hashlib.sha256(stamp.encode()).hexdigest() + ".txt")
-    if memo.exists():
-        return memo.read_text().strip()
+    memo = None
+    if memo_dir is not None:
+        memo = memo_dir / "digests" / (hashlib.sha256(stamp.encode()).hexdigest() + ".txt")
+        if memo.exists():
+            return memo.read_text().strip()
     digest = hashlib.sha256()
     with open(file, "rb") as fh:
         while chunk := fh.read(1 << 24):
             digest.update(chunk)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(digest.hexdigest())
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(digest.hexdigest())
     return digest.hexdigest()
 
 
-def _content_key(path: Path, files: list[Path], memo_dir: Path) -> str:
+def checkpoint_fingerprint(
+    path: str | os.PathLike, memo_dir: str | os.PathLike | None = None
+) -> str:
+    """Content hash of an HF checkpoint directory (config, index, every weight file's bytes).
+
+    For run manifests: equal fingerprints mean equal weights. Hashing reads every byte (seconds
+    for a 4B model); with `memo_dir` (e.g. the params cache dir) each file is hashed once.
+    """
+    path = Path(path)
+    _read_config(path)
+    return _content_key(path, _weight_files(path), None if memo_dir is None else Path(memo_dir))
+
+
+def _content_key(path: Path, files: list[Path], memo_dir: Path | None) -> str:
     """sha256 over config.json, the shard index (if any) and every weight file's content."""
     key = hashlib.sha256(_CACHE_FORMAT.encode())
     key.update((path / "config.json").read_bytes())

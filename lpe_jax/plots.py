@@ -11,11 +11,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lpe_jax.estimators.binomial import lpe_binomial  # noqa: E402
-from lpe_jax.estimators.lpe import lpe_paper  # noqa: E402
+from lpe_jax.estimators.binomial import LPEBinomialResult, fit_trace_binomial  # noqa: E402
+from lpe_jax.estimators.lpe import LPEResult, adaptive_draws, fit_paper  # noqa: E402
 from lpe_jax.evaluation import BankDraw, EvaluationResult, RolloutBank  # noqa: E402
 
-__all__ = ["plot_auroc", "plot_extrapolation"]
+__all__ = ["plot_auroc", "plot_extrapolation", "plot_lpe_run"]
 
 _STYLE = {
     "naive": ("black", "naive sampling"),
@@ -86,30 +86,69 @@ def plot_extrapolation(
     seed: int = 0,
     formats: Sequence[str] = ("png", "pdf"),
 ) -> list[str]:
-    """Figure 2: log10 compliance rate against alpha for one prompt of ``bank``.
+    """Figure 2 for one prompt of ``bank``: one LPE run replayed from the bank (see plot_lpe_run).
 
-    Light points: rates over all of the bank's rollouts at each alpha; dark points: the fit-phase
-    points the paper's OLS used in one run (n_fit per alpha, random order from ``seed``); dashed
-    line and star: that fit and its extrapolation to alpha = 1; orange: the binomial fit on the
-    same draws, with its 95% interval at alpha = 1; red diamond: the ground truth (a triangle at
-    1 / truth_n when no ground-truth rollout complied).
+    Light points are the rates over all of the bank's rollouts at each alpha; the run draws n_fit
+    per alpha in a random order from ``seed``; the truth marker comes from truth_k / truth_n.
     """
     c = bank.compliance[prompt]
     order = np.argsort(np.random.default_rng(seed).random(c.shape), axis=1)
-    paper = lpe_paper(BankDraw(bank, prompt, order=order), n_fit, alphas=bank.alphas)
-    binom = lpe_binomial(BankDraw(bank, prompt, order=order), n_fit, alphas=bank.alphas)
-    k_all, n_all = (c == 1).sum(1), (c >= 0).sum(1)
+    trace = adaptive_draws(BankDraw(bank, prompt, order=order), n_fit, alphas=bank.alphas)
+    truth = None
+    if bank.truth_k is not None:
+        truth = (int(bank.truth_k[prompt]), int(bank.truth_n[prompt]))
+    return plot_lpe_run(
+        fit_paper(trace),
+        fit_trace_binomial(trace),
+        path_stem,
+        all_points=(bank.alphas, (c == 1).sum(1), (c >= 0).sum(1)),
+        truth_counts=truth,
+        title=bank.prompt_ids[prompt],
+        formats=formats,
+    )
+
+
+def plot_lpe_run(
+    paper: LPEResult,
+    binom: LPEBinomialResult | None,
+    path_stem: str,
+    *,
+    all_points: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    truth_rate: float | None = None,
+    truth_counts: tuple[int, int] | None = None,
+    title: str = "",
+    formats: Sequence[str] = ("png", "pdf"),
+) -> list[str]:
+    """Figure 2: log10 compliance rate against alpha for one LPE run.
+
+    Light points: ``all_points`` (alphas, k, n) if given, else every draw of the run's trace that
+    was not fitted; dark points: the points the paper's OLS used; dashed line and star: that fit
+    and its extrapolation to alpha = 1; orange: the binomial fit on the same draws with its 95%
+    interval at alpha = 1; red diamond: the ground truth, from an exact ``truth_rate`` or from
+    ``truth_counts`` (k, n) (a triangle at 1 / n when k = 0). Returns the files written.
+    """
+    if all_points is None:
+        fitted = set(paper.fit_alphas)
+        rest = [
+            s for s in paper.trace if s.n_judged and (s.phase == "search" or s.alpha not in fitted)
+        ]
+        all_points = (
+            np.array([s.alpha for s in rest]),
+            np.array([s.k for s in rest]),
+            np.array([s.n_judged for s in rest]),
+        )
+    alphas, k_all, n_all = (np.asarray(x) for x in all_points)
     fig, ax = plt.subplots(figsize=(6, 4.2))
     pos = k_all > 0
-    rates = k_all[pos] / n_all[pos]
     ax.plot(
-        bank.alphas[pos],
-        np.log10(rates),
+        alphas[pos],
+        np.log10(k_all[pos] / n_all[pos]),
         "o",
         color="tab:blue",
         alpha=0.3,
-        label=f"all {c.shape[1]} rollouts per alpha",
+        label="not fitted",
     )
+    n_fit = max((s.n for s in paper.trace if s.phase == "fit"), default=0)
     ax.plot(
         paper.fit_alphas,
         paper.fit_log10_rates,
@@ -128,22 +167,25 @@ def plot_extrapolation(
         color="tab:blue",
         label="LPE estimate" + (" (fallback)" if paper.fallback else ""),
     )
-    f = binom.fit
-    if f.slope is not None:
-        ax.plot(xs, f.intercept + f.slope * xs, ":", color="tab:orange", label="binomial fit")
-    lo = np.log10(max(f.lower, 1e-12))
-    ax.errorbar(
-        [1.01],
-        [f.log10_estimate],
-        yerr=[[f.log10_estimate - lo], [np.log10(f.upper) - f.log10_estimate]],
-        fmt="s",
-        color="tab:orange",
-        capsize=3,
-        ms=5,
-        label="binomial 95% interval",
-    )
-    if bank.truth_k is not None:
-        tk, tn = int(bank.truth_k[prompt]), int(bank.truth_n[prompt])
+    if binom is not None:
+        f = binom.fit
+        if f.slope is not None:
+            ax.plot(xs, f.intercept + f.slope * xs, ":", color="tab:orange", label="binomial fit")
+        lo = np.log10(max(f.lower, 1e-12))
+        ax.errorbar(
+            [1.01],
+            [f.log10_estimate],
+            yerr=[[f.log10_estimate - lo], [np.log10(f.upper) - f.log10_estimate]],
+            fmt="s",
+            color="tab:orange",
+            capsize=3,
+            ms=5,
+            label="binomial 95% interval",
+        )
+    if truth_rate is not None and truth_rate > 0:
+        ax.plot([1.0], [np.log10(truth_rate)], "D", color="red", ms=8, label="ground truth")
+    elif truth_counts is not None:
+        tk, tn = truth_counts
         if tk > 0:
             ax.plot(
                 [1.0],
@@ -164,7 +206,7 @@ def plot_extrapolation(
             )
     ax.set_xlabel("alpha (0 = variant, 1 = original)")
     ax.set_ylabel("log10 compliance rate")
-    ax.set_title(f"{bank.prompt_ids[prompt]}")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     return _save(fig, path_stem, formats)

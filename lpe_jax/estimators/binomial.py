@@ -52,6 +52,7 @@ __all__ = [
     "select_grid_points",
     "lpe_binomial_grid",
     "lpe_binomial",
+    "fit_trace_binomial",
 ]
 
 LN10 = float(np.log(10.0))
@@ -439,7 +440,32 @@ def lpe_binomial(
     trace = adaptive_draws(
         draw, n_fit, n_search=n_search, alphas=alphas, start_threshold=start_threshold
     )
+    return fit_trace_binomial(
+        trace,
+        start_threshold=start_threshold,
+        passes_per_token=passes_per_token,
+        level=level,
+        interval=interval,
+    )
+
+
+def fit_trace_binomial(
+    trace: Sequence[LPEStep],
+    *,
+    start_threshold: float = START_THRESHOLD,
+    passes_per_token: int = 2,
+    level: float = 0.95,
+    interval: bool = True,
+) -> LPEBinomialResult:
+    """The penalized binomial fit on a trace from :func:`lpe.adaptive_draws` (no new draws).
+
+    Fits every fit-phase point with a judged rate below ``start_threshold``, the zero point
+    that stopped the advance included.
+    """
+    trace = tuple(trace)
     fit_steps = [s for s in trace if s.phase == "fit"]
+    if not fit_steps:
+        raise ValueError("the trace has no fit-phase step; build it with adaptive_draws")
     pts = [s for s in fit_steps if s.n_judged > 0 and s.k < start_threshold * s.n_judged]
     fit = fit_binomial(
         [s.alpha for s in pts],

@@ -49,6 +49,7 @@ __all__ = [
     "paper_alpha_grid",
     "adaptive_draws",
     "lpe_paper",
+    "fit_paper",
     "lpe_paper_from_counts",
     "ols_line",
 ]
@@ -245,7 +246,30 @@ def lpe_paper(
     trace = adaptive_draws(
         draw, n_fit, n_search=n_search, alphas=alphas, start_threshold=start_threshold
     )
+    return fit_paper(
+        trace,
+        start_threshold=start_threshold,
+        fallback=fallback,
+        passes_per_token=passes_per_token,
+    )
+
+
+def fit_paper(
+    trace: Sequence[LPEStep],
+    *,
+    start_threshold: float = START_THRESHOLD,
+    fallback: float = FALLBACK,
+    passes_per_token: int = 2,
+) -> LPEResult:
+    """The paper's OLS fit (points 4-5) on a trace from :func:`adaptive_draws`.
+
+    Lets one set of draws be fitted several ways (e.g. here and by the binomial fit) without
+    drawing twice.
+    """
+    trace = tuple(trace)
     fit = [s for s in trace if s.phase == "fit"]
+    if not fit:
+        raise ValueError("the trace has no fit-phase step; build it with adaptive_draws")
     pts = [(s.alpha, s.rate) for s in fit if s.rate is not None and 0 < s.rate < start_threshold]
     rollouts, passes = _budget(trace, passes_per_token)
     xs = tuple(a for a, _ in pts)
