@@ -10,6 +10,8 @@ Two entry points:
 - `Qwen3.decode(tokens, step, cache)`: one new token per row. The prompt's keys/values live once
   in the cache (`prefix_k/v`, batch 1) and are shared by every row; only generated tokens are stored
   per row. Reading the prompt once instead of once per row is what keeps large-batch decode cheap.
+  The prompt may be right-padded to a bucket length (`prefill(tokens, length)`): its true length
+  is a traced scalar in the cache, so prompts of similar length share one compiled decode.
 """
 
 from __future__ import annotations
@@ -188,17 +190,21 @@ class DecoderLayer(nnx.Module):
 class KVCache:
     """Keys/values of one model for a batch of rows that share one prompt.
 
-    prefix_k/v: per layer [1, kv, P, hd] (the prompt, stored once).
+    prefix_k/v: per layer [1, kv, Pb, hd] (the prompt, stored once; Pb >= the true length, so
+    prompts padded to a bucket length share one compiled decode).
+    prefix_length: int32 scalar, the true prompt length; slots >= it are never attended.
     k/v: per layer [B, kv, N, hd] (generated tokens; slot n holds generated token n).
     """
 
     prefix_k: tuple[Array, ...]
     prefix_v: tuple[Array, ...]
+    prefix_length: Array
     k: tuple[Array, ...]
     v: tuple[Array, ...]
 
     @property
-    def prefix_len(self) -> int:
+    def prefix_capacity(self) -> int:
+        """Static prompt slots (the bucket length Pb)."""
         return self.prefix_k[0].shape[2]
 
     @property
@@ -227,10 +233,10 @@ class Qwen3(nnx.Module):
             )
         return jnp.einsum("...h,hv->...v", x, self.lm_head[...], preferred_element_type=jnp.float32)
 
-    def __call__(self, tokens: Array) -> tuple[Array, list[Array], list[Array]]:
-        """Full causal pass over tokens int [B, T].
+    def hidden_states(self, tokens: Array) -> tuple[Array, list[Array], list[Array]]:
+        """Full causal pass over tokens int [B, T], before the final norm and LM head.
 
-        Returns (logits f32 [B, T, V], keys and values per layer, each [B, kv, T, hd]).
+        Returns (hidden [B, T, H] in the param dtype, keys and values per layer [B, kv, T, hd]).
         """
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -242,34 +248,72 @@ class Qwen3(nnx.Module):
             x = layer._mlp_block(x + attn)
             ks.append(k)
             vs.append(v)
+        return x, ks, vs
+
+    def __call__(self, tokens: Array) -> tuple[Array, list[Array], list[Array]]:
+        """Full causal pass over tokens int [B, T].
+
+        Returns (logits f32 [B, T, V], keys and values per layer, each [B, kv, T, hd]).
+        """
+        x, ks, vs = self.hidden_states(tokens)
         return self._logits(x), ks, vs
 
-    def init_cache(self, prompt_tokens: Array, batch: int, capacity: int) -> tuple[Array, KVCache]:
+    def prefill(
+        self, prompt_tokens: Array, length: Array | int | None = None
+    ) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
+        """Run one prompt (int [Pb], right-padded) through the model.
+
+        `length` (int, may be traced; default Pb) is the true prompt length: causal attention
+        means the padding never changes positions < length. Returns (float32 logits [V] after
+        token length-1, prompt keys and values per layer [1, kv, Pb, hd]). Only one row of logits
+        is computed, so a long prompt does not materialise [Pb, V].
+        """
+        x, ks, vs = self.hidden_states(prompt_tokens[None, :])
+        last = prompt_tokens.shape[0] - 1 if length is None else jnp.asarray(length) - 1
+        h = jax.lax.dynamic_index_in_dim(x[0], last, axis=0, keepdims=False)
+        return self._logits(h), tuple(ks), tuple(vs)
+
+    def empty_rows(self, batch: int, capacity: int) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
+        """Zeroed per-row K and V for `capacity` generated tokens: per layer [B, kv, N, hd].
+
+        Every array is its own buffer, so the cache can be donated and updated in place.
+        """
+        cfg = self.cfg
+        shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+        k = tuple(jnp.zeros(shape, self.dtype) for _ in range(cfg.num_layers))
+        v = tuple(jnp.zeros(shape, self.dtype) for _ in range(cfg.num_layers))
+        return k, v
+
+    def init_cache(
+        self,
+        prompt_tokens: Array,
+        batch: int,
+        capacity: int,
+        length: Array | int | None = None,
+    ) -> tuple[Array, KVCache]:
         """Prefill one prompt (int [P]) and make an empty per-row cache for `capacity` new tokens.
 
-        Returns the float32 logits [V] after the last prompt token, and the cache.
+        `length` (default P) lets the prompt be right-padded to a bucket length. Returns the
+        float32 logits [V] after the last true prompt token, and the cache.
         """
-        logits, ks, vs = self(prompt_tokens[None, :])
-        cfg = self.cfg
-        empty = jnp.zeros((batch, cfg.num_kv_heads, capacity, cfg.head_dim), self.dtype)
-        n = cfg.num_layers
-        cache = KVCache(tuple(ks), tuple(vs), (empty,) * n, (empty,) * n)
-        return logits[0, -1], cache
+        n = prompt_tokens.shape[0] if length is None else length
+        logits, ks, vs = self.prefill(prompt_tokens, n)
+        k, v = self.empty_rows(batch, capacity)
+        return logits, KVCache(ks, vs, jnp.asarray(n, jnp.int32), k, v)
 
     def decode(self, tokens: Array, step: Array, cache: KVCache) -> tuple[Array, KVCache]:
         """Append one token per row at generated slot `step` (int scalar, same for all rows).
 
-        tokens int [B]; returns (logits f32 [B, V], updated cache). Position = P + step.
+        tokens int [B]; returns (logits f32 [B, V], updated cache). Position = prefix_length + step.
         """
         cfg = self.cfg
         b = tokens.shape[0]
-        p = cache.prefix_len
-        positions = jnp.full((b, 1), p + step, jnp.int32)
+        p = cache.prefix_capacity
+        positions = jnp.full((b, 1), cache.prefix_length + step, jnp.int32)
         x = self.embed_tokens[...][tokens][:, None, :]
         g = cfg.num_heads // cfg.num_kv_heads
-        valid = (
-            jnp.arange(cache.capacity) <= step
-        )  # generated slots filled so far, this one included
+        valid = jnp.arange(cache.capacity) <= step  # generated slots filled, this one included
+        in_prompt = jnp.arange(p) < cache.prefix_length  # bucket padding is never attended
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             attn_mod = layer.self_attn
@@ -286,6 +330,7 @@ class Qwen3(nnx.Module):
                 "bkgd,kpd->bkgp", q, cache.prefix_k[i][0], preferred_element_type=jnp.float32
             )
             s_gen = jnp.einsum("bkgd,bknd->bkgn", q, ck, preferred_element_type=jnp.float32)
+            s_pre = jnp.where(in_prompt, s_pre, -jnp.inf)
             s_gen = jnp.where(valid, s_gen, -jnp.inf)
             scores = jnp.concatenate([s_pre, s_gen], axis=-1) / math.sqrt(cfg.head_dim)
             probs = jax.nn.softmax(scores, axis=-1).astype(ck.dtype)

@@ -1,0 +1,87 @@
+"""How many paired-decode rows fit in device memory, computed from the model configs.
+
+A row holds its own generated-token K/V cache in both models, both models' float32 logits and the
+temporaries of one sampling step. The prompt's K/V are stored once (shared) and params are already
+resident, so neither scales with rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from lpe_jax.qwen3 import Qwen3Config
+
+# [B, V] float32 buffers alive at once in one step: both models' logits, the path logits, the
+# sampler's Gumbel noise, and the log-softmax inputs of each model that XLA may not fuse.
+LOGIT_BUFFERS = 6
+# Auto-sized chunks stop here: beyond it throughput no longer grows and one step's logits get huge.
+MAX_AUTO_ROWS = 2048
+# On backends without memory_stats (CPU) the sampler uses this many rows per chunk.
+DEFAULT_CPU_ROWS = 256
+# Share of free device memory the rows may take (XLA needs slack for fragmentation and workspaces).
+MEMORY_FRACTION = 0.8
+
+
+def _activation_bytes(cfg: Qwen3Config, dtype: Any, prompt_slots: int, new_tokens: int) -> int:
+    itemsize = jax.numpy.dtype(dtype).itemsize
+    hidden = (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * itemsize
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * itemsize
+    scores = 2 * cfg.num_heads * (prompt_slots + new_tokens) * 4  # f32 scores and probs, one layer
+    return hidden + qkv + scores
+
+
+def bytes_per_row(
+    original: Qwen3Config,
+    variant: Qwen3Config,
+    original_dtype: Any,
+    variant_dtype: Any,
+    max_new_tokens: int,
+    prompt_slots: int,
+    per_token: bool = False,
+) -> int:
+    """Device bytes one decode row needs (both models), excluding params and the shared prompt.
+
+    = generated-token KV cache of both models (max_new_tokens slots each)
+    + LOGIT_BUFFERS float32 [V] buffers + one layer's activations/attention scores (larger model)
+    + the row's loop state (tokens, and per-token log-probs when requested).
+    """
+    kv = max_new_tokens * (
+        original.kv_bytes_per_token(original_dtype) + variant.kv_bytes_per_token(variant_dtype)
+    )
+    logits = LOGIT_BUFFERS * original.vocab_size * 4
+    act = max(
+        _activation_bytes(original, original_dtype, prompt_slots, max_new_tokens),
+        _activation_bytes(variant, variant_dtype, prompt_slots, max_new_tokens),
+    )
+    state = max_new_tokens * 4 * (4 if per_token else 1) + 64
+    return kv + logits + act + state
+
+
+def prompt_bytes(
+    original: Qwen3Config, variant: Qwen3Config, original_dtype: Any, variant_dtype: Any, slots: int
+) -> int:
+    """Bytes of the shared prompt K/V of both models (stored once per device)."""
+    return slots * (
+        original.kv_bytes_per_token(original_dtype) + variant.kv_bytes_per_token(variant_dtype)
+    )
+
+
+def device_free_bytes(device: jax.Device) -> int | None:
+    """bytes_limit - bytes_in_use from device.memory_stats(); None where the backend has none."""
+    stats = device.memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def rows_that_fit(free_bytes: int, row_bytes: int, fixed_bytes: int = 0) -> int:
+    """Rows per device that fit MEMORY_FRACTION of free_bytes after fixed_bytes; at least 1,
+    rounded down to a power of two (stable across small changes in free memory), <= MAX_AUTO_ROWS.
+    """
+    if row_bytes <= 0:
+        raise ValueError(f"row_bytes must be positive; got {row_bytes}.")
+    budget = int(free_bytes * MEMORY_FRACTION) - fixed_bytes
+    rows = max(1, min(MAX_AUTO_ROWS, budget // row_bytes))
+    return 1 << (rows.bit_length() - 1)

@@ -1,0 +1,574 @@
+"""PairedSampler: rollouts at many alphas along a logit path, both models on every row's context.
+
+For one prompt and alphas a_1..a_A it draws R rollouts per alpha. At every step both models see the
+row's own context; the next token is sampled from softmax(path(l_original, l_variant, alpha) / T),
+and each endpoint's float32 log-probability of that token (at temperature 1) is accumulated, which
+is what importance sampling and LPE need.
+
+Data flow (one `sample` call):
+1. Validate inputs; plan row chunks (memory budget) and buckets (row count, prompt length).
+2. Prefill the prompt once per model (jit #1); its K/V are shared by every row of every chunk.
+3. Per chunk: one jit (#2) around a `lax.while_loop` whose carry is `_LoopState`; both models'
+   params are arguments, the per-row caches are donated and updated in place. The loop exits as
+   soon as every row has hit EOS, max_new_tokens, or a non-finite step.
+
+Randomness: row (alpha, r) uses key fold_in(fold_in(key(seed), round(alpha * 1e6)), offset + r) and
+fold_in(row_key, t) at step t, so a row's tokens do not depend on chunking, sharding, batch-mates,
+or call order; `rollout_offset` continues a stream without reusing keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from lpe_jax import memory, sharding
+from lpe_jax.paths import PathFn, PathShape, as_path
+from lpe_jax.qwen3 import KVCache, Qwen3
+
+PAD_ID = -1
+"""Value of `Rollouts.tokens` after a row ends (never a real token id)."""
+
+ALPHA_QUANTUM = 1e-6
+"""Alphas are keyed by round(alpha / ALPHA_QUANTUM): values closer than this share rollouts."""
+
+_MIN_ROW_BUCKET = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollouts:
+    """Rollouts of one prompt: A alphas x R rollouts x T = max_new_tokens.
+
+    tokens: int32 [A, R, T], generated ids, PAD_ID (-1) after the row ends.
+    lengths: int32 [A, R], generated tokens kept, EOS included.
+    logp_original, logp_variant: float32 [A, R], sum over the kept tokens of each endpoint model's
+        float32 log-softmax (temperature 1, untruncated vocabulary) at the sampled token. NaN for
+        `nonfinite` rows.
+    truncated: bool [A, R], rows cut at max_new_tokens without EOS.
+    nonfinite: bool [A, R], rows stopped because the path or model logits were NaN/+inf (or all
+        -inf); the offending step's token is not kept. Drop these rows.
+    alphas: float64 [A]; rollout_offset: the rollout index of r = 0.
+    token_logp_original/variant/path: float32 [A, R, T] per-token log-probs when requested (0 after
+        the row ends); `path` is under the distribution actually sampled (temperature applied).
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    logp_original: np.ndarray
+    logp_variant: np.ndarray
+    truncated: np.ndarray
+    nonfinite: np.ndarray
+    alphas: np.ndarray
+    rollout_offset: int = 0
+    token_logp_original: np.ndarray | None = None
+    token_logp_variant: np.ndarray | None = None
+    token_logp_path: np.ndarray | None = None
+
+    def generated_ids(self, a: int, r: int) -> list[int]:
+        """Row (a, r)'s kept token ids (EOS included), for detokenizing."""
+        return self.tokens[a, r, : self.lengths[a, r]].tolist()
+
+    def token_lists(self) -> list[list[list[int]]]:
+        """generated_ids for every row, nested [A][R]."""
+        a_n, r_n = self.lengths.shape
+        return [[self.generated_ids(a, r) for r in range(r_n)] for a in range(a_n)]
+
+    @property
+    def forward_passes(self) -> int:
+        """Model forward passes spent on kept tokens (two models per token), prefill excluded."""
+        return int(2 * self.lengths.sum())
+
+
+@struct.dataclass
+class _LoopState:
+    step: jax.Array  # int32 scalar: index of the token sampled next
+    tokens: jax.Array  # int32 [B, T]
+    last: jax.Array  # int32 [B]: the token decode consumes next
+    done: jax.Array  # bool [B]
+    lengths: jax.Array  # int32 [B]
+    logp_o: jax.Array  # f32 [B]
+    logp_v: jax.Array  # f32 [B]
+    nonfinite: jax.Array  # bool [B]
+    tok_lp: jax.Array | None  # f32 [B, 3, T] (original, variant, path) when per-token is on
+    cache_o: KVCache
+    cache_v: KVCache
+
+
+def _invalid(logits: jax.Array) -> jax.Array:
+    """bool [B]: any NaN or +inf, or no finite entry (nothing to sample)."""
+    bad = jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1)
+    return bad | jnp.all(logits == -jnp.inf, axis=-1)
+
+
+def _token_logp(logits: jax.Array, tok: jax.Array) -> jax.Array:
+    """float32 log-softmax(logits)[b, tok[b]] without materialising the log-softmax."""
+    picked = jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def prompt_bucket(length: int) -> int:
+    """Static prompt slots for a prompt of `length`: powers of two (>= 16) up to 256, then
+    multiples of 256; prompts in one bucket share a compiled prefill and decode loop."""
+    if length <= 256:
+        return max(16, _next_pow2(length))
+    return -(-length // 256) * 256
+
+
+def row_bucket(rows: int, chunk: int, num_devices: int) -> int:
+    """Static row count for a chunk of `rows`: next power of two (>= 8), a multiple of the device
+    count, at most `chunk` (itself a multiple of the device count)."""
+    b = max(_MIN_ROW_BUCKET, _next_pow2(rows))
+    b = -(-b // num_devices) * num_devices
+    return min(b, chunk)
+
+
+def check_same_tokenizer(original_id: str, variant_id: str) -> None:
+    """Raise ValueError unless the two tokenizer identities (names or hashes) are equal."""
+    if original_id != variant_id:
+        raise ValueError(
+            f"original and variant tokenizers differ ({original_id!r} vs {variant_id!r}); the "
+            "logit path needs both models to share one tokenizer."
+        )
+
+
+def _as_int(name: str, value: Any, lo: int, hi: float = math.inf) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer; got {value!r}.")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must lie in [{lo}, {hi}]; got {value}.")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedSampler:
+    """Sample rollouts along `path` between `original` (alpha = 1) and `variant` (alpha = 0).
+
+    original, variant: Qwen3 models with the same vocabulary (params are snapshotted here).
+    path: a PathShape, a registered name, or a callable (l_o, l_v, alpha) -> logits.
+    max_new_tokens: generated tokens per row at most. eos_token_ids: ids that end a row (kept).
+    temperature: divides the path logits before sampling (> 0); log-probs stay at temperature 1.
+    max_rows: rows per compiled chunk (rounded down to a multiple of the device count); None sizes
+        it from free device memory (`memory.bytes_per_row`), or memory.DEFAULT_CPU_ROWS on CPU.
+    devices: devices to shard rows over (default all local devices).
+    tokenizer_ids: optional (original, variant) tokenizer names/hashes; must be equal.
+    """
+
+    original: Qwen3
+    variant: Qwen3
+    path: PathShape | PathFn | str
+    max_new_tokens: int
+    eos_token_ids: Sequence[int]
+    temperature: float = 1.0
+    max_rows: int | None = None
+    devices: Sequence[jax.Device] | None = None
+    tokenizer_ids: tuple[str, str] | None = None
+    _impl: dict[str, Any] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("original", "variant"):
+            if not isinstance(getattr(self, name), Qwen3):
+                raise TypeError(f"{name} must be a lpe_jax.qwen3.Qwen3 model.")
+        v_o, v_v = self.original.cfg.vocab_size, self.variant.cfg.vocab_size
+        if v_o != v_v:
+            raise ValueError(
+                f"vocab sizes differ: original {v_o}, variant {v_v}; the path mixes logits token "
+                "by token, so both models must share one tokenizer and vocabulary."
+            )
+        if self.tokenizer_ids is not None:
+            check_same_tokenizer(*self.tokenizer_ids)
+        _as_int("max_new_tokens", self.max_new_tokens, 1)
+        eos = tuple(int(e) for e in self.eos_token_ids)
+        if any(not 0 <= e < v_o for e in eos):
+            raise ValueError(f"eos_token_ids must lie in [0, {v_o}); got {list(eos)}.")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be finite and > 0; got {self.temperature}.")
+        if self.max_rows is not None:
+            _as_int("max_rows", self.max_rows, 1)
+        path = as_path(self.path)
+        mesh = sharding.row_mesh(self.devices)
+        rep = sharding.replicated(mesh)
+        gd_o, st_o = nnx.split(self.original)
+        gd_v, st_v = nnx.split(self.variant)
+        spec = _LoopSpec(
+            gd_o, gd_v, path.fn, self.max_new_tokens, eos, float(self.temperature), mesh
+        )
+        impl = dict(
+            path=path,
+            eos=eos,
+            mesh=mesh,
+            spec=spec,
+            params=(jax.device_put(st_o, rep), jax.device_put(st_v, rep)),
+            auto_chunk={},
+            compiles={"loop": 0, "prefill": 0},
+        )
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "_impl", impl)
+
+    @property
+    def num_devices(self) -> int:
+        return self._impl["mesh"].size
+
+    @property
+    def num_compilations(self) -> int:
+        """Decode loops compiled by this sampler's calls: one per (row bucket, prompt bucket,
+        per_token). Samplers of identical shape share jax's cache, so a reused loop counts 0."""
+        return self._impl["compiles"]["loop"]
+
+    @property
+    def num_prefill_compilations(self) -> int:
+        """Prefills compiled by this sampler's calls: one per prompt bucket."""
+        return self._impl["compiles"]["prefill"]
+
+    def _counted(self, name: str, fn: Any, *args: Any) -> Any:
+        before = fn._cache_size()
+        out = fn(*args)
+        self._impl["compiles"][name] += fn._cache_size() - before
+        return out
+
+    def bytes_per_row(self, prompt_slots: int, per_token: bool = False) -> int:
+        """Device bytes one row needs (see memory.bytes_per_row)."""
+        return memory.bytes_per_row(
+            self.original.cfg,
+            self.variant.cfg,
+            self.original.dtype,
+            self.variant.dtype,
+            self.max_new_tokens,
+            prompt_slots,
+            per_token,
+        )
+
+    def chunk_rows(self, prompt_slots: int, per_token: bool = False) -> int:
+        """Rows per compiled chunk (max_rows or the memory budget), a multiple of the devices."""
+        n_dev = self.num_devices
+        if self.max_rows is not None:
+            return sharding.round_to_devices(self.max_rows, n_dev)
+        key = (prompt_slots, per_token)
+        cache = self._impl["auto_chunk"]
+        if key not in cache:  # sized once, so later calls reuse the same compiled chunk shape
+            free = memory.device_free_bytes(self._impl["mesh"].devices.flat[0])
+            if free is None:
+                rows = memory.DEFAULT_CPU_ROWS
+            else:
+                fixed = memory.prompt_bytes(
+                    self.original.cfg,
+                    self.variant.cfg,
+                    self.original.dtype,
+                    self.variant.dtype,
+                    prompt_slots,
+                )
+                per_dev = memory.rows_that_fit(
+                    free, self.bytes_per_row(prompt_slots, per_token), fixed
+                )
+                rows = per_dev * n_dev
+            cache[key] = sharding.round_to_devices(rows, n_dev)
+        return cache[key]
+
+    def _check_prompt(self, prompt_ids: Any) -> np.ndarray:
+        ids = np.asarray(prompt_ids)
+        if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(
+                f"prompt_ids must be a 1-D integer array; got {ids.dtype} {ids.shape}."
+            )
+        if ids.size == 0:
+            raise ValueError("prompt_ids is empty; the models need at least one prompt token.")
+        vocab = self.original.cfg.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise ValueError(
+                f"prompt ids must lie in [0, {vocab}); got range [{ids.min()}, {ids.max()}]."
+            )
+        limit = min(
+            self.original.cfg.max_position_embeddings, self.variant.cfg.max_position_embeddings
+        )
+        if ids.size + self.max_new_tokens > limit:
+            raise ValueError(
+                f"prompt length {ids.size} + max_new_tokens {self.max_new_tokens} exceeds "
+                f"max_position_embeddings {limit}; shorten the prompt or max_new_tokens."
+            )
+        return ids.astype(np.int32)
+
+    def _check_alphas(self, alphas: Any) -> tuple[np.ndarray, np.ndarray]:
+        a = self.path.check_alphas(alphas)
+        q = np.round(a / ALPHA_QUANTUM)
+        if np.any(np.abs(q) >= 2**31):
+            raise ValueError(f"|alpha| must be < {2**31 * ALPHA_QUANTUM:g}; got {a.tolist()}.")
+        q = q.astype(np.int64)
+        if np.unique(q).size != q.size:
+            raise ValueError(
+                f"alphas must be distinct at resolution {ALPHA_QUANTUM} (equal alphas would share "
+                f"random keys); got {a.tolist()}. For more rollouts at one alpha raise "
+                "rollouts_per_alpha or call again with rollout_offset."
+            )
+        return a, (q % 2**32).astype(np.uint32)
+
+    def sample(
+        self,
+        prompt_ids: Any,
+        alphas: Any,
+        rollouts_per_alpha: int,
+        seed: int,
+        rollout_offset: int = 0,
+        per_token: bool = False,
+    ) -> Rollouts:
+        """Draw rollouts_per_alpha rollouts at each alpha for one prompt (int ids [P]).
+
+        Row (a, r) uses rollout index rollout_offset + r: drawing r = 0..4 then (offset 5) 5..9
+        equals drawing 0..9 at once. Returns Rollouts with arrays [A, R(, T)].
+        """
+        ids = self._check_prompt(prompt_ids)
+        alphas_f, alphas_q = self._check_alphas(alphas)
+        r_n = _as_int("rollouts_per_alpha", rollouts_per_alpha, 1)
+        offset = _as_int("rollout_offset", rollout_offset, 0, 2**32 - r_n)
+        seed = _as_int("seed", seed, 0, 2**32 - 1)
+        if not isinstance(per_token, bool):
+            raise ValueError(f"per_token must be a bool; got {per_token!r}.")
+
+        mesh = self._impl["mesh"]
+        rep, rows_sh = sharding.replicated(mesh), sharding.rows_sharding(mesh)
+        st_o, st_v = self._impl["params"]
+        slots = prompt_bucket(ids.size)
+        padded = np.zeros(slots, np.int32)
+        padded[: ids.size] = ids
+        prompt = jax.device_put((padded, np.int32(ids.size)), rep)
+        spec = self._impl["spec"]
+        prefix = self._counted("prefill", _prefill, spec.gd_o, spec.gd_v, st_o, st_v, *prompt)
+
+        a_n, t_n = alphas_f.size, self.max_new_tokens
+        n_rows = a_n * r_n
+        row_alpha = np.repeat(alphas_f.astype(np.float32), r_n)
+        row_q = np.repeat(alphas_q, r_n)
+        row_r = np.tile(np.arange(r_n, dtype=np.uint32) + np.uint32(offset), a_n)
+        chunk = self.chunk_rows(slots, per_token)
+        outs = []
+        for start in range(0, n_rows, chunk):
+            n = min(chunk, n_rows - start)
+            b = row_bucket(n, chunk, self.num_devices)
+            sl = slice(start, start + n)
+            pad = b - n
+            args = (
+                np.pad(row_alpha[sl], (0, pad), mode="edge"),
+                np.pad(row_q[sl], (0, pad), mode="edge"),
+                np.pad(row_r[sl], (0, pad)),
+                np.arange(b) >= n,  # padding rows start done
+            )
+            args = jax.device_put(args, rows_sh)
+            rows_o, rows_v = _empty_rows(
+                self.original.cfg,
+                self.original.dtype,
+                self.variant.cfg,
+                self.variant.dtype,
+                b,
+                t_n,
+                rows_sh,
+            )
+            res, _, _ = self._counted(
+                "loop",
+                _decode_loop,
+                spec,
+                per_token,
+                st_o,
+                st_v,
+                *prefix,
+                rows_o,
+                rows_v,
+                *args,
+                np.uint32(seed),
+            )
+            outs.append({k: np.asarray(v)[:n] for k, v in res.items()})
+        return self._assemble(outs, alphas_f, r_n, offset, per_token)
+
+    def _assemble(
+        self,
+        outs: list[dict[str, np.ndarray]],
+        alphas: np.ndarray,
+        r_n: int,
+        offset: int,
+        per_token: bool,
+    ) -> Rollouts:
+        a_n, t_n = alphas.size, self.max_new_tokens
+        cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        tokens = cat["tokens"].reshape(a_n, r_n, t_n)
+        lengths = cat["lengths"].reshape(a_n, r_n)
+        nonfinite = cat["nonfinite"].reshape(a_n, r_n)
+        last = tokens[..., t_n - 1]
+        truncated = (lengths == t_n) & ~nonfinite & ~np.isin(last, self._impl["eos"])
+        lp_o = np.where(nonfinite, np.nan, cat["logp_o"].reshape(a_n, r_n)).astype(np.float32)
+        lp_v = np.where(nonfinite, np.nan, cat["logp_v"].reshape(a_n, r_n)).astype(np.float32)
+        tok = [None] * 3
+        if per_token:
+            tok = list(cat["tok_lp"].reshape(a_n, r_n, 3, t_n).transpose(2, 0, 1, 3))
+        return Rollouts(
+            tokens=tokens,
+            lengths=lengths,
+            logp_original=lp_o,
+            logp_variant=lp_v,
+            truncated=truncated,
+            nonfinite=nonfinite,
+            alphas=alphas,
+            rollout_offset=offset,
+            token_logp_original=tok[0],
+            token_logp_variant=tok[1],
+            token_logp_path=tok[2],
+        )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _empty_rows(cfg_o, dtype_o, cfg_v, dtype_v, batch: int, capacity: int, rows_sh):
+    """Zeroed per-row caches of both models, created on device already row-sharded; every layer
+    gets its own buffer so the caches can be donated."""
+
+    def zeros(cfg, dtype):
+        shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+        bufs = [
+            jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), rows_sh)
+            for _ in range(2 * cfg.num_layers)
+        ]
+        return tuple(bufs[: cfg.num_layers]), tuple(bufs[cfg.num_layers :])
+
+    return zeros(cfg_o, dtype_o), zeros(cfg_v, dtype_v)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _prefill(gd_o: nnx.GraphDef, gd_v: nnx.GraphDef, st_o, st_v, prompt, length):
+    """(params, prompt int [Pb], true length) -> per model (logits [V], ks, vs, length)."""
+    out = []
+    for gd, st in ((gd_o, st_o), (gd_v, st_v)):
+        logits, ks, vs = nnx.merge(gd, st).prefill(prompt, length)
+        out.append((logits, ks, vs, length))
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoopSpec:
+    """Everything static about a decode loop; hashable, so it keys jax's compilation cache."""
+
+    gd_o: nnx.GraphDef
+    gd_v: nnx.GraphDef
+    path_fn: PathFn
+    max_new_tokens: int
+    eos: tuple[int, ...]
+    temperature: float
+    mesh: jax.sharding.Mesh
+
+
+def _take(spec: _LoopSpec, state: _LoopState, l_o, l_v, alpha, row_keys) -> _LoopState:
+    """Sample token `state.step` of every row from the path logits and record it.
+
+    A row whose path or model logits are invalid (NaN/+inf/all -inf) is flagged `nonfinite` and
+    stopped; its token is neither sampled from those logits nor kept.
+    """
+    step = state.step
+    l_path = spec.path_fn(l_o, l_v, alpha[:, None]).astype(jnp.float32)
+    if spec.temperature != 1.0:
+        l_path = l_path / spec.temperature
+    bad = _invalid(l_path) | _invalid(l_o) | _invalid(l_v)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+    safe = jnp.where(bad[:, None], 0.0, l_path)
+    tok = jax.vmap(jax.random.categorical)(keys, safe).astype(jnp.int32)
+    lp_o, lp_v = _token_logp(l_o, tok), _token_logp(l_v, tok)
+    active = ~state.done & ~bad
+    tok_lp = state.tok_lp
+    if tok_lp is not None:
+        col = jnp.stack([lp_o, lp_v, _token_logp(safe, tok)], axis=1) * active[:, None]
+        tok_lp = jax.lax.dynamic_update_slice_in_dim(tok_lp, col[..., None], step, axis=2)
+    if spec.eos:
+        ends = jnp.isin(tok, np.asarray(spec.eos, np.int32))
+    else:
+        ends = jnp.zeros_like(active)
+    kept = jnp.where(active, tok, PAD_ID)[:, None]
+    return state.replace(
+        step=step + 1,
+        tokens=jax.lax.dynamic_update_slice_in_dim(state.tokens, kept, step, axis=1),
+        last=jnp.where(active, tok, 0),
+        done=state.done | bad | ends,
+        lengths=state.lengths + active,
+        logp_o=state.logp_o + jnp.where(active, lp_o, 0.0),
+        logp_v=state.logp_v + jnp.where(active, lp_v, 0.0),
+        nonfinite=state.nonfinite | (~state.done & bad),
+        tok_lp=tok_lp,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(6, 7))
+def _decode_loop(
+    spec: _LoopSpec,
+    per_token: bool,
+    st_o: nnx.State,
+    st_v: nnx.State,
+    prefix_o: tuple,
+    prefix_v: tuple,
+    rows_o: tuple,
+    rows_v: tuple,
+    alpha: jax.Array,
+    alpha_q: jax.Array,
+    rollout: jax.Array,
+    pad_done: jax.Array,
+    seed: jax.Array,
+):
+    """Decode every row of one chunk until all are done; rows_o/rows_v (per-row K/V) are donated.
+
+    Row arrays are [B] (alpha f32, alpha_q/rollout uint32, pad_done bool). Returns (dict of row
+    outputs, final rows_o, final rows_v); returning the caches lets XLA alias them in place.
+    """
+    t_n = spec.max_new_tokens
+    rows_sh = sharding.rows_sharding(spec.mesh)
+
+    def constrain(x: jax.Array) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, rows_sh)
+
+    m_o, m_v = nnx.merge(spec.gd_o, st_o), nnx.merge(spec.gd_v, st_v)
+    b = alpha.shape[0]
+    base = jax.random.key(seed)
+    row_keys = jax.vmap(lambda q, r: jax.random.fold_in(jax.random.fold_in(base, q), r))(
+        alpha_q, rollout
+    )
+    (lo0, pk_o, pv_o, n_o), (lv0, pk_v, pv_v, n_v) = prefix_o, prefix_v
+    state = _LoopState(
+        step=jnp.int32(0),
+        tokens=constrain(jnp.full((b, t_n), PAD_ID, jnp.int32)),
+        last=constrain(jnp.zeros((b,), jnp.int32)),
+        done=pad_done,
+        lengths=constrain(jnp.zeros((b,), jnp.int32)),
+        logp_o=constrain(jnp.zeros((b,), jnp.float32)),
+        logp_v=constrain(jnp.zeros((b,), jnp.float32)),
+        nonfinite=constrain(jnp.zeros((b,), bool)),
+        tok_lp=constrain(jnp.zeros((b, 3, t_n), jnp.float32)) if per_token else None,
+        cache_o=KVCache(pk_o, pv_o, n_o, *rows_o),
+        cache_v=KVCache(pk_v, pv_v, n_v, *rows_v),
+    )
+    # Token 0 comes from the prompt's logits, shared by every row: no decode needed.
+    l_o0 = jnp.broadcast_to(lo0, (b, lo0.shape[-1]))
+    l_v0 = jnp.broadcast_to(lv0, (b, lv0.shape[-1]))
+    state = _take(spec, state, l_o0, l_v0, alpha, row_keys)
+
+    def cond(s: _LoopState) -> jax.Array:
+        return (s.step < t_n) & ~jnp.all(s.done)
+
+    def body(s: _LoopState) -> _LoopState:
+        # Feed token step-1 into generated slot step-1, then sample token `step`.
+        l_o, cache_o = m_o.decode(s.last, s.step - 1, s.cache_o)
+        l_v, cache_v = m_v.decode(s.last, s.step - 1, s.cache_v)
+        return _take(spec, s.replace(cache_o=cache_o, cache_v=cache_v), l_o, l_v, alpha, row_keys)
+
+    state = jax.lax.while_loop(cond, body, state)
+    res = dict(
+        tokens=state.tokens,
+        lengths=state.lengths,
+        logp_o=state.logp_o,
+        logp_v=state.logp_v,
+        nonfinite=state.nonfinite,
+    )
+    if per_token:
+        res["tok_lp"] = state.tok_lp
+    return res, (state.cache_o.k, state.cache_o.v), (state.cache_v.k, state.cache_v.v)
