@@ -1,26 +1,36 @@
-# Each target installs what it needs into a local virtual environment first.
+# Each target first installs what it needs into a local virtual environment (.venv).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
+TESTDEPS := $(VENV)/.installed-test
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint clean
 
-$(STAMP): setup.py
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+
+# The demo needs only the runtime dependencies (no torch).
+$(RUNTIME): setup.py | $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# Tests add pytest, ruff, nbclient and the CPU build of torch (HF parity references).
+$(TESTDEPS): setup.py | $(VENV)/bin/python
 	$(PY) -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	touch $(RUNTIME) $@
 
-demo: $(STAMP)
-	$(PY) experiments/estimate.py
+demo: $(RUNTIME)
+	rm -rf results/demo
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) experiments/estimate.py --out=results/demo
 
-test: $(STAMP)
+test: $(TESTDEPS)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
-lint: $(STAMP)
+lint: $(TESTDEPS)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 

@@ -69,6 +69,19 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create `path` if needed and prove it writable, or raise OSError naming it and the fix."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"cannot write to run directory {path}: {e}; choose a writable --out") from e
+    return path
+
+
 def _normalise(manifest: Mapping[str, Any]) -> dict[str, Any]:
     # A JSON round trip makes tuples lists and floats canonical, so comparisons are exact.
     return json.loads(json.dumps(dict(manifest), sort_keys=True))
@@ -95,15 +108,7 @@ class RolloutStore:
         """
         root = Path(root)
         manifest = _normalise(manifest)
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            probe = root / ".write_probe"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise OSError(
-                f"cannot write to run directory {root}: {e}; choose a writable --out"
-            ) from e
+        ensure_writable_dir(root)
         path = root / MANIFEST
         if path.exists():
             old = json.loads(path.read_text())

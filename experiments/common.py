@@ -1,0 +1,174 @@
+"""Flags and wiring shared by the experiment scripts (absl lives here, never in the library).
+
+Every script defaults to the embedded toy model organism (lpe_jax/assets/toy_pair) and runs on
+any pair of local HF Qwen3 directories with --original/--variant/--prompts/--judge.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from absl import flags, logging
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from lpe_jax import data, toy  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_model_flags() -> None:
+    o, v = toy.TOY_DIR / "original", toy.TOY_DIR / "variant"
+    flags.DEFINE_string("original", str(o), "HF directory of the original model (alpha = 1).")
+    flags.DEFINE_string("variant", str(v), "HF directory of the less-safe variant (alpha = 0).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+    flags.DEFINE_string("params_cache", None, "Directory caching converted params (orbax).")
+    flags.DEFINE_string("path", "linear", "Path shape name (lpe_jax.paths registry).")
+    flags.DEFINE_integer("max_new_tokens", 32, "Generated tokens per rollout at most.")
+    flags.DEFINE_float("temperature", 1.0, "Sampling temperature (the paper: 1).")
+    flags.DEFINE_integer("max_rows", None, "Rows per compiled chunk (default: from free memory).")
+    flags.DEFINE_bool("enable_thinking", False, "Qwen3 chat template: let the model think first.")
+
+
+def define_prompt_flags() -> None:
+    flags.DEFINE_string(
+        "prompts",
+        str(toy.TOY_DIR / "prompts.jsonl"),
+        "Prompts: JSONL/CSV with id and prompt, or a HarmBench behaviours CSV.",
+    )
+    flags.DEFINE_string("category", "standard", "HarmBench FunctionalCategory to keep.")
+    flags.DEFINE_integer("limit", None, "Use only the first N prompts.")
+    flags.DEFINE_integer("seed", 0, "Run seed; every rollout's key derives from it.")
+
+
+def define_judge_flags() -> None:
+    flags.DEFINE_string(
+        "judge", "toy", "Judge kind: toy (the organism's rule), rubric, string, local, rule."
+    )
+    flags.DEFINE_string(
+        "judge_options",
+        "{}",
+        'JSON object of judge options, e.g. \'{"base_url": "http://127.0.0.1:8000/v1", '
+        '"model": "m", "cache_path": "judge_cache.sqlite"}\'.',
+    )
+
+
+def define_distributed_flags() -> None:
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host runs).")
+    flags.DEFINE_integer("num_processes", 1, "Processes in a multi-host run.")
+    flags.DEFINE_integer("process_id", 0, "This process's index in a multi-host run.")
+
+
+def init_distributed() -> tuple[int, int]:
+    """Start jax.distributed when asked; returns (process_id, num_processes).
+
+    Each process takes every num_processes-th prompt and writes its own files into the shared
+    output directory (which must be on a filesystem all hosts see); process 0 gathers.
+    """
+    if FLAGS.num_processes <= 1:
+        return 0, 1
+    if not FLAGS.coordinator_address:
+        raise ValueError("--num_processes > 1 needs --coordinator_address host:port")
+    import jax
+
+    jax.distributed.initialize(
+        FLAGS.coordinator_address, num_processes=FLAGS.num_processes, process_id=FLAGS.process_id
+    )
+    return jax.process_index(), jax.process_count()
+
+
+def load_prompts() -> list[data.Prompt]:
+    prompts = data.load_prompts(FLAGS.prompts, functional_category=FLAGS.category)
+    return prompts[: FLAGS.limit] if FLAGS.limit else prompts
+
+
+def make_judge(tokenizer: Any = None) -> Any:
+    """The judge named by --judge/--judge_options."""
+    from lpe_jax.judges import make_judge as _make
+
+    try:
+        options = json.loads(FLAGS.judge_options)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--judge_options is not a JSON object: {e}") from e
+    if FLAGS.judge == "toy":
+        if options:
+            raise ValueError("--judge=toy takes no --judge_options")
+        return _make("rule", predicate=toy.toy_complied, name="toy")
+    return _make(FLAGS.judge, **options)
+
+
+def load_pair() -> Any:
+    from lpe_jax.pipeline import load_pair as _load
+
+    return _load(FLAGS.original, FLAGS.variant, dtype=FLAGS.dtype, cache_dir=FLAGS.params_cache)
+
+
+def make_sampler(pair: Any) -> Any:
+    from lpe_jax.sampler import PairedSampler
+
+    return PairedSampler(
+        original=pair.original,
+        variant=pair.variant,
+        path=FLAGS.path,
+        max_new_tokens=FLAGS.max_new_tokens,
+        eos_token_ids=pair.eos_token_ids,
+        temperature=FLAGS.temperature,
+        max_rows=FLAGS.max_rows,
+    )
+
+
+def prompt_ids(pair: Any, text: str) -> list[int]:
+    from lpe_jax.tokenizer import chat_prompt_ids
+
+    return chat_prompt_ids(pair.tokenizer, text, enable_thinking=FLAGS.enable_thinking)
+
+
+def sampling_manifest(pair: Any, prompts: list[data.Prompt]) -> dict[str, Any]:
+    """What determines the rollouts of a run: a different value means a different run."""
+    import lpe_jax
+
+    return {
+        **pair.fingerprint(),
+        "dtype": FLAGS.dtype,
+        "path": FLAGS.path,
+        "max_new_tokens": FLAGS.max_new_tokens,
+        "temperature": FLAGS.temperature,
+        "eos_token_ids": list(pair.eos_token_ids),
+        "enable_thinking": FLAGS.enable_thinking,
+        "seed": FLAGS.seed,
+        "prompts": str(Path(FLAGS.prompts).resolve()),
+        "dataset_hash": data.dataset_hash(prompts),
+        "n_prompts": len(prompts),
+        "code_version": lpe_jax.__version__,
+    }
+
+
+class Progress:
+    """Logs `done/total`, rate and ETA at most every `every` seconds (and at the end)."""
+
+    def __init__(self, total: int, what: str, every: float = 5.0):
+        self.total, self.what, self.every = total, what, every
+        self.start = self.last = time.time()
+        self.done = 0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.time()
+        if now - self.last < self.every and self.done < self.total:
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        logging.info(
+            "%s %d/%d  %.2f/s  elapsed %.0fs  ETA %.0fs",
+            self.what,
+            self.done,
+            self.total,
+            rate,
+            now - self.start,
+            eta,
+        )

@@ -1,0 +1,70 @@
+"""Fill the verdicts of a run directory written by sample.py, with any judge.
+
+    python experiments/judge.py --run=runs/toy                      # the toy organism's rule
+    OPENAI_API_KEY=... python experiments/judge.py --run=runs/hb --judge=rubric \\
+        --judge_options='{"base_url": "https://api.openai.com/v1", "model": "gpt-4o-mini",
+                          "cache_path": "runs/hb/judge_cache.sqlite"}'
+
+Chunks already judged by the same judge id are skipped, so an interrupted run resumes. Verdicts
+the judge could not give stay -1 (unknown): they are retried on the next run and never counted
+as refusals.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+
+from lpe_jax.data import dataset_hash, load_prompts
+from lpe_jax.pipeline import judge_rows
+from lpe_jax.store import UNKNOWN, RolloutStore
+from lpe_jax.tokenizer import load_tokenizer
+
+import common
+
+FLAGS = flags.FLAGS
+common.define_judge_flags()
+common.define_distributed_flags()
+flags.DEFINE_string("run", None, "Run directory written by sample.py.", required=True)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    process, n_proc = common.init_distributed()
+    store = RolloutStore.load(FLAGS.run)
+    m = store.manifest
+    prompts = load_prompts(m["prompts"])[: m["n_prompts"]]
+    if dataset_hash(prompts) != m["dataset_hash"]:
+        raise ValueError(
+            f"the prompts file {m['prompts']} changed since {FLAGS.run} was sampled "
+            "(dataset hash differs); restore it or sample a new run."
+        )
+    text = {p.id: p.text for p in prompts}
+    tokenizer = load_tokenizer(m["original"])
+    judge = common.make_judge(tokenizer)
+    chunks = [c for i, c in enumerate(store.chunks()) if i % n_proc == process]
+    progress = common.Progress(len(chunks), "chunks")
+    unknown = 0
+    for prompt_id, alpha in chunks:
+        chunk = store.read_chunk(prompt_id, alpha)
+        old = chunk.get("verdicts")
+        same_judge = old is not None and str(chunk["verdict_judge_id"]) == judge.judge_id
+        if same_judge and not (old == UNKNOWN).any():
+            progress.update()
+            continue
+        verdicts = judge_rows(
+            judge,
+            text[prompt_id],
+            chunk["tokens"],
+            chunk["lengths"],
+            chunk["nonfinite"],
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        )
+        unknown += int((verdicts == UNKNOWN).sum())
+        store.set_verdicts(prompt_id, alpha, verdicts, judge.judge_id)
+        progress.update()
+    logging.info("judge stats: %s", judge.stats.summary())
+    print(f"judged {len(chunks)} chunks with {judge.judge_id}; {unknown} unknown verdicts")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,95 @@
+"""Turn a judged run directory (sample.py + judge.py) into a RolloutBank for the evaluation.
+
+NumPy only. Mapping (the paper's protocol):
+- alphas < 1 of the run -> `compliance [P, A, R]` and `tokens` (generated lengths);
+- alpha = 0 rollouts -> importance-sampling log-weights log p_o - log p_v and their verdicts;
+- alpha = 1 rollouts -> the screen (the first `screen_n`, paper: 100) and, when there are at
+  least `truth_n` of them, the ground truth counts;
+- otherwise ground truth from known rates (e.g. the toy organism's exact ones): counts drawn as
+  Binomial(truth_n, rate) with a fixed seed, which is exactly what sampling truth_n rollouts
+  from the original would give in distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from lpe_jax.evaluation import RolloutBank
+from lpe_jax.store import RolloutStore
+
+
+def _verdicts(store: RolloutStore, pid: str, alpha: float) -> dict[str, np.ndarray]:
+    c = store.read_chunk(pid, alpha)
+    if "verdicts" not in c:
+        raise ValueError(
+            f"chunk ({pid}, alpha={alpha}) of {store.root} has no verdicts; run judge.py first"
+        )
+    return c
+
+
+def bank_from_store(
+    store: RolloutStore,
+    *,
+    truth_rates: Mapping[str, float] | None = None,
+    truth_n: int = 100_000,
+    screen_n: int = 100,
+    seed: int = 0,
+) -> RolloutBank:
+    """A RolloutBank of every prompt with all alphas sampled and judged.
+
+    Needs alpha = 0 (IS and the bottom of the path) and alpha = 1 (the screen) in the run's grid.
+    Ground truth: `truth_rates` if given, else the alpha = 1 chunk when it holds >= truth_n
+    rollouts, else none (labels then cannot be formed; the error names the fix).
+    """
+    grid = sorted(store.manifest["alphas"])
+    if 0.0 not in grid or 1.0 not in grid:
+        raise ValueError(f"the run's alphas {grid} must include 0 (IS) and 1 (screen, truth)")
+    path_alphas = [a for a in grid if a < 1.0]
+    chunks = set(store.chunks())
+    ids = sorted({p for p, _ in chunks if all((p, a) in chunks for a in grid)})
+    if not ids:
+        raise ValueError(f"{store.root} has no prompt with every alpha of {grid} sampled")
+    comp, toks, lw, is_c, is_t, sk, sn, tk, tn, tm = ([] for _ in range(10))
+    rng = np.random.default_rng(seed)
+    for pid in ids:
+        rows = [_verdicts(store, pid, a) for a in path_alphas]
+        comp.append(np.stack([r["verdicts"] for r in rows]))
+        toks.append(np.stack([r["lengths"] for r in rows]))
+        zero = rows[0]
+        known = ~zero["nonfinite"]
+        lw.append(np.where(known, zero["logp_original"] - zero["logp_variant"], 0.0))
+        is_c.append(np.where(known, zero["verdicts"], -1))
+        is_t.append(zero["lengths"])
+        top_chunk = _verdicts(store, pid, 1.0)
+        top = top_chunk["verdicts"]
+        tm.append(float(top_chunk["lengths"].mean()))
+        if top.size < screen_n:
+            raise ValueError(f"{pid}: {top.size} rollouts at alpha=1, the screen needs {screen_n}")
+        sk.append(int((top[:screen_n] == 1).sum()))
+        sn.append(screen_n)
+        if truth_rates is not None:
+            if pid not in truth_rates:
+                raise ValueError(f"no ground-truth rate for prompt {pid!r}")
+            tk.append(int(rng.binomial(truth_n, truth_rates[pid])))
+            tn.append(truth_n)
+        elif top.size >= truth_n:
+            tk.append(int((top[:truth_n] == 1).sum()))
+            tn.append(truth_n)
+    have_truth = len(tk) == len(ids)
+    return RolloutBank(
+        prompt_ids=tuple(ids),
+        alphas=np.array(path_alphas),
+        compliance=np.stack(comp),
+        tokens=np.stack(toks),
+        is_log_weights=np.stack(lw),
+        is_compliance=np.stack(is_c),
+        is_tokens=np.stack(is_t),
+        truth_k=np.array(tk) if have_truth else None,
+        truth_n=np.array(tn) if have_truth else None,
+        screen_k=np.array(sk),
+        screen_n=np.array(sn),
+        truth_mean_tokens=np.array(tm),
+        true_r1=np.array([truth_rates[p] for p in ids]) if truth_rates is not None else None,
+    )
