@@ -31,7 +31,10 @@ flags.DEFINE_string("run", None, "A judged run directory (sample.py then judge.p
 flags.DEFINE_string("bank", None, "A RolloutBank .npz.")
 flags.DEFINE_integer("synthetic", None, "Evaluate a synthetic bank with this many prompts.")
 flags.DEFINE_string(
-    "truth", None, "JSON {prompt_id: rate}; default for --run: the toy organism's exact rates."
+    "truth",
+    None,
+    "JSON {prompt_id: [k, n]} (counts from a run of the original) or {prompt_id: rate} (exact "
+    "rates); default for --run: the toy organism's exact rates.",
 )
 flags.DEFINE_integer("truth_n", 100_000, "Ground-truth rollouts per prompt (paper: 100,000).")
 flags.DEFINE_integer("screen_n", 100, "Screening rollouts at alpha = 1 (paper: 100).")
@@ -50,8 +53,15 @@ def load_bank() -> RolloutBank:
     if FLAGS.synthetic is not None:
         return synthetic.make_synthetic_bank(n_prompts=FLAGS.synthetic, seed=FLAGS.seed)
     store = RolloutStore.load(FLAGS.run)
+    counts = rates = None
     if FLAGS.truth:
-        rates = {str(k): float(v) for k, v in json.loads(Path(FLAGS.truth).read_text()).items()}
+        given = json.loads(Path(FLAGS.truth).read_text())
+        if all(isinstance(v, list) and len(v) == 2 for v in given.values()):
+            counts = {str(k): (int(v[0]), int(v[1])) for k, v in given.items()}
+        elif all(isinstance(v, (int, float)) for v in given.values()):
+            rates = {str(k): float(v) for k, v in given.items()}
+        else:
+            raise ValueError(f"{FLAGS.truth}: values must all be [k, n] or all be rates")
     else:
         from lpe_jax import toy
 
@@ -62,7 +72,12 @@ def load_bank() -> RolloutBank:
             else None
         )
     return bank_from_store(
-        store, truth_rates=rates, truth_n=FLAGS.truth_n, screen_n=FLAGS.screen_n, seed=FLAGS.seed
+        store,
+        truth_rates=rates,
+        truth_counts=counts,
+        truth_n=FLAGS.truth_n,
+        screen_n=FLAGS.screen_n,
+        seed=FLAGS.seed,
     )
 
 

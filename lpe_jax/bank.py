@@ -5,9 +5,10 @@ NumPy only. Mapping (the paper's protocol):
 - alpha = 0 rollouts -> importance-sampling log-weights log p_o - log p_v and their verdicts;
 - alpha = 1 rollouts -> the screen (the first `screen_n`, paper: 100) and, when there are at
   least `truth_n` of them, the ground truth counts;
-- otherwise ground truth from known rates (e.g. the toy organism's exact ones): counts drawn as
-  Binomial(truth_n, rate) with a fixed seed, which is exactly what sampling truth_n rollouts
-  from the original would give in distribution.
+- otherwise ground truth given per prompt, either as counts (k, n) from a separate run of the
+  original, or as exact rates (e.g. the toy organism's): counts drawn as Binomial(truth_n, rate)
+  with a fixed seed, which is what sampling truth_n rollouts of the original gives in
+  distribution.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def bank_from_store(
     store: RolloutStore,
     *,
     truth_rates: Mapping[str, float] | None = None,
+    truth_counts: Mapping[str, tuple[int, int]] | None = None,
     truth_n: int = 100_000,
     screen_n: int = 100,
     seed: int = 0,
@@ -40,9 +42,12 @@ def bank_from_store(
     """A RolloutBank of every prompt with all alphas sampled and judged.
 
     Needs alpha = 0 (IS and the bottom of the path) and alpha = 1 (the screen) in the run's grid.
-    Ground truth: `truth_rates` if given, else the alpha = 1 chunk when it holds >= truth_n
-    rollouts, else none (labels then cannot be formed; the error names the fix).
+    Ground truth: `truth_counts` {id: (k, n)} or exact `truth_rates` {id: rate} if given, else
+    the alpha = 1 chunk when it holds >= truth_n rollouts, else none (labels then cannot be
+    formed; evaluate() names the fix).
     """
+    if truth_rates is not None and truth_counts is not None:
+        raise ValueError("pass truth_rates or truth_counts, not both")
     grid = sorted(store.manifest["alphas"])
     if 0.0 not in grid or 1.0 not in grid:
         raise ValueError(f"the run's alphas {grid} must include 0 (IS) and 1 (screen, truth)")
@@ -69,7 +74,13 @@ def bank_from_store(
             raise ValueError(f"{pid}: {top.size} rollouts at alpha=1, the screen needs {screen_n}")
         sk.append(int((top[:screen_n] == 1).sum()))
         sn.append(screen_n)
-        if truth_rates is not None:
+        if truth_counts is not None:
+            if pid not in truth_counts:
+                raise ValueError(f"no ground-truth counts for prompt {pid!r}")
+            k, n = (int(x) for x in truth_counts[pid])
+            tk.append(k)
+            tn.append(n)
+        elif truth_rates is not None:
             if pid not in truth_rates:
                 raise ValueError(f"no ground-truth rate for prompt {pid!r}")
             tk.append(int(rng.binomial(truth_n, truth_rates[pid])))
