@@ -180,39 +180,3 @@ def dataset_hash(prompts: Iterable[Prompt]) -> str:
             h.update(len(data).to_bytes(8, "little"))
             h.update(data)
     return h.hexdigest()
-
-
-def _template_text(tokenizer: Any) -> str:
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # several named templates
-        template = "\n".join(str(t) for t in template.values())
-    if not template:
-        raise ValueError(
-            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; load the "
-            "tokenizer of an instruction-tuned model (its tokenizer_config.json has chat_template)"
-        )
-    return template
-
-
-def encode_chat(tokenizer: Any, prompt_text: str, enable_thinking: bool = False) -> list[int]:
-    """Token ids of ``prompt_text`` as one user turn plus the assistant generation prompt.
-
-    Uses ``tokenizer.apply_chat_template(..., add_generation_prompt=True)``. ``enable_thinking``
-    is passed only when the template reads it (Qwen3's does: False appends an empty think block);
-    asking for thinking from a template without it is an error. The rendered text is encoded
-    without adding special tokens (the template already holds them).
-    """
-    if not isinstance(prompt_text, str) or not prompt_text:
-        raise ValueError("prompt_text must be a non-empty string")
-    kwargs: dict[str, Any] = {}
-    if "enable_thinking" in _template_text(tokenizer):
-        kwargs["enable_thinking"] = enable_thinking
-    elif enable_thinking:
-        raise ValueError("enable_thinking=True, but this tokenizer's chat template has no thinking")
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt_text}],
-        add_generation_prompt=True,
-        tokenize=False,
-        **kwargs,
-    )
-    return list(tokenizer.encode(text, add_special_tokens=False))

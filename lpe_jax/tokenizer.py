@@ -42,17 +42,27 @@ def chat_prompt_ids(
     """
     if not isinstance(user_text, str) or not user_text:
         raise ValueError(f"user_text must be a non-empty string, got {user_text!r}.")
-    if not getattr(tokenizer, "chat_template", None):
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates
+        template = "\n".join(str(t) for t in template.values())
+    if not template:
         raise ValueError(
             "the tokenizer has no chat_template; load it from a chat model's directory "
             "(tokenizer_config.json or chat_template.jinja carries the template)."
         )
+    # Pass enable_thinking only to templates that read it; asking a template without a thinking
+    # switch to think is a mistake worth naming.
+    kwargs: dict[str, Any] = {}
+    if "enable_thinking" in template:
+        kwargs["enable_thinking"] = enable_thinking
+    elif enable_thinking:
+        raise ValueError("enable_thinking=True, but this tokenizer's chat template has no thinking")
     messages = [{"role": "system", "content": system}] if system is not None else []
     messages.append({"role": "user", "content": user_text})
     # Render to text, then encode: apply_chat_template(tokenize=True) returns a list in
     # transformers 4 and a BatchEncoding in 5; the text path is the same in both.
     text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
+        messages, tokenize=False, add_generation_prompt=True, **kwargs
     )
     return [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
 

@@ -11,7 +11,6 @@ from lpe_jax.data import (
     CONTEXT_SEPARATOR,
     Prompt,
     dataset_hash,
-    encode_chat,
     load_harmbench,
     load_prompts,
 )
@@ -142,22 +141,3 @@ def test_dataset_hash() -> None:
     assert dataset_hash([Prompt("x", "y")]) == (
         "946a0b44bba82efb145c58530ff7b3d46d7f81942ac6eabcf443d0e19fd26958"
     )
-
-
-def test_encode_chat(hf_tokenizer_dir: Path) -> None:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(hf_tokenizer_dir)
-    ids = encode_chat(tok, "w1 w2")
-    expected = "<|im_start|>user\nw1 w2<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-    assert ids == tok.encode(expected, add_special_tokens=False)
-    thinking = encode_chat(tok, "w1 w2", enable_thinking=True)
-    assert thinking == ids[: len(thinking)] and len(thinking) < len(ids)
-
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %} assistant"
-    assert encode_chat(tok, "w3") == tok.encode("w3 assistant", add_special_tokens=False)
-    with pytest.raises(ValueError, match="no thinking"):
-        encode_chat(tok, "w3", enable_thinking=True)
-    tok.chat_template = None
-    with pytest.raises(ValueError, match="has no chat template"):
-        encode_chat(tok, "w3")

@@ -54,3 +54,22 @@ def test_tokenizer_bad_input(hf_tokenizer_dir, tmp_path):
     other = shutil.copytree(hf_tokenizer_dir, tmp_path / "tok")
     (other / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
     assert 7 in eos_token_ids(other)
+
+
+def test_thinking_switch_only_where_the_template_has_one(hf_tokenizer_dir) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_tokenizer_dir)
+    ids = chat_prompt_ids(tok, "w1 w2")
+    expected = "<|im_start|>user\nw1 w2<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert ids == tok.encode(expected, add_special_tokens=False)
+    thinking = chat_prompt_ids(tok, "w1 w2", enable_thinking=True)
+    assert thinking == ids[: len(thinking)] and len(thinking) < len(ids)
+
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %} assistant"
+    assert chat_prompt_ids(tok, "w3") == tok.encode("w3 assistant", add_special_tokens=False)
+    with pytest.raises(ValueError, match="no thinking"):
+        chat_prompt_ids(tok, "w3", enable_thinking=True)
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="no chat_template"):
+        chat_prompt_ids(tok, "w3")

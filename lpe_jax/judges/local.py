@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from lpe_jax.data import encode_chat
 from lpe_jax.judges.base import (
     Item,
     JudgeStats,
@@ -27,6 +26,7 @@ from lpe_jax.judges.base import (
     judge_id,
     text_hash,
 )
+from lpe_jax.tokenizer import chat_prompt_ids
 
 PARSER_VERSION = 1
 LogitsFn = Callable[[np.ndarray], np.ndarray]
@@ -127,7 +127,7 @@ class LocalJudge:
     def encode(self, prompt: str, response: str) -> list[int]:
         """Token ids of the chat-wrapped classification question for one pair."""
         question = fill_template(self.template, prompt, response)
-        return encode_chat(self.tokenizer, question, enable_thinking=self.enable_thinking)
+        return chat_prompt_ids(self.tokenizer, question, enable_thinking=self.enable_thinking)
 
     def judge(self, items: Sequence[Item]) -> list[Verdict]:
         """One Verdict per pair, in order; raises only for a logits_fn of the wrong shape."""
