@@ -42,7 +42,7 @@ common.define_prompt_flags()
 common.define_judge_flags()
 common.define_distributed_flags()
 flags.DEFINE_string("out", "results/toy", "Output directory.")
-flags.DEFINE_integer("n_fit", 30, "Rollouts per alpha in the fit phase (the paper: 13-100).")
+flags.DEFINE_integer("n_fit", 100, "Rollouts per alpha in the fit phase (the paper: 13-100).")
 flags.DEFINE_integer("n_search", 10, "Rollouts per alpha in the search phase (the paper: 10).")
 flags.DEFINE_string(
     "truth",

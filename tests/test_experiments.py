@@ -163,16 +163,20 @@ def test_judge_then_evaluate(tmp_path):
 
 def test_estimate_on_the_toy_pair(tmp_path):
     out = tmp_path / "est"
-    p = run("estimate.py", f"--out={out}", "--figures=false")
+    args = (f"--out={out}", "--limit=16", "--n_fit=100")
+    p = run("estimate.py", *args)
     summary = json.loads((out / "results.json").read_text())
     s = summary["scores"]
     n = s["prompts_with_truth"]
-    assert n >= 20
-    # Most prompts within one decade of the exact ground truth (the bar), fixed seed.
-    assert s["lpe"]["within_one_decade"] >= 0.7 * n, p.stdout
-    assert s["lpe_binomial"]["within_one_decade"] >= 0.7 * n, p.stdout
+    assert n == 16
+    # Most prompts within one decade of the exact ground truth, fixed seed (measured when this
+    # test was written: paper LPE 14/16, binomial LPE 16/16, IS 3/16, naive 0/16).
+    assert s["lpe"]["within_one_decade"] >= 12, p.stdout
+    assert s["lpe_binomial"]["within_one_decade"] >= 12, p.stdout
+    assert s["lpe_binomial"]["interval_covers_truth"] >= 12, p.stdout
+    assert (out / "figures" / "toy00.png").stat().st_size > 0
     # Rerunning resumes: every prompt is already done, nothing is redrawn.
     before = {f.name: f.read_bytes() for f in (out / "prompts").iterdir()}
-    run("estimate.py", f"--out={out}", "--figures=false")
+    run("estimate.py", *args)
     after = {f.name: f.read_bytes() for f in (out / "prompts").iterdir()}
     assert before == after
