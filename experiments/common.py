@@ -86,8 +86,8 @@ def load_prompts() -> list[data.Prompt]:
     return prompts[: FLAGS.limit] if FLAGS.limit else prompts
 
 
-def make_judge(tokenizer: Any = None) -> Any:
-    """The judge named by --judge/--judge_options."""
+def make_judge(original_dir: str) -> Any:
+    """The judge named by --judge/--judge_options, for rollouts of the model in original_dir."""
     from lpe_jax.judges import make_judge as _make
 
     try:
@@ -97,6 +97,11 @@ def make_judge(tokenizer: Any = None) -> Any:
     if FLAGS.judge == "toy":
         if options:
             raise ValueError("--judge=toy takes no --judge_options")
+        if Path(original_dir).resolve() != (toy.TOY_DIR / "original").resolve():
+            raise ValueError(
+                "--judge=toy is the toy organism's rule and means nothing for other models; pass "
+                "--judge=rubric|string|local|rule with --judge_options (see docs/judges.md)."
+            )
         return _make("rule", predicate=toy.toy_complied, name="toy")
     return _make(FLAGS.judge, **options)
 

@@ -189,9 +189,9 @@ def main(argv: list[str]) -> None:
     t0 = time.time()
     process, n_proc = common.init_distributed()
     prompts = common.load_prompts()
+    judge = common.make_judge(FLAGS.original)  # cheap checks before loading models
     pair = common.load_pair()
     sampler = common.make_sampler(pair)
-    judge = common.make_judge(pair.tokenizer)
     truth = load_truth()
     manifest = {
         **common.sampling_manifest(pair, prompts),

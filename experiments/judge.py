@@ -40,7 +40,7 @@ def main(argv: list[str]) -> None:
         )
     text = {p.id: p.text for p in prompts}
     tokenizer = load_tokenizer(m["original"])
-    judge = common.make_judge(tokenizer)
+    judge = common.make_judge(m["original"])
     chunks = [c for i, c in enumerate(store.chunks()) if i % n_proc == process]
     progress = common.Progress(len(chunks), "chunks")
     unknown = 0

@@ -146,7 +146,7 @@ def test_two_process_run_matches_one_process(reference_run, tmp_path):
 def test_judge_then_evaluate(tmp_path):
     out = tmp_path / "bank"
     alphas = ",".join(f"{a:.2f}" for a in np.arange(0, 1.0001, 0.05))
-    run("sample.py", f"--out={out}", f"--alphas={alphas}", "--rollouts=120", "--max_rows=1024")
+    run("sample.py", f"--out={out}", f"--alphas={alphas}", "--rollouts=100", "--limit=16")
     p = run("judge.py", f"--run={out}")
     assert " 0 unknown verdicts" in p.stdout
     c = RolloutStore.load(out).read_chunk(*next(RolloutStore.load(out).chunks()))
@@ -180,3 +180,9 @@ def test_estimate_on_the_toy_pair(tmp_path):
     run("estimate.py", *args)
     after = {f.name: f.read_bytes() for f in (out / "prompts").iterdir()}
     assert before == after
+
+
+def test_toy_judge_is_refused_for_other_models(tmp_path, hf_checkpoint):
+    other = hf_checkpoint()
+    p = run("estimate.py", f"--out={tmp_path / 'x'}", f"--original={other}", check=False)
+    assert p.returncode != 0 and "--judge=toy" in p.stderr and "rubric" in p.stderr
