@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags
 
 from lpe_jax import paths, qwen3
+from lpe_jax.checkpoint import config_to_hf
 from lpe_jax.sampler import PairedSampler
 
 # Presets only this benchmark needs: ~20M params, to measure CPU scaling beyond "tiny".
@@ -87,19 +88,8 @@ def _hf_run(cfg: qwen3.Qwen3Config, prompt: np.ndarray, alphas: np.ndarray, r: i
     if FLAGS.hf_threads:
         torch.set_num_threads(FLAGS.hf_threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[FLAGS.dtype]
-    hf_cfg = HFConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-        rms_norm_eps=cfg.rms_norm_eps,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-    )
+    # The same config.json our save_model writes, so the reference has exactly our shape.
+    hf_cfg = HFConfig.from_dict(config_to_hf(cfg, FLAGS.dtype))
     hf_cfg._attn_implementation = "eager"
     models = []
     for seed in (0, 1):
