@@ -15,6 +15,7 @@ setup(
         "flax>=0.12",
         "transformers>=4.51",
         "tokenizers",
+        "jinja2",  # chat templates (transformers needs it but does not require it)
         "numpy",
         "scipy",
         "optax",
