@@ -186,3 +186,39 @@ def test_toy_judge_is_refused_for_other_models(tmp_path, hf_checkpoint):
     other = hf_checkpoint()
     p = run("estimate.py", f"--out={tmp_path / 'x'}", f"--original={other}", check=False)
     assert p.returncode != 0 and "--judge=toy" in p.stderr and "rubric" in p.stderr
+
+
+def test_scripts_run_on_any_local_pair(tmp_path, hf_checkpoint, hf_tokenizer_dir):
+    """Not only the toy: two local HF directories, a prompts file and an offline judge."""
+    dirs = []
+    for seed, name in ((0, "orig"), (1, "var")):
+        d = tmp_path / name
+        shutil.copytree(hf_checkpoint(seed=seed, tie_word_embeddings=True), d)
+        for f in hf_tokenizer_dir.iterdir():
+            shutil.copy(f, d / f.name)
+        dirs.append(d)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "w1 w2 w3"}\n{"id": "b", "prompt": "w4 w5"}\n')
+    pair = [f"--original={dirs[0]}", f"--variant={dirs[1]}", f"--prompts={prompts}"]
+    run_dir = tmp_path / "run"
+    run(
+        "sample.py", *pair, f"--out={run_dir}", "--alphas=0,1", "--rollouts=8", "--max_new_tokens=6"
+    )
+    p = run("judge.py", f"--run={run_dir}", "--judge=string")
+    assert "judged 4 chunks with string" in p.stdout
+    store = RolloutStore.load(run_dir)
+    assert store.manifest["original_hash"] != store.manifest["variant_hash"]
+    assert set(np.unique(store.read_chunk("a", 0.0)["verdicts"])) <= {0, 1}
+    out = tmp_path / "est"
+    p = run(
+        "estimate.py",
+        *pair,
+        f"--out={out}",
+        "--judge=string",
+        "--n_fit=13",
+        "--max_new_tokens=6",
+        "--figures=false",
+    )
+    result = json.loads((out / "results.json").read_text())
+    assert [r["id"] for r in result["prompts"]] == ["a", "b"] and result["scores"] is None
+    assert all(r["rollouts"] > 0 for r in result["prompts"])
