@@ -113,17 +113,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_run_matches_one_process(reference_run, tmp_path):
-    out = tmp_path / "multi"
+def run_two_processes(script: str, *args: str) -> list[str]:
+    """Run `script` as a 2-process jax.distributed job on this host; returns both stdouts."""
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     procs = [
         subprocess.Popen(
             [
                 sys.executable,
-                str(EXP / "sample.py"),
-                f"--out={out}",
-                *SAMPLE_FLAGS,
+                str(EXP / script),
+                *args,
                 f"--coordinator_address=127.0.0.1:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
@@ -137,10 +136,26 @@ def test_two_process_run_matches_one_process(reference_run, tmp_path):
         for i in range(2)
     ]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (so, se) in zip(procs, outs, strict=True):
+    for p, (_, se) in zip(procs, outs, strict=True):
         assert p.returncode == 0, se[-3000:]
+    return [so for so, _ in outs]
+
+
+def test_two_process_run_matches_one_process(reference_run, tmp_path):
+    out = tmp_path / "multi"
+    for so in run_two_processes("sample.py", f"--out={out}", *SAMPLE_FLAGS):
         assert "sampled 2 prompts" in so  # each process took its half of the 4 prompts
     assert_same_store(reference_run, out)
+
+
+def test_two_process_estimate_matches_one_process(tmp_path):
+    args = ("--limit=2", "--n_fit=13", "--figures=false")
+    run("estimate.py", f"--out={tmp_path / 'one'}", *args)
+    run_two_processes("estimate.py", f"--out={tmp_path / 'two'}", *args)
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert [p["id"] for p in two["prompts"]] == ["toy00", "toy01"]
+    assert one["prompts"] == two["prompts"]
 
 
 def test_judge_then_evaluate(tmp_path):
