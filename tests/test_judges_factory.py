@@ -58,3 +58,7 @@ def test_errors() -> None:
         make_judge("rule")
     with pytest.raises(ValueError, match="not both"):
         make_judge("string", phrases=["a"], phrases_path="x.txt")
+    with pytest.raises(ValueError, match=r"rubric' needs \['base_url', 'model'\]"):
+        make_judge("rubric")
+    with pytest.raises(ValueError, match=r"needs \['model'\]"):
+        make_judge("rubric", base_url="http://127.0.0.1:8000/v1")

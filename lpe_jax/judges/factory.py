@@ -54,6 +54,13 @@ def make_judge(kind: str, **options: Any) -> Judge:
     if unknown:
         raise ValueError(f"judge kind {kind!r} takes no option(s) {unknown}; it takes {allowed}")
     if kind == "rubric":
+        missing = [k for k in ("base_url", "model") if not options.get(k)]
+        if missing:
+            raise ValueError(
+                f"judge kind 'rubric' needs {missing}: the OpenAI-compatible endpoint and the "
+                "judge model, e.g. base_url='http://127.0.0.1:8000/v1', model='Qwen/Qwen3-8B' "
+                "(from the scripts: --judge_options='{\"base_url\": ..., \"model\": ...}')"
+            )
         return RubricJudge(**options)
     if kind == "string":
         return _make_string(**options)
