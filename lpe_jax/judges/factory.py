@@ -59,7 +59,7 @@ def make_judge(kind: str, **options: Any) -> Judge:
             raise ValueError(
                 f"judge kind 'rubric' needs {missing}: the OpenAI-compatible endpoint and the "
                 "judge model, e.g. base_url='http://127.0.0.1:8000/v1', model='Qwen/Qwen3-8B' "
-                "(from the scripts: --judge_options='{\"base_url\": ..., \"model\": ...}')"
+                '(from the scripts: --judge_options=\'{"base_url": ..., "model": ...}\')'
             )
         return RubricJudge(**options)
     if kind == "string":
