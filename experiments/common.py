@@ -97,7 +97,7 @@ def make_judge(original_dir: str) -> Any:
     if FLAGS.judge == "toy":
         if options:
             raise ValueError("--judge=toy takes no --judge_options")
-        if Path(original_dir).resolve() != (toy.TOY_DIR / "original").resolve():
+        if not toy.is_toy_original(original_dir):
             raise ValueError(
                 "--judge=toy is the toy organism's rule and means nothing for other models; pass "
                 "--judge=rubric|string|local|rule with --judge_options (see docs/judges.md)."

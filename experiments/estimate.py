@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from lpe_jax import plots, toy
+from lpe_jax.bank import read_truth_file
 from lpe_jax.estimators import importance, naive
 from lpe_jax.estimators.binomial import fit_trace_binomial
 from lpe_jax.estimators.lpe import adaptive_draws, fit_paper
@@ -47,19 +48,19 @@ flags.DEFINE_integer("n_search", 10, "Rollouts per alpha in the search phase (th
 flags.DEFINE_string(
     "truth",
     None,
-    "JSON {prompt_id: rate} of ground-truth rates; default: the toy organism's exact rates "
-    "when the toy pair is used, none otherwise.",
+    "JSON {prompt_id: [k, n]} or {prompt_id: rate} of ground truth; default: the toy "
+    "organism's exact rates when the toy pair is used, none otherwise.",
 )
 flags.DEFINE_bool("figures", True, "Write Figure 2 per prompt.")
 flags.DEFINE_float("gather_timeout", 3600.0, "Multi-host: seconds process 0 waits for the rest.")
 
 
 def load_truth() -> dict[str, float]:
+    """Ground-truth rates per prompt id: from --truth (counts become k / n), else the toy's."""
     if FLAGS.truth:
-        return {str(k): float(v) for k, v in json.loads(Path(FLAGS.truth).read_text()).items()}
-    if Path(FLAGS.original).resolve() == (toy.TOY_DIR / "original").resolve():
-        return {pid: float(p["rate"]) for pid, p in toy.toy_ground_truth()["prompts"].items()}
-    return {}
+        rates, counts = read_truth_file(FLAGS.truth)
+        return rates if rates is not None else {k: c / n for k, (c, n) in counts.items()}
+    return toy.toy_truth_for(FLAGS.original) or {}
 
 
 def equal_budget(live: LiveDraw, alpha: float, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,6 @@ Markdown, and Figure 1 as PNG and PDF. No JAX is imported.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,8 +20,8 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lpe_jax import plots, synthetic  # noqa: E402
-from lpe_jax.bank import bank_from_store  # noqa: E402
+from lpe_jax import plots, synthetic, toy  # noqa: E402
+from lpe_jax.bank import bank_from_store, read_truth_file  # noqa: E402
 from lpe_jax.evaluation import LabelRule, RolloutBank, evaluate  # noqa: E402
 from lpe_jax.store import RolloutStore, atomic_write_json, ensure_writable_dir  # noqa: E402
 
@@ -53,24 +52,10 @@ def load_bank() -> RolloutBank:
     if FLAGS.synthetic is not None:
         return synthetic.make_synthetic_bank(n_prompts=FLAGS.synthetic, seed=FLAGS.seed)
     store = RolloutStore.load(FLAGS.run)
-    counts = rates = None
     if FLAGS.truth:
-        given = json.loads(Path(FLAGS.truth).read_text())
-        if all(isinstance(v, list) and len(v) == 2 for v in given.values()):
-            counts = {str(k): (int(v[0]), int(v[1])) for k, v in given.items()}
-        elif all(isinstance(v, (int, float)) for v in given.values()):
-            rates = {str(k): float(v) for k, v in given.items()}
-        else:
-            raise ValueError(f"{FLAGS.truth}: values must all be [k, n] or all be rates")
+        rates, counts = read_truth_file(FLAGS.truth)
     else:
-        from lpe_jax import toy
-
-        on_toy = Path(store.manifest["original"]).resolve() == (toy.TOY_DIR / "original").resolve()
-        rates = (
-            {p: float(g["rate"]) for p, g in toy.toy_ground_truth()["prompts"].items()}
-            if on_toy
-            else None
-        )
+        rates, counts = toy.toy_truth_for(store.manifest["original"]), None
     return bank_from_store(
         store,
         truth_rates=rates,

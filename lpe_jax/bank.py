@@ -13,12 +13,33 @@ NumPy only. Mapping (the paper's protocol):
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
 from lpe_jax.evaluation import RolloutBank
 from lpe_jax.store import RolloutStore
+
+
+def read_truth_file(
+    path: str | os.PathLike,
+) -> tuple[dict[str, float] | None, dict[str, tuple[int, int]] | None]:
+    """Parse a ground-truth JSON: {id: [k, n]} (counts) or {id: rate} (exact rates).
+
+    Returns (rates, counts), exactly one of them not None; ValueError names a mixed or malformed
+    file.
+    """
+    given = json.loads(Path(path).read_text())
+    if not isinstance(given, dict) or not given:
+        raise ValueError(f"{path}: expected a non-empty JSON object {{prompt_id: [k, n] or rate}}")
+    if all(isinstance(v, list) and len(v) == 2 for v in given.values()):
+        return None, {str(k): (int(v[0]), int(v[1])) for k, v in given.items()}
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in given.values()):
+        return {str(k): float(v) for k, v in given.items()}, None
+    raise ValueError(f"{path}: values must all be [k, n] or all be rates")
 
 
 def _verdicts(store: RolloutStore, pid: str, alpha: float) -> dict[str, np.ndarray]:

@@ -391,3 +391,15 @@ def toy_prompts(root: str | Path = TOY_DIR) -> list[dict[str, str]]:
 def toy_ground_truth(root: str | Path = TOY_DIR) -> dict[str, Any]:
     """ground_truth.json: {"alphas", "prompts": {id: {"rate", "rate_se", "curve", ...}}, ...}."""
     return json.loads(_read_required(Path(root) / "ground_truth.json"))
+
+
+def is_toy_original(path: str | Path) -> bool:
+    """True when `path` is the committed organism's original/ directory."""
+    return Path(path).resolve() == (TOY_DIR / "original").resolve()
+
+
+def toy_truth_for(original_dir: str | Path) -> dict[str, float] | None:
+    """The exact r(1) per prompt id when `original_dir` is the toy original, else None."""
+    if not is_toy_original(original_dir):
+        return None
+    return {pid: float(p["rate"]) for pid, p in toy_ground_truth()["prompts"].items()}

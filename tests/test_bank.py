@@ -72,3 +72,25 @@ def test_bad_runs_are_named(tmp_path):
     other = RolloutStore.open(tmp_path / "w", {"alphas": [0.5, 1.0]})
     with pytest.raises(ValueError, match="must include 0"):
         bank_from_store(other)
+
+
+def test_truth_file_is_counts_or_rates_never_a_mix(tmp_path):
+    from lpe_jax.bank import read_truth_file
+
+    f = tmp_path / "t.json"
+    f.write_text('{"a": [3, 100000], "b": [0, 100000]}')
+    assert read_truth_file(f) == (None, {"a": (3, 100000), "b": (0, 100000)})
+    f.write_text('{"a": 1e-5, "b": 0}')
+    assert read_truth_file(f) == ({"a": 1e-5, "b": 0.0}, None)
+    for bad in ('{"a": 1e-5, "b": [0, 10]}', '{"a": "x"}', "{}", "[1, 2]"):
+        f.write_text(bad)
+        with pytest.raises(ValueError, match="t.json"):
+            read_truth_file(f)
+
+
+def test_toy_truth_only_for_the_toy_original(tmp_path):
+    from lpe_jax import toy
+
+    truth = toy.toy_truth_for(toy.TOY_DIR / "original")
+    assert len(truth) == len(toy.toy_prompts()) and all(0 < r < 1e-2 for r in truth.values())
+    assert toy.toy_truth_for(tmp_path) is None
