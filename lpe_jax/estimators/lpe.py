@@ -36,17 +36,21 @@ Our reading of every detail the appendix leaves open (the paper gives no more th
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
 
 import numpy as np
 
 __all__ = [
     "DrawResult",
     "DrawFn",
+    "DrawRequest",
     "LPEStep",
     "LPEResult",
     "LPECountsResult",
     "paper_alpha_grid",
+    "adaptive_search",
+    "run_search",
     "adaptive_draws",
     "lpe_paper",
     "fit_paper",
@@ -168,9 +172,67 @@ def _as_draw_result(out: int | DrawResult | tuple, n: int, alpha: float) -> Draw
     return DrawResult(int(res.k), tokens, judged)
 
 
-def _step(draw: DrawFn, alpha: float, n: int, phase: str) -> LPEStep:
-    res = _as_draw_result(draw(float(alpha), int(n)), n, alpha)
-    return LPEStep(float(alpha), int(n), res.k, int(res.n_judged), phase, res.generated_tokens)
+@dataclasses.dataclass(frozen=True)
+class DrawRequest:
+    """One draw a search asks for: ``n`` fresh rollouts at ``alpha`` in ``phase``."""
+
+    alpha: float
+    n: int
+    phase: str  # "search" or "fit"
+
+
+DrawOutcome = int | DrawResult | tuple
+AdaptiveSearch = Generator[DrawRequest, DrawOutcome, tuple[LPEStep, ...]]
+
+
+def adaptive_search(
+    n_fit: int,
+    *,
+    n_search: int = N_SEARCH,
+    alphas: Sequence[float] | None = None,
+    start_threshold: float = START_THRESHOLD,
+) -> AdaptiveSearch:
+    """The appendix's search and advance (points 1-3, 6 of the module docstring) as a generator.
+
+    It yields :class:`DrawRequest` s one at a time; send each one's outcome back (anything
+    ``draw`` may return: k, a tuple or a :class:`DrawResult`). When the search ends the generator
+    returns the trace (``StopIteration.value``; :func:`run_search` unwraps it). A driver can hold
+    many prompts' searches at once and batch their pending requests; the sequence of requests a
+    search makes depends only on the outcomes it is sent, so any interleaving of prompts gives
+    each prompt the trace the serial order gives.
+    """
+    if n_fit < 1 or n_search < 1:
+        raise ValueError(f"need n_fit >= 1 and n_search >= 1, got {n_fit}, {n_search}")
+    grid = _check_grid(paper_alpha_grid() if alphas is None else alphas)
+    trace: list[LPEStep] = []
+
+    def ask(alpha: float, n: int, phase: str) -> Generator[DrawRequest, DrawOutcome, LPEStep]:
+        res = _as_draw_result((yield DrawRequest(float(alpha), int(n), phase)), n, alpha)
+        step = LPEStep(float(alpha), int(n), res.k, int(res.n_judged), phase, res.generated_tokens)
+        trace.append(step)
+        return step
+
+    start = 0
+    for i in range(grid.size - 1, -1, -1):
+        s = yield from ask(grid[i], n_search, "search")
+        if s.rate is not None and s.rate >= start_threshold:
+            start = i
+            break
+    for i in range(start, grid.size):
+        s = yield from ask(grid[i], n_fit, "fit")
+        if s.n_judged > 0 and s.k == 0:
+            break
+    return tuple(trace)
+
+
+def run_search(search: Generator[DrawRequest, DrawOutcome, Any], draw: DrawFn) -> Any:
+    """Drive a search generator with a blocking ``draw(alpha, n)``; returns what it returns."""
+    try:
+        request = next(search)
+        while True:
+            request = search.send(draw(request.alpha, request.n))
+    except StopIteration as stop:
+        return stop.value
 
 
 def adaptive_draws(
@@ -181,27 +243,14 @@ def adaptive_draws(
     alphas: Sequence[float] | None = None,
     start_threshold: float = START_THRESHOLD,
 ) -> tuple[LPEStep, ...]:
-    """Run the appendix's search and advance (points 1-3, 6 of the module docstring).
+    """Run :func:`adaptive_search` against a blocking ``draw`` callback; returns the trace.
 
-    Returns the trace of draws; fit-phase steps have ``phase == "fit"``.
+    Fit-phase steps have ``phase == "fit"``.
     """
-    if n_fit < 1 or n_search < 1:
-        raise ValueError(f"need n_fit >= 1 and n_search >= 1, got {n_fit}, {n_search}")
-    grid = _check_grid(paper_alpha_grid() if alphas is None else alphas)
-    trace: list[LPEStep] = []
-    start = 0
-    for i in range(grid.size - 1, -1, -1):
-        s = _step(draw, grid[i], n_search, "search")
-        trace.append(s)
-        if s.rate is not None and s.rate >= start_threshold:
-            start = i
-            break
-    for i in range(start, grid.size):
-        s = _step(draw, grid[i], n_fit, "fit")
-        trace.append(s)
-        if s.n_judged > 0 and s.k == 0:
-            break
-    return tuple(trace)
+    search = adaptive_search(
+        n_fit, n_search=n_search, alphas=alphas, start_threshold=start_threshold
+    )
+    return run_search(search, draw)
 
 
 def ols_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
