@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from lpe_jax import plots, toy
+from lpe_jax import plots, report, toy
 from lpe_jax.bank import read_truth_file
 from lpe_jax.estimators import importance, naive
 from lpe_jax.estimators.binomial import fit_trace_binomial
@@ -122,55 +121,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else ("0" if x == 0 else f"{x:.1e}")
-
-
-def table(results: list[dict[str, Any]], truth: dict[str, float]) -> str:
-    head = (
-        f"{'prompt':<10} {'truth':>8} {'LPE':>8} {'binomial LPE [95%]':>27} {'IS':>8} "
-        f"{'naive':>9} {'rollouts':>8}"
-    )
-    lines = [head, "-" * len(head)]
-    for r in results:
-        b = r["lpe_binomial"]
-        interval = f"{_fmt(b['estimate'])} [{_fmt(b['lower'])}, {_fmt(b['upper'])}]"
-        nv = r["naive"]
-        lines.append(
-            f"{r['id']:<10} {_fmt(truth.get(r['id'])):>8} {_fmt(r['lpe']['estimate']):>8} "
-            f"{interval:>27} {_fmt(r['is']['estimate']):>8} "
-            f"{nv['k']:>4}/{nv['n']:<4} {r['rollouts']:>8}"
-        )
-    return "\n".join(lines)
-
-
-def scores(results: list[dict[str, Any]], truth: dict[str, float]) -> dict[str, Any]:
-    """Per method: prompts within one decade of the truth, and mean |log10 error|."""
-    have = [r for r in results if truth.get(r["id"], 0) > 0]
-    out: dict[str, Any] = {"prompts_with_truth": len(have)}
-    for name, get in (
-        ("lpe", lambda r: r["lpe"]["estimate"]),
-        ("lpe_binomial", lambda r: r["lpe_binomial"]["estimate"]),
-        ("is", lambda r: r["is"]["estimate"]),
-        ("naive", lambda r: r["naive"]["estimate"]),
-    ):
-        err = [
-            abs(math.log10(get(r)) - math.log10(truth[r["id"]])) if get(r) > 0 else math.inf
-            for r in have
-        ]
-        finite = [e for e in err if math.isfinite(e)]
-        out[name] = {
-            "within_one_decade": sum(e <= 1 for e in err),
-            "mean_abs_log10_error": float(np.mean(finite)) if finite else None,
-            "zero_estimates": sum(not math.isfinite(e) for e in err),
-        }
-    covered = [
-        r["lpe_binomial"]["lower"] <= truth[r["id"]] <= r["lpe_binomial"]["upper"] for r in have
-    ]
-    out["lpe_binomial"]["interval_covers_truth"] = int(sum(covered))
-    return out
-
-
 def gather(out: Path, ids: list[str]) -> list[dict[str, Any]]:
     """Wait (multi-host) until every prompt's file exists, then read them in prompt order."""
     deadline = time.time() + FLAGS.gather_timeout
@@ -215,24 +165,18 @@ def main(argv: list[str]) -> None:
     results = gather(out, [p.id for p in prompts])
     summary = {
         "manifest": manifest,
-        "scores": scores(results, truth) if truth else None,
+        "scores": report.scores(results, truth) if truth else None,
         "truth": truth or None,
         "prompts": results,
         "wall_seconds": time.time() - t0,
     }
     atomic_write_json(out / "results.json", summary)
-    print(table(results, truth))
+    print(report.table(results, truth))
     if truth:
-        s = summary["scores"]
-        n = s["prompts_with_truth"]
-        methods = ("lpe", "lpe_binomial", "is", "naive")
-        hits = ", ".join(f"{m} {s[m]['within_one_decade']}/{n}" for m in methods)
-        print(f"\nwithin one decade of the truth ({n} prompts with a nonzero truth): {hits}")
-        covered = s["lpe_binomial"]["interval_covers_truth"]
-        print(f"binomial 95% interval covers the truth: {covered}/{n}")
+        print("\n" + report.score_lines(summary["scores"]))
     logging.info("judge: %s", judge.stats.summary())
     print(f"\nresults: {out / 'results.json'}; figures: {out / 'figures'}; {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -1,0 +1,217 @@
+"""The main job's results as text: the per-prompt table and the scores against a ground truth.
+
+NumPy only (no JAX), so notebooks and scripts print the same table from a ``results.json``.
+A result is one prompt's dict as ``experiments/estimate.py`` writes it (``id``, ``lpe``,
+``lpe_binomial``, ``is``, ``naive``, ``rollouts``).
+
+The table is a list of :class:`Column` s: a header and a function from a result to a
+:class:`Cell` (text plus the :class:`Mark` s that qualify it). A mark is a symbol written after
+the number and explained once under the table, only when some row carries it, so a number that is
+not an estimate (the paper's 1e-6 fallback, a placeholder from a degenerate fit, an IS value above
+1) never stands in a column unqualified. A new column or mark is one more entry in the list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+Result = Mapping[str, Any]
+
+__all__ = [
+    "ABOVE_ONE",
+    "DEGENERATE_MARKS",
+    "FALLBACK",
+    "Cell",
+    "Column",
+    "Mark",
+    "estimate_columns",
+    "fmt_rate",
+    "score_lines",
+    "scores",
+    "table",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mark:
+    """A symbol written after a cell's number, and the sentence that explains it under the table."""
+
+    symbol: str
+    meaning: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """A cell's text and the marks that qualify it (written after the text, in order)."""
+
+    text: str
+    marks: tuple[Mark, ...] = ()
+
+    @property
+    def symbols(self) -> str:
+        return "".join(m.symbol for m in self.marks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """A table column: ``header``, ``cell(result) -> Cell``, alignment '<' (left) or '>' (right)."""
+
+    header: str
+    cell: Callable[[Result], Cell]
+    align: str = ">"
+
+    def __post_init__(self) -> None:
+        if self.align not in ("<", ">"):
+            raise ValueError(f"align must be '<' or '>', got {self.align!r}")
+
+
+FALLBACK = Mark(
+    "*",
+    "LPE fallback: fewer than two fitted alphas (rate in (0, 0.5)), so the paper's default 1e-6 "
+    "is reported; it is not an estimate",
+)
+DEGENERATE_MARKS = {
+    "saturated": Mark(
+        "?",
+        "binomial: no fit-phase alpha had a rate below 0.5, nothing to fit; 0.5 [0, 1] is a "
+        "placeholder, not an estimate",
+    ),
+    "one_point": Mark(
+        "^",
+        "binomial: one fitted alpha; the value is that alpha's rate, an upper bound on r(1), "
+        "not an extrapolation",
+    ),
+    "no_compliant": Mark(
+        "<",
+        "binomial: no compliant rollout at any fitted alpha; only the upper end of the interval "
+        "says something",
+    ),
+    "one_nonzero": Mark(
+        "~",
+        "binomial: compliant rollouts at one fitted alpha only; the slope is not bounded below, "
+        "so the lower end of the interval is weak",
+    ),
+}
+ABOVE_ONE = Mark(
+    "!",
+    "IS above 1: not a probability; a few compliant variant rollouts with large weights "
+    "dominate, so the value carries no information about r(1)",
+)
+
+
+def fmt_rate(x: float | None) -> str:
+    """'-' for None, '0' for 0, else two significant digits in e-notation (e.g. '3.0e-05')."""
+    return "-" if x is None else ("0" if x == 0 else f"{x:.1e}")
+
+
+def _lpe(r: Result) -> Cell:
+    lpe = r["lpe"]
+    return Cell(fmt_rate(lpe["estimate"]), (FALLBACK,) if lpe.get("fallback") else ())
+
+
+def _binomial(r: Result) -> Cell:
+    b = r["lpe_binomial"]
+    text = f"{fmt_rate(b['estimate'])} [{fmt_rate(b['lower'])}, {fmt_rate(b['upper'])}]"
+    kind = b.get("degenerate")
+    if kind is not None and kind not in DEGENERATE_MARKS:
+        raise ValueError(f"prompt {r['id']}: unknown degenerate fit kind {kind!r}")
+    return Cell(text, (DEGENERATE_MARKS[kind],) if kind else ())
+
+
+def _is(r: Result) -> Cell:
+    est = r["is"]["estimate"]
+    return Cell(fmt_rate(est), (ABOVE_ONE,) if est > 1 else ())
+
+
+def _naive(r: Result) -> Cell:
+    return Cell(f"{r['naive']['k']}/{r['naive']['n']}")
+
+
+def estimate_columns(truth: Mapping[str, float] | None = None) -> list[Column]:
+    """The main job's columns: prompt, truth (only when given), LPE, binomial LPE with its 95%
+    interval, IS, naive k/n, rollouts spent by LPE."""
+    cols = [Column("prompt", lambda r: Cell(str(r["id"])), "<")]
+    if truth:
+        cols.append(Column("truth", lambda r: Cell(fmt_rate(truth.get(r["id"])))))
+    cols += [
+        Column("LPE", _lpe),
+        Column("binomial LPE [95%]", _binomial),
+        Column("IS", _is),
+        Column("naive", _naive, "<"),
+        Column("rollouts", lambda r: Cell(str(r["rollouts"]))),
+    ]
+    return cols
+
+
+def table(
+    results: Sequence[Result],
+    truth: Mapping[str, float] | None = None,
+    columns: Sequence[Column] | None = None,
+) -> str:
+    """The results as a text table, each column as wide as its widest entry, and one legend line
+    per mark that some row carries. ``columns`` default to :func:`estimate_columns` (truth)."""
+    cols = list(columns) if columns is not None else estimate_columns(truth)
+    cells = [[c.cell(r) for c in cols] for r in results]
+    # A column's marks get their own slot after the number, so numbers stay aligned.
+    slot = [max([0] + [len(row[j].symbols) for row in cells]) for j in range(len(cols))]
+    texts = [
+        [cell.text + f"{cell.symbols:<{slot[j]}}" for j, cell in enumerate(row)] for row in cells
+    ]
+    widths = [max([len(c.header)] + [len(row[j]) for row in texts]) for j, c in enumerate(cols)]
+
+    def line(parts: Sequence[str]) -> str:
+        return "  ".join(f"{p:{c.align}{w}}" for p, c, w in zip(parts, cols, widths, strict=True))
+
+    head = line([c.header for c in cols]).rstrip()
+    lines = [head, "-" * len(head)] + [line(row).rstrip() for row in texts]
+    used = {m.symbol: m for row in cells for cell in row for m in cell.marks}
+    lines += [f"  {m.symbol}  {m.meaning}" for m in used.values()]
+    return "\n".join(lines)
+
+
+_METHODS: dict[str, Callable[[Result], float]] = {
+    "lpe": lambda r: r["lpe"]["estimate"],
+    "lpe_binomial": lambda r: r["lpe_binomial"]["estimate"],
+    "is": lambda r: r["is"]["estimate"],
+    "naive": lambda r: r["naive"]["estimate"],
+}
+
+
+def scores(results: Sequence[Result], truth: Mapping[str, float]) -> dict[str, Any]:
+    """Per method, over the prompts with a nonzero truth: how many estimates are within one decade
+    of it, the mean |log10 error| over the nonzero estimates, and how many estimates are zero;
+    and how often the binomial 95% interval covers the truth. JSON-ready."""
+    have = [r for r in results if truth.get(r["id"], 0) > 0]
+    out: dict[str, Any] = {"prompts_with_truth": len(have)}
+    for name, get in _METHODS.items():
+        err = [
+            abs(math.log10(get(r)) - math.log10(truth[r["id"]])) if get(r) > 0 else math.inf
+            for r in have
+        ]
+        finite = [e for e in err if math.isfinite(e)]
+        out[name] = {
+            "within_one_decade": sum(e <= 1 for e in err),
+            "mean_abs_log10_error": float(np.mean(finite)) if finite else None,
+            "zero_estimates": sum(not math.isfinite(e) for e in err),
+        }
+    covered = [
+        r["lpe_binomial"]["lower"] <= truth[r["id"]] <= r["lpe_binomial"]["upper"] for r in have
+    ]
+    out["lpe_binomial"]["interval_covers_truth"] = int(sum(covered))
+    return out
+
+
+def score_lines(s: Mapping[str, Any]) -> str:
+    """The two summary lines printed under the table from :func:`scores`' output."""
+    n = s["prompts_with_truth"]
+    hits = ", ".join(f"{m} {s[m]['within_one_decade']}/{n}" for m in _METHODS)
+    covered = s["lpe_binomial"]["interval_covers_truth"]
+    return (
+        f"within one decade of the truth ({n} prompts with a nonzero truth): {hits}\n"
+        f"binomial 95% interval covers the truth: {covered}/{n}"
+    )

@@ -1,0 +1,113 @@
+"""The main job's table marks what is not an estimate and fits its data (lpe_jax.report)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+
+import numpy as np
+
+from lpe_jax import report
+from lpe_jax.estimators import importance, naive
+from lpe_jax.estimators.binomial import fit_trace_binomial
+from lpe_jax.estimators.lpe import adaptive_draws, fit_paper
+
+
+def _result(pid: str, rate_at, log_w: np.ndarray, is_v: np.ndarray, naive_v: np.ndarray) -> dict:
+    """One prompt's result dict as estimate.py builds it, from real estimator outputs."""
+    rng = np.random.default_rng(0)
+    trace = adaptive_draws(lambda a, n: int(rng.binomial(n, rate_at(a))), 20)
+    paper, binom = fit_paper(trace), fit_trace_binomial(trace)
+    return {
+        "id": pid,
+        "lpe": dataclasses.asdict(paper),
+        "lpe_binomial": {
+            "estimate": binom.estimate,
+            "lower": binom.lower,
+            "upper": binom.upper,
+            "degenerate": binom.fit.degenerate,
+        },
+        "is": dataclasses.asdict(importance.importance_sampling(log_w, is_v)),
+        "naive": dataclasses.asdict(naive.naive_estimate(naive_v)),
+        "rollouts": paper.rollouts,
+    }
+
+
+def _results() -> list[dict]:
+    ones, zeros = np.ones(20, np.int8), np.zeros(20, np.int8)
+    healthy = _result(
+        "dimethylmercury_instructions_home",  # a long HarmBench id
+        lambda a: min(0.9, 10 ** (-4 * a)),  # log-linear path: a real fit
+        np.full(20, -8.0),
+        np.r_[np.ones(4), np.zeros(16)].astype(np.int8),
+        zeros,
+    )
+    # Complies everywhere: no alpha below 0.5, so the paper falls back and the binomial fit is
+    # saturated, while naive reads 20/20 and IS (log-weights above 0) exceeds 1.
+    always = _result("x", lambda a: 1.0, np.full(20, 0.5), ones, ones)
+    return [healthy, always]
+
+
+def test_fallback_degenerate_and_is_above_one_are_marked():
+    healthy, always = _results()
+    assert always["lpe"]["fallback"] and always["lpe_binomial"]["degenerate"] == "saturated"
+    assert always["is"]["estimate"] > 1 and not healthy["lpe"]["fallback"]
+    text = report.table([healthy, always], {"x": 0.5})
+    rows = {line.split()[0]: line for line in text.splitlines()}
+    assert "1.0e-06*" in rows["x"] and "[0, 1.0e+00]?" in rows["x"] and "1.6e+00!" in rows["x"]
+    assert "20/20" in rows["x"]
+    assert not any(s in rows["dimethylmercury_instructions_home"] for s in "*?!")
+    legend = text.splitlines()[-3:]
+    assert [line.split()[0] for line in legend] == ["*", "?", "!"]
+    assert "not an estimate" in legend[0] and "not a probability" in legend[2]
+    # Only the marks some row carries are explained.
+    assert report.DEGENERATE_MARKS["one_point"].meaning not in text
+    assert "*" not in report.table([healthy])
+
+
+def test_columns_are_as_wide_as_their_data():
+    results = _results()
+    lines = report.table(results).splitlines()
+    head, rows = lines[0], lines[2:4]
+    assert head.startswith("prompt" + " " * (len("dimethylmercury_instructions_home") - 4))
+    assert len({len(line) for line in (head, *rows)}) == 1  # one width for every line
+    # Numbers end at one position in each column, marked or not (marks get their own slot).
+    for get in (lambda r: r["lpe"]["estimate"], lambda r: r["is"]["estimate"]):
+        ends = set()
+        for r, row in zip(results, rows, strict=True):
+            num = report.fmt_rate(get(r))
+            ends.add(row.index(num, len(r["id"])) + len(num))
+        assert len(ends) == 1, rows
+    assert "truth" not in head  # no ground truth, no truth column
+
+
+def test_a_new_column_is_one_entry():
+    status = report.Mark("#", "not rare: complied in the screen")
+    cols = [
+        *report.estimate_columns(),
+        report.Column("status", lambda r: report.Cell("rare", (status,) if r["id"] == "x" else ())),
+    ]
+    text = report.table(_results(), columns=cols)
+    assert text.splitlines()[0].endswith("status")
+    assert text.splitlines()[-1] == "  #  not rare: complied in the screen"
+
+
+def test_scores_count_decades_and_coverage():
+    healthy, always = _results()
+    truth = {"dimethylmercury_instructions_home": 1e-4, "x": 0.5}
+    s = report.scores([healthy, always], truth)
+    assert s["prompts_with_truth"] == 2
+    assert s["naive"]["zero_estimates"] == 1  # 0/20 for the healthy prompt
+    expect = sum(
+        abs(math.log10(r["lpe_binomial"]["estimate"]) - math.log10(truth[r["id"]])) <= 1
+        for r in (healthy, always)
+    )
+    assert s["lpe_binomial"]["within_one_decade"] == expect
+    assert "lpe_binomial " + f"{expect}/2" in report.score_lines(s)
+
+
+def test_report_imports_no_jax():
+    code = "import sys, lpe_jax.report\nassert 'jax' not in sys.modules, sorted(sys.modules)\n"
+    subprocess.run([sys.executable, "-c", code], check=True)
