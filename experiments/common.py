@@ -2,23 +2,81 @@
 
 Every script defaults to the embedded toy model organism (lpe_jax/assets/toy_pair) and runs on
 any pair of local HF Qwen3 directories with --original/--variant/--prompts/--judge.
+
+Every script starts with ``common.run(main)`` instead of ``app.run(main)``: input paths named by
+flags are checked first, and an error from bad input (ValueError, OSError, TimeoutError) prints
+one line naming the problem and the fix, with the traceback only under ``--traceback``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from absl import flags, logging
+from absl import app, flags, logging
+
+# transformers prints "PyTorch was not found..." on import when torch is absent (the scripts need
+# only its tokenizers); that notice is an advisory warning, which this variable turns off.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from lpe_jax import data, toy  # noqa: E402
 
 FLAGS = flags.FLAGS
+flags.DEFINE_bool(
+    "traceback", False, "On an input error, print the full traceback, not only its one line."
+)
+
+# Errors a user fixes by changing an input; anything else is a bug and keeps its traceback.
+INPUT_ERRORS = (ValueError, OSError, TimeoutError)
+
+# Flag -> (must be a directory?, what it should point at): checked before any work.
+_INPUT_PATHS = {
+    "original": (True, "the original model's HF directory (config.json, safetensors, tokenizer)"),
+    "variant": (True, "the variant's HF directory (config.json, safetensors, tokenizer)"),
+    "prompts": (False, "a prompts file (JSONL/CSV with id and prompt, or a HarmBench CSV)"),
+    "run": (True, "a run directory written by sample.py"),
+    "truth_run": (True, "a judged run directory sampled at alpha = 1"),
+    "bank": (False, "a RolloutBank .npz"),
+    "truth": (False, "a ground-truth JSON {prompt_id: [k, n]}"),
+}
+
+
+def check_input_paths() -> None:
+    """Raise ValueError naming the flag when a path flag of this script points at nothing."""
+    for name, (is_dir, what) in _INPUT_PATHS.items():
+        if name not in FLAGS or FLAGS[name].value is None:
+            continue
+        path = Path(FLAGS[name].value)
+        exists = path.is_dir() if is_dir else path.is_file()
+        if not exists:
+            kind = "directory" if is_dir else "file"
+            raise ValueError(f"--{name}={path}: no such {kind}; point --{name} at {what}")
+        if name in ("original", "variant") and not (path / "config.json").is_file():
+            raise ValueError(f"--{name}={path} has no config.json; point --{name} at {what}")
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+    """``app.run(main)`` that checks input paths first and reports input errors in one line."""
+
+    def checked(argv: list[str]) -> Any:
+        try:
+            check_input_paths()
+            return main(argv)
+        except INPUT_ERRORS as e:
+            if FLAGS.traceback:
+                raise
+            script = Path(sys.argv[0]).name
+            print(f"{script}: error: {e} (--traceback shows where)", file=sys.stderr)
+            sys.exit(1)
+
+    app.run(checked)
 
 
 def define_model_flags() -> None:

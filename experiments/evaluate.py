@@ -12,13 +12,11 @@ Markdown, and Figure 1 as PNG and PDF. No JAX is imported.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
-from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # first: puts the checkout on sys.path  # isort: skip
 
 from lpe_jax import plots, synthetic, toy  # noqa: E402
 from lpe_jax.bank import bank_from_store, read_truth_file  # noqa: E402
@@ -113,4 +111,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -12,7 +12,7 @@ as refusals.
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from lpe_jax.data import dataset_hash, load_prompts
 from lpe_jax.pipeline import judge_rows
@@ -67,4 +67,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

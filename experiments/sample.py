@@ -12,7 +12,7 @@ num_processes-th prompt and writes into the same --out.
 from __future__ import annotations
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from lpe_jax.pipeline import derive_seed
 from lpe_jax.store import RolloutStore
@@ -89,4 +89,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -227,6 +227,19 @@ def test_rerun_is_served_from_cache(server: ChatServer, tmp_path: Path) -> None:
     assert len(server.requests) == 4 and strict.judge_id != second.judge_id
 
 
+def test_cache_directory_is_created(server: ChatServer, tmp_path: Path) -> None:
+    # The README's main job names results/<run>/judge_cache.sqlite before <run> exists.
+    cache = tmp_path / "results" / "qwen3_4b" / "judge_cache.sqlite"
+    judge = RubricJudge(base_url=server.base_url, model="m", cache_path=cache, **FAST)
+    judge.judge(ITEMS)
+    judge.close()
+    assert cache.is_file()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match="writable cache_path"):
+        RubricJudge(base_url=server.base_url, model="m", cache_path=blocker / "c.sqlite", **FAST)
+
+
 def test_api_key_sent_as_bearer_and_never_cached(
     server: ChatServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -250,8 +263,9 @@ def test_api_key_sent_as_bearer_and_never_cached(
 
 def test_missing_key_env_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LPE_TEST_UNSET_KEY", raising=False)
-    with pytest.raises(ValueError, match="LPE_TEST_UNSET_KEY is unset"):
+    with pytest.raises(ValueError, match="LPE_TEST_UNSET_KEY is unset") as e:
         RubricJudge(base_url="http://127.0.0.1:1/v1", model="m", api_key_env="LPE_TEST_UNSET_KEY")
+    assert '"api_key_env": null' in str(e.value)  # what a user writes in --judge_options
 
 
 def test_concurrency_is_bounded_and_duplicates_sent_once(server: ChatServer) -> None:

@@ -50,15 +50,20 @@ def cache_key(judge_id: str, prompt: str, response: str) -> str:
 class VerdictCache:
     """A SQLite file mapping cache_key(judge_id, prompt, response) to (raw output, fields).
 
+    The file and its missing parent directories are created on first use.
+
     Safe to use from several threads of one process (one connection behind a lock).
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not self.path.parent.is_dir():
-            raise FileNotFoundError(
-                f"judge cache directory {self.path.parent} does not exist; create it first"
-            )
+        try:  # e.g. results/<run>/judge_cache.sqlite before the run directory exists
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(
+                f"cannot create the judge cache directory {self.path.parent}: {e}; "
+                "choose a writable cache_path"
+            ) from e
         self._lock = threading.Lock()
         try:
             self._conn = sqlite3.connect(str(self.path), check_same_thread=False)

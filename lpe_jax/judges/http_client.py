@@ -126,7 +126,8 @@ class ChatClient:
         if self.api_key_env and not os.environ.get(self.api_key_env):
             raise ValueError(
                 f"environment variable {self.api_key_env} is unset or empty; export the API key "
-                "there, or pass api_key_env=None (or '') for a server that needs no key"
+                'there, or for a server that needs no key set "api_key_env": null in '
+                "--judge_options (api_key_env=None in Python)"
             )
         self.model = model
         self.timeout_s = float(timeout_s)
