@@ -90,6 +90,14 @@ def define_model_flags() -> None:
     flags.DEFINE_float("temperature", 1.0, "Sampling temperature (the paper: 1).")
     flags.DEFINE_integer("max_rows", None, "Rows per compiled chunk (default: from free memory).")
     flags.DEFINE_bool("enable_thinking", False, "Qwen3 chat template: let the model think first.")
+    flags.DEFINE_enum(
+        "tied_head",
+        None,
+        ["embedding", "lm_head"],
+        "For a checkpoint whose config ties the embeddings but that stores a different "
+        "lm_head.weight: use the embedding (transformers 4) or lm_head.weight (transformers 5) "
+        "as the output head. Unset, such a checkpoint is refused.",
+    )
 
 
 def define_prompt_flags() -> None:
@@ -167,7 +175,13 @@ def make_judge(original_dir: str) -> Any:
 def load_pair() -> Any:
     from lpe_jax.pipeline import load_pair as _load
 
-    return _load(FLAGS.original, FLAGS.variant, dtype=FLAGS.dtype, cache_dir=FLAGS.params_cache)
+    return _load(
+        FLAGS.original,
+        FLAGS.variant,
+        dtype=FLAGS.dtype,
+        cache_dir=FLAGS.params_cache,
+        tied_head=FLAGS.tied_head,
+    )
 
 
 def make_sampler(pair: Any) -> Any:
@@ -207,6 +221,8 @@ def sampling_manifest(pair: Any, prompts: list[data.Prompt]) -> dict[str, Any]:
         "dataset_hash": data.dataset_hash(prompts),
         "n_prompts": len(prompts),
         "code_version": lpe_jax.__version__,
+        # Recorded only when set, so runs sampled before the flag existed keep their manifest.
+        **({"tied_head": FLAGS.tied_head} if FLAGS.tied_head else {}),
     }
 
 

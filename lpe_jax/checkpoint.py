@@ -18,8 +18,10 @@ gets a new mtime and is hashed again.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import struct
 from pathlib import Path
@@ -46,6 +48,7 @@ _NP_TO_ST = {v: k for k, v in _ST_TO_NP.items()}
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 _HF_DEFAULT_HEAD_DIM = 128  # transformers.Qwen3Config's default when config.json omits it
 _CACHE_FORMAT = "lpe_jax-qwen3-v1"  # bump when the converted layout changes
+TIED_HEAD_READINGS = ("embedding", "lm_head")  # see load_model(tied_head=...)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,8 +378,60 @@ def _convert(model: Qwen3, cfg: Qwen3Config, files: list[Path], dtype: np.dtype)
         _variable(model, attr).set_value(jax.device_put(host))
 
 
+def _max_abs_difference(files: list[Path], a: str, b: str, rows: int = 4096) -> float:
+    """Largest |a - b| over two equally shaped stored tensors, in float32, read in row blocks."""
+    headers = _read_headers(files)
+    (fa, sa, ia), (fb, sb, ib) = headers[a], headers[b]
+    if ia["shape"] != ib["shape"]:
+        return float("inf")
+    ta = _read_tensor(np.memmap(fa, dtype=np.uint8, mode="r"), ia, sa)
+    tb = _read_tensor(np.memmap(fb, dtype=np.uint8, mode="r"), ib, sb)
+    worst = 0.0
+    for lo in range(0, ta.shape[0], rows):
+        x, y = ta[lo : lo + rows].astype(np.float32), tb[lo : lo + rows].astype(np.float32)
+        worst = max(worst, float(np.max(np.abs(x - y), initial=0.0)))
+    return worst
+
+
+def _head_reading(
+    cfg: Qwen3Config, files: list[Path], tied_head: str | None, path: Path
+) -> Qwen3Config:
+    """The config to build, once the output head of a tied config with a stored lm_head is known.
+
+    transformers 4 ties such a checkpoint (the head is the embedding); transformers 5 unties it
+    and reads lm_head.weight when the copy differs. Equal copies mean the same model either way;
+    different ones are refused unless ``tied_head`` picks a reading.
+    """
+    if tied_head not in (None, *TIED_HEAD_READINGS):
+        raise ValueError(
+            f"tied_head must be one of {TIED_HEAD_READINGS} or None, got {tied_head!r}"
+        )
+    if not cfg.tie_word_embeddings or "lm_head.weight" not in _read_headers(files):
+        return cfg  # one reading only
+    if tied_head == "lm_head":
+        return dataclasses.replace(cfg, tie_word_embeddings=False)
+    if tied_head == "embedding":
+        return cfg
+    diff = _max_abs_difference(files, "lm_head.weight", "model.embed_tokens.weight")
+    if diff == 0.0:
+        return cfg
+    raise ValueError(
+        f"{path}: config.json ties the embeddings (tie_word_embeddings=true) but the checkpoint "
+        f"also stores lm_head.weight, which differs from model.embed_tokens.weight (largest "
+        f"|difference| {diff:.3g}); transformers 4 uses the embedding as the output head, "
+        "transformers 5 uses lm_head.weight, so every logit depends on the reader. Pick one: "
+        "load_model(..., tied_head='embedding' or 'lm_head') (scripts: --tied_head=embedding or "
+        "--tied_head=lm_head), or fix the checkpoint (drop lm_head.weight, or set "
+        "tie_word_embeddings=false)."
+    )
+
+
 def load_model(
-    path: str | os.PathLike, dtype: str = "float32", cache_dir: str | os.PathLike | None = None
+    path: str | os.PathLike,
+    dtype: str = "float32",
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    tied_head: str | None = None,
 ) -> Qwen3:
     """Load an HF Qwen3 directory as a `Qwen3` with parameters in `dtype` ('float32'|'bfloat16').
 
@@ -384,17 +439,26 @@ def load_model(
     `cache_dir`, converted params are stored there (orbax) under a key derived from the
     checkpoint's content and `dtype`; a later load of the same checkpoint restores them without
     reading or converting safetensors.
+
+    `tied_head` matters only for a checkpoint whose config ties the embeddings but which also
+    stores an lm_head.weight that differs from the embedding (readers disagree there): 'embedding'
+    uses the embedding as the head (transformers 4), 'lm_head' the stored lm_head (transformers 5).
+    Left None, such a checkpoint is refused with a ValueError naming the difference; an equal
+    copy loads as tied.
     """
     path = Path(path)
     np_dtype = _np_dtype(dtype)
     hf = _read_config(path)
-    cfg = config_from_hf(hf)
     files = _weight_files(path)
+    cfg = _head_reading(config_from_hf(hf), files, tied_head, path)
     model = _abstract_model(cfg, np_dtype)
     if cache_dir is None:
         _convert(model, cfg, files, np_dtype)
         return model
-    entry = Path(cache_dir) / f"{_content_key(path, files, Path(cache_dir))}-{np_dtype.name}"
+    # An untied reading of a tied config has other params (an lm_head): its own entry.
+    reading = "-lm_head" if cfg.tie_word_embeddings != bool(hf.get("tie_word_embeddings")) else ""
+    key = _content_key(path, files, Path(cache_dir))
+    entry = Path(cache_dir) / f"{key}-{np_dtype.name}{reading}"
     if _cache_restore(model, entry):
         return model
     _convert(model, cfg, files, np_dtype)
@@ -474,11 +538,29 @@ def _content_key(path: Path, files: list[Path], memo_dir: Path | None) -> str:
 # orbax is imported only when a cache is used: it is slow to import and most loads do not need it.
 
 
+class _DropOrbaxInfo(logging.Filter):
+    """Drops orbax's INFO records (~70 lines per save: versions, thread ids, throughput), which
+    bury a job's own progress; its warnings and errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _import_orbax() -> Any:
+    """orbax.checkpoint, with its INFO logging (through absl's logger) filtered out once."""
+    import orbax.checkpoint as ocp
+
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropOrbaxInfo) for f in absl_logger.filters):
+        absl_logger.addFilter(_DropOrbaxInfo())
+    return ocp
+
+
 def _cache_restore(model: Qwen3, entry: Path) -> bool:
     """Fill the abstract `model` from cache `entry`; False when there is no such entry."""
     if not entry.exists():  # orbax renames a finished save into place, so present = complete
         return False
-    import orbax.checkpoint as ocp
+    ocp = _import_orbax()
 
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     state = nnx.state(model, nnx.Param)
@@ -494,7 +576,7 @@ def _cache_restore(model: Qwen3, entry: Path) -> bool:
 
 
 def _cache_save(model: Qwen3, entry: Path) -> None:
-    import orbax.checkpoint as ocp
+    ocp = _import_orbax()
 
     entry.parent.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:

@@ -76,8 +76,11 @@ def load_pair(
     *,
     dtype: str = "float32",
     cache_dir: str | os.PathLike | None = None,
+    tied_head: str | None = None,
 ) -> ModelPair:
-    """Load both checkpoints and check they share a tokenizer (ValueError naming both if not)."""
+    """Load both checkpoints and check they share a tokenizer (ValueError naming both if not).
+
+    ``tied_head`` is passed to :func:`~lpe_jax.checkpoint.load_model` for both models."""
     tok_o, tok_v = load_tokenizer(original_dir), load_tokenizer(variant_dir)
     f_o, f_v = tokenizer_fingerprint(tok_o), tokenizer_fingerprint(tok_v)
     if f_o != f_v:
@@ -88,8 +91,8 @@ def load_pair(
         )
     eos = tuple(sorted(set(eos_token_ids(original_dir)) | set(eos_token_ids(variant_dir))))
     return ModelPair(
-        original=load_model(original_dir, dtype=dtype, cache_dir=cache_dir),
-        variant=load_model(variant_dir, dtype=dtype, cache_dir=cache_dir),
+        original=load_model(original_dir, dtype=dtype, cache_dir=cache_dir, tied_head=tied_head),
+        variant=load_model(variant_dir, dtype=dtype, cache_dir=cache_dir, tied_head=tied_head),
         tokenizer=tok_o,
         eos_token_ids=eos,
         original_dir=Path(original_dir),

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import shutil
 
 import jax
@@ -127,6 +128,14 @@ def test_cache_second_load_skips_conversion(hf_checkpoint, tmp_path, monkeypatch
     _assert_same(first, load_model(path, dtype="float32"))
 
 
+def test_cache_keeps_orbax_info_lines_out_of_the_log(hf_checkpoint, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        load_model(hf_checkpoint(), cache_dir=tmp_path)  # save
+        load_model(hf_checkpoint(), cache_dir=tmp_path)  # restore
+    orbax = [r for r in caplog.records if "orbax" in r.pathname]
+    assert not [r.getMessage() for r in orbax if r.levelno < logging.WARNING]
+
+
 def test_cache_key_follows_content_not_shapes(hf_checkpoint, tmp_path):
     # An original and its variant share every shape and size; the cache must tell them apart.
     a = load_model(hf_checkpoint(seed=0), cache_dir=tmp_path)
@@ -211,11 +220,58 @@ def test_unexpected_tensor_is_an_error(saved):
         load_model(saved)
 
 
-def test_lm_head_is_ignored_when_tied(tmp_path):
+def test_equal_lm_head_copy_loads_as_tied(tmp_path):
     model = init_random(TINY)
     path = save_model(model, tmp_path / "m")
-    _edit_tensors(path, lambda t: t.__setitem__("lm_head.weight", np.ones((512, 64), np.float32)))
+    _edit_tensors(path, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"]))
     _assert_same(model, load_model(path))
+
+
+@pytest.fixture
+def tied_with_other_head(hf_checkpoint, tmp_path):
+    """A transformers-written tied checkpoint that also stores a different lm_head.weight."""
+    path = shutil.copytree(hf_checkpoint(tie_word_embeddings=True), tmp_path / "m")
+    head = np.random.default_rng(0).normal(size=(96, 64)).astype(np.float32)
+    head[3, 5] = 40.0  # the largest difference from the embedding is over 30
+    _edit_tensors(path, lambda t: t.__setitem__("lm_head.weight", head))
+    return path
+
+
+def test_different_lm_head_under_tied_config_is_refused(tied_with_other_head):
+    with pytest.raises(
+        ValueError, match=r"lm_head\.weight.*differs.*difference\| 3\d\.\d.*tied_head"
+    ):
+        load_model(tied_with_other_head)
+    with pytest.raises(ValueError, match="tied_head must be one of"):
+        load_model(tied_with_other_head, tied_head="head")
+
+
+def test_both_head_readings_match_transformers_5(tied_with_other_head, tmp_path):
+    import transformers
+    from hf_fixtures import hf_logits, hf_reference
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4 always ties; the lm_head reading is transformers 5's")
+    ids = np.random.default_rng(1).integers(0, 96, size=(2, 7))
+    hf = hf_reference(tied_with_other_head)  # transformers 5 unties and reads lm_head.weight
+    np.testing.assert_allclose(
+        model_logits(load_model(tied_with_other_head, tied_head="lm_head"), ids),
+        hf_logits(hf, ids),
+        atol=2e-4,
+        rtol=1e-4,
+    )
+    hf.lm_head.weight = hf.model.embed_tokens.weight  # the tied (transformers 4) reading
+    as_embedding = load_model(tied_with_other_head, tied_head="embedding")
+    np.testing.assert_allclose(
+        model_logits(as_embedding, ids), hf_logits(hf, ids), atol=2e-4, rtol=1e-4
+    )
+    # Each reading has its own params-cache entry.
+    cached = load_model(tied_with_other_head, cache_dir=tmp_path / "c", tied_head="lm_head")
+    _assert_same(
+        cached, load_model(tied_with_other_head, cache_dir=tmp_path / "c", tied_head="lm_head")
+    )
+    load_model(tied_with_other_head, cache_dir=tmp_path / "c", tied_head="embedding")
+    assert len([p for p in (tmp_path / "c").iterdir() if p.name != "digests"]) == 2
 
 
 def test_index_pointing_at_missing_shard(hf_checkpoint, tmp_path):
