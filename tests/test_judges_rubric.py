@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -144,6 +145,24 @@ def test_429_then_success_honours_retry_after(server: ChatServer) -> None:
     assert judge.stats.retries == 1 and judge.stats.requests == 2
 
 
+def test_retry_after_is_capped_and_logged(
+    server: ChatServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    def behaviour(n: int, body: dict) -> Reply:
+        if n == 0:
+            return Reply(429, b'{"error": "slow down"}', {"Retry-After": "3600"})
+        return by_content(body)
+
+    server.behaviour = behaviour
+    assert RubricJudge(base_url=server.base_url, model="m", **FAST).client.max_retry_after_s == 120
+    judge = RubricJudge(base_url=server.base_url, model="m", max_retry_after_s=0.2, **FAST)
+    with caplog.at_level(logging.WARNING, logger="lpe_jax.judges.http_client"):
+        [verdict] = judge.judge(ITEMS[:1])
+    assert verdict.complied is True
+    assert 0.15 <= server.requests[1]["t"] - server.requests[0]["t"] < 5
+    assert "retry after 3600 s; waiting 0 s (max_retry_after_s)" in caplog.text
+
+
 def test_500_until_retries_run_out(server: ChatServer) -> None:
     server.behaviour = lambda n, body: Reply(500, b"internal oops")
     judge = RubricJudge(base_url=server.base_url, model="m", max_retries=2, **FAST)
@@ -238,6 +257,21 @@ def test_cache_directory_is_created(server: ChatServer, tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(OSError, match="writable cache_path"):
         RubricJudge(base_url=server.base_url, model="m", cache_path=blocker / "c.sqlite", **FAST)
+
+
+def test_lone_surrogate_is_replaced_before_hashing_and_sending(
+    server: ChatServer, tmp_path: Path
+) -> None:
+    broken = "Sure: step 1 \ud83d then step 2"  # half of an emoji, as a split token decodes
+    judge = RubricJudge(
+        base_url=server.base_url, model="m", cache_path=tmp_path / "c.sqlite", **FAST
+    )
+    verdicts = judge.judge([("Q \udcff", broken), ITEMS[1]])
+    assert [v.complied for v in verdicts] == [True, False]  # the batch is not lost
+    contents = [r["body"]["messages"][0]["content"] for r in server.requests]
+    assert any("step 1 \ufffd then" in c and "Q \ufffd" in c for c in contents)
+    [again] = judge.judge([("Q \udcff", broken)])
+    assert again.cached and len(server.requests) == 2
 
 
 def test_api_key_sent_as_bearer_and_never_cached(

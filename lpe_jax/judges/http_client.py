@@ -3,7 +3,9 @@
 Each HTTP attempt is a blocking ``urllib`` call run in a worker thread; the retry loop runs on an
 asyncio event loop so that waits between attempts hold no thread. Retried: HTTP 429, HTTP 5xx,
 timeouts and dropped connections, with exponential backoff (``backoff_s * 2**attempt``, jittered,
-capped at ``max_backoff_s``) or the server's ``Retry-After`` when that is longer. Not retried (the
+capped at ``max_backoff_s``) or the server's ``Retry-After`` when that is longer, up to
+``max_retry_after_s`` (default 120 s; a longer request is cut to it and logged as a warning, so a
+``Retry-After: 3600`` cannot hold an item for an hour per attempt). Not retried (the
 answer would not change): other 4xx, a non-JSON body, a body without ``choices[0].message.content``.
 Every failure comes back as a ``ChatResult`` with ``text=None`` and a reason; nothing raises.
 
@@ -17,6 +19,7 @@ import asyncio
 import email.utils
 import http.client
 import json
+import logging
 import os
 import random
 import socket
@@ -30,6 +33,9 @@ from typing import Any
 
 _RETRY_STATUS = frozenset({408, 425, 429})  # plus every status >= 500
 _BODY_SNIPPET = 300  # characters of an error body quoted in a reason
+MAX_RETRY_AFTER_S = 120.0  # longest wait a server's Retry-After gets per attempt (by default)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,8 @@ class ChatClient:
 
     temperature / max_tokens: sent when not None (some hosted reasoning models reject a
     temperature other than their default: pass None, and put e.g. ``max_completion_tokens`` in
-    ``extra_body``). extra_body: more request fields, merged last.
+    ``extra_body``). extra_body: more request fields, merged last. max_retry_after_s: cap on a
+    server's ``Retry-After`` (seconds; longer requests are cut to it, with a logged warning).
     """
 
     def __init__(
@@ -110,6 +117,7 @@ class ChatClient:
         max_retries: int = 5,
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
+        max_retry_after_s: float = MAX_RETRY_AFTER_S,
         temperature: float | None = 0.0,
         max_tokens: int | None = 512,
         extra_body: Mapping[str, Any] | None = None,
@@ -117,10 +125,11 @@ class ChatClient:
         self.url = chat_url(base_url)
         if not model:
             raise ValueError("model must name the judge model served at base_url")
-        if timeout_s <= 0 or backoff_s < 0 or max_backoff_s < 0 or max_retries < 0:
+        waits = (backoff_s, max_backoff_s, max_retry_after_s)
+        if timeout_s <= 0 or min(waits) < 0 or max_retries < 0:
             raise ValueError(
-                "need timeout_s > 0, backoff_s >= 0, max_backoff_s >= 0, max_retries >= 0; got "
-                f"{timeout_s}, {backoff_s}, {max_backoff_s}, {max_retries}"
+                "need timeout_s > 0, backoff_s, max_backoff_s, max_retry_after_s >= 0 and "
+                f"max_retries >= 0; got {timeout_s}, {waits}, {max_retries}"
             )
         self.api_key_env = api_key_env or None
         if self.api_key_env and not os.environ.get(self.api_key_env):
@@ -134,6 +143,7 @@ class ChatClient:
         self.max_retries = int(max_retries)
         self.backoff_s = float(backoff_s)
         self.max_backoff_s = float(max_backoff_s)
+        self.max_retry_after_s = float(max_retry_after_s)
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.extra_body = dict(extra_body or {})
@@ -198,7 +208,17 @@ class ChatClient:
 
     def _delay(self, attempt: int, retry_after_s: float | None) -> float:
         backoff = min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
-        return backoff if retry_after_s is None else max(backoff, retry_after_s)
+        if retry_after_s is None:
+            return backoff
+        if retry_after_s > self.max_retry_after_s:
+            log.warning(
+                "%s asked to retry after %.0f s; waiting %.0f s (max_retry_after_s)",
+                self.url,
+                retry_after_s,
+                self.max_retry_after_s,
+            )
+            retry_after_s = self.max_retry_after_s
+        return max(backoff, retry_after_s)
 
     async def complete(self, content: str, executor: Executor | None = None) -> ChatResult:
         """Send ``content`` as one user message; retry as described in the module docstring."""

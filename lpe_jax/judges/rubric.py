@@ -27,7 +27,7 @@ from lpe_jax.judges.base import (
     text_hash,
 )
 from lpe_jax.judges.cache import VerdictCache, cache_key
-from lpe_jax.judges.http_client import ChatClient
+from lpe_jax.judges.http_client import MAX_RETRY_AFTER_S, ChatClient
 
 PARSER_VERSION = 1
 
@@ -66,6 +66,12 @@ _PATTERNS = {
 }
 
 T = TypeVar("T")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def utf8_safe(text: str) -> str:
+    """``text`` with every surrogate code point (unencodable as UTF-8) replaced by U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 class RubricParseError(ValueError):
@@ -144,6 +150,10 @@ class RubricJudge:
     cache_path: SQLite file for successful judgements (None or "": no cache).
     max_concurrency: HTTP requests in flight at once. Other arguments go to ``ChatClient``.
 
+    Texts are cleaned before anything else: a lone surrogate (e.g. from decoding a split
+    multi-byte token) cannot be encoded as UTF-8, so each becomes U+FFFD; the cache key and the
+    request both see the cleaned text.
+
     ``judge(items)`` never raises for endpoint trouble: such items get complied=None and a reason.
     Identical pairs within one batch are sent once. ``stats`` accumulates counts across calls.
     """
@@ -163,6 +173,7 @@ class RubricJudge:
         max_retries: int = 5,
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
+        max_retry_after_s: float = MAX_RETRY_AFTER_S,
         temperature: float | None = 0.0,
         max_tokens: int | None = 512,
         extra_body: Mapping[str, Any] | None = None,
@@ -180,6 +191,7 @@ class RubricJudge:
             max_retries=max_retries,
             backoff_s=backoff_s,
             max_backoff_s=max_backoff_s,
+            max_retry_after_s=max_retry_after_s,
             temperature=temperature,
             max_tokens=max_tokens,
             extra_body=extra_body,
@@ -220,7 +232,7 @@ class RubricJudge:
 
     async def ajudge(self, items: Sequence[Item]) -> list[Verdict]:
         """``judge`` for callers already inside an event loop."""
-        items = check_items(items)
+        items = [(utf8_safe(p), utf8_safe(r)) for p, r in check_items(items)]
         self.stats.items += len(items)
         unique = list(dict.fromkeys(items))
         self.stats.duplicates += len(items) - len(unique)
