@@ -218,6 +218,7 @@ def sampling_manifest(pair: Any, prompts: list[data.Prompt]) -> dict[str, Any]:
         "enable_thinking": FLAGS.enable_thinking,
         "seed": FLAGS.seed,
         "prompts": str(Path(FLAGS.prompts).resolve()),
+        "category": FLAGS.category,  # judge.py reloads the same prompts with it
         "dataset_hash": data.dataset_hash(prompts),
         "n_prompts": len(prompts),
         "code_version": lpe_jax.__version__,

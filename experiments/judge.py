@@ -12,6 +12,8 @@ as refusals.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from absl import flags, logging
 
 from lpe_jax.data import dataset_hash, load_prompts
@@ -27,18 +29,31 @@ common.define_distributed_flags()
 flags.DEFINE_string("run", None, "Run directory written by sample.py.", required=True)
 
 
+def run_prompts(m: dict) -> dict[str, str]:
+    """{id: text} of the run's prompts, reloaded as sample.py read them (file, category, limit)."""
+    # Runs sampled before the manifest recorded the category used the default, "standard".
+    category = m.get("category", "standard")
+    prompts = load_prompts(m["prompts"], functional_category=category)[: m["n_prompts"]]
+    if dataset_hash(prompts) != m["dataset_hash"]:
+        raise ValueError(
+            f"the prompts file {m['prompts']} (category {category!r}, first {m['n_prompts']}) "
+            f"changed since {FLAGS.run} was sampled (dataset hash differs); restore it or sample "
+            "a new run."
+        )
+    return {p.id: p.text for p in prompts}
+
+
 def main(argv: list[str]) -> None:
     del argv
     process, n_proc = common.init_distributed()
     store = RolloutStore.load(FLAGS.run)
     m = store.manifest
-    prompts = load_prompts(m["prompts"])[: m["n_prompts"]]
-    if dataset_hash(prompts) != m["dataset_hash"]:
+    text = run_prompts(m)
+    if not Path(m["original"]).is_dir():
         raise ValueError(
-            f"the prompts file {m['prompts']} changed since {FLAGS.run} was sampled "
-            "(dataset hash differs); restore it or sample a new run."
+            f"{FLAGS.run} was sampled from the original model at {m['original']}, which no longer "
+            "exists; judging decodes with its tokenizer, so restore that directory"
         )
-    text = {p.id: p.text for p in prompts}
     tokenizer = load_tokenizer(m["original"])
     judge = common.make_judge(m["original"])
     chunks = [c for i, c in enumerate(store.chunks()) if i % n_proc == process]

@@ -1,0 +1,79 @@
+"""The scripts as a user runs them: bad input stops with one line naming the flag and the fix
+(experiments/common.run); judge.py reloads a run's prompts as sample.py read them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lpe_jax import toy
+from lpe_jax.data import dataset_hash, load_prompts
+from lpe_jax.store import RolloutStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+def test_missing_original_names_the_flag_in_one_line(tmp_path):
+    missing = tmp_path / "Qwen3-4B"
+    p = run("estimate.py", f"--original={missing}", f"--out={tmp_path / 'out'}")
+    assert p.returncode == 1
+    [line] = p.stderr.strip().splitlines()
+    assert line.startswith(f"estimate.py: error: --original={missing}: no such directory")
+    assert "point --original at the original model's HF directory" in line
+    assert "--judge=toy" not in line  # not the judge check it used to fall into
+    assert not (tmp_path / "out").exists()  # stopped before any work
+
+
+def test_traceback_flag_shows_the_traceback(tmp_path):
+    p = run("evaluate.py", f"--run={tmp_path / 'none'}", "--traceback")
+    assert p.returncode == 1
+    assert "Traceback (most recent call last)" in p.stderr and "--run=" in p.stderr
+    p = run("evaluate.py", f"--run={tmp_path / 'none'}")
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "--run=" in p.stderr and "run directory written by sample.py" in p.stderr
+
+
+def test_judge_reuses_the_sampled_category(tmp_path):
+    """A run sampled with --category=copyright (manifest as sample.py writes it, chunks written
+    directly so no model runs) is judged: judge.py reloads the prompts with that category."""
+    csv = ROOT / "tests" / "fixtures" / "harmbench_mini.csv"
+    prompts = load_prompts(csv, functional_category="copyright")
+    manifest = {
+        "original": str(toy.TOY_DIR / "original"),
+        "prompts": str(csv),
+        "category": "copyright",
+        "dataset_hash": dataset_hash(prompts),
+        "n_prompts": len(prompts),
+        "alphas": [0.0, 1.0],
+    }
+    store = RolloutStore.open(tmp_path / "run", manifest)
+    for a in (0.0, 1.0):
+        rows = {f: np.zeros(2, bool) for f in ("truncated", "nonfinite")}
+        tokens = np.full((2, 3), 5, np.int32)
+        lengths, logp = np.full(2, 3, np.int32), np.zeros(2, np.float32)
+        store.write_chunk(
+            prompts[0].id,
+            a,
+            dict(tokens=tokens, lengths=lengths, **rows, logp_original=logp, logp_variant=logp),
+        )
+    p = run("judge.py", f"--run={tmp_path / 'run'}", "--judge=string")
+    assert p.returncode == 0, p.stderr
+    assert "judged 2 chunks" in p.stdout
+    c = RolloutStore.load(tmp_path / "run").read_chunk(prompts[0].id, 1.0)
+    assert set(c["verdicts"].tolist()) <= {0, 1}
