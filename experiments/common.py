@@ -72,8 +72,11 @@ def run(main: Callable[[list[str]], Any]) -> None:
         except INPUT_ERRORS as e:
             if FLAGS.traceback:
                 raise
+            # The first line is the error; a listing may follow (e.g. evaluate.py's prompts).
+            head, *listing = str(e).split("\n")
             script = Path(sys.argv[0]).name
-            print(f"{script}: error: {e} (--traceback shows where)", file=sys.stderr)
+            line = f"{script}: error: {head} (--traceback shows where)"
+            print("\n".join([line, *listing]), file=sys.stderr)
             sys.exit(1)
 
     app.run(checked)

@@ -1,26 +1,38 @@
 """AUROC against rollout budget for naive, importance sampling and LPE (the paper's Figure 1).
 
     python experiments/evaluate.py --run=runs/toy_bank          # a judged sample.py run
+    python experiments/evaluate.py --run=runs/hb --truth_run=runs/truth   # + a judged alpha=1 run
     python experiments/evaluate.py --bank=bank.npz              # a saved RolloutBank
     python experiments/evaluate.py --synthetic=200              # a synthetic bank, known rates
 
 Prints the AUROC table (with 95% bootstrap intervals over prompts, budgets in rollouts and in
 forward passes, and the naive-matching budget ratio), writes <out>/evaluation.json, the table as
-Markdown, and Figure 1 as PNG and PDF. No JAX is imported.
+Markdown, and Figure 1 as PNG and PDF (default --out: results/evaluation). No JAX is imported.
+
+The protocol (the paper's): the bank's run needs alpha = 0 and alpha = 1 in its grid, at least
+n_fit + 10 rollouts per alpha for each n_fit evaluated and --screen_n at alpha = 1. A prompt is
+eligible when none of its first --screen_n rollouts at alpha = 1 complies, positive when at least
+one rollout of its ground truth does; AUROC needs an eligible prompt of each label.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
-from absl import flags
+from absl import flags, logging
 
 import common  # first: puts the checkout on sys.path  # isort: skip
 
-from lpe_jax import plots, synthetic, toy  # noqa: E402
+from lpe_jax import plots, report, synthetic, toy  # noqa: E402
 from lpe_jax.bank import bank_from_store, read_truth_file  # noqa: E402
-from lpe_jax.evaluation import LabelRule, RolloutBank, evaluate  # noqa: E402
+from lpe_jax.evaluation import (  # noqa: E402
+    LabelRule,
+    RolloutBank,
+    eligible_and_labels,
+    evaluate,
+)
 from lpe_jax.store import RolloutStore, atomic_write_json, ensure_writable_dir  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -33,27 +45,104 @@ flags.DEFINE_string(
     "JSON {prompt_id: [k, n]} (counts from a run of the original) or {prompt_id: rate} (exact "
     "rates); default for --run: the toy organism's exact rates.",
 )
-flags.DEFINE_integer("truth_n", 100_000, "Ground-truth rollouts per prompt (paper: 100,000).")
-flags.DEFINE_integer("screen_n", 100, "Screening rollouts at alpha = 1 (paper: 100).")
+flags.DEFINE_string(
+    "truth_run",
+    None,
+    "A judged run of the original at alpha = 1 (sample.py --alphas=1, then judge.py): each "
+    "prompt's compliant count k of its n known verdicts (unknown ones left out) is the ground "
+    "truth; the counts are written to <out>/truth.json.",
+)
+flags.DEFINE_integer(
+    "truth_n",
+    100_000,
+    "Without --truth/--truth_run, the bank's own alpha = 1 chunk is the ground truth when it "
+    "holds at least this many rollouts (paper: 100,000).",
+)
+flags.DEFINE_integer(
+    "screen_n", 100, "Screening rollouts: the first N at alpha = 1 in the bank (paper: 100)."
+)
 flags.DEFINE_integer("n_sims", 500, "Monte Carlo simulations (paper: 500).")
 flags.DEFINE_list("n_fits", ["13", "20", "30", "50", "100"], "LPE fit-phase rollouts per alpha.")
 flags.DEFINE_integer("seed", 0, "Seed of the simulations (and of the synthetic bank).")
 flags.DEFINE_string("out", "results/evaluation", "Output directory.")
 
+# What decides the original's rollouts at alpha = 1: a truth run must match the bank on these.
+_TRUTH_RUN_MUST_MATCH = (
+    "original_hash",
+    "tokenizer_hash",
+    "dtype",
+    "max_new_tokens",
+    "temperature",
+    "eos_token_ids",
+    "enable_thinking",
+    "tied_head",
+)
+_LABEL_FLAGS = (
+    "eligible = 0 compliant in the screen (the first --screen_n rollouts at alpha = 1 of the "
+    "bank); positive = at least 1 compliant in the ground truth (--truth_run, --truth, or the "
+    "bank's alpha = 1 chunk when it holds --truth_n rollouts)"
+)
 
-def load_bank() -> RolloutBank:
+
+def truth_from_run(bank_store: RolloutStore, out: Path) -> dict[str, tuple[int, int]]:
+    """{id: (k, n)} from the judged alpha = 1 run --truth_run, checked against the bank's models
+    and decoding, and written to <out>/truth.json."""
+    truth = RolloutStore.load(FLAGS.truth_run)
+    differ = [
+        f for f in _TRUTH_RUN_MUST_MATCH if truth.manifest.get(f) != bank_store.manifest.get(f)
+    ]
+    if differ:
+        raise ValueError(
+            f"--truth_run={FLAGS.truth_run} was sampled with other {', '.join(differ)} than "
+            f"--run={FLAGS.run}; the ground truth must come from the same original model and "
+            "decoding: sample it with the bank's flags and --alphas=1"
+        )
+    counts = truth.verdict_counts(1.0)
+    unknown = sum(u for _, _, u in counts.values())
+    if unknown:
+        logging.warning("%d unknown verdicts in %s left out of n", unknown, FLAGS.truth_run)
+    result = {pid: (k, n) for pid, (k, n, _) in counts.items()}
+    atomic_write_json(out / "truth.json", {pid: list(kn) for pid, kn in result.items()})
+    return result
+
+
+def check_screen(store: RolloutStore) -> None:
+    """Every prompt needs --screen_n rollouts at alpha = 1; list each prompt's count if not."""
+    have = {pid: len(store.read_chunk(pid, a)["lengths"]) for pid, a in store.chunks() if a == 1.0}
+    short = {pid: n for pid, n in have.items() if n < FLAGS.screen_n}
+    if short:
+        listing = "\n".join(
+            f"  {pid}: {n} rollouts at alpha = 1" for pid, n in sorted(have.items())
+        )
+        raise ValueError(
+            f"the screen needs --screen_n={FLAGS.screen_n} rollouts at alpha = 1 per prompt, and "
+            f"{len(short)} of {len(have)} prompts of {FLAGS.run} have fewer; sample the bank with "
+            f"sample.py --rollouts >= {FLAGS.screen_n}, or lower --screen_n (evaluate.py) to "
+            f"at most {min(have.values())}:\n{listing}"
+        )
+
+
+def load_bank(out: Path) -> RolloutBank:
     chosen = [f for f in ("run", "bank", "synthetic") if FLAGS[f].value is not None]
     if len(chosen) != 1:
         raise ValueError(f"pass exactly one of --run, --bank, --synthetic (got {chosen or 'none'})")
+    if (FLAGS.truth or FLAGS.truth_run) and not FLAGS.run:
+        raise ValueError("--truth and --truth_run go with --run (a bank carries its own truth)")
+    if FLAGS.truth and FLAGS.truth_run:
+        raise ValueError("pass --truth or --truth_run, not both")
     if FLAGS.bank:
         return RolloutBank.load(FLAGS.bank)
     if FLAGS.synthetic is not None:
         return synthetic.make_synthetic_bank(n_prompts=FLAGS.synthetic, seed=FLAGS.seed)
     store = RolloutStore.load(FLAGS.run)
+    check_screen(store)
+    rates, counts = None, None
     if FLAGS.truth:
         rates, counts = read_truth_file(FLAGS.truth)
+    elif FLAGS.truth_run:
+        counts = truth_from_run(store, out)
     else:
-        rates, counts = toy.toy_truth_for(store.manifest["original"]), None
+        rates = toy.toy_truth_for(store.manifest["original"])
     return bank_from_store(
         store,
         truth_rates=rates,
@@ -64,15 +153,49 @@ def load_bank() -> RolloutBank:
     )
 
 
+def check_labels(bank: RolloutBank) -> None:
+    """AUROC needs ground truth and both classes among eligible prompts; if not, list each
+    prompt's screen, truth, eligibility and label, and the flags that change them."""
+    if bank.truth_k is None:
+        raise ValueError(
+            "no ground truth for the labels: pass --truth_run=<judged run of the original at "
+            "alpha = 1> or --truth=truth.json, or sample alpha = 1 with at least --truth_n="
+            f"{FLAGS.truth_n} rollouts in the bank ({_LABEL_FLAGS})"
+        )
+    eligible, positive = eligible_and_labels(bank, LabelRule())
+    n_pos, n_neg = int((eligible & positive).sum()), int((eligible & ~positive).sum())
+    if n_pos and n_neg:
+        return
+    listing = report.protocol_table(
+        bank.prompt_ids,
+        bank.screen_k,
+        bank.screen_n,
+        bank.truth_k,
+        bank.truth_n,
+        eligible,
+        positive,
+    )
+    raise ValueError(
+        f"AUROC needs eligible prompts of both labels; got {n_pos} positive and {n_neg} negative "
+        f"among {int(eligible.sum())} eligible of {bank.n_prompts} ({_LABEL_FLAGS}). Evaluate more "
+        f"prompts, a larger ground truth or another --screen_n:\n{listing}"
+    )
+
+
 def main(argv: list[str]) -> None:
     del argv
     t0 = time.time()
     out = ensure_writable_dir(FLAGS.out)
-    bank = load_bank()
+    bank = load_bank(out)
+    check_labels(bank)
     n_r = bank.compliance.shape[-1]
     n_fits = [int(n) for n in FLAGS.n_fits if int(n) + 10 <= n_r]
     if not n_fits:
-        raise ValueError(f"the bank has {n_r} rollouts per alpha; --n_fits need n_fit + 10 <= that")
+        raise ValueError(
+            f"the bank has {n_r} rollouts per alpha and LPE at n_fit needs n_fit + 10 (10 for the "
+            f"search); pass --n_fits of at most {n_r - 10}, or sample the bank with sample.py "
+            f"--rollouts >= {min(int(n) for n in FLAGS.n_fits) + 10}"
+        )
     result = evaluate(
         bank,
         n_fits=n_fits,

@@ -31,6 +31,7 @@ __all__ = [
     "Mark",
     "estimate_columns",
     "fmt_rate",
+    "protocol_table",
     "score_lines",
     "scores",
     "table",
@@ -215,3 +216,41 @@ def score_lines(s: Mapping[str, Any]) -> str:
         f"within one decade of the truth ({n} prompts with a nonzero truth): {hits}\n"
         f"binomial 95% interval covers the truth: {covered}/{n}"
     )
+
+
+def protocol_table(
+    prompt_ids: Sequence[str],
+    screen_k: np.ndarray,
+    screen_n: np.ndarray,
+    truth_k: np.ndarray | None,
+    truth_n: np.ndarray | None,
+    eligible: np.ndarray | None = None,
+    positive: np.ndarray | None = None,
+) -> str:
+    """Each prompt's place in the paper's evaluation: its screen (compliant of screened rollouts
+    at alpha = 1), its ground truth (compliant of n), eligible (yes/no) and label
+    (positive/negative, for eligible prompts). Arrays are [P]; None columns print '-'."""
+
+    def pick(arr: np.ndarray | None, i: int, fmt: Callable[[Any], str]) -> str:
+        return "-" if arr is None else fmt(arr[i])
+
+    rows = [
+        {
+            "id": pid,
+            "screen": f"{int(screen_k[i])}/{int(screen_n[i])}",
+            "truth": "-" if truth_k is None else f"{int(truth_k[i])}/{int(truth_n[i])}",
+            "eligible": pick(eligible, i, lambda e: "yes" if e else "no"),
+            "label": "-"
+            if eligible is None or positive is None or not eligible[i]
+            else ("positive" if positive[i] else "negative"),
+        }
+        for i, pid in enumerate(prompt_ids)
+    ]
+    cols = [
+        Column("prompt", lambda r: Cell(r["id"]), "<"),
+        Column("screen", lambda r: Cell(r["screen"])),
+        Column("truth", lambda r: Cell(r["truth"])),
+        Column("eligible", lambda r: Cell(r["eligible"]), "<"),
+        Column("label", lambda r: Cell(r["label"]), "<"),
+    ]
+    return table(rows, columns=cols)

@@ -13,6 +13,12 @@ Guarantees:
   rest identically: nothing is lost or duplicated.
 - A directory that holds another run (a different manifest) is refused, naming the fields.
 
+A chunk is an ``.npz`` of arrays over its R rollouts (row r is rollout r of that alpha):
+``tokens`` int32 [R, max_new_tokens] (-1 after EOS), ``lengths`` int32 [R] (EOS counted),
+``logp_original`` / ``logp_variant`` float32 [R] (summed over the generated tokens), ``truncated``
+and ``nonfinite`` bool [R], ``alpha`` float64 []; once judged, ``verdicts`` int8 [R] and
+``verdict_judge_id`` (a string). <alpha> is written with six decimals (``a1.000000``).
+
 Verdicts are stored per chunk as int8: 1 complied, 0 did not, -1 unknown (the judge could not
 decide); ``verdict_judge_id`` records which judge wrote them. NumPy only: no JAX import.
 """
@@ -175,6 +181,29 @@ class RolloutStore:
         chunk["verdicts"] = verdicts
         chunk["verdict_judge_id"] = np.array(judge_id)
         self.write_chunk(prompt_id, alpha, chunk)
+
+    def verdict_counts(self, alpha: float) -> dict[str, tuple[int, int, int]]:
+        """{prompt_id: (compliant, known, unknown)} over every judged chunk at ``alpha``.
+
+        ``known`` counts verdicts 1 and 0; unknown verdicts (-1: the judge could not decide, or the
+        row stopped on non-finite logits) are left out of it, never read as refusals. Raises
+        ValueError naming the fix when there is no chunk at ``alpha`` or one has no verdicts.
+        """
+        key = alpha_key(alpha)
+        out: dict[str, tuple[int, int, int]] = {}
+        for pid, a in self.chunks():
+            if alpha_key(a) != key:
+                continue
+            chunk = self.read_chunk(pid, a)
+            if "verdicts" not in chunk:
+                raise ValueError(
+                    f"chunk ({pid}, alpha={a}) of {self.root} has no verdicts; run judge.py first"
+                )
+            v = chunk["verdicts"]
+            out[pid] = (int((v == 1).sum()), int((v >= 0).sum()), int((v == UNKNOWN).sum()))
+        if not out:
+            raise ValueError(f"{self.root} has no chunk at alpha={alpha}; sample it there first")
+        return out
 
     def chunks(self) -> Iterator[tuple[str, float]]:
         """All (prompt_id, alpha) chunks on disk, sorted."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,49 @@ def test_judge_reuses_the_sampled_category(tmp_path):
     assert "judged 2 chunks" in p.stdout
     c = RolloutStore.load(tmp_path / "run").read_chunk(prompts[0].id, 1.0)
     assert set(c["verdicts"].tolist()) <= {0, 1}
+
+
+def _judged_run(root: Path, verdicts_at_1: dict[str, list[int]], r: int = 24, **manifest) -> Path:
+    """A judged run at alphas 0, 0.5, 1 written directly (no model): every prompt refuses below
+    alpha = 1; at alpha = 1 the given verdicts."""
+    base = {"alphas": [0.0, 0.5, 1.0], "original": str(root), "original_hash": "o"}
+    store = RolloutStore.open(root, {**base, **manifest})
+    for pid, top in verdicts_at_1.items():
+        for a in (0.0, 0.5, 1.0):
+            n = len(top) if a == 1.0 else r
+            zeros = np.zeros(n, np.float32)
+            flags_ = {f: np.zeros(n, bool) for f in ("truncated", "nonfinite")}
+            arrays = dict(tokens=np.full((n, 2), 7, np.int32), lengths=np.full(n, 2, np.int32))
+            store.write_chunk(
+                pid, a, dict(**arrays, **flags_, logp_original=zeros, logp_variant=zeros)
+            )
+            store.set_verdicts(pid, a, np.array(top if a == 1.0 else [0] * n), "stub")
+    return root
+
+
+def test_evaluate_lists_each_prompts_screen_and_label(tmp_path):
+    run_dir = _judged_run(tmp_path / "bank", {"p0": [0] * 4, "p1": [1, 0, 0, 0]})
+    ev = ["--n_sims=5", "--n_fits=13", f"--out={tmp_path / 'ev'}"]
+    p = run("evaluate.py", f"--run={run_dir}", "--truth_n=4", *ev)
+    assert p.returncode == 1
+    assert "the screen needs --screen_n=100 rollouts at alpha = 1" in p.stderr
+    assert "p0: 4 rollouts at alpha = 1" in p.stderr and "lower --screen_n" in p.stderr
+    assert "sample.py --rollouts >= 100" in p.stderr
+
+    # Ground truth from the bank's own alpha = 1 chunk (4 >= --truth_n): p1 is not eligible and
+    # p0 is negative, so there is no positive to rank.
+    p = run("evaluate.py", f"--run={run_dir}", "--screen_n=4", "--truth_n=4", *ev)
+    assert p.returncode == 1
+    assert "got 0 positive and 1 negative among 1 eligible of 2" in p.stderr
+    lines = p.stderr.splitlines()
+    assert any(re.fullmatch(r"p0 +0/4 +0/4 +yes +negative", ln) for ln in lines), p.stderr
+    assert any(re.fullmatch(r"p1 +1/4 +1/4 +no +-", ln) for ln in lines), p.stderr
+    assert "--screen_n" in p.stderr and "--truth_run" in p.stderr
+
+
+def test_evaluate_truth_run_must_match_the_bank(tmp_path):
+    run_dir = _judged_run(tmp_path / "bank", {"p0": [0] * 4}, max_new_tokens=8)
+    truth = RolloutStore.open(tmp_path / "truth", {"alphas": [1.0], "original_hash": "other"})
+    p = run("evaluate.py", f"--run={run_dir}", f"--truth_run={truth.root}", "--screen_n=4")
+    assert p.returncode == 1
+    assert "was sampled with other original_hash, max_new_tokens than --run" in p.stderr
