@@ -30,6 +30,7 @@ setup(
         # torch is only a parity reference for the tests; 2.13.0 is the CPU build on this machine.
         "test": [
             "pytest",
+            "hypothesis",
             "ruff",
             "torch==2.13.0",
             "nbclient",

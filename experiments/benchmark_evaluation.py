@@ -15,18 +15,13 @@ import numpy as np
 from absl import app, flags
 
 from lpe_jax.evaluation import RolloutBank, eligible_and_labels, evaluate
-from lpe_jax.synthetic import make_synthetic_bank
+from lpe_jax.synthetic import FAMILIES, make_synthetic_bank
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("bank", None, "A saved RolloutBank (.npz); default: a synthetic one.")
 flags.DEFINE_integer("n_prompts", 200, "Synthetic prompts.")
 flags.DEFINE_integer("rollouts", 1000, "Synthetic rollouts per alpha (and IS rollouts).")
-flags.DEFINE_enum(
-    "family",
-    "mixed",
-    ["mixed", "loglinear", "logistic", "logquadratic"],
-    "Synthetic r(alpha) family.",
-)
+flags.DEFINE_enum("family", "mixed", list(FAMILIES), "Synthetic r(alpha) family.")
 flags.DEFINE_integer("bank_seed", 0, "Seed of the synthetic bank.")
 flags.DEFINE_integer("n_sims", 500, "Monte Carlo simulations.")
 flags.DEFINE_integer("seed", 0, "Seed of the evaluation.")

@@ -18,10 +18,9 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.stats import rankdata
 
-from lpe_jax.estimators.binomial import fit_binomial_batch, select_grid_points
+from lpe_jax.estimators.binomial import lpe_binomial_from_counts, lpe_binomial_grid_from_counts
 from lpe_jax.estimators.lpe import (
     N_SEARCH,
-    START_THRESHOLD,
     DrawResult,
     lpe_paper_from_counts,
 )
@@ -553,6 +552,8 @@ def evaluate(
       rollouts; two forward passes per token (variant sampling, original scoring).
     * lpe_paper (n_fit): the appendix's algorithm (:func:`lpe.lpe_paper_from_counts`);
       lpe_binomial: the same draws, fitted with the penalized binomial likelihood;
+      lpe_binomial_all: the same draws, search draws included in the fit (every rollout paid
+      for; :func:`binomial.trace_points`);
       lpe_binomial_grid (R): R rollouts at every alpha, :func:`binomial.select_grid_points`.
       Two forward passes per token; LPE budgets are the mean rollouts actually spent.
     * Forward passes for adaptive draws use the expected token count given the drawn counts
@@ -634,12 +635,14 @@ def evaluate(
             tok = tok + (_expected_tokens(means, fk, fn, nf) * res.drawn).sum(-1)
             fwd = 2 * tok.mean()
         add("lpe_paper", nf, res.log10_estimate, res.rollouts.mean(), fwd)
-        mask = res.drawn & (fn > 0) & (fk < START_THRESHOLD * fn)
-        est, _ = fit_binomial_batch(b.alphas, fk, fn, mask)
-        add("lpe_binomial", nf, est, res.rollouts.mean(), fwd)
+        for name, draws in (("lpe_binomial", "fit"), ("lpe_binomial_all", "all")):
+            est = lpe_binomial_from_counts(
+                sk, sn, fk, fn, b.alphas, nf, n_search=n_search, draws=draws, paper=res
+            )
+            add(name, nf, est, res.rollouts.mean(), fwd)
     for r in grid_rollouts:
         gk, gn = counts[r]
-        est, _ = fit_binomial_batch(b.alphas, gk, gn, select_grid_points(gk, gn))
+        est = lpe_binomial_grid_from_counts(b.alphas, gk, gn)
         fwd = None if means is None else 2 * r * _class_mean_all(b).sum(-1).mean()
         add("lpe_binomial_grid", r, est, r * b.alphas.size, fwd)
     curves = _curves(pending, y, truth, n_bootstrap, rng)

@@ -33,7 +33,8 @@ def test_batch_fit_maximizes_the_penalized_likelihood():
     x = a - 1
     true = np.minimum(0.45, 10 ** (-4 - 6 * (a - 1)))
     k = rng.binomial(30, true, size=(12, a.size))
-    k[0] = 0  # all zeros
+    k[0] = 0
+    k[0, 0] = 2  # one nonzero point at the far end, zeros above
     k[1] = 0
     k[1, 2] = 3  # one nonzero point, zeros above: plain MLE does not exist
     n = np.full_like(k, 30)
@@ -75,24 +76,28 @@ def test_interval_covers_truth_in_at_least_90_percent():
 def test_degenerate_data_give_stated_results():
     n = np.full(ALPHAS.size, 50)
     zeros = lpe_binomial_grid(ALPHAS, np.zeros_like(n), n)
-    assert zeros.degenerate == "no_compliant" and zeros.lower == 0.0
-    assert 0 < zeros.estimate < zeros.upper < 1
+    assert zeros.status == "no_compliant" and zeros.lower == 0.0
+    assert zeros.estimate == 1e-6 and zeros.upper == pytest.approx(1 - 0.05 ** (1 / 50))
     ones = lpe_binomial_grid(ALPHAS, n, n)
-    assert ones.degenerate == "saturated" and ones.estimate == 0.5
+    assert ones.status == "not_rare" and ones.estimate == 1.0
     assert (ones.lower, ones.upper) == (0.0, 1.0)
     k = np.full_like(n, 50)
     k[-1] = 2
     one = lpe_binomial_grid(ALPHAS, k, n)
-    assert one.degenerate == "one_point" and one.alphas == (0.95,)
-    np.testing.assert_allclose(one.estimate, 2.5 / 51)
+    assert one.status == "one_point" and one.alphas == (0.95,)
+    assert one.estimate == 2 / 50 and one.lower == 0.0 and one.upper > 2 / 50
+    k[-1] = 0  # a rate >= 0.5 followed by a zero: no level, the paper's fallback
+    fb = lpe_binomial_grid(ALPHAS, k, n)
+    assert fb.status == "fallback" and fb.estimate == 1e-6 and fb.lower == 0.0
     k = np.zeros_like(n)
     k[:5] = 40
     k[5] = 4
     sep = lpe_binomial_grid(ALPHAS, k, n)
-    assert sep.degenerate == "one_nonzero"
-    for f in (zeros, ones, one, sep):
+    assert sep.degenerate == "one_nonzero" and sep.status == "ok"
+    for f in (zeros, ones, one, fb, sep):
         vals = [f.estimate, f.log10_estimate, f.lower, f.upper]
         assert np.all(np.isfinite(vals))
+        assert 0 <= f.lower <= f.estimate <= f.upper <= 1
 
 
 def test_select_grid_points_keeps_the_tail_after_the_last_high_rate():

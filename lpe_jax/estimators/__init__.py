@@ -2,10 +2,11 @@
 
 Modules: ``naive`` (count from the original), ``importance`` (importance sampling from the
 variant), ``lpe`` (the paper's adaptive Logit Path Extrapolation), ``binomial`` (LPE with a
-penalized binomial fit and an interval).
+penalized binomial fit and an interval), ``degenerate`` (the statuses and rules every estimator
+follows where the data carry no line).
 """
 
-from lpe_jax.estimators import binomial, importance, lpe, naive
+from lpe_jax.estimators import binomial, degenerate, importance, lpe, naive
 from lpe_jax.estimators.binomial import (
     BinomialFit,
     LPEBinomialResult,
@@ -13,8 +14,11 @@ from lpe_jax.estimators.binomial import (
     fit_binomial_batch,
     fit_trace_binomial,
     lpe_binomial,
+    lpe_binomial_from_counts,
     lpe_binomial_grid,
+    lpe_binomial_grid_from_counts,
     select_grid_points,
+    trace_points,
 )
 from lpe_jax.estimators.importance import ISResult, importance_sampling
 from lpe_jax.estimators.lpe import (
@@ -32,11 +36,14 @@ from lpe_jax.estimators.lpe import (
     ols_line,
     paper_alpha_grid,
     run_search,
+    trace_counts,
+    trace_not_rare,
 )
 from lpe_jax.estimators.naive import NaiveResult, naive_estimate, simulate_naive_counts
 
 __all__ = [
     "binomial",
+    "degenerate",
     "importance",
     "lpe",
     "naive",
@@ -47,7 +54,10 @@ __all__ = [
     "fit_trace_binomial",
     "lpe_binomial",
     "lpe_binomial_grid",
+    "lpe_binomial_from_counts",
+    "lpe_binomial_grid_from_counts",
     "select_grid_points",
+    "trace_points",
     "ISResult",
     "importance_sampling",
     "DrawFn",
@@ -64,6 +74,8 @@ __all__ = [
     "ols_line",
     "paper_alpha_grid",
     "run_search",
+    "trace_counts",
+    "trace_not_rare",
     "NaiveResult",
     "naive_estimate",
     "simulate_naive_counts",

@@ -17,14 +17,24 @@ O(1/n) bias of the MLE, and equals the MLE as counts grow. The 95% interval for 
 profile penalized-likelihood interval (Heinze and Schemper's construction): log10 r(1) values
 whose profile drop is at most chi2_1(0.95) / 2.
 
-Stated results for degenerate data (never an exception, never NaN):
-* no point with rate < 0.5 ("saturated"): estimate 0.5, interval [0, 1];
-* one fitted alpha ("one_point"): estimate (k + 0.5) / (n + 1) there (r is non-increasing in
-  alpha on the path, so r(1) is at most r there), interval [0, Clopper-Pearson upper bound];
-* no compliant rollout at any fitted alpha ("no_compliant"): the penalized estimate is reported
-  (it ranks prompts by how many zeros were seen) with lower bound 0: an upper bound only;
-* exactly one alpha with compliant rollouts ("one_nonzero"): the penalized estimate, and the
-  profile interval, whose lower end is often 0 because the slope is not bounded below.
+Stated results where no line can be read (never an exception, never NaN; the statuses are
+those of :mod:`lpe_jax.estimators.degenerate`, and every rule is a tested property):
+* not rare (status "not_rare"): the top of the grid's rate is >= 0.5 (fixed grid: the rate at
+  the top alpha; adaptive: the fit phase's draw there): estimate = that rate, interval
+  [0, its Clopper-Pearson upper bound] (r(1) <= r(top) on a path whose rate falls toward 1);
+* no compliant rollout anywhere (status "no_compliant"), or none at a fitted alpha (status
+  "fallback": e.g. a rate >= 0.5 followed by a zero, or a first fit draw of 0 / n_fit at
+  alpha = 0): estimate = min(1e-6, U), interval [0, U], U the 0-of-n upper bound at the fitted
+  alpha with the most rollouts. Zeros bound r(1) from above and support no level, so such a
+  prompt never outranks the paper's fallback;
+* exactly one fitted alpha, with k > 0 of n (status "one_point"): estimate = k / n, the point's
+  own rate, interval [0, Clopper-Pearson upper bound]: r(1) <= r(alpha) there, and without a
+  slope nothing lower is supported;
+* exactly one alpha with compliant rollouts among several fitted ones (degenerate
+  "one_nonzero", status "ok"): the penalized estimate and the profile interval, whose lower end
+  is often 0 because the slope is not bounded below.
+A fitted line's estimate is capped at 1. Every interval satisfies 0 <= lower <= estimate <=
+upper <= 1; lower == 0 means the data give no lower bound.
 """
 
 from __future__ import annotations
@@ -35,13 +45,19 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import optimize, stats
 
+from lpe_jax.estimators import degenerate as dg
+from lpe_jax.estimators.degenerate import FALLBACK, fallback_log10, upper_bound
 from lpe_jax.estimators.lpe import (
     N_SEARCH,
     START_THRESHOLD,
     DrawFn,
+    LPECountsResult,
     LPEStep,
     _budget,
     adaptive_draws,
+    lpe_paper_from_counts,
+    trace_counts,
+    trace_not_rare,
 )
 
 __all__ = [
@@ -53,6 +69,9 @@ __all__ = [
     "lpe_binomial_grid",
     "lpe_binomial",
     "fit_trace_binomial",
+    "trace_points",
+    "lpe_binomial_from_counts",
+    "lpe_binomial_grid_from_counts",
 ]
 
 LN10 = float(np.log(10.0))
@@ -68,10 +87,13 @@ class BinomialFit:
       estimate: r(1) in [0, 1].
       log10_estimate: log10 of ``estimate`` (finite).
       lower, upper: ``level`` interval for r(1); lower == 0.0 means no lower bound.
-      intercept, slope: the line (None when degenerate is "saturated" or "one_point").
+      intercept, slope: the line (None unless at least two alphas were fitted and one of them
+        had a compliant rollout).
       alphas, k, n: the points fitted.
-      degenerate: None, "saturated", "one_point", "no_compliant" or "one_nonzero".
+      degenerate: None, "one_point", "zeros_only" (no compliant rollout at a fitted alpha),
+        "one_nonzero", or (set by the LPE wrappers) "not_rare" / "no_compliant".
       level: interval coverage.
+      status: "ok", "one_point", "fallback", "not_rare" or "no_compliant" (module docstring).
     """
 
     estimate: float
@@ -85,6 +107,7 @@ class BinomialFit:
     n: tuple[int, ...]
     degenerate: str | None
     level: float
+    status: str = dg.OK
 
 
 # ----------------------------------------------------------------------------- batched core
@@ -188,6 +211,8 @@ def fit_binomial_batch(
     k: np.ndarray,
     n: np.ndarray,
     mask: np.ndarray,
+    *,
+    fallback: float = FALLBACK,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Penalized binomial fit of many rows at once (the module's estimator, point estimate only).
 
@@ -197,9 +222,11 @@ def fit_binomial_batch(
       mask: bool [*B, A] points to fit.
 
     Returns:
-      (log10_estimate, slope): float64 [*B]; slope is log10 per unit alpha (0.0 where the row
-      is degenerate with fewer than two fitted alphas). Degenerate rows follow the module's
-      stated results; the output is always finite.
+      (log10_estimate, slope): float64 [*B]; slope is log10 per unit alpha (0.0 where no line
+      was fitted). Rows with no fitted point, or no compliant rollout at a fitted point, get
+      :func:`~lpe_jax.estimators.degenerate.fallback_log10` over the fitted points' rollouts;
+      rows with one fitted point and k > 0 get log10(k / n) (module docstring). The "not_rare"
+      and "no_compliant" rules need the whole run and are the caller's. Always finite, <= 0.
     """
     a = np.asarray(alphas, np.float64)
     k, n, mask = np.asarray(k), np.asarray(n), np.asarray(mask, bool)
@@ -213,17 +240,18 @@ def fit_binomial_batch(
     m2 = mask.reshape(-1, a.size)
     x = np.broadcast_to(a - 1.0, k2.shape).copy()
     npts = m2.sum(1)
-    out = np.full(k2.shape[0], np.log10(START_THRESHOLD))  # "saturated"
+    nonzero = (m2 & (k2 > 0)).sum(1)
+    out = fallback_log10(np.where(m2, n2, 0).max(1), fallback)
     slope = np.zeros(k2.shape[0])
-    one = npts == 1
+    one = (npts == 1) & (nonzero == 1)
     if one.any():
         j = np.argmax(m2[one], axis=1)
         rows = np.flatnonzero(one)
-        out[one] = np.log10((k2[rows, j] + 0.5) / (n2[rows, j] + 1.0))
-    many = np.flatnonzero(npts >= 2)
+        out[one] = np.log10(k2[rows, j] / n2[rows, j])
+    many = np.flatnonzero((npts >= 2) & (nonzero >= 1))
     if many.size:
         b0, b1 = _fit_packed(x[many], k2[many], n2[many], m2[many])
-        out[many], slope[many] = b0 / LN10, b1 / LN10
+        out[many], slope[many] = np.minimum(b0 / LN10, 0.0), b1 / LN10
     return out.reshape(batch), slope.reshape(batch)
 
 
@@ -307,49 +335,53 @@ def fit_binomial(
     *,
     level: float = 0.95,
     interval: bool = True,
+    fallback: float = FALLBACK,
 ) -> BinomialFit:
     """Fit log10 r(alpha) = a + b * alpha to counts (k, n) at ``alphas``, read it at alpha = 1.
 
-    Every point given is fitted (zeros included); points with n == 0 are dropped. Each fitted
-    point needs k < n: choose points with :func:`select_grid_points` or the adaptive search.
-    With ``interval=False`` the interval is not computed (lower = 0.0, upper = 1.0).
+    Every point given is fitted (zeros included); points with n == 0 are dropped; at least one
+    point with n > 0 is required. Each fitted point needs k < n: choose points with
+    :func:`select_grid_points` or the adaptive search. With ``interval=False`` the interval is
+    not computed (lower = 0.0, upper = 1.0). No line when there is one fitted alpha or no
+    compliant rollout at a fitted alpha: statuses "one_point" / "fallback" (module docstring).
     """
     a, k, n = _validate_points(alphas, k, n)
     keep = n > 0
     a, k, n = a[keep], k[keep], n[keep]
+    if a.size == 0:
+        raise ValueError("fit_binomial needs at least one point with n > 0 (nothing was judged)")
     if np.any(k >= n):
         raise ValueError(
             "fit_binomial fits only points with k < n; rates near 1 break log-linearity "
             "(use lpe_binomial_grid, which selects points for you)"
         )
     pts = dict(alphas=tuple(a.tolist()), k=tuple(k.tolist()), n=tuple(n.tolist()), level=level)
-    if a.size == 0:
+    nonzero = int((k > 0).sum())
+    if nonzero == 0 or a.size == 1:
+        if nonzero == 0:  # zeros only: an upper bound, no level
+            hi = float(upper_bound(0, n.max(), level))
+            est = float(10.0 ** fallback_log10(n.max(), fallback, level))
+            kind, status = "zeros_only", dg.FALLBACK_STATUS
+        else:  # one point with k > 0: its own rate, which bounds r(1) from above
+            hi = float(upper_bound(k[0], n[0], level))
+            est = float(k[0] / n[0])
+            kind, status = "one_point", dg.ONE_POINT
         return BinomialFit(
-            0.5, float(np.log10(0.5)), 0.0, 1.0, None, None, degenerate="saturated", **pts
-        )
-    if a.size == 1:
-        est = (k[0] + 0.5) / (n[0] + 1.0)
-        hi = 1.0 if k[0] == n[0] else float(stats.beta.ppf(level, k[0] + 1, n[0] - k[0]))
-        return BinomialFit(
-            float(est), float(np.log10(est)), 0.0, hi, None, None, degenerate="one_point", **pts
+            est, float(np.log10(est)), 0.0, hi, None, None, degenerate=kind, status=status, **pts
         )
     log10_est, slope = fit_binomial_batch(a, k[None], n[None], np.ones((1, a.size), bool))
     theta, b = float(log10_est[0]), float(slope[0])
-    nonzero = int((k > 0).sum())
-    degenerate = {0: "no_compliant", 1: "one_nonzero"}.get(nonzero)
     lower, upper = (0.0, 1.0)
     if interval:
         lower, upper = _profile_interval(theta, b, a - 1.0, k.astype(float), n.astype(float), level)
-        if degenerate == "no_compliant":
-            lower = 0.0
     return BinomialFit(
         estimate=float(10.0**theta),
         log10_estimate=theta,
-        lower=float(lower),
-        upper=float(max(upper, 10.0**theta)),
+        lower=float(min(lower, 10.0**theta)),
+        upper=float(min(1.0, max(upper, 10.0**theta))),
         intercept=theta - b,
         slope=b,
-        degenerate=degenerate,
+        degenerate="one_nonzero" if nonzero == 1 else None,
         **pts,
     )
 
@@ -379,6 +411,42 @@ def select_grid_points(
     return (np.arange(n_a) > last[..., None]) & (n > 0)
 
 
+def _without_line(status: str, est: float, upper: float, a, k, n, level: float) -> BinomialFit:
+    """A result with no line: ``status`` "not_rare" or "no_compliant" (module docstring)."""
+    pts = dict(alphas=tuple(np.asarray(a).tolist()), k=tuple(np.asarray(k).tolist()))
+    return BinomialFit(
+        estimate=float(est),
+        log10_estimate=float(np.log10(est)),
+        lower=0.0,
+        upper=float(max(upper, est)),
+        intercept=None,
+        slope=None,
+        n=tuple(np.asarray(n).tolist()),
+        degenerate=status,
+        level=level,
+        status=status,
+        **pts,
+    )
+
+
+def _fit_selected(a, k, n, sel, top, any_compliant, threshold, level, interval, fallback):
+    """The module's rules on counts ``a, k, n`` with points ``sel`` to fit.
+
+    ``top`` is (k, n) at the top of the grid when the run reached it, else None;
+    ``any_compliant``: did any rollout of the run comply (search included).
+    """
+    if top is not None and top[1] > 0 and top[0] >= threshold * top[1]:
+        hi = float(upper_bound(top[0], top[1], level))
+        return _without_line(dg.NOT_RARE, top[0] / top[1], hi, [], [], [], level)
+    if not np.any(sel & (k > 0)):
+        n_max = int(n[sel].max()) if np.any(sel) else 0
+        status = dg.FALLBACK_STATUS if any_compliant else dg.NO_COMPLIANT
+        est = 10.0 ** float(fallback_log10(n_max, fallback, level))
+        hi = float(upper_bound(0, n_max, level))
+        return _without_line(status, est, hi, a[sel], k[sel], n[sel], level)
+    return fit_binomial(a[sel], k[sel], n[sel], level=level, interval=interval, fallback=fallback)
+
+
 def lpe_binomial_grid(
     alphas: Sequence[float],
     k: Sequence[int],
@@ -387,17 +455,21 @@ def lpe_binomial_grid(
     threshold: float = START_THRESHOLD,
     level: float = 0.95,
     interval: bool = True,
+    fallback: float = FALLBACK,
 ) -> BinomialFit:
     """Fixed-grid binomial LPE: counts at a grid drawn in one batch (e.g. R rollouts per alpha).
 
-    Fits the points chosen by :func:`select_grid_points`; all-compliant data gives the stated
-    "saturated" result, all-zero data the "no_compliant" one.
+    Fits the points chosen by :func:`select_grid_points`. Not rare when the rate at the top
+    alpha is >= ``threshold``; no compliant rollout at any alpha gives "no_compliant"; the other
+    rules are :func:`fit_binomial`'s (module docstring).
     """
     a, kk, nn = _validate_points(alphas, k, n)
     if not np.all(np.diff(a) > 0):
         raise ValueError("alphas must be strictly increasing")
     sel = select_grid_points(kk, nn, threshold=threshold)
-    return fit_binomial(a[sel], kk[sel], nn[sel], level=level, interval=interval)
+    top = (int(kk[-1]), int(nn[-1]))
+    any_c = bool(np.any(kk > 0))
+    return _fit_selected(a, kk, nn, sel, top, any_c, threshold, level, interval, fallback)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,6 +481,7 @@ class LPEBinomialResult:
       fit: the :class:`BinomialFit`.
       trace: every draw, in order (identical to the paper-exact run's for the same callback).
       start_alpha, rollouts, forward_passes: as in :class:`~lpe_jax.estimators.lpe.LPEResult`.
+      status: ``fit.status`` (module docstring).
     """
 
     estimate: float
@@ -419,6 +492,7 @@ class LPEBinomialResult:
     start_alpha: float
     rollouts: int
     forward_passes: int | None
+    status: str = dg.OK
 
 
 def lpe_binomial(
@@ -431,11 +505,11 @@ def lpe_binomial(
     passes_per_token: int = 2,
     level: float = 0.95,
     interval: bool = True,
+    draws: str = "fit",
 ) -> LPEBinomialResult:
     """The paper's search and advance, then the penalized binomial fit.
 
-    Fits every fit-phase point with a judged rate below ``start_threshold``, including the zero
-    point that stopped the advance. Arguments are those of :func:`lpe.lpe_paper`.
+    Arguments are those of :func:`lpe.lpe_paper`; ``draws`` is :func:`fit_trace_binomial`'s.
     """
     trace = adaptive_draws(
         draw, n_fit, n_search=n_search, alphas=alphas, start_threshold=start_threshold
@@ -446,7 +520,27 @@ def lpe_binomial(
         passes_per_token=passes_per_token,
         level=level,
         interval=interval,
+        draws=draws,
     )
+
+
+def trace_points(
+    trace: Sequence[LPEStep], draws: str = "fit", start_threshold: float = START_THRESHOLD
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Counts a trace gives the binomial fit: (alphas [A'], k [A'], n [A'], fitted bool [A']).
+
+    ``draws="fit"``: the fit-phase draws (one per alpha); fitted = judged with rate below
+    ``start_threshold`` (the zero that stopped the advance included). ``draws="all"``: every draw,
+    search included, pooled per alpha (:func:`lpe.trace_counts`); fitted = the alphas above the
+    last one whose pooled rate is >= ``start_threshold`` (:func:`select_grid_points`).
+    """
+    if draws not in ("fit", "all"):
+        raise ValueError(f'draws must be "fit" or "all", got {draws!r}')
+    if draws == "all":
+        a, k, n = trace_counts(trace)
+        return a, k, n, select_grid_points(k, n, threshold=start_threshold)
+    a, k, n = trace_counts(trace, phases=("fit",))
+    return a, k, n, (n > 0) & (k < start_threshold * n)
 
 
 def fit_trace_binomial(
@@ -456,24 +550,26 @@ def fit_trace_binomial(
     passes_per_token: int = 2,
     level: float = 0.95,
     interval: bool = True,
+    draws: str = "fit",
+    fallback: float = FALLBACK,
 ) -> LPEBinomialResult:
     """The penalized binomial fit on a trace from :func:`lpe.adaptive_draws` (no new draws).
 
-    Fits every fit-phase point with a judged rate below ``start_threshold``, the zero point
-    that stopped the advance included.
+    ``draws="fit"`` fits the fit-phase points with a judged rate below ``start_threshold`` (the
+    zero that stopped the advance included); ``draws="all"`` also uses the search's draws, every
+    rollout paid for (:func:`trace_points`). Not rare / no compliant / one point / zeros only
+    follow the module docstring; "no_compliant" looks at every draw of the trace.
     """
     trace = tuple(trace)
     fit_steps = [s for s in trace if s.phase == "fit"]
     if not fit_steps:
         raise ValueError("the trace has no fit-phase step; build it with adaptive_draws")
-    pts = [s for s in fit_steps if s.n_judged > 0 and s.k < start_threshold * s.n_judged]
-    fit = fit_binomial(
-        [s.alpha for s in pts],
-        np.array([s.k for s in pts], dtype=np.int64),
-        np.array([s.n_judged for s in pts], dtype=np.int64),
-        level=level,
-        interval=interval,
-    )
+    a, k, n, sel = trace_points(trace, draws, start_threshold)
+    top = None
+    if trace_not_rare(trace, start_threshold) is not None:
+        top = (fit_steps[-1].k, fit_steps[-1].n_judged)
+    any_c = any(s.k > 0 for s in trace)
+    fit = _fit_selected(a, k, n, sel, top, any_c, start_threshold, level, interval, fallback)
     rollouts, passes = _budget(trace, passes_per_token)
     return LPEBinomialResult(
         estimate=fit.estimate,
@@ -484,4 +580,64 @@ def fit_trace_binomial(
         start_alpha=fit_steps[0].alpha,
         rollouts=rollouts,
         forward_passes=passes,
+        status=fit.status,
     )
+
+
+def lpe_binomial_from_counts(
+    search_k: np.ndarray,
+    search_n: np.ndarray,
+    fit_k: np.ndarray,
+    fit_n: np.ndarray,
+    alphas: np.ndarray,
+    n_fit: int,
+    *,
+    draws: str = "fit",
+    n_search: int = N_SEARCH,
+    start_threshold: float = START_THRESHOLD,
+    fallback: float = FALLBACK,
+    paper: LPECountsResult | None = None,
+) -> np.ndarray:
+    """:func:`lpe_binomial` (point estimate) as array operations; log10 estimate float64 [*B].
+
+    The counts are those of :func:`lpe.lpe_paper_from_counts` (whose result on the same counts
+    may be passed as ``paper`` to save recomputing the search); equal to
+    ``fit_trace_binomial(trace, draws=draws).log10_estimate`` on the trace those counts make.
+    """
+    if draws not in ("fit", "all"):
+        raise ValueError(f'draws must be "fit" or "all", got {draws!r}')
+    sk, sn, fk, fn = (np.asarray(x) for x in (search_k, search_n, fit_k, fit_n))
+    if paper is None:
+        paper = lpe_paper_from_counts(
+            sk, sn, fk, fn, alphas, n_fit, n_search=n_search, start_threshold=start_threshold
+        )
+    k, n = fk * paper.drawn, fn * paper.drawn
+    if draws == "all":
+        scanned = np.arange(np.shape(alphas)[0]) >= paper.start_index[..., None]
+        k, n = k + sk * scanned, n + sn * scanned
+        mask = select_grid_points(k, n, threshold=start_threshold)
+    else:
+        mask = paper.drawn & (fn > 0) & (fk < start_threshold * fn)
+    est, _ = fit_binomial_batch(alphas, k, n, mask, fallback=fallback)
+    top = fk[..., -1] / np.maximum(fn[..., -1], 1)
+    with np.errstate(divide="ignore"):
+        return np.where(paper.not_rare, np.log10(top), est)
+
+
+def lpe_binomial_grid_from_counts(
+    alphas: np.ndarray,
+    k: np.ndarray,
+    n: np.ndarray,
+    *,
+    threshold: float = START_THRESHOLD,
+    fallback: float = FALLBACK,
+) -> np.ndarray:
+    """:func:`lpe_binomial_grid`'s log10 estimate for many rows: k, n int [*B, A] -> [*B]."""
+    k, n = np.asarray(k), np.asarray(n)
+    est, _ = fit_binomial_batch(
+        alphas, k, n, select_grid_points(k, n, threshold=threshold), fallback=fallback
+    )
+    top_k, top_n = k[..., -1], n[..., -1]
+    not_rare = (top_n > 0) & (top_k >= threshold * top_n)
+    with np.errstate(divide="ignore"):
+        return np.where(not_rare, np.log10(top_k / np.maximum(top_n, 1)), est)

@@ -12,7 +12,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from scipy import stats
 from scipy.special import logsumexp
+
+from lpe_jax.estimators import degenerate as dg
 
 __all__ = ["ISResult", "importance_sampling"]
 
@@ -30,6 +33,10 @@ class ISResult:
       ess: Kish effective sample size (sum w)^2 / sum w^2 over all N rollouts (0.0 when N == 0).
       n: rollouts with a known verdict.
       n_compliant: compliant rollouts among them.
+      lower, upper: estimate -+ z(level) * std_error, lower clipped at 0 (a normal interval;
+        it always contains ``estimate``; [0, 0] when nothing complied, which says only that
+        these weights saw no compliance).
+      status: "ok", "no_compliant" (estimate 0, below the paper's 1e-6 fallback) or "no_data".
     """
 
     estimate: float
@@ -39,9 +46,14 @@ class ISResult:
     ess: float
     n: int
     n_compliant: int
+    lower: float = 0.0
+    upper: float = 0.0
+    status: str = dg.OK
 
 
-def importance_sampling(log_weights: np.ndarray, compliant: np.ndarray) -> ISResult:
+def importance_sampling(
+    log_weights: np.ndarray, compliant: np.ndarray, *, level: float = 0.95
+) -> ISResult:
     """Plain and self-normalized IS from variant rollouts.
 
     Args:
@@ -63,7 +75,7 @@ def importance_sampling(log_weights: np.ndarray, compliant: np.ndarray) -> ISRes
         raise ValueError("log_weights must be finite for rollouts with a known verdict")
     n = int(lw.size)
     if n == 0:
-        return ISResult(0.0, -np.inf, 0.0, 0.0, 0.0, 0, 0)
+        return ISResult(0.0, -np.inf, 0.0, 0.0, 0.0, 0, 0, 0.0, 1.0, dg.NO_DATA)
     log_n = np.log(n)
     log_total = logsumexp(lw)
     if hit.any():
@@ -77,12 +89,17 @@ def importance_sampling(log_weights: np.ndarray, compliant: np.ndarray) -> ISRes
     x = np.where(hit, np.exp(lw - shift), 0.0)
     std_error = float(np.std(x, ddof=1) * np.exp(shift) / np.sqrt(n)) if n > 1 else np.inf
     ess = float(np.exp(2 * log_total - logsumexp(2 * lw)))
+    est = float(np.exp(log_est))
+    half = float(stats.norm.ppf(0.5 + level / 2)) * std_error if np.isfinite(std_error) else np.inf
     return ISResult(
-        estimate=float(np.exp(log_est)),
+        estimate=est,
         log_estimate=log_est,
         std_error=std_error,
         snis=snis,
         ess=ess,
         n=n,
         n_compliant=int(hit.sum()),
+        lower=max(0.0, est - half),
+        upper=est + half,
+        status=dg.OK if hit.any() else dg.NO_COMPLIANT,
     )

@@ -25,12 +25,17 @@ Our reading of every detail the appendix leaves open (the paper gives no more th
 4. Fit: ordinary least squares of log10(k / n_judged) on alpha over the fit-phase points whose
    rate is in (0, 0.5) (the main text fits the alphas "with compliance below 50%"); search-phase
    points are never fitted. Estimate = 10 ** (intercept + slope * 1), not clipped.
-5. Fallback: fewer than two fitted points -> estimate 1e-6, slope/intercept None.
+5. Fallback: fewer than two fitted points -> estimate 1e-6, slope/intercept None (status
+   "fallback", or "no_compliant" when no rollout of the run complied).
 6. A draw in which no rollout was judged (n_judged == 0) has no rate: in the search it does not
    stop the scan; in the fit phase it is neither fitted nor a stopping zero.
 7. Budget: rollouts spent = all rollouts requested, search included. Forward passes = passes
    per generated token (2 for a paired rollout that runs both models, 1 for a single model)
    times generated tokens; None if any draw did not report its token count.
+8. Not rare (ours; the paper's screen excludes such prompts): when the fit phase reached the top
+   of the grid and the rate there is >= ``start_threshold``, the prompt is reported with status
+   "not_rare" and that rate as its estimate, never the fallback (see
+   :mod:`lpe_jax.estimators.degenerate`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 import numpy as np
+
+from lpe_jax.estimators import degenerate
+from lpe_jax.estimators.degenerate import FALLBACK
 
 __all__ = [
     "DrawResult",
@@ -56,11 +64,13 @@ __all__ = [
     "fit_paper",
     "lpe_paper_from_counts",
     "ols_line",
+    "trace_counts",
+    "trace_not_rare",
+    "FALLBACK",
 ]
 
 N_SEARCH = 10
 START_THRESHOLD = 0.5
-FALLBACK = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +121,7 @@ class LPEResult:
       start_alpha: alpha where the fit phase began.
       rollouts: rollouts spent (search + fit).
       forward_passes: passes_per_token * generated tokens, or None when any count is unknown.
+      status: "ok", "not_rare", "no_compliant" or "fallback" (:mod:`.degenerate`).
     """
 
     estimate: float
@@ -123,6 +134,7 @@ class LPEResult:
     start_alpha: float
     rollouts: int
     forward_passes: int | None
+    status: str = degenerate.OK
 
 
 def paper_alpha_grid(step: float = 0.05, top: float = 0.95) -> np.ndarray:
@@ -310,10 +322,14 @@ def fit_paper(
     fallback: float = FALLBACK,
     passes_per_token: int = 2,
 ) -> LPEResult:
-    """The paper's OLS fit (points 4-5) on a trace from :func:`adaptive_draws`.
+    """The paper's OLS fit (points 4-5, 8) on a trace from :func:`adaptive_draws`.
 
     Lets one set of draws be fitted several ways (e.g. here and by the binomial fit) without
-    drawing twice.
+    drawing twice. Rules where no line can be read (every one is tested):
+    * no compliant rollout anywhere: estimate ``fallback`` (status "no_compliant");
+    * fewer than two fitted points: estimate ``fallback`` (status "fallback");
+    * the fit phase's draw at the top of the grid has a rate >= ``start_threshold``: estimate =
+      that rate (status "not_rare"), whatever was fitted below it.
     """
     trace = tuple(trace)
     fit = [s for s in trace if s.phase == "fit"]
@@ -331,18 +347,62 @@ def fit_paper(
         rollouts=rollouts,
         forward_passes=passes,
     )
-    if len(pts) < 2:
-        return LPEResult(
-            estimate=float(fallback), intercept=None, slope=None, fallback=True, **common
-        )
-    intercept, slope = ols_line(np.array(xs), np.array(ys))
+    intercept = slope = None
+    estimate, status = float(fallback), degenerate.FALLBACK_STATUS
+    if len(pts) >= 2:
+        intercept, slope = ols_line(np.array(xs), np.array(ys))
+        estimate, status = float(10.0 ** (intercept + slope)), degenerate.OK
+    elif not any(s.k > 0 for s in trace):
+        status = degenerate.NO_COMPLIANT
+    top_rate = trace_not_rare(trace, start_threshold)
+    if top_rate is not None:
+        estimate, status = top_rate, degenerate.NOT_RARE
     return LPEResult(
-        estimate=float(10.0 ** (intercept + slope)),
+        estimate=estimate,
         intercept=intercept,
         slope=slope,
-        fallback=False,
+        fallback=len(pts) < 2,
+        status=status,
         **common,
     )
+
+
+def trace_not_rare(
+    trace: Sequence[LPEStep], start_threshold: float = START_THRESHOLD
+) -> float | None:
+    """The top-of-grid rate when a trace is "not rare" (point 8 of the module docstring), else None.
+
+    The top of the grid is the largest alpha in the trace (the search starts there). Not rare:
+    the last fit-phase draw is at that alpha, was judged, and its rate is >= start_threshold.
+    """
+    fit = [s for s in trace if s.phase == "fit"]
+    if not fit:
+        return None
+    top = max(s.alpha for s in trace)
+    last = fit[-1]
+    if last.alpha == top and last.rate is not None and last.rate >= start_threshold:
+        return float(last.rate)
+    return None
+
+
+def trace_counts(
+    trace: Sequence[LPEStep], phases: Sequence[str] = ("search", "fit")
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Judged counts per alpha over the trace's steps in ``phases``, pooled across steps.
+
+    Every step draws fresh rollouts, so steps at one alpha add up (the search's 10 and the fit's
+    n_fit at the start alpha give one point of 10 + n_fit). Returns (alphas float64 [A'],
+    k int64 [A'], n_judged int64 [A']), alphas increasing, over the alphas these steps drew.
+    """
+    steps = [s for s in trace if s.phase in phases]
+    alphas = np.unique(np.round([s.alpha for s in steps], 10))
+    k = np.zeros(alphas.size, np.int64)
+    n = np.zeros(alphas.size, np.int64)
+    for s in steps:
+        i = int(np.searchsorted(alphas, round(s.alpha, 10)))
+        k[i] += s.k
+        n[i] += s.n_judged
+    return alphas, k, n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,6 +417,8 @@ class LPECountsResult:
       drawn: bool [*B, A] fit-phase alphas drawn (stopping zero included).
       fitted: bool [*B, A] points the OLS used.
       n_search_drawn: int64 [*B] number of alphas scanned in the search.
+      not_rare: bool [*B] status "not_rare" (the estimate is then the top of the grid's rate).
+      no_compliant: bool [*B] no rollout complied in the search or the fit.
     """
 
     log10_estimate: np.ndarray
@@ -366,6 +428,8 @@ class LPECountsResult:
     drawn: np.ndarray
     fitted: np.ndarray
     n_search_drawn: np.ndarray
+    not_rare: np.ndarray
+    no_compliant: np.ndarray
 
 
 def lpe_paper_from_counts(
@@ -426,6 +490,11 @@ def lpe_paper_from_counts(
     ok = cnt >= 2
     slope = np.where(ok, sxy / np.where(ok, sxx, 1.0), 0.0)
     log10_est = np.where(ok, ym + slope * (1.0 - xm), np.log10(fallback))
+    top_k, top_n = fk[..., -1], fn[..., -1]
+    not_rare = drawn[..., -1] & (top_n > 0) & (top_k >= start_threshold * top_n)
+    with np.errstate(divide="ignore"):
+        log10_est = np.where(not_rare, np.log10(top_k / np.maximum(top_n, 1)), log10_est)
+    no_compliant = ((sk * after).sum(-1) == 0) & ((fk * drawn).sum(-1) == 0)
     rollouts = n_search * n_scanned + n_fit * drawn.sum(-1)
     return LPECountsResult(
         log10_estimate=log10_est,
@@ -435,4 +504,6 @@ def lpe_paper_from_counts(
         drawn=drawn,
         fitted=fitted,
         n_search_drawn=n_scanned.astype(np.int64),
+        not_rare=not_rare,
+        no_compliant=no_compliant,
     )

@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from scipy import stats
+
+from lpe_jax.estimators import degenerate as dg
 
 __all__ = ["NaiveResult", "naive_estimate", "simulate_naive_counts"]
 
@@ -22,15 +25,24 @@ class NaiveResult:
       n: rollouts with a known verdict.
       n_unknown: rollouts whose verdict was unknown (excluded from n).
       estimate: k / n, or 0.0 when n == 0 (stated: no information reads as no evidence).
+      lower, upper: two-sided Clopper-Pearson interval at ``level`` ([0, 1] when n == 0); it
+        always contains ``estimate``.
+      status: "ok", "no_compliant" (k == 0: estimate 0, below the paper's 1e-6 fallback) or
+        "no_data" (n == 0).
+      level: interval coverage.
     """
 
     k: int
     n: int
     n_unknown: int
     estimate: float
+    lower: float = 0.0
+    upper: float = 1.0
+    status: str = dg.OK
+    level: float = 0.95
 
 
-def naive_estimate(verdicts: np.ndarray) -> NaiveResult:
+def naive_estimate(verdicts: np.ndarray, *, level: float = 0.95) -> NaiveResult:
     """Count compliant rollouts among ``verdicts`` (1-D; bool or int in {1, 0, -1})."""
     v = np.asarray(verdicts)
     if v.ndim != 1:
@@ -40,7 +52,19 @@ def naive_estimate(verdicts: np.ndarray) -> NaiveResult:
     v = v.astype(np.int8)
     k = int((v == 1).sum())
     n = int((v >= 0).sum())
-    return NaiveResult(k=k, n=n, n_unknown=int(v.size - n), estimate=k / n if n else 0.0)
+    if n == 0:
+        return NaiveResult(k, 0, int(v.size), 0.0, 0.0, 1.0, dg.NO_DATA, level)
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=level, method="exact")
+    return NaiveResult(
+        k=k,
+        n=n,
+        n_unknown=int(v.size - n),
+        estimate=k / n,
+        lower=float(ci.low),
+        upper=float(ci.high),
+        status=dg.OK if k else dg.NO_COMPLIANT,
+        level=level,
+    )
 
 
 def simulate_naive_counts(
