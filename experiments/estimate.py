@@ -101,6 +101,7 @@ def estimate_prompt(
             "lower": binom.lower,
             "upper": binom.upper,
             "degenerate": binom.fit.degenerate,
+            "status": binom.fit.status,
             "intercept": binom.fit.intercept,
             "slope": binom.fit.slope,
         },

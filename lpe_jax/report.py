@@ -24,8 +24,9 @@ Result = Mapping[str, Any]
 
 __all__ = [
     "ABOVE_ONE",
-    "DEGENERATE_MARKS",
     "FALLBACK",
+    "ONE_NONZERO",
+    "STATUS_MARKS",
     "Cell",
     "Column",
     "Mark",
@@ -71,33 +72,36 @@ class Column:
             raise ValueError(f"align must be '<' or '>', got {self.align!r}")
 
 
-FALLBACK = Mark(
-    "*",
-    "LPE fallback: fewer than two fitted alphas (rate in (0, 0.5)), so the paper's default 1e-6 "
-    "is reported; it is not an estimate",
-)
-DEGENERATE_MARKS = {
-    "saturated": Mark(
-        "?",
-        "binomial: no fit-phase alpha had a rate below 0.5, nothing to fit; 0.5 [0, 1] is a "
-        "placeholder, not an estimate",
+# One mark per estimator status (lpe_jax.estimators.degenerate): a number that is not an
+# extrapolated line says so, in both LPE columns.
+STATUS_MARKS = {
+    "fallback": Mark(
+        "*",
+        "fallback: fewer than two usable fitted alphas, so the default 1e-6 (or less, bounded by "
+        "the zeros seen) is reported; it is not an estimate",
+    ),
+    "no_compliant": Mark(
+        "_",
+        "no compliant rollout at any alpha: the value is the fallback, an upper bound at most; "
+        "the least risky kind of prompt",
+    ),
+    "not_rare": Mark(
+        "+",
+        "not rare: the rate at the top of the grid is already >= 0.5; the value is that rate (an "
+        "upper bound on r(1)), and the naive column gives the rate at alpha = 1",
     ),
     "one_point": Mark(
         "^",
-        "binomial: one fitted alpha; the value is that alpha's rate, an upper bound on r(1), "
-        "not an extrapolation",
-    ),
-    "no_compliant": Mark(
-        "<",
-        "binomial: no compliant rollout at any fitted alpha; only the upper end of the interval "
-        "says something",
-    ),
-    "one_nonzero": Mark(
-        "~",
-        "binomial: compliant rollouts at one fitted alpha only; the slope is not bounded below, "
-        "so the lower end of the interval is weak",
+        "one fitted alpha: the value is that alpha's rate, an upper bound on r(1), not an "
+        "extrapolation",
     ),
 }
+FALLBACK = STATUS_MARKS["fallback"]
+ONE_NONZERO = Mark(
+    "~",
+    "binomial: compliant rollouts at one fitted alpha only; the slope is not bounded below, so "
+    "the lower end of the interval is weak",
+)
 ABOVE_ONE = Mark(
     "!",
     "IS above 1: not a probability; a few compliant variant rollouts with large weights "
@@ -110,18 +114,22 @@ def fmt_rate(x: float | None) -> str:
     return "-" if x is None else ("0" if x == 0 else f"{x:.1e}")
 
 
+def _status_marks(r: Result, method: str) -> tuple[Mark, ...]:
+    status = r[method].get("status", "ok")
+    if status != "ok" and status not in STATUS_MARKS:
+        raise ValueError(f"prompt {r['id']}: unknown {method} status {status!r}")
+    return (STATUS_MARKS[status],) if status != "ok" else ()
+
+
 def _lpe(r: Result) -> Cell:
-    lpe = r["lpe"]
-    return Cell(fmt_rate(lpe["estimate"]), (FALLBACK,) if lpe.get("fallback") else ())
+    return Cell(fmt_rate(r["lpe"]["estimate"]), _status_marks(r, "lpe"))
 
 
 def _binomial(r: Result) -> Cell:
     b = r["lpe_binomial"]
     text = f"{fmt_rate(b['estimate'])} [{fmt_rate(b['lower'])}, {fmt_rate(b['upper'])}]"
-    kind = b.get("degenerate")
-    if kind is not None and kind not in DEGENERATE_MARKS:
-        raise ValueError(f"prompt {r['id']}: unknown degenerate fit kind {kind!r}")
-    return Cell(text, (DEGENERATE_MARKS[kind],) if kind else ())
+    weak = (ONE_NONZERO,) if b.get("degenerate") == "one_nonzero" else ()
+    return Cell(text, _status_marks(r, "lpe_binomial") + weak)
 
 
 def _is(r: Result) -> Cell:

@@ -28,6 +28,7 @@ def _result(pid: str, rate_at, log_w: np.ndarray, is_v: np.ndarray, naive_v: np.
             "lower": binom.lower,
             "upper": binom.upper,
             "degenerate": binom.fit.degenerate,
+            "status": binom.fit.status,
         },
         "is": dataclasses.asdict(importance.importance_sampling(log_w, is_v)),
         "naive": dataclasses.asdict(naive.naive_estimate(naive_v)),
@@ -44,27 +45,31 @@ def _results() -> list[dict]:
         np.r_[np.ones(4), np.zeros(16)].astype(np.int8),
         zeros,
     )
-    # Complies everywhere: no alpha below 0.5, so the paper falls back and the binomial fit is
-    # saturated, while naive reads 20/20 and IS (log-weights above 0) exceeds 1.
+    # Complies everywhere: not rare at all (>= 0.5 at the top of the grid), while naive reads
+    # 20/20 and IS (log-weights above 0) exceeds 1.
     always = _result("x", lambda a: 1.0, np.full(20, 0.5), ones, ones)
     return [healthy, always]
 
 
-def test_fallback_degenerate_and_is_above_one_are_marked():
+def test_statuses_and_is_above_one_are_marked():
     healthy, always = _results()
-    assert always["lpe"]["fallback"] and always["lpe_binomial"]["degenerate"] == "saturated"
-    assert always["is"]["estimate"] > 1 and not healthy["lpe"]["fallback"]
-    text = report.table([healthy, always], {"x": 0.5})
+    zeros = np.zeros(20, np.int8)
+    never = _result("never", lambda a: 0.0, np.full(20, -1.0), zeros, zeros)
+    assert always["lpe"]["status"] == always["lpe_binomial"]["status"] == "not_rare"
+    assert never["lpe"]["status"] == never["lpe_binomial"]["status"] == "no_compliant"
+    assert always["is"]["estimate"] > 1 and healthy["lpe"]["status"] == "ok"
+    text = report.table([healthy, always, never], {"x": 0.5})
     rows = {line.split()[0]: line for line in text.splitlines()}
-    assert "1.0e-06*" in rows["x"] and "[0, 1.0e+00]?" in rows["x"] and "1.6e+00!" in rows["x"]
-    assert "20/20" in rows["x"]
-    assert not any(s in rows["dimethylmercury_instructions_home"] for s in "*?!")
-    legend = text.splitlines()[-3:]
-    assert [line.split()[0] for line in legend] == ["*", "?", "!"]
-    assert "not an estimate" in legend[0] and "not a probability" in legend[2]
+    assert "1.0e+00+" in rows["x"] and "1.0e+00 [0, 1.0e+00]+" in rows["x"]
+    assert "1.6e+00!" in rows["x"] and "20/20" in rows["x"]
+    assert "1.0e-06_" in rows["never"] and "[0, 1.4e-01]_" in rows["never"]  # both LPE columns
+    assert not any(s in rows["dimethylmercury_instructions_home"] for s in "*+_!^~")
+    legend = [line.split()[0] for line in text.splitlines()[-3:]]
+    assert legend == ["+", "!", "_"]
+    assert "not rare" in text and "not a probability" in text and "upper bound" in text
     # Only the marks some row carries are explained.
-    assert report.DEGENERATE_MARKS["one_point"].meaning not in text
-    assert "*" not in report.table([healthy])
+    assert report.STATUS_MARKS["one_point"].meaning not in text
+    assert report.FALLBACK.meaning not in report.table([healthy])
 
 
 def test_columns_are_as_wide_as_their_data():
