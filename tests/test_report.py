@@ -63,7 +63,8 @@ def test_statuses_and_is_above_one_are_marked():
     assert "1.0e+00+" in rows["x"] and "1.0e+00 [0, 1.0e+00]+" in rows["x"]
     assert "1.6e+00!" in rows["x"] and "20/20" in rows["x"]
     assert "1.0e-06_" in rows["never"] and "[0, 1.4e-01]_" in rows["never"]  # both LPE columns
-    assert not any(s in rows["dimethylmercury_instructions_home"] for s in "*+_!^~")
+    long_id = "dimethylmercury_instructions_home"
+    assert not any(s in rows[long_id][len(long_id) :] for s in "*+_!^~")
     legend = [line.split()[0] for line in text.splitlines()[-3:]]
     assert legend == ["+", "!", "_"]
     assert "not rare" in text and "not a probability" in text and "upper bound" in text
