@@ -111,7 +111,8 @@ class WalkData:
     tokens int32 [N, T]; mask float32 [N, T] (positions that predict a response token);
     target int32 [N, T]: row of `table_original` / `table_variant` (float32 [K, V]) holding the
     teacher's next-token distribution at that position (row 0: all zeros, off the mask).
-    `batch(idx, which)` gives dense (tokens, mask, q [B, T, V]) for the rows `idx`.
+    `batch(idx, which)` gives dense (tokens, mask, q [B, T, V]) for the rows `idx`;
+    `length` int [N] is each row's tokens up to its last target (prompt and response).
     """
 
     def __init__(
@@ -157,15 +158,36 @@ class WalkData:
                     pos += 1
                     self.tokens[row, pos] = token_id[word]
                 row += 1
+        self.length = self.mask.shape[1] - np.argmax(self.mask[:, ::-1], axis=1) + 1
         self.table_original = np.stack([t[0] for t in tables])
         self.table_variant = np.stack([t[1] for t in tables])
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def batch(self, idx: np.ndarray, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def batch(
+        self, idx: np.ndarray, which: str, seq_len: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows `idx` as (tokens, mask, q), cut to `seq_len` columns (all by default; the cut
+        must keep every row's tokens: ValueError otherwise)."""
         table = {"original": self.table_original, "variant": self.table_variant}[which]
-        return self.tokens[idx], self.mask[idx], table[self.target[idx]]
+        cut = slice(None) if seq_len is None else slice(seq_len)
+        if seq_len is not None and self.length[idx].max() > seq_len:
+            raise ValueError(f"rows longer than seq_len={seq_len} in the batch")
+        return self.tokens[idx, cut], self.mask[idx, cut], table[self.target[idx, cut]]
+
+    def length_buckets(self, edges: Sequence[int]) -> list[tuple[int, np.ndarray]]:
+        """[(edge, rows no longer than it and longer than the previous edge)], empty ones left
+        out; the last edge must cover every row."""
+        if max(edges) < self.length.max():
+            raise ValueError(f"edges {list(edges)} do not cover rows of {self.length.max()}")
+        out, lo = [], 0
+        for edge in sorted(edges):
+            rows = np.flatnonzero((self.length > lo) & (self.length <= edge))
+            if rows.size:
+                out.append((edge, rows))
+            lo = edge
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,10 +216,12 @@ def train(
     batch: int,
     lr: float,
     log_weight: float,
+    draw: Callable[[np.random.Generator], np.ndarray] | None = None,
 ) -> Qwen3:
     """Adam (warmup + cosine decay, clipped) on the soft-target loss over `steps` batches of
-    `batch` rows drawn from range(n) by `get_batch(idx) -> (tokens, mask, q)`; returns a new
-    trained model (the input is left as is)."""
+    `batch` rows drawn from range(n) (or by `draw(rng) -> idx`) and read by
+    `get_batch(idx) -> (tokens, mask, q)`; returns a new trained model (the input is left as
+    is)."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(50, steps // 4), steps, lr * 0.02)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
     graphdef, params = nnx.split(model)
@@ -215,7 +239,7 @@ def train(
     rng = np.random.default_rng(seed + 1000)
     t0 = time.time()
     for i in range(steps):
-        idx = rng.choice(n, batch, replace=False)
+        idx = rng.choice(n, batch, replace=False) if draw is None else draw(rng)
         params, opt_state, loss, kl = step(params, opt_state, *get_batch(idx))
         if i % 100 == 0 or i == steps - 1:
             logging.info(
