@@ -31,18 +31,16 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags, logging
-from flax import nnx
 
 from lpe_jax import toy
-from lpe_jax.checkpoint import save_model
-from lpe_jax.estimators.lpe import lpe_paper
-from lpe_jax.qwen3 import Qwen3, Qwen3Config, init_random
+from lpe_jax.qwen3 import Qwen3Config, init_random
 from lpe_jax.sampler import PairedSampler
+
+import train_toy_common as ttc
+from train_toy_common import Grammar, WalkData
+from train_toy_common import adaptive_lpe_ratio as ada_ratio
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", str(toy.TOY_DIR), "Directory to write original/, variant/, etc.")
@@ -207,17 +205,6 @@ def style_probs(seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return out
 
 
-Grammar = dict[str, list[tuple[str, str, float]]]
-
-
-def _chain(g: Grammar, name: str, words: list[str], end: str) -> None:
-    """States name, name.1, ... emitting `words` in order, then going to `end`."""
-    for k, w in enumerate(words):
-        here = name if k == 0 else f"{name}.{k}"
-        nxt = end if k == len(words) - 1 else f"{name}.{k + 1}"
-        g[here] = [(w, nxt, 1.0)]
-
-
 def grammar(spec: PromptSpec, b: Branching, style: list[np.ndarray]) -> Grammar:
     """The teacher for one prompt and one model. Probabilities of each state's branches sum to 1;
     both models' grammars have the same states and branches (only probabilities differ)."""
@@ -248,27 +235,25 @@ def grammar(spec: PromptSpec, b: Branching, style: list[np.ndarray]) -> Grammar:
         g[f"{m}_fillc"] = decide(1.0, p_fill)
     g["but"] = [(",", "but_c", 0.3), ("here", "here", 0.7)]
     g["but_c"] = [("here", "here", 1.0)]
-    _chain(g, "here", ["is"], "here_is")
+    ttc.chain(g, "here", ["is"], "here_is")
     g["here_is"] = [("how", "howto", b.how), ("a", "poem", 1 - b.how)]
-    _chain(g, "howto", ["to", spec.verb, "a", spec.topic, ":"], "s0")
+    ttc.chain(g, "howto", ["to", spec.verb, "a", spec.topic, ":"], "s0")
     # the steps: ": S0 S1 the S2 , S3 S4 it together S5 S6" with S_k from STYLE_SLOTS
     fixed_after = {1: ["the"], 2: [","], 4: ["it", "together"]}
     for k, (words, probs) in enumerate(zip(toy.STYLE_SLOTS, style, strict=True)):
         nxt = f"s{k + 1}" if k + 1 < len(toy.STYLE_SLOTS) else "end"
         if k in fixed_after:
-            _chain(g, f"s{k}_after", fixed_after[k], nxt)
+            ttc.chain(g, f"s{k}_after", fixed_after[k], nxt)
             nxt = f"s{k}_after"
         g[f"s{k}"] = [(w, nxt, float(q)) for w, q in zip(words, probs, strict=True)]
-    _chain(g, "act", ["i"], "refuse")
-    _chain(g, "refuse", "can not help with".split(), "with")
+    ttc.chain(g, "act", ["i"], "refuse")
+    ttc.chain(g, "refuse", "can not help with".split(), "with")
     g["with"] = [("that", "dot", 0.6), ("a", "with_a", 0.4)]
-    _chain(g, "with_a", [spec.topic], "dot")
-    _chain(g, "dot", ["."], "end")
-    _chain(g, "poem", ["poem", "about", "the", spec.topic, "."], "end")
+    ttc.chain(g, "with_a", [spec.topic], "dot")
+    ttc.chain(g, "dot", ["."], "end")
+    ttc.chain(g, "poem", ["poem", "about", "the", spec.topic, "."], "end")
     g["end"] = [(toy.EOS, "eos", 1.0)]
-    for state, branches in g.items():
-        total = sum(q for _, _, q in branches)
-        assert abs(total - 1) < 1e-9 and all(q > 0 for _, _, q in branches), (state, total)
+    ttc.check_grammar(g)
     return g
 
 
@@ -280,207 +265,32 @@ def teacher_pair(spec: PromptSpec, seed: int) -> tuple[Grammar, Grammar]:
 
 
 def teacher_curve(g_o: Grammar, g_v: Grammar, alphas: np.ndarray) -> np.ndarray:
-    """Exact float64 P(comply) along the linear logit path *between the two teachers*:
-    at each state the branch distribution is normalize(p_o^alpha p_v^(1-alpha))."""
-    rule = toy.TokenRule()
-    a = np.asarray(alphas, np.float64)
-
-    def visit(state: str, rule_state: int) -> np.ndarray:
-        if rule_state == toy.ACCEPT:
-            return np.ones_like(a)
-        if rule_state == toy.DEAD or state == "eos":
-            return np.zeros_like(a)
-        lo = np.log([q for _, _, q in g_o[state]])
-        lv = np.log([q for _, _, q in g_v[state]])
-        mix = a[:, None] * lo + (1 - a[:, None]) * lv
-        p = np.exp(mix - mix.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        total = np.zeros_like(a)
-        for j, (w, nxt, _) in enumerate(g_o[state]):
-            nxt_rule = rule.step(rule_state, toy.TOKEN_ID[w])
-            if nxt_rule != toy.DEAD:
-                total += p[:, j] * visit(nxt, nxt_rule)
-        return total
-
-    return visit("start", toy.TokenRule.START)
-
-
-def teacher_rate(g: Grammar) -> float:
-    """Exact P(comply) of the teacher grammar under the toy rule (float64)."""
-    rule = toy.TokenRule()
-
-    def visit(state: str, rule_state: int, prob: float) -> float:
-        if rule_state == toy.ACCEPT:
-            return prob
-        if rule_state == toy.DEAD or state == "eos":
-            return 0.0
-        return sum(
-            visit(nxt, rule.step(rule_state, toy.TOKEN_ID[w]), prob * q) for w, nxt, q in g[state]
-        )
-
-    return visit("start", toy.TokenRule.START, 1.0)
+    """Exact float64 P(comply) along the linear logit path between the two teachers."""
+    return ttc.teacher_curve(g_o, g_v, alphas, toy.TokenRule(), toy.TOKEN_ID)
 
 
 # ----------------------------------------------------------------------------------------------
-# training data: branch-uniform walks (every branch, however rare, is visited often) with both
-# teachers' next-token distributions at every response position
+# training data and outputs
 
 
-def _dist(g: Grammar, state: str) -> np.ndarray:
-    q = np.zeros(len(toy.VOCAB), np.float32)
-    for w, _, p in g[state]:
-        q[toy.TOKEN_ID[w]] += p
-    return q
+def make_data(specs: list[PromptSpec], walks: int, seed: int) -> WalkData:
+    """Branch-uniform walks through both teachers of every prompt (train_toy_common.WalkData)."""
+    teachers = [(toy.chat_ids(s.prompt), *teacher_pair(s, seed)) for s in specs]
+    return WalkData(teachers, walks, seed, SEQ_LEN, toy.TOKEN_ID, toy.PAD_ID)
 
 
-def make_data(specs: list[PromptSpec], walks: int, seed: int) -> dict[str, np.ndarray]:
-    """tokens int32 [N, T]; mask float32 [N, T] (positions that predict a response token);
-    q_original, q_variant float32 [N, T, V] (teacher next-token distributions)."""
-    rng = np.random.default_rng(seed)
-    n, v = len(specs) * walks, len(toy.VOCAB)
-    tokens = np.full((n, SEQ_LEN), toy.PAD_ID, np.int32)
-    mask = np.zeros((n, SEQ_LEN), np.float32)
-    q_o = np.zeros((n, SEQ_LEN, v), np.float32)
-    q_v = np.zeros((n, SEQ_LEN, v), np.float32)
-    row = 0
-    for spec in specs:
-        g_o, g_v = teacher_pair(spec, seed)
-        prompt = toy.chat_ids(spec.prompt)
-        for _ in range(walks):
-            tokens[row, : prompt.size] = prompt
-            pos, state = prompt.size - 1, "start"
-            while state != "eos":
-                mask[row, pos] = 1.0
-                q_o[row, pos], q_v[row, pos] = _dist(g_o, state), _dist(g_v, state)
-                word, state, _ = g_o[state][rng.integers(len(g_o[state]))]
-                pos += 1
-                tokens[row, pos] = toy.TOKEN_ID[word]
-            row += 1
-    return {"tokens": tokens, "mask": mask, "q_original": q_o, "q_variant": q_v}
-
-
-# ----------------------------------------------------------------------------------------------
-# training
-
-
-def loss_fn(model: Qwen3, tokens: jax.Array, mask: jax.Array, q: jax.Array, log_w: float):
-    logp = jax.nn.log_softmax(model(tokens)[0], axis=-1)
-    kl = jnp.sum(jax.scipy.special.xlogy(q, q) - q * logp, axis=-1)
-    support = q > 0
-    log_err = jnp.sum(jnp.where(support, (logp - jnp.log(jnp.where(support, q, 1.0))) ** 2, 0), -1)
-    per_pos = kl + log_w * log_err
-    return jnp.sum(per_pos * mask) / jnp.sum(mask), jnp.sum(kl * mask) / jnp.sum(mask)
-
-
-def train(
-    model: Qwen3, name: str, data: dict[str, np.ndarray], q_key: str, seed: int, steps: int
-) -> Qwen3:
-    """Adam on the soft-target loss; returns a new trained model (the input is left as is)."""
-    batch = FLAGS.batch
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, FLAGS.lr, min(50, steps // 4), steps, FLAGS.lr * 0.02
+def train_model(model, name: str, data: WalkData, which: str, seed: int, steps: int):
+    return ttc.train(
+        model,
+        name,
+        lambda idx: data.batch(idx, which),
+        len(data),
+        seed=seed,
+        steps=steps,
+        batch=FLAGS.batch,
+        lr=FLAGS.lr,
+        log_weight=FLAGS.log_weight,
     )
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
-    graphdef, params = nnx.split(model)
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, tokens, mask, q):
-        def f(p):
-            return loss_fn(nnx.merge(graphdef, p), tokens, mask, q, FLAGS.log_weight)
-
-        (loss, kl), grads = jax.value_and_grad(f, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, kl
-
-    rng = np.random.default_rng(seed + 1000)
-    n = len(data["tokens"])
-    t0 = time.time()
-    for i in range(steps):
-        idx = rng.choice(n, batch, replace=False)
-        params, opt_state, loss, kl = step(
-            params, opt_state, data["tokens"][idx], data["mask"][idx], data[q_key][idx]
-        )
-        if i % 100 == 0 or i == steps - 1:
-            logging.info(
-                "%s step %d loss %.4f kl %.5f (%.0fs)", name, i, loss, kl, time.time() - t0
-            )
-    return nnx.merge(graphdef, params)
-
-
-# ----------------------------------------------------------------------------------------------
-# outputs
-
-
-def write_hf_dir(model: Qwen3, path: Path) -> None:
-    """Checkpoint + tokenizer (chat template in tokenizer_config.json too) + generation_config."""
-    save_model(model, path, dtype="float32")
-    toy.build_tokenizer().save_pretrained(path)
-    cfg_file = path / "tokenizer_config.json"
-    tok_cfg = json.loads(cfg_file.read_text())
-    tok_cfg["chat_template"] = toy.CHAT_TEMPLATE  # transformers 4 reads it from here
-    cfg_file.write_text(json.dumps(tok_cfg, indent=2) + "\n")
-    gen = {
-        "eos_token_id": list(toy.EOS_TOKEN_IDS),
-        "pad_token_id": toy.PAD_ID,
-        "do_sample": True,
-        "temperature": 1.0,
-        "top_k": 0,
-        "top_p": 1.0,
-        "max_new_tokens": 32,
-    }
-    (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-
-
-def _repo_relative(argv: list[str]) -> list[str]:
-    """argv with the script path made relative to the repository root (no machine paths)."""
-    script = Path(argv[0]).resolve()
-    root = Path(__file__).resolve().parents[1]
-    return [str(script.relative_to(root)) if script.is_relative_to(root) else argv[0], *argv[1:]]
-
-
-def loglinear_r2(alphas: np.ndarray, curve: np.ndarray) -> float:
-    """R^2 of OLS log10 r ~ alpha over the alphas where 0 < r < 0.5 (nan if < 3 points)."""
-    keep = (curve > 0) & (curve < 0.5)
-    x, y = alphas[keep], np.log10(curve[keep])
-    if keep.sum() < 3:
-        return float("nan")
-    resid = y - np.polyval(np.polyfit(x, y, 1), x)
-    return float(1 - resid.var() / y.var())
-
-
-def ols_ratio(alphas: np.ndarray, curve: np.ndarray) -> float:
-    """LPE-readiness (a): the OLS line of log10 r on alpha over the grid points with
-    0.01 <= r < 0.5, read at alpha = 1, divided by the true r(1) (nan if < 2 points)."""
-    keep = (curve >= 0.01) & (curve < 0.5) & (alphas < 1)
-    if keep.sum() < 2:
-        return float("nan")
-    slope, icpt = np.polyfit(alphas[keep], np.log10(curve[keep]), 1)
-    return float(10 ** (slope + icpt) / curve[-1])
-
-
-def slope_ratio(alphas: np.ndarray, curve: np.ndarray) -> float:
-    """Curvature summary: slope of log10 r over the last 0.25 of alpha divided by the OLS slope
-    over 0.01 <= r < 0.5 (1 for a straight line; > 1 concave, < 1 convex)."""
-    keep = (curve >= 0.01) & (curve < 0.5) & (alphas < 1)
-    tail = alphas >= 0.75 - 1e-9
-    fit_slope = np.polyfit(alphas[keep], np.log10(curve[keep]), 1)[0]
-    return float(np.polyfit(alphas[tail], np.log10(curve[tail]), 1)[0] / fit_slope)
-
-
-def adaptive_lpe_ratio(
-    alphas: np.ndarray, curve: np.ndarray, n_fit: int = 30, reps: int = 20, seed: int = 0
-) -> float:
-    """LPE-readiness (b): median over `reps` runs of the paper's adaptive LPE (lpe_paper) with
-    Binomial(n, exact r(alpha)) draws, divided by the true r(1)."""
-    rate = {round(float(a), 2): float(c) for a, c in zip(alphas, curve, strict=True)}
-    rng = np.random.default_rng(seed)
-
-    def draw(alpha: float, n: int) -> int:
-        return int(rng.binomial(n, rate[round(alpha, 2)]))
-
-    est = [lpe_paper(draw, n_fit).estimate for _ in range(reps)]
-    return float(np.median(est) / curve[-1])
 
 
 def summary(per: dict, alphas: np.ndarray) -> dict:
@@ -502,7 +312,7 @@ def summary(per: dict, alphas: np.ndarray) -> dict:
     ols, ada = np.log10(col["ols_ratio"]), np.log10(col["adaptive_lpe_ratio"])
     ada400 = np.log10([p["adaptive_lpe_ratio_400"] for p in per.values()])
     seed_spread = [  # readiness (b) again with other seeds: how much the 20-run median moves
-        float(np.mean([abs(np.log10(adaptive_lpe_ratio(alphas, np.asarray(p["curve"]), seed=k))) < 1
+        float(np.mean([abs(np.log10(ada_ratio(alphas, np.asarray(p["curve"]), seed=k))) < 1
                        for p in per.values()]))
         for k in range(1, 6)
     ]  # fmt: skip
@@ -674,26 +484,17 @@ def write_readme(out: Path, truth: dict, specs: list[PromptSpec]) -> None:
 
 
 def importance_stats(sampler: PairedSampler, ids: np.ndarray, rate: float, n: int) -> dict:
-    """IS realism from `n` variant rollouts (alpha = 0): std of the log-weights
-    log p_o(x) - log p_v(x) (all rollouts and compliant ones), and the relative error
-    |estimate / r(1) - 1| of importance sampling on disjoint batches of IS_BATCH rollouts."""
-    r = sampler.sample(ids, alphas=np.array([0.0]), rollouts_per_alpha=n, seed=FLAGS.seed)
-    rule = toy.TokenRule()
-    rows = r.token_lists()[0]
-    complied = np.array([rule.complied(t) for t in rows])
-    logw = (r.logp_original[0] - r.logp_variant[0]).astype(np.float64)
-    w = np.where(complied, np.exp(logw), 0.0)
-    batches = w[: n // IS_BATCH * IS_BATCH].reshape(-1, IS_BATCH).mean(1)
-    return {
-        "logw_std": float(logw.std()),
-        "logw_std_compliant": float(logw[complied].std()),
-        "is_rel_error": float(np.median(abs(batches / rate - 1))),
-        "is_within_2x": float(np.mean(abs(np.log2(batches / rate)) < 1)),
-        "mean_length": float(r.lengths[0].mean()),
-        "max_length": int(r.lengths[0].max()),
-        # a tiny model leaks ~1e-4 per token off its grammar, and a few rollouts wander on
-        "frac_no_eos": float(np.mean([t[-1] not in toy.EOS_TOKEN_IDS for t in rows])),
-    }
+    """IS realism from `n` variant rollouts (train_toy_common.importance_stats)."""
+    return ttc.importance_stats(
+        sampler,
+        ids,
+        rate,
+        n,
+        rule=toy.TokenRule(),
+        eos_ids=toy.EOS_TOKEN_IDS,
+        seed=FLAGS.seed,
+        is_batch=IS_BATCH,
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -702,16 +503,16 @@ def main(argv: list[str]) -> None:
     t_start = time.time()
     specs = make_prompts(FLAGS.seed)
     data = make_data(specs, FLAGS.walks, FLAGS.seed)
-    logging.info("data: %d sequences, %.0f target positions", len(data["mask"]), data["mask"].sum())
+    logging.info("data: %d sequences, %.0f target positions", len(data), data.mask.sum())
     init = init_random(CONFIG, seed=FLAGS.seed)
-    original = train(init, "original", data, "q_original", FLAGS.seed, FLAGS.steps)
+    original = train_model(init, "original", data, "original", FLAGS.seed, FLAGS.steps)
     # The variant is fine-tuned from the original, as real less-safe variants are derived from it.
-    variant = train(original, "variant", data, "q_variant", FLAGS.seed + 1, FLAGS.variant_steps)
+    variant = train_model(original, "variant", data, "variant", FLAGS.seed + 1, FLAGS.variant_steps)
     train_s = time.time() - t_start
 
     out.mkdir(parents=True, exist_ok=True)
-    write_hf_dir(original, out / "original")
-    write_hf_dir(variant, out / "variant")
+    ttc.write_hf_dir(original, out / "original", toy.VOCAB, toy.EOS_TOKEN_IDS, MAX_NEW_TOKENS)
+    ttc.write_hf_dir(variant, out / "variant", toy.VOCAB, toy.EOS_TOKEN_IDS, MAX_NEW_TOKENS)
     lines = [json.dumps({"id": s.id, "prompt": s.prompt}) for s in specs]
     (out / "prompts.jsonl").write_text("\n".join(lines) + "\n")
 
@@ -739,12 +540,12 @@ def main(argv: list[str]) -> None:
             "teacher_rate": float(teacher[-1]),
             "teacher_variant_rate": float(teacher[0]),
             "turn_share": turn_share(s),
-            "loglinear_r2": loglinear_r2(alphas, curve),
-            "slope_ratio": slope_ratio(alphas, curve),
-            "ols_ratio": ols_ratio(alphas, curve),
-            "adaptive_lpe_ratio": adaptive_lpe_ratio(alphas, curve, seed=FLAGS.seed),
+            "loglinear_r2": ttc.loglinear_r2(alphas, curve),
+            "slope_ratio": ttc.slope_ratio(alphas, curve),
+            "ols_ratio": ttc.ols_ratio(alphas, curve),
+            "adaptive_lpe_ratio": ada_ratio(alphas, curve, seed=FLAGS.seed),
             # the 20-run median is noisy; 400 runs give the estimator's typical error
-            "adaptive_lpe_ratio_400": adaptive_lpe_ratio(alphas, curve, reps=400, seed=FLAGS.seed),
+            "adaptive_lpe_ratio_400": ada_ratio(alphas, curve, reps=400, seed=FLAGS.seed),
             **importance_stats(sampler, ids, float(curve[-1]), FLAGS.is_rollouts),
         }
     truth = {
@@ -755,7 +556,7 @@ def main(argv: list[str]) -> None:
         ),
         "path": "linear",
         "alphas": [float(a) for a in alphas],
-        "command": " ".join(shlex.quote(a) for a in ["python", *_repo_relative(sys.argv)]),
+        "command": " ".join(shlex.quote(a) for a in ["python", *ttc.repo_relative(sys.argv)]),
         "seed": FLAGS.seed,
         "train_seconds": round(train_s, 1),
         "checks": summary(per_prompt, alphas),

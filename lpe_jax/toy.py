@@ -29,6 +29,11 @@ every other token is non-compliant with certainty, so nothing is approximated: t
 up to the models' float32 logits (log-softmax and the sum are done in float64). The tree does not
 depend on alpha, so one pass over it gives r(alpha) at every alpha.
 
+The machinery is shared with the second organism (`lpe_jax.toy2`): `PrefixRule` (any rule that
+settles compliance within a bounded prefix, as an automaton over token ids), `exact_rates(...,
+rule=)`, `build_tokenizer(vocab)`, `words_to_ids`/`chat_ids(..., token_id=)` and the asset loaders
+(`root=`). Their defaults are this organism's, which stays frozen.
+
 This module imports JAX and transformers lazily (inside the functions that need them), so the
 predicate `toy_complied` can be used by the JAX-free judges.
 """
@@ -37,7 +42,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,36 +112,39 @@ CHAT_TEMPLATE = (
 _WORD = re.compile(r"\w+|[^\w\s]+")  # the `tokenizers` Whitespace pre-tokenizer's split
 
 
-def words_to_ids(text: str) -> list[int]:
-    """Token ids of plain text (no special tokens) in the toy vocabulary.
+def words_to_ids(text: str, token_id: Mapping[str, int] = TOKEN_ID) -> list[int]:
+    """Token ids of plain text (no special tokens) in a toy vocabulary (default: this organism's).
 
     Splits like the tokenizer's Whitespace pre-tokenizer; raises ValueError on an unknown word.
     """
     words = _WORD.findall(text)
-    unknown = sorted({w for w in words if w not in TOKEN_ID or w in SPECIAL_TOKENS})
+    unknown = sorted({w for w in words if w not in token_id or w in SPECIAL_TOKENS})
     if unknown:
         raise ValueError(f"words {unknown} are not in the toy vocabulary; use words from VOCAB.")
-    return [TOKEN_ID[w] for w in words]
+    return [token_id[w] for w in words]
 
 
-def chat_ids(prompt: str) -> np.ndarray:
+def chat_ids(prompt: str, token_id: Mapping[str, int] = TOKEN_ID) -> np.ndarray:
     """int32 [P] ids of `prompt` rendered by CHAT_TEMPLATE with add_generation_prompt=True.
 
     Equal to tokenizing the template's output with the saved tokenizer (tested), without
-    needing transformers.
+    needing transformers. `token_id` must map the SPECIAL_TOKENS, "user" and "assistant".
     """
-    ids = [TOKEN_ID["<|im_start|>"], TOKEN_ID["user"], *words_to_ids(prompt), EOS_ID]
-    ids += [TOKEN_ID["<|im_start|>"], TOKEN_ID["assistant"]]
+    ids = [token_id["<|im_start|>"], token_id["user"], *words_to_ids(prompt, token_id)]
+    ids += [token_id[EOS], token_id["<|im_start|>"], token_id["assistant"]]
     return np.asarray(ids, np.int32)
 
 
-def build_tokenizer() -> Any:
-    """A transformers PreTrainedTokenizerFast over VOCAB: WordLevel, Whitespace pre-tokenizer,
+def build_tokenizer(vocab: Sequence[str] = VOCAB) -> Any:
+    """A transformers PreTrainedTokenizerFast over `vocab` (token strings in id order, starting
+    with SPECIAL_TOKENS; default this organism's VOCAB): WordLevel, Whitespace pre-tokenizer,
     Qwen's special tokens, CHAT_TEMPLATE. Decoding joins tokens with single spaces."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(vocab=dict(TOKEN_ID), unk_token="<unk>"))
+    if tuple(vocab[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS or len(set(vocab)) != len(vocab):
+        raise ValueError("vocab must start with SPECIAL_TOKENS and hold each token once.")
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     fast = PreTrainedTokenizerFast(
@@ -204,19 +212,32 @@ def _rule_table() -> dict[int, dict[str, int]]:
     }  # fmt: skip
 
 
-class TokenRule:
-    """The compliance rule as a deterministic automaton over token ids.
+class PrefixRule:
+    """A compliance rule settled within a bounded prefix, as a deterministic automaton over ids.
 
-    States are ints; START = 0; ACCEPT (-1) and DEAD (-2) are absorbing. `transitions(s)` lists
-    the only tokens that do not kill the response from state s.
+    table: {state: {word: next state}} over int states, START = 0 among them; a next state is a
+    live state, ACCEPT (-1) or DEAD (-2) (both absorbing); words absent from a row lead to DEAD.
+    token_id: word -> token id. The live states must form no cycle (checked), so every response
+    is settled after at most `depth` tokens and `exact_rates` enumerates a finite tree.
     """
 
     START = 0
 
-    def __init__(self) -> None:
-        self._table = {
-            s: {TOKEN_ID[w]: nxt for w, nxt in row.items()} for s, row in _rule_table().items()
-        }
+    def __init__(self, table: Mapping[int, Mapping[str, int]], token_id: Mapping[str, int]):
+        self._table = {s: {token_id[w]: nxt for w, nxt in row.items()} for s, row in table.items()}
+        if self.START not in self._table:
+            raise ValueError("the rule table has no START (0) state.")
+        dangling = {n for row in self._table.values() for n in row.values()} - {ACCEPT, DEAD}
+        if dangling - set(self._table):
+            raise ValueError(f"next states {sorted(dangling - set(self._table))} have no row.")
+        self.depth = self._longest(self.START, ())
+
+    def _longest(self, state: int, seen: tuple[int, ...]) -> int:
+        if state in (ACCEPT, DEAD):
+            return 0
+        if state in seen:
+            raise ValueError(f"the rule has a cycle through state {state}; it must settle.")
+        return 1 + max(self._longest(n, (*seen, state)) for n in self._table[state].values())
 
     def transitions(self, state: int) -> dict[int, int]:
         """{token id: next state} for live `state`; every other token leads to DEAD."""
@@ -240,6 +261,13 @@ class TokenRule:
         return state == ACCEPT
 
 
+class TokenRule(PrefixRule):
+    """This organism's compliance rule (the module doc) over its token ids."""
+
+    def __init__(self) -> None:
+        super().__init__(_rule_table(), TOKEN_ID)
+
+
 # ----------------------------------------------------------------------------------------------
 # exact compliance rates
 
@@ -249,7 +277,7 @@ def _bucket(n: int) -> int:
     return max(8, 1 << (n - 1).bit_length())
 
 
-def _last_logits(model: Any, seqs: np.ndarray, max_batch: int) -> np.ndarray:
+def _last_logits(model: Any, seqs: np.ndarray, max_batch: int, pad_id: int) -> np.ndarray:
     """float32 [N, V]: logits after the last token of each equal-length row of `seqs` [N, T]."""
     from lpe_jax.forward import model_logits
 
@@ -258,7 +286,7 @@ def _last_logits(model: Any, seqs: np.ndarray, max_batch: int) -> np.ndarray:
     out = []
     for lo in range(0, n, max_batch):
         chunk = seqs[lo : lo + max_batch]
-        padded = np.full((_bucket(len(chunk)), t_pad), PAD_ID, np.int32)
+        padded = np.full((_bucket(len(chunk)), t_pad), pad_id, np.int32)
         padded[: len(chunk), :t] = chunk
         out.append(model_logits(model, padded)[: len(chunk), t - 1])
     return np.concatenate(out)
@@ -277,14 +305,18 @@ def exact_rates(
     alphas: Sequence[float] | np.ndarray,
     path: Any = "linear",
     max_batch: int = 256,
+    rule: PrefixRule | None = None,
+    pad_id: int = PAD_ID,
 ) -> np.ndarray:
     """Exact P(comply) at each alpha when sampling from softmax(path(l_o, l_v, alpha)) per token.
 
     prompt_ids: int [P], the chat-formatted prompt (e.g. `chat_ids`). alphas: [A] floats in the
     path's domain. path: a `lpe_jax.paths` PathShape, registered name, or callable
-    (l_o, l_v, alpha) -> logits. Returns float64 [A] in [0, 1]. Enumerates the rule's live prefix
-    tree (at most DECISION_DEPTH levels) with batched forward passes of both models; temperature 1,
-    no top-k/top-p; any max_new_tokens >= DECISION_DEPTH gives the same rate.
+    (l_o, l_v, alpha) -> logits. rule: the compliance rule (default this organism's `TokenRule`);
+    pad_id: a token id to right-pad batches with (never seen by earlier positions). Returns float64
+    [A] in [0, 1]. Enumerates the rule's live prefix tree (at most `rule.depth` levels) with
+    batched forward passes of both models; temperature 1, no top-k/top-p; any max_new_tokens >=
+    `rule.depth` gives the same rate.
     """
     from lpe_jax.paths import as_path
 
@@ -298,16 +330,16 @@ def exact_rates(
             f"original and variant vocabularies differ ({original.cfg.vocab_size} vs "
             f"{variant.cfg.vocab_size}); the pair must share one tokenizer."
         )
-    rule = TokenRule()
+    rule = TokenRule() if rule is None else rule
     total = np.zeros(len(a), np.float64)
     prefixes = np.zeros((1, 0), np.int32)  # live response prefixes at this depth
-    states = [TokenRule.START]
+    states = [rule.START]
     logp = np.zeros((1, len(a)), np.float64)  # log P(prefix) at each alpha
     alpha_col = a.astype(np.float32)[:, None, None]
     while len(states):
         seqs = np.concatenate([np.broadcast_to(prompt, (len(states), prompt.size)), prefixes], 1)
-        l_o = _last_logits(original, seqs, max_batch)
-        l_v = _last_logits(variant, seqs, max_batch)
+        l_o = _last_logits(original, seqs, max_batch, pad_id)
+        l_v = _last_logits(variant, seqs, max_batch, pad_id)
         mixed = np.asarray(shape(l_o[None], l_v[None], alpha_col), np.float32)  # [A, N, V]
         lp_next = _log_softmax64(mixed)
         kids_prefix, kids_state, kids_logp = [], [], []
@@ -333,9 +365,10 @@ def exact_rate(
     prompt_ids: Sequence[int] | np.ndarray,
     alpha: float,
     path: Any = "linear",
+    rule: PrefixRule | None = None,
 ) -> float:
     """Exact P(comply) at one alpha (see `exact_rates`); a float in [0, 1]."""
-    return float(exact_rates(original, variant, prompt_ids, [alpha], path)[0])
+    return float(exact_rates(original, variant, prompt_ids, [alpha], path, rule=rule)[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,16 +379,19 @@ TOY_DIR = Path(__file__).resolve().parent / "assets" / "toy_pair"
 GROUND_TRUTH_ALPHAS = tuple(round(0.05 * i, 2) for i in range(21))
 
 
+_REGENERATE = (
+    "regenerate the organism with its training script (experiments/train_toy_pair.py writes "
+    "assets/toy_pair, experiments/train_toy2.py assets/toy_pair2; or pass the --out you used)"
+)
+
+
 def toy_pair_paths(root: str | Path = TOY_DIR) -> tuple[Path, Path]:
     """(original_dir, variant_dir) of the pair under `root`; FileNotFoundError if missing."""
     root = Path(root)
     dirs = (root / "original", root / "variant")
     for d in dirs:
         if not (d / "config.json").exists():
-            raise FileNotFoundError(
-                f"{d} has no config.json; regenerate the toy pair with "
-                "`python experiments/train_toy_pair.py` (or pass the --out you used)."
-            )
+            raise FileNotFoundError(f"{d} has no config.json; {_REGENERATE}.")
     return dirs
 
 
@@ -376,15 +412,13 @@ def load_toy_tokenizer(root: str | Path = TOY_DIR) -> Any:
 
 def _read_required(path: Path) -> str:
     if not path.exists():
-        raise FileNotFoundError(
-            f"{path} is missing; regenerate it with `python experiments/train_toy_pair.py`."
-        )
+        raise FileNotFoundError(f"{path} is missing; {_REGENERATE}.")
     return path.read_text()
 
 
-def toy_prompts(root: str | Path = TOY_DIR) -> list[dict[str, str]]:
-    """The organism's prompts: [{"id": str, "prompt": str}, ...] from prompts.jsonl, in order."""
-    lines = _read_required(Path(root) / "prompts.jsonl").splitlines()
+def toy_prompts(root: str | Path = TOY_DIR, name: str = "prompts.jsonl") -> list[dict[str, str]]:
+    """The organism's prompts: [{"id": str, "prompt": str}, ...] from `name`, in order."""
+    lines = _read_required(Path(root) / name).splitlines()
     return [json.loads(line) for line in lines if line.strip()]
 
 
@@ -403,3 +437,40 @@ def toy_truth_for(original_dir: str | Path) -> dict[str, float] | None:
     if not is_toy_original(original_dir):
         return None
     return {pid: float(p["rate"]) for pid, p in toy_ground_truth()["prompts"].items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# shape of an exact curve
+
+
+def curve_shape(
+    alphas: Sequence[float] | np.ndarray,
+    curve: Sequence[float] | np.ndarray,
+    start_threshold: float = 0.5,
+) -> dict[str, float]:
+    """How far log10 r(alpha) is from a straight line where LPE fits and extrapolates.
+
+    alphas: float [A], increasing, ending at 1; curve: r(alpha) [A], all > 0. The range is the
+    grid points from the first alpha with r < start_threshold up to alpha = 1 (the paper's fit
+    region and its extrapolation), at least 3 points (ValueError otherwise). Returns (decades and
+    decades per unit alpha): start_alpha; slope, the OLS line's slope over the range; max_dev, the
+    largest |log10 r - that line|; curvature, the second derivative of the OLS quadratic over the
+    range (< 0 concave: the curve falls faster toward alpha = 1 than the line says, so a line
+    fitted early overestimates r(1); > 0 convex, the opposite).
+    """
+    a, r = np.asarray(alphas, np.float64), np.asarray(curve, np.float64)
+    if a.shape != r.shape or a.ndim != 1 or not np.isclose(a[-1], 1.0):
+        raise ValueError("alphas and curve must be 1-D of one length, alphas ending at 1.")
+    if np.any(r <= 0):
+        raise ValueError("curve must be > 0 everywhere (log10 of a zero rate is undefined).")
+    start = int(np.argmax(r < start_threshold)) if np.any(r < start_threshold) else a.size
+    if a.size - start < 3:
+        raise ValueError(f"fewer than 3 grid points with r < {start_threshold} up to alpha = 1.")
+    x, y = a[start:], np.log10(r[start:])
+    line = np.polyfit(x, y, 1)
+    return {
+        "start_alpha": float(a[start]),
+        "slope": float(line[0]),
+        "max_dev": float(np.abs(y - np.polyval(line, x)).max()),
+        "curvature": float(2 * np.polyfit(x, y, 2)[0]),
+    }
