@@ -1,23 +1,27 @@
-"""Qwen3 decoder in Flax NNX, with a shared-prefix KV cache for paired decoding.
+"""Qwen3 decoder in Flax NNX, with cached-context decoding for paired samplers.
 
 Numerics follow Hugging Face's `Qwen3ForCausalLM`: RMSNorm in float32 (cast back to the activation
 dtype before the weight multiply), q_norm/k_norm on the head dim before rotary embeddings
 (rotate-half), softmax in float32, logits returned in float32.
 
-Two entry points:
-- `Qwen3.__call__(tokens)`: a full causal pass over `[B, T]`; returns logits and the per-layer keys
-  and values (the prompt's cache when used as a prefill).
-- `Qwen3.decode(tokens, step, cache)`: one new token per row. The prompt's keys/values live once
-  in the cache (`prefix_k/v`, batch 1) and are shared by every row; only generated tokens are stored
-  per row. Reading the prompt once instead of once per row is what keeps large-batch decode cheap.
-  The prompt may be right-padded to a bucket length (`prefill(tokens, length)`): its true length
-  is a traced scalar in the cache, so prompts of similar length share one compiled decode.
+One attention implementation (`attend`) serves every entry point. New tokens attend causally to
+themselves and to cached `KVSegment`s (keys/values of earlier tokens with a visibility mask); the
+caller owns the cache and decides where new keys are stored:
+- `Qwen3.__call__(tokens)` / `prefill`: a full causal pass (no cached context); returns the
+  per-layer keys and values, i.e. the prompt's cache.
+- `Qwen3.decode_step(tokens, positions, context)`: one new token per row at per-row positions.
+  A segment of batch 1 (a prompt shared by every row) is read once, not broadcast per row: that is
+  what keeps large-batch decode cheap. `lpe_jax.engine` passes per-row prompt segments instead.
+- `Qwen3.decode(tokens, step, cache)`: `decode_step` on a `KVCache` (one shared prompt, rows in
+  lockstep), writing the new keys at generated slot `step`. The prompt may be right-padded to a
+  bucket length: its true length is a traced scalar, so similar prompts share one compilation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -105,6 +109,39 @@ def _ones(shape: tuple[int, ...], dtype: Any) -> nnx.Param:
     return nnx.Param(jnp.ones(shape, dtype))
 
 
+def attend(q: Array, segments: Sequence[tuple[Array, Array, Array]]) -> Array:
+    """Grouped-query attention of q [B, T, heads, hd] over the keys of all segments at once.
+
+    Each segment is (k, v, mask): k/v [B, kv, S, hd], or [1, kv, S, hd] when every row shares them
+    (a prompt prefix, read once rather than broadcast); mask bool [B or 1, T or 1, S] (query t
+    may see key s). One float32 softmax spans every segment, so splitting a context into a shared
+    prefix and per-row parts changes only the summation order. Every query must see some key.
+    Returns [B, T, heads, hd] in v's dtype; the probability-weighted sum accumulates in float32.
+    """
+    b, t, heads, hd = q.shape
+    kv = segments[0][0].shape[1]
+    q = q.reshape(b, t, kv, heads // kv, hd)
+    f32 = jnp.float32
+    scores = []
+    for k, _, mask in segments:
+        if k.shape[0] == 1 and b > 1:
+            s = jnp.einsum("btkgd,ksd->bkgts", q, k[0], preferred_element_type=f32)
+        else:
+            s = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=f32)
+        scores.append(jnp.where(mask[:, None, None], s, -jnp.inf))
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1) / math.sqrt(hd), axis=-1)
+    out = jnp.zeros((b, t, kv, heads // kv, hd), f32)
+    start = 0
+    for (_, v, _), s in zip(segments, scores, strict=True):
+        p = probs[..., start : start + s.shape[-1]].astype(v.dtype)
+        start += s.shape[-1]
+        if v.shape[0] == 1 and b > 1:
+            out += jnp.einsum("bkgts,ksd->btkgd", p, v[0], preferred_element_type=f32)
+        else:
+            out += jnp.einsum("bkgts,bksd->btkgd", p, v, preferred_element_type=f32)
+    return out.astype(segments[-1][1].dtype).reshape(b, t, heads, hd)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention; weights stored [in, out] (HF's transposed)."""
 
@@ -137,26 +174,23 @@ class Attention(nnx.Module):
         k = rope(rms_norm(k, self.k_norm[...], cfg.rms_norm_eps), positions, cfg.rope_theta)
         return q, k, v
 
-    def output(self, attn: Array) -> Array:
-        """attn [B, T, heads, hd] -> [B, T, H]."""
-        b, t = attn.shape[:2]
-        out = attn.reshape(b, t, -1) @ self.o_proj[...]
-        return out + self.o_bias[...] if self.cfg.attention_bias else out
+    def __call__(
+        self, x: Array, positions: Array, context: Sequence[tuple[Array, Array, Array]] = ()
+    ) -> tuple[Array, Array, Array]:
+        """New tokens x [B, T, H] at `positions` attend to `context` and causally to themselves.
 
-    def __call__(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
-        """Causal self-attention over the sequence. Returns (out, k, v); k/v [B, kv, T, hd]."""
+        Returns (out [B, T, H], the new tokens' k and v [B, kv, T, hd], the cache layout).
+        """
         cfg = self.cfg
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x, positions)
-        g = cfg.num_heads // cfg.num_kv_heads
-        q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(cfg.head_dim)
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        scores = jnp.where(causal, scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, -1)
-        return self.output(attn), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        causal = jnp.tril(jnp.ones((1, t, t), bool))
+        attn = attend(q, [*context, (k, v, causal)]).reshape(b, t, -1)
+        out = attn @ self.o_proj[...]
+        if cfg.attention_bias:
+            out = out + self.o_bias[...]
+        return out, k, v
 
 
 class MLP(nnx.Module):
@@ -169,12 +203,13 @@ class MLP(nnx.Module):
         self.down_proj = _param(rngs, (f, h), dtype)
 
     def __call__(self, x: Array) -> Array:
-        return (jax.nn.silu(x @ self.gate_proj[...]) * (x @ self.up_proj[...])) @ self.down_proj[
-            ...
-        ]
+        gated = jax.nn.silu(x @ self.gate_proj[...]) * (x @ self.up_proj[...])
+        return gated @ self.down_proj[...]
 
 
 class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attention(norm(x)), then + MLP(norm(.))."""
+
     def __init__(self, cfg: Qwen3Config, dtype: Any, rngs: nnx.Rngs):
         self.cfg = cfg
         self.input_layernorm = _ones((cfg.hidden_size,), dtype)
@@ -182,8 +217,31 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(cfg, dtype, rngs)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def _mlp_block(self, x: Array) -> Array:
-        return x + self.mlp(rms_norm(x, self.post_attention_layernorm[...], self.cfg.rms_norm_eps))
+    def __call__(
+        self, x: Array, positions: Array, context: Sequence[tuple[Array, Array, Array]] = ()
+    ) -> tuple[Array, Array, Array]:
+        """x [B, T, H] -> (x' [B, T, H], the new tokens' k and v [B, kv, T, hd])."""
+        eps = self.cfg.rms_norm_eps
+        attn, k, v = self.self_attn(rms_norm(x, self.input_layernorm[...], eps), positions, context)
+        x = x + attn
+        x = x + self.mlp(rms_norm(x, self.post_attention_layernorm[...], eps))
+        return x, k, v
+
+
+@struct.dataclass
+class KVSegment:
+    """Cached keys/values that new tokens attend to, for every layer, and which they may see.
+
+    k/v: per layer [B, kv, S, hd], or [1, kv, S, hd] when every row shares them.
+    mask: bool [B or 1, T or 1, S] (new token t may see cached token s), the same for all layers.
+    """
+
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
+    mask: Array
+
+    def layer(self, i: int) -> tuple[Array, Array, Array]:
+        return self.k[i], self.v[i], self.mask
 
 
 @struct.dataclass
@@ -213,6 +271,19 @@ class KVCache:
         return self.k[0].shape[2]
 
 
+def empty_kv(
+    cfg: Qwen3Config, dtype: Any, batch: int, capacity: int
+) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
+    """Zeroed per-row K and V for `capacity` tokens: per layer [batch, kv, capacity, hd].
+
+    Every array is its own buffer, so the cache can be donated and updated in place.
+    """
+    shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+    k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return k, v
+
+
 class Qwen3(nnx.Module):
     """Qwen3ForCausalLM. Parameters in `dtype` (float32 or bfloat16); logits always float32."""
 
@@ -225,7 +296,8 @@ class Qwen3(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
 
-    def _logits(self, x: Array) -> Array:
+    def logits(self, x: Array) -> Array:
+        """Final norm and LM head: hidden [..., H] -> float32 logits [..., V]."""
         x = rms_norm(x, self.norm[...], self.cfg.rms_norm_eps)
         if self.cfg.tie_word_embeddings:
             return jnp.einsum(
@@ -233,30 +305,38 @@ class Qwen3(nnx.Module):
             )
         return jnp.einsum("...h,hv->...v", x, self.lm_head[...], preferred_element_type=jnp.float32)
 
-    def hidden_states(self, tokens: Array) -> tuple[Array, list[Array], list[Array]]:
+    def forward(
+        self, tokens: Array, positions: Array, context: Sequence[KVSegment] = ()
+    ) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
+        """New tokens int [B, T] at positions int [B, T] attend to the cached `context` segments
+        and causally to themselves.
+
+        Returns (hidden [B, T, H] before the final norm, in the param dtype; the new tokens' keys
+        and values per layer [B, kv, T, hd]). The caller decides where the new keys are stored.
+        """
+        x = self.embed_tokens[...][tokens]
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, positions, [seg.layer(i) for seg in context])
+            ks.append(k)
+            vs.append(v)
+        return x, tuple(ks), tuple(vs)
+
+    def hidden_states(self, tokens: Array) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
         """Full causal pass over tokens int [B, T], before the final norm and LM head.
 
         Returns (hidden [B, T, H] in the param dtype, keys and values per layer [B, kv, T, hd]).
         """
         b, t = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = self.embed_tokens[...][tokens]
-        ks, vs = [], []
-        for layer in self.layers:
-            h = rms_norm(x, layer.input_layernorm[...], self.cfg.rms_norm_eps)
-            attn, k, v = layer.self_attn(h, positions)
-            x = layer._mlp_block(x + attn)
-            ks.append(k)
-            vs.append(v)
-        return x, ks, vs
+        return self.forward(tokens, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
 
-    def __call__(self, tokens: Array) -> tuple[Array, list[Array], list[Array]]:
+    def __call__(self, tokens: Array) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
         """Full causal pass over tokens int [B, T].
 
         Returns (logits f32 [B, T, V], keys and values per layer, each [B, kv, T, hd]).
         """
         x, ks, vs = self.hidden_states(tokens)
-        return self._logits(x), ks, vs
+        return self.logits(x), ks, vs
 
     def prefill(
         self, prompt_tokens: Array, length: Array | int | None = None
@@ -271,18 +351,15 @@ class Qwen3(nnx.Module):
         x, ks, vs = self.hidden_states(prompt_tokens[None, :])
         last = prompt_tokens.shape[0] - 1 if length is None else jnp.asarray(length) - 1
         h = jax.lax.dynamic_index_in_dim(x[0], last, axis=0, keepdims=False)
-        return self._logits(h), tuple(ks), tuple(vs)
+        return self.logits(h), ks, vs
 
-    def empty_rows(self, batch: int, capacity: int) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
-        """Zeroed per-row K and V for `capacity` generated tokens: per layer [B, kv, N, hd].
-
-        Every array is its own buffer, so the cache can be donated and updated in place.
-        """
-        cfg = self.cfg
-        shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
-        k = tuple(jnp.zeros(shape, self.dtype) for _ in range(cfg.num_layers))
-        v = tuple(jnp.zeros(shape, self.dtype) for _ in range(cfg.num_layers))
-        return k, v
+    def decode_step(
+        self, tokens: Array, positions: Array, context: Sequence[KVSegment]
+    ) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
+        """One new token per row: tokens, positions int [B] -> (float32 logits [B, V], the new
+        keys and values per layer [B, kv, 1, hd] for the caller to store)."""
+        x, ks, vs = self.forward(tokens[:, None], positions[:, None], context)
+        return self.logits(x[:, 0]), ks, vs
 
     def init_cache(
         self,
@@ -298,53 +375,27 @@ class Qwen3(nnx.Module):
         """
         n = prompt_tokens.shape[0] if length is None else length
         logits, ks, vs = self.prefill(prompt_tokens, n)
-        k, v = self.empty_rows(batch, capacity)
+        k, v = empty_kv(self.cfg, self.dtype, batch, capacity)
         return logits, KVCache(ks, vs, jnp.asarray(n, jnp.int32), k, v)
 
     def decode(self, tokens: Array, step: Array, cache: KVCache) -> tuple[Array, KVCache]:
         """Append one token per row at generated slot `step` (int scalar, same for all rows).
 
         tokens int [B]; returns (logits f32 [B, V], updated cache). Position = prefix_length + step.
+        The token attends to the prompt (shared), generated slots < step, and itself.
         """
-        cfg = self.cfg
-        b = tokens.shape[0]
-        p = cache.prefix_capacity
-        positions = jnp.full((b, 1), cache.prefix_length + step, jnp.int32)
-        x = self.embed_tokens[...][tokens][:, None, :]
-        g = cfg.num_heads // cfg.num_kv_heads
-        valid = jnp.arange(cache.capacity) <= step  # generated slots filled, this one included
-        in_prompt = jnp.arange(p) < cache.prefix_length  # bucket padding is never attended
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            attn_mod = layer.self_attn
-            h = rms_norm(x, layer.input_layernorm[...], cfg.rms_norm_eps)
-            q, k, v = attn_mod.project_qkv(h, positions)
-            ck = jax.lax.dynamic_update_slice_in_dim(
-                cache.k[i], k.transpose(0, 2, 1, 3), step, axis=2
-            )
-            cv = jax.lax.dynamic_update_slice_in_dim(
-                cache.v[i], v.transpose(0, 2, 1, 3), step, axis=2
-            )
-            q = q.reshape(b, cfg.num_kv_heads, g, cfg.head_dim)
-            s_pre = jnp.einsum(
-                "bkgd,kpd->bkgp", q, cache.prefix_k[i][0], preferred_element_type=jnp.float32
-            )
-            s_gen = jnp.einsum("bkgd,bknd->bkgn", q, ck, preferred_element_type=jnp.float32)
-            s_pre = jnp.where(in_prompt, s_pre, -jnp.inf)
-            s_gen = jnp.where(valid, s_gen, -jnp.inf)
-            scores = jnp.concatenate([s_pre, s_gen], axis=-1) / math.sqrt(cfg.head_dim)
-            probs = jax.nn.softmax(scores, axis=-1).astype(ck.dtype)
-            f32 = jnp.float32
-            attn = jnp.einsum(
-                "bkgp,kpd->bkgd", probs[..., :p], cache.prefix_v[i][0], preferred_element_type=f32
-            )
-            attn += jnp.einsum("bkgn,bknd->bkgd", probs[..., p:], cv, preferred_element_type=f32)
-            attn = attn.astype(ck.dtype)
-            x = layer._mlp_block(x + attn_mod.output(attn.reshape(b, 1, cfg.num_heads, -1)))
-            new_k.append(ck)
-            new_v.append(cv)
-        cache = cache.replace(k=tuple(new_k), v=tuple(new_v))
-        return self._logits(x[:, 0]), cache
+        in_prompt = jnp.arange(cache.prefix_capacity) < cache.prefix_length
+        filled = jnp.arange(cache.capacity) < step
+        context = (
+            KVSegment(cache.prefix_k, cache.prefix_v, in_prompt[None, None]),
+            KVSegment(cache.k, cache.v, filled[None, None]),
+        )
+        positions = jnp.full(tokens.shape, cache.prefix_length + step, jnp.int32)
+        logits, ks, vs = self.decode_step(tokens, positions, context)
+        write = jax.lax.dynamic_update_slice_in_dim
+        k = tuple(write(c, new, step, axis=2) for c, new in zip(cache.k, ks, strict=True))
+        v = tuple(write(c, new, step, axis=2) for c, new in zip(cache.v, vs, strict=True))
+        return logits, cache.replace(k=k, v=v)
 
 
 def init_random(cfg: Qwen3Config, *, dtype: Any = jnp.float32, seed: int = 0) -> Qwen3:
