@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The one prepared device check for issue 3: paired-decode speed at Qwen3-4B shape (random bf16
-# weights, 64-token prompt, 128 new tokens, 20 alphas over the rows) at 64/256/1024 rows, with the
-# HF transformers eager two-model loop measured in the same process. Prints one block per size;
-# record them in docs/benchmarks.md with the card the reply names.
+# The one prepared device check. Step 1 (issue 3): paired-decode speed at Qwen3-4B shape (random
+# bf16 weights, 64-token prompt, 128 new tokens, 20 alphas over the rows) at 64/256/1024 rows, with
+# the HF transformers eager two-model loop measured in the same process. Step 2 (issue 9): the
+# rollout engine vs chunked PairedSampler on a length-skewed workload (slot use, rollouts/s, the
+# memory model vs the device peak). Prints one block per step; record them in docs/benchmarks.md
+# with the card the reply names.
 #
 #   bash experiments/gpu_benchmark.sh                      # on the GPU machine, from the checkout
-#   PYTHON=.venv/bin/python PRESET=tiny ROWS=32 DTYPE=float32 bash experiments/gpu_benchmark.sh
+#   PYTHON=.venv/bin/python PRESET=tiny ROWS=32 DTYPE=float32 ENGINE_SLOTS=16 ENGINE_PROMPTS=4 \
+#     ENGINE_ROWS=8 ENGINE_NEW_TOKENS=32 bash experiments/gpu_benchmark.sh     # CPU dry run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -19,3 +22,9 @@ for rows in ${ROWS:-64 256 1024}; do
   "$PYTHON" experiments/benchmark_decode.py --preset="$PRESET" --rows="$rows" --prompt_len=64 \
     --new_tokens=128 --dtype="$DTYPE" --reference="$REFERENCE" --nologtostderr
 done
+# Engine: 32 prompts x 32 rows (HarmBench-like prompt lengths 16..64), lengths skewed by prompt.
+echo "=== engine ${PRESET} dtype=${DTYPE} slots=${ENGINE_SLOTS:-256} ==="
+"$PYTHON" experiments/benchmark_engine.py --preset="$PRESET" --dtype="$DTYPE" \
+  --slots="${ENGINE_SLOTS:-256}" --prompts="${ENGINE_PROMPTS:-32}" \
+  --rows_per_prompt="${ENGINE_ROWS:-32}" --block_rows="${ENGINE_ROWS:-32}" \
+  --max_new_tokens="${ENGINE_NEW_TOKENS:-256}" --nologtostderr

@@ -85,3 +85,77 @@ def rows_that_fit(free_bytes: int, row_bytes: int, fixed_bytes: int = 0) -> int:
     budget = int(free_bytes * MEMORY_FRACTION) - fixed_bytes
     rows = max(1, min(MAX_AUTO_ROWS, budget // row_bytes))
     return 1 << (rows.bit_length() - 1)
+
+
+# The engine's device queue holds this many rows per slot (see RolloutEngine).
+QUEUE_ROWS_PER_SLOT = 4
+# Prompt-table entries sized from memory: at most this many, and at most TABLE_SHARE of the budget.
+MAX_TABLE_PROMPTS = 256
+TABLE_SHARE = 0.1
+# On backends without memory_stats (CPU) the engine holds this many prompts.
+DEFAULT_CPU_PROMPTS = 64
+
+
+def bytes_per_slot(
+    original: Qwen3Config,
+    variant: Qwen3Config,
+    original_dtype: Any,
+    variant_dtype: Any,
+    max_new_tokens: int,
+    prompt_slots: int,
+    steps_per_call: int,
+) -> int:
+    """Device bytes one engine slot needs (both models), excluding params and the prompt table.
+
+    = bytes_per_row (generated-token K/V, logits, activations, row state)
+    + the slot's copy of its prompt's K/V (prompt_slots positions, both models)
+    + both models' first-token logits read from the table (2 float32 [V])
+    + its share of the row queue and of one generate call's output stream.
+    """
+    row = bytes_per_row(
+        original, variant, original_dtype, variant_dtype, max_new_tokens, prompt_slots
+    )
+    prompt = prompt_bytes(original, variant, original_dtype, variant_dtype, prompt_slots)
+    first_logits = 2 * original.vocab_size * 4
+    stream = steps_per_call * 40 + QUEUE_ROWS_PER_SLOT * 28
+    return row + prompt + first_logits + stream
+
+
+def bytes_per_prompt(
+    original: Qwen3Config,
+    variant: Qwen3Config,
+    original_dtype: Any,
+    variant_dtype: Any,
+    prompt_slots: int,
+) -> int:
+    """Bytes of one prompt-table entry: both models' K/V over prompt_slots positions and their
+    float32 next-token logits."""
+    kv = prompt_bytes(original, variant, original_dtype, variant_dtype, prompt_slots)
+    return kv + 2 * original.vocab_size * 4
+
+
+def plan_engine(
+    free_bytes: int | None,
+    slot_bytes: int,
+    prompt_bytes: int,
+    num_devices: int = 1,
+    slots: int | None = None,
+    prompts: int | None = None,
+) -> tuple[int, int]:
+    """(slots, prompt-table entries) for a RolloutEngine; explicit values are kept as given.
+
+    The prompt table is replicated on every device; slots are split over devices. Sizing from
+    free_bytes (per device; None on CPU: DEFAULT_CPU_ROWS slots, DEFAULT_CPU_PROMPTS prompts):
+    the table takes at most TABLE_SHARE of MEMORY_FRACTION * free (<= MAX_TABLE_PROMPTS), and
+    slots fill the rest (rows_that_fit per device, times num_devices).
+    """
+    if slot_bytes <= 0 or prompt_bytes <= 0:
+        raise ValueError(f"byte sizes must be positive; got {slot_bytes}, {prompt_bytes}.")
+    if free_bytes is None:
+        return slots or DEFAULT_CPU_ROWS, prompts or DEFAULT_CPU_PROMPTS
+    if prompts is None:
+        share = int(free_bytes * MEMORY_FRACTION * TABLE_SHARE) // prompt_bytes
+        prompts = max(1, min(MAX_TABLE_PROMPTS, share))
+    if slots is None:
+        slots = rows_that_fit(free_bytes, slot_bytes, prompts * prompt_bytes) * num_devices
+    return slots, prompts

@@ -4,17 +4,18 @@ Numerics follow Hugging Face's `Qwen3ForCausalLM`: RMSNorm in float32 (cast back
 dtype before the weight multiply), q_norm/k_norm on the head dim before rotary embeddings
 (rotate-half), softmax in float32, logits returned in float32.
 
-One attention implementation (`attend`) serves every entry point. New tokens attend causally to
-themselves and to cached `KVSegment`s (keys/values of earlier tokens with a visibility mask); the
-caller owns the cache and decides where new keys are stored:
-- `Qwen3.__call__(tokens)` / `prefill`: a full causal pass (no cached context); returns the
-  per-layer keys and values, i.e. the prompt's cache.
-- `Qwen3.decode_step(tokens, positions, context)`: one new token per row at per-row positions.
-  A segment of batch 1 (a prompt shared by every row) is read once, not broadcast per row: that is
-  what keeps large-batch decode cheap. `lpe_jax.engine` passes per-row prompt segments instead.
+One attention implementation (`attend`, over one or more key/value segments) serves every entry
+point. A full pass (`__call__`, `prefill`) attends causally within the tokens given. A decode step
+(`decode_step`) first stores each new token's keys/values in a `DecodeKV` (the caller's cache), then
+attends over that cache: the prompt prefix and the row's own tokens, itself included. Writing
+before reading lets XLA update the donated cache in place; the reverse order makes it copy the
+whole cache every step.
+- `DecodeKV` with a batch-1 prefix: one prompt shared by every row, read once, not broadcast (what
+  keeps large-batch decode cheap); with a per-row prefix: rows of different prompts side by side
+  (`lpe_jax.engine`). The write index is a scalar (rows in lockstep) or one per row.
 - `Qwen3.decode(tokens, step, cache)`: `decode_step` on a `KVCache` (one shared prompt, rows in
-  lockstep), writing the new keys at generated slot `step`. The prompt may be right-padded to a
-  bucket length: its true length is a traced scalar, so similar prompts share one compilation.
+  lockstep). The prompt may be right-padded to a bucket length: its true length is a traced
+  scalar, so prompts of similar length share one compilation.
 """
 
 from __future__ import annotations
@@ -175,22 +176,24 @@ class Attention(nnx.Module):
         return q, k, v
 
     def __call__(
-        self, x: Array, positions: Array, context: Sequence[tuple[Array, Array, Array]] = ()
-    ) -> tuple[Array, Array, Array]:
-        """New tokens x [B, T, H] at `positions` attend to `context` and causally to themselves.
+        self, x: Array, positions: Array, kv: DecodeKV | None = None, layer: int = 0
+    ) -> tuple[Array, Array, Array, DecodeKV | None]:
+        """New tokens x [B, T, H] at `positions` attend causally to themselves (kv None) or, after
+        their keys/values are stored in `kv`, to what it holds for `layer`.
 
-        Returns (out [B, T, H], the new tokens' k and v [B, kv, T, hd], the cache layout).
+        Returns (out [B, T, H], the new tokens' k and v [B, kv, T, hd] (the cache layout), kv).
         """
-        cfg = self.cfg
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x, positions)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        causal = jnp.tril(jnp.ones((1, t, t), bool))
-        attn = attend(q, [*context, (k, v, causal)]).reshape(b, t, -1)
-        out = attn @ self.o_proj[...]
-        if cfg.attention_bias:
+        if kv is None:
+            segments = [(k, v, jnp.tril(jnp.ones((1, t, t), bool)))]
+        else:
+            kv, segments = kv.store(layer, k, v)
+        out = attend(q, segments).reshape(b, t, -1) @ self.o_proj[...]
+        if self.cfg.attention_bias:
             out = out + self.o_bias[...]
-        return out, k, v
+        return out, k, v, kv
 
 
 class MLP(nnx.Module):
@@ -218,30 +221,56 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype, rngs)
 
     def __call__(
-        self, x: Array, positions: Array, context: Sequence[tuple[Array, Array, Array]] = ()
-    ) -> tuple[Array, Array, Array]:
-        """x [B, T, H] -> (x' [B, T, H], the new tokens' k and v [B, kv, T, hd])."""
+        self, x: Array, positions: Array, kv: DecodeKV | None = None, layer: int = 0
+    ) -> tuple[Array, Array, Array, DecodeKV | None]:
+        """x [B, T, H] -> (x' [B, T, H], the new tokens' k and v [B, kv, T, hd], kv updated)."""
         eps = self.cfg.rms_norm_eps
-        attn, k, v = self.self_attn(rms_norm(x, self.input_layernorm[...], eps), positions, context)
+        h = rms_norm(x, self.input_layernorm[...], eps)
+        attn, k, v, kv = self.self_attn(h, positions, kv, layer)
         x = x + attn
         x = x + self.mlp(rms_norm(x, self.post_attention_layernorm[...], eps))
-        return x, k, v
+        return x, k, v, kv
 
 
 @struct.dataclass
-class KVSegment:
-    """Cached keys/values that new tokens attend to, for every layer, and which they may see.
+class DecodeKV:
+    """The cache a decode step (one new token per row) writes to and attends over, all layers.
 
-    k/v: per layer [B, kv, S, hd], or [1, kv, S, hd] when every row shares them.
-    mask: bool [B or 1, T or 1, S] (new token t may see cached token s), the same for all layers.
+    prefix_k/v: per layer [1, kv, Pb, hd] (one prompt shared by every row) or [B, kv, Pb, hd].
+    prefix_mask: bool [1 or B, 1, Pb], the prompt positions a row may see (true length, not pad).
+    k/v: per layer [B, kv, N, hd], the rows' own tokens; slot n holds a row's generated token n.
+    index: int32 scalar (every row, in lockstep) or [B]: the slot the new token is stored in. A row
+        attends to its slots 0..index; an index >= N stores nothing (that row's output is junk).
     """
 
+    prefix_k: tuple[Array, ...]
+    prefix_v: tuple[Array, ...]
+    prefix_mask: Array
     k: tuple[Array, ...]
     v: tuple[Array, ...]
-    mask: Array
+    index: Array
 
-    def layer(self, i: int) -> tuple[Array, Array, Array]:
-        return self.k[i], self.v[i], self.mask
+    def store(
+        self, layer: int, k: Array, v: Array
+    ) -> tuple[DecodeKV, list[tuple[Array, Array, Array]]]:
+        """Write the new tokens' k/v [B, kv, 1, hd] of `layer`; return the updated cache and the
+        segments the new tokens attend to (their own entry included)."""
+        n = self.k[layer].shape[2]
+        if self.index.ndim == 0:
+            ck = jax.lax.dynamic_update_slice_in_dim(self.k[layer], k, self.index, axis=2)
+            cv = jax.lax.dynamic_update_slice_in_dim(self.v[layer], v, self.index, axis=2)
+            mask = (jnp.arange(n) <= self.index)[None, None]
+        else:
+            rows = jnp.arange(k.shape[0])
+            ck = self.k[layer].at[rows, :, self.index].set(k[:, :, 0], mode="drop")
+            cv = self.v[layer].at[rows, :, self.index].set(v[:, :, 0], mode="drop")
+            mask = (jnp.arange(n) <= self.index[:, None])[:, None]
+        new = self.replace(
+            k=self.k[:layer] + (ck,) + self.k[layer + 1 :],
+            v=self.v[:layer] + (cv,) + self.v[layer + 1 :],
+        )
+        prefix = (self.prefix_k[layer], self.prefix_v[layer], self.prefix_mask)
+        return new, [prefix, (ck, cv, mask)]
 
 
 @struct.dataclass
@@ -306,21 +335,21 @@ class Qwen3(nnx.Module):
         return jnp.einsum("...h,hv->...v", x, self.lm_head[...], preferred_element_type=jnp.float32)
 
     def forward(
-        self, tokens: Array, positions: Array, context: Sequence[KVSegment] = ()
-    ) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
-        """New tokens int [B, T] at positions int [B, T] attend to the cached `context` segments
-        and causally to themselves.
+        self, tokens: Array, positions: Array, kv: DecodeKV | None = None
+    ) -> tuple[Array, tuple[Array, ...], tuple[Array, ...], DecodeKV | None]:
+        """New tokens int [B, T] at positions int [B, T] through every layer: causal among
+        themselves (kv None), or stored in `kv` and attending over it (T = 1).
 
         Returns (hidden [B, T, H] before the final norm, in the param dtype; the new tokens' keys
-        and values per layer [B, kv, T, hd]). The caller decides where the new keys are stored.
+        and values per layer [B, kv, T, hd]; kv with the new tokens stored).
         """
         x = self.embed_tokens[...][tokens]
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, positions, [seg.layer(i) for seg in context])
+            x, k, v, kv = layer(x, positions, kv, i)
             ks.append(k)
             vs.append(v)
-        return x, tuple(ks), tuple(vs)
+        return x, tuple(ks), tuple(vs), kv
 
     def hidden_states(self, tokens: Array) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
         """Full causal pass over tokens int [B, T], before the final norm and LM head.
@@ -328,7 +357,9 @@ class Qwen3(nnx.Module):
         Returns (hidden [B, T, H] in the param dtype, keys and values per layer [B, kv, T, hd]).
         """
         b, t = tokens.shape
-        return self.forward(tokens, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x, ks, vs, _ = self.forward(tokens, positions)
+        return x, ks, vs
 
     def __call__(self, tokens: Array) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
         """Full causal pass over tokens int [B, T].
@@ -353,13 +384,11 @@ class Qwen3(nnx.Module):
         h = jax.lax.dynamic_index_in_dim(x[0], last, axis=0, keepdims=False)
         return self.logits(h), ks, vs
 
-    def decode_step(
-        self, tokens: Array, positions: Array, context: Sequence[KVSegment]
-    ) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
-        """One new token per row: tokens, positions int [B] -> (float32 logits [B, V], the new
-        keys and values per layer [B, kv, 1, hd] for the caller to store)."""
-        x, ks, vs = self.forward(tokens[:, None], positions[:, None], context)
-        return self.logits(x[:, 0]), ks, vs
+    def decode_step(self, tokens: Array, positions: Array, kv: DecodeKV) -> tuple[Array, DecodeKV]:
+        """One new token per row: tokens, positions int [B] -> (float32 logits [B, V], kv with the
+        new keys/values stored at kv.index)."""
+        x, _, _, kv = self.forward(tokens[:, None], positions[:, None], kv)
+        return self.logits(x[:, 0]), kv
 
     def init_cache(
         self,
@@ -382,20 +411,13 @@ class Qwen3(nnx.Module):
         """Append one token per row at generated slot `step` (int scalar, same for all rows).
 
         tokens int [B]; returns (logits f32 [B, V], updated cache). Position = prefix_length + step.
-        The token attends to the prompt (shared), generated slots < step, and itself.
+        The token attends to the prompt (shared) and generated slots 0..step (itself included).
         """
         in_prompt = jnp.arange(cache.prefix_capacity) < cache.prefix_length
-        filled = jnp.arange(cache.capacity) < step
-        context = (
-            KVSegment(cache.prefix_k, cache.prefix_v, in_prompt[None, None]),
-            KVSegment(cache.k, cache.v, filled[None, None]),
-        )
+        kv = DecodeKV(cache.prefix_k, cache.prefix_v, in_prompt[None, None], cache.k, cache.v, step)
         positions = jnp.full(tokens.shape, cache.prefix_length + step, jnp.int32)
-        logits, ks, vs = self.decode_step(tokens, positions, context)
-        write = jax.lax.dynamic_update_slice_in_dim
-        k = tuple(write(c, new, step, axis=2) for c, new in zip(cache.k, ks, strict=True))
-        v = tuple(write(c, new, step, axis=2) for c, new in zip(cache.v, vs, strict=True))
-        return logits, cache.replace(k=k, v=v)
+        logits, kv = self.decode_step(tokens, positions, kv)
+        return logits, cache.replace(k=kv.k, v=kv.v)
 
 
 def init_random(cfg: Qwen3Config, *, dtype: Any = jnp.float32, seed: int = 0) -> Qwen3:
