@@ -328,41 +328,38 @@ def _insert(queue: RowQueue, rows: dict[str, Array], n: Array) -> RowQueue:
 def _refill(state: EngineState) -> EngineState:
     """Free, clean slots take the next queued rows, in slot order, and copy in their prompt.
 
-    At most max(8, S // 8) slots are refilled per step (rows end far less often than that once
-    rows are a few tokens long); the rest wait a step. That bound keeps the prompt copy small.
+    At most max(8, S // 16) slots are refilled per step, the rest wait a step: every step pays for
+    that many prompt copies (and row keys) whether or not they happen, and rows end far less often
+    than that once they are a few tokens long.
     """
     s, q, p = state.slots, state.queue, state.prompts
     n_slots = s.handle.shape[0]
+    limit = min(n_slots, max(8, n_slots // 16))
     free = (s.handle < 0) & ~s.poisoned
     rank = jnp.cumsum(free) - 1
-    limit = min(n_slots, max(8, n_slots // 8))
-    take = free & (rank < q.tail - q.head) & (rank < limit)
-    j = (q.head + rank) % q.handle.shape[0]
-    keys = jax.random.key_data(row_keys(q.seed[j], q.alpha_q[j], q.rollout[j]))
+    take = free & (rank < jnp.minimum(q.tail - q.head, limit))
+    dst = jnp.nonzero(take, size=limit, fill_value=n_slots)[0]  # n_slots: nothing, dropped
+    src = (q.head + jnp.arange(limit)) % q.handle.shape[0]  # queue entries, in order
 
-    def pick(new: Array, old: Array) -> Array:
-        return jnp.where(take.reshape(take.shape + (1,) * (old.ndim - 1)), new, old)
-
-    # Copy each taken slot's prompt from the table: `limit` rows, not S (out of range: dropped).
-    dst = jnp.nonzero(take, size=limit, fill_value=n_slots)[0]
-    src = q.prompt[j[jnp.minimum(dst, n_slots - 1)]]
+    def put(old: Array, new: Array | float) -> Array:
+        return old.at[dst].set(new, mode="drop")
 
     def copy_prompt(kv: SlotKV, table: PromptKV) -> SlotKV:
-        def put(slot_x: tuple[Array, ...], table_x: tuple[Array, ...]) -> tuple[Array, ...]:
-            return tuple(
-                a.at[dst].set(b[src], mode="drop") for a, b in zip(slot_x, table_x, strict=True)
-            )
+        entry = q.prompt[src]
+        return kv.replace(
+            prefix_k=tuple(put(a, b[entry]) for a, b in zip(kv.prefix_k, table.k, strict=True)),
+            prefix_v=tuple(put(a, b[entry]) for a, b in zip(kv.prefix_v, table.v, strict=True)),
+        )
 
-        return kv.replace(prefix_k=put(kv.prefix_k, table.k), prefix_v=put(kv.prefix_v, table.v))
-
+    keys = jax.random.key_data(row_keys(q.seed[src], q.alpha_q[src], q.rollout[src]))
     slots = s.replace(
-        handle=pick(q.handle[j], s.handle),
-        prompt=pick(q.prompt[j], s.prompt),
-        alpha=pick(q.alpha[j], s.alpha),
-        key=pick(keys, s.key),
-        count=pick(0, s.count),
-        logp_o=pick(0.0, s.logp_o),
-        logp_v=pick(0.0, s.logp_v),
+        handle=put(s.handle, q.handle[src]),
+        prompt=put(s.prompt, q.prompt[src]),
+        alpha=put(s.alpha, q.alpha[src]),
+        key=put(s.key, keys),
+        count=put(s.count, 0),
+        logp_o=put(s.logp_o, 0.0),
+        logp_v=put(s.logp_v, 0.0),
         kv_o=copy_prompt(s.kv_o, p.original),
         kv_v=copy_prompt(s.kv_v, p.variant),
     )

@@ -7,14 +7,20 @@ for rows that end at their first token (alpha > 0.9) or never end (alpha < 0.1).
 """
 
 import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 
-from lpe_jax import qwen3
+from lpe_jax import paths, qwen3
 from lpe_jax.engine import BlockResult, RolloutEngine, RowBlock
+from lpe_jax.forward import model_logits
 from lpe_jax.paths import PathShape
 from lpe_jax.sampler import PAD_ID, PairedSampler
 
@@ -263,3 +269,102 @@ def test_compilations_bounded(models):
     # New prompts (same length bucket), alphas, counts and insert sizes compile nothing more,
     # except insert buckets not met before (powers of two up to the queue size).
     assert e.stats.compilations - first <= 2, (first, e.stats.compilations)
+
+
+def _chi2_pvalue(tokens: np.ndarray, probs: np.ndarray) -> float:
+    """Chi-square p-value of token counts against probs [V], low-expectation bins merged."""
+    observed = np.bincount(tokens, minlength=probs.size).astype(np.float64)
+    expected = probs * tokens.size
+    small = expected < 5
+    obs = np.append(observed[~small], observed[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()
+    return stats.chisquare(obs, exp).pvalue
+
+
+def test_token_frequencies_follow_the_path():
+    # Two prompts at two alphas in one engine; token 0 comes from the prompt table, token 1 from a
+    # decode step through the slot's copied prompt: both must follow softmax(path logits).
+    cfg = qwen3.Qwen3Config(64, 32, 1, 2, 1, 16, 64, tie_word_embeddings=False)
+    m_o, m_v = qwen3.init_random(cfg, seed=0), qwen3.init_random(cfg, seed=1)
+    for m in (m_o, m_v):
+        m.lm_head[...] = m.lm_head[...] * 20.0
+    e = RolloutEngine(m_o, m_v, "linear", 2, [], slots=256, max_prompts=2, steps_per_call=8)
+    cases = {"a": (np.array([7, 3, 12], np.int32), 0.5), "b": (np.array([40, 2], np.int32), 0.3)}
+    for key, (ids, alpha) in cases.items():
+        e.submit(RowBlock(key, ids, alpha, 11, 0, 1500))
+    out = {r.block.prompt_key: r.rollouts.tokens[0] for r in e.run()}
+
+    def expected(ids: np.ndarray, alpha: float) -> np.ndarray:
+        lo, lv = model_logits(m_o, ids)[-1], model_logits(m_v, ids)[-1]
+        return np.asarray(jax.nn.softmax(paths.linear(lo, lv, np.float32(alpha))), np.float64)
+
+    for key, (ids, alpha) in cases.items():
+        tokens = out[key]
+        assert _chi2_pvalue(tokens[:, 0], expected(ids, alpha)) > 1e-3, key
+        top = np.bincount(tokens[:, 0]).argmax()
+        after = tokens[tokens[:, 0] == top, 1]
+        assert after.size > 200
+        p = _chi2_pvalue(after, expected(np.append(ids, top), alpha))
+        assert p > 1e-3, (key, p)
+    # The test has power: prompt a's first tokens are not prompt b's distribution.
+    assert _chi2_pvalue(out["a"][:, 0], expected(*cases["b"])) < 1e-6
+
+
+_FOUR_DEVICES = textwrap.dedent(
+    """
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from lpe_jax import qwen3
+    from lpe_jax.engine import RolloutEngine, RowBlock
+    from lpe_jax.paths import PathShape
+    assert len(jax.local_devices()) == 4, jax.local_devices()
+    EOS = (3, 11, 29, 50, 77)
+    def forced(l_o, l_v, alpha):
+        bias = jnp.where(alpha > 0.9, 1e4, jnp.where(alpha < 0.1, -jnp.inf, 0.0))
+        return (alpha * l_o + (1.0 - alpha) * l_v).at[:, list(EOS)].add(bias)
+    cfg = qwen3.Qwen3Config(96, 32, 2, 4, 2, 16, 64, tie_word_embeddings=False)
+    models = [qwen3.init_random(cfg, seed=s) for s in (0, 1)]
+    for m in models:
+        m.lm_head[...] = m.lm_head[...] * 20.0
+    e = RolloutEngine(*models, PathShape("forced_eos", forced, (0.0, 1.0)), 8, EOS, slots=4,
+                      max_prompts=4, steps_per_call=4)
+    assert e.slots == 4 and e._spec.mesh.size == 4
+    blocks = [RowBlock(k, np.array(ids, np.int32), a, seed, start, n)
+              for k, ids, a, seed, start, n in eval(sys.argv[2])]
+    for b in blocks:
+        e.submit(b)
+    out = {r.block.prompt_key + str(r.block.alpha): r.rollouts for r in e.run()}
+    np.savez(sys.argv[1], **{k + "/" + f: getattr(r, f) for k, r in out.items()
+             for f in ("tokens", "lengths", "nonfinite", "logp_original", "logp_variant")})
+    """
+)
+
+
+def test_four_devices_match_one(engine_results, tmp_path):
+    _, results = engine_results
+    blocks = [b for b in BLOCKS if b.prompt_key != "long"][:6]
+    spec = [
+        (b.prompt_key, b.prompt_ids.tolist(), b.alpha, b.seed, b.rollout_start, b.count)
+        for b in blocks
+    ]
+    out = tmp_path / "four.npz"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-c", _FOUR_DEVICES, str(out), repr(spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    four = np.load(out)
+    for b in blocks:
+        ref, name = results[_key(b)].rollouts, b.prompt_key + str(b.alpha)
+        for f in ("tokens", "lengths", "nonfinite"):
+            np.testing.assert_array_equal(four[f"{name}/{f}"], getattr(ref, f), err_msg=f)
+        for f in ("logp_original", "logp_variant"):
+            np.testing.assert_allclose(four[f"{name}/{f}"], getattr(ref, f), rtol=1e-5, atol=1e-5)
