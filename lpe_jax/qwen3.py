@@ -6,10 +6,10 @@ dtype before the weight multiply), q_norm/k_norm on the head dim before rotary e
 
 One attention implementation (`attend`, over one or more key/value segments) serves every entry
 point. A full pass (`__call__`, `prefill`) attends causally within the tokens given. A decode step
-(`decode_step`) first stores each new token's keys/values in a `DecodeKV` (the caller's cache), then
-attends over that cache: the prompt prefix and the row's own tokens, itself included. Writing
-before reading lets XLA update the donated cache in place; the reverse order makes it copy the
-whole cache every step.
+(`decode_step`, through each layer's `decode`) first stores each new token's keys/values in a
+`DecodeKV` (the caller's cache), then attends over that cache: the prompt prefix and the row's own
+tokens, itself included. Writing before reading lets XLA update the donated cache in place; the
+reverse order makes it copy the whole cache every step.
 - `DecodeKV` with a batch-1 prefix: one prompt shared by every row, read once, not broadcast (what
   keeps large-batch decode cheap); with a per-row prefix: rows of different prompts side by side
   (`lpe_jax.engine`). The write index is a scalar (rows in lockstep) or one per row.
@@ -175,25 +175,31 @@ class Attention(nnx.Module):
         k = rope(rms_norm(k, self.k_norm[...], cfg.rms_norm_eps), positions, cfg.rope_theta)
         return q, k, v
 
-    def __call__(
-        self, x: Array, positions: Array, kv: DecodeKV | None = None, layer: int = 0
-    ) -> tuple[Array, Array, Array, DecodeKV | None]:
-        """New tokens x [B, T, H] at `positions` attend causally to themselves (kv None) or, after
-        their keys/values are stored in `kv`, to what it holds for `layer`.
+    def _out(self, attn: Array) -> Array:
+        """attn [B, T, heads, hd] -> [B, T, H]."""
+        b, t = attn.shape[:2]
+        out = attn.reshape(b, t, -1) @ self.o_proj[...]
+        return out + self.o_bias[...] if self.cfg.attention_bias else out
 
-        Returns (out [B, T, H], the new tokens' k and v [B, kv, T, hd] (the cache layout), kv).
+    def __call__(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+        """Causal self-attention over x [B, T, H] at `positions` (a full pass or a prefill).
+
+        Returns (out [B, T, H], k and v [B, kv, T, hd], the cache layout).
         """
-        b, t, _ = x.shape
+        t = x.shape[1]
         q, k, v = self.project_qkv(x, positions)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        if kv is None:
-            segments = [(k, v, jnp.tril(jnp.ones((1, t, t), bool)))]
-        else:
-            kv, segments = kv.store(layer, k, v)
-        out = attend(q, segments).reshape(b, t, -1) @ self.o_proj[...]
-        if self.cfg.attention_bias:
-            out = out + self.o_bias[...]
-        return out, k, v, kv
+        causal = jnp.tril(jnp.ones((1, t, t), bool))
+        return self._out(attend(q, [(k, v, causal)])), k, v
+
+    def decode(
+        self, x: Array, positions: Array, kv: DecodeKV, layer: int
+    ) -> tuple[Array, DecodeKV]:
+        """One new token per row, x [B, 1, H]: store its k/v in `kv` (layer `layer`), then attend
+        over what kv holds for the row. Returns (out [B, 1, H], kv updated)."""
+        q, k, v = self.project_qkv(x, positions)
+        kv, segments = kv.store(layer, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+        return self._out(attend(q, segments)), kv
 
 
 class MLP(nnx.Module):
@@ -220,16 +226,22 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(cfg, dtype, rngs)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def __call__(
-        self, x: Array, positions: Array, kv: DecodeKV | None = None, layer: int = 0
-    ) -> tuple[Array, Array, Array, DecodeKV | None]:
-        """x [B, T, H] -> (x' [B, T, H], the new tokens' k and v [B, kv, T, hd], kv updated)."""
-        eps = self.cfg.rms_norm_eps
-        h = rms_norm(x, self.input_layernorm[...], eps)
-        attn, k, v, kv = self.self_attn(h, positions, kv, layer)
-        x = x + attn
-        x = x + self.mlp(rms_norm(x, self.post_attention_layernorm[...], eps))
-        return x, k, v, kv
+    def _mlp_residual(self, x: Array) -> Array:
+        return x + self.mlp(rms_norm(x, self.post_attention_layernorm[...], self.cfg.rms_norm_eps))
+
+    def __call__(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+        """Full causal pass: x [B, T, H] -> (x' [B, T, H], k and v [B, kv, T, hd])."""
+        h = rms_norm(x, self.input_layernorm[...], self.cfg.rms_norm_eps)
+        attn, k, v = self.self_attn(h, positions)
+        return self._mlp_residual(x + attn), k, v
+
+    def decode(
+        self, x: Array, positions: Array, kv: DecodeKV, layer: int
+    ) -> tuple[Array, DecodeKV]:
+        """One new token per row (see Attention.decode): x [B, 1, H] -> (x', kv updated)."""
+        h = rms_norm(x, self.input_layernorm[...], self.cfg.rms_norm_eps)
+        attn, kv = self.self_attn.decode(h, positions, kv, layer)
+        return self._mlp_residual(x + attn), kv
 
 
 @struct.dataclass
@@ -334,23 +346,6 @@ class Qwen3(nnx.Module):
             )
         return jnp.einsum("...h,hv->...v", x, self.lm_head[...], preferred_element_type=jnp.float32)
 
-    def forward(
-        self, tokens: Array, positions: Array, kv: DecodeKV | None = None
-    ) -> tuple[Array, tuple[Array, ...], tuple[Array, ...], DecodeKV | None]:
-        """New tokens int [B, T] at positions int [B, T] through every layer: causal among
-        themselves (kv None), or stored in `kv` and attending over it (T = 1).
-
-        Returns (hidden [B, T, H] before the final norm, in the param dtype; the new tokens' keys
-        and values per layer [B, kv, T, hd]; kv with the new tokens stored).
-        """
-        x = self.embed_tokens[...][tokens]
-        ks, vs = [], []
-        for i, layer in enumerate(self.layers):
-            x, k, v, kv = layer(x, positions, kv, i)
-            ks.append(k)
-            vs.append(v)
-        return x, tuple(ks), tuple(vs), kv
-
     def hidden_states(self, tokens: Array) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
         """Full causal pass over tokens int [B, T], before the final norm and LM head.
 
@@ -358,8 +353,13 @@ class Qwen3(nnx.Module):
         """
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x, ks, vs, _ = self.forward(tokens, positions)
-        return x, ks, vs
+        x = self.embed_tokens[...][tokens]
+        ks, vs = [], []
+        for layer in self.layers:
+            x, k, v = layer(x, positions)
+            ks.append(k)
+            vs.append(v)
+        return x, tuple(ks), tuple(vs)
 
     def __call__(self, tokens: Array) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
         """Full causal pass over tokens int [B, T].
@@ -387,7 +387,9 @@ class Qwen3(nnx.Module):
     def decode_step(self, tokens: Array, positions: Array, kv: DecodeKV) -> tuple[Array, DecodeKV]:
         """One new token per row: tokens, positions int [B] -> (float32 logits [B, V], kv with the
         new keys/values stored at kv.index)."""
-        x, _, _, kv = self.forward(tokens[:, None], positions[:, None], kv)
+        x = self.embed_tokens[...][tokens][:, None]
+        for i, layer in enumerate(self.layers):
+            x, kv = layer.decode(x, positions[:, None], kv, i)
         return self.logits(x[:, 0]), kv
 
     def init_cache(
