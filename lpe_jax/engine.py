@@ -5,14 +5,15 @@ any number of prompts; `poll()` advances the device and returns the blocks whose
 finished. Every row is drawn exactly as `PairedSampler.sample` draws it (same keys, same sampling
 step), so results do not depend on slots, batch-mates, submission order or timing.
 
-Device side: three jitted functions on one donated `EngineState`:
-- `_prefill`: a prompt's K/V and first-token logits (both models) into a row of the prompt table,
-  once per `prompt_key` while it is resident. Slots read their prompt through a per-slot index.
+Device side: three jitted functions on one `EngineState` (each donates the part it updates):
+- `_prefill`: a prompt's K/V and first-token logits (both models) into an entry of the prompt
+  table, once per `prompt_key` while it is resident.
 - `_insert`: pending rows into a ring queue on the device.
 - `_generate`: `steps` decode steps over all S slots in one `lax.while_loop`. At the start of each
-  step, every free slot takes the next queued row (refill inside the loop: a row that ends frees its
-  slot for the very next step, so slots stay full while the queue has rows). Each step emits, per
-  slot, the token it drew (`StepOut`); the host assembles rows from that stream.
+  step, free slots take the next queued rows and copy their prompt's K/V from the table (refill
+  inside the loop: a row that ends frees its slot for the very next step, so slots stay full while
+  the queue has rows). A step then reads only per-slot buffers. Each step emits, per slot, the
+  token it drew (`StepOut`); the host assembles rows from that stream.
 Host side (`RolloutEngine`): admit blocks (prefill new prompts, queue rows), dispatch the next
 generate call, then read the previous call's stream while the device works (one call in flight).
 
@@ -108,7 +109,7 @@ class EngineStats:
     blocks: int = 0  # blocks finished
     prefills: int = 0  # prompts prefilled into the table
     evictions: int = 0  # resident prompts replaced by another
-    compilations: int = 0  # XLA compilations triggered by this engine's calls
+    compilations: int = 0  # XLA compilations while this engine's methods ran (any thread)
 
     @property
     def slot_use(self) -> float:
@@ -138,7 +139,10 @@ class PromptTable:
 
 @struct.dataclass
 class RowQueue:
-    """Rows waiting for a slot: a ring of Q entries; positions head..tail-1 (mod Q) are pending."""
+    """Rows waiting for a slot: a ring of Q entries; positions head..tail-1 (mod Q) are pending.
+
+    head/tail count rows since construction in int32: an engine serves < 2**31 rows.
+    """
 
     handle: Array  # int32 [Q]: the host's id for the row
     prompt: Array  # int32 [Q]: prompt table entry
@@ -180,7 +184,7 @@ class Slots:
 
 @struct.dataclass
 class EngineState:
-    """Everything the device keeps between calls; donated to every device function."""
+    """Everything the device keeps between calls; each device function donates what it updates."""
 
     prompts: PromptTable
     queue: RowQueue
@@ -434,20 +438,21 @@ def _step(
 def _clear_poisoned(state: EngineState) -> EngineState:
     """Zero the token caches of slots a non-finite row used (masked attention still multiplies
     their values by 0, and 0 * NaN = NaN), so the next row there starts clean."""
-    s = state.slots
-    mask = s.poisoned[:, None, None, None]
-
-    def zero(kv: SlotKV) -> SlotKV:
-        return kv.replace(
-            k=tuple(jnp.where(mask, 0, x) for x in kv.k),
-            v=tuple(jnp.where(mask, 0, x) for x in kv.v),
-        )
 
     def clear(st: EngineState) -> EngineState:
+        s = st.slots
+        mask = s.poisoned[:, None, None, None]
+
+        def zero(kv: SlotKV) -> SlotKV:
+            return kv.replace(
+                k=tuple(jnp.where(mask, 0, x) for x in kv.k),
+                v=tuple(jnp.where(mask, 0, x) for x in kv.v),
+            )
+
         clean = jnp.zeros_like(s.poisoned)
         return st.replace(slots=s.replace(kv_o=zero(s.kv_o), kv_v=zero(s.kv_v), poisoned=clean))
 
-    return jax.lax.cond(jnp.any(s.poisoned), clear, lambda st: st, state)
+    return jax.lax.cond(jnp.any(state.slots.poisoned), clear, lambda st: st, state)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "steps"), donate_argnames=("state",))
