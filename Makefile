@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# setuptools reports every editable install with a multi-line "Editable installation" notice
+# (information, not a warning); keep pip's -q output to real warnings and errors.
+PIP_INSTALL := PYTHONWARNINGS="ignore:Editable installation:UserWarning" $(PY) -m pip install -q
 RUNTIME := $(VENV)/.installed-runtime
 TESTDEPS := $(VENV)/.installed-test
 
@@ -13,12 +16,12 @@ $(VENV)/bin/python:
 
 # The demo needs only the runtime dependencies (no torch).
 $(RUNTIME): setup.py | $(VENV)/bin/python
-	$(PY) -m pip install -q -e .
+	$(PIP_INSTALL) -e .
 	touch $@
 
 # Tests add pytest, ruff, nbclient and the CPU build of torch (HF parity references).
 $(TESTDEPS): setup.py | $(VENV)/bin/python
-	$(PY) -m pip install -q -e '.[test]'
+	$(PIP_INSTALL) -e '.[test]'
 	touch $(RUNTIME) $@
 
 demo: $(RUNTIME)

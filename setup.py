@@ -1,12 +1,14 @@
 """lpe_jax: Logit Path Extrapolation in JAX."""
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="lpe_jax",
     version="0.1.0",
     description="Estimate rare language-model behaviours by Logit Path Extrapolation, in JAX.",
-    packages=find_packages(include=["lpe_jax", "lpe_jax.*"]),
+    # Namespace discovery lists the data-only asset folders as packages too (find_packages
+    # would leave them out, and setuptools warns about each of them on every install).
+    packages=find_namespace_packages(include=["lpe_jax", "lpe_jax.*"], exclude=["*.__pycache__"]),
     package_data={"lpe_jax": ["assets/**/*"]},
     include_package_data=True,
     python_requires=">=3.10",

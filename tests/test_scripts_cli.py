@@ -124,3 +124,21 @@ def test_evaluate_truth_run_must_match_the_bank(tmp_path):
     p = run("evaluate.py", f"--run={run_dir}", f"--truth_run={truth.root}", "--screen_n=4")
     assert p.returncode == 1
     assert "was sampled with other original_hash, max_new_tokens than --run" in p.stderr
+
+
+def test_scripts_turn_off_transformers_advisory_notices():
+    # Without torch (the demo's environment) transformers prints "PyTorch was not found..." as an
+    # advisory notice on import; importing common (every script does) turns those notices off.
+    code = (
+        "import sys\n"
+        "from transformers.utils import logging\n"
+        "logging.get_logger('t').warning_advice('BEFORE')\n"
+        f"sys.path.insert(0, {str(ROOT / 'experiments')!r})\n"
+        "import common\n"
+        "logging.get_logger('t').warning_advice('AFTER')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    env["PYTHONPATH"] = str(ROOT)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "BEFORE" in p.stderr and "AFTER" not in p.stderr
