@@ -89,7 +89,8 @@ def load_pair(
             f"tokens; hashes {f_o} vs {f_v}). LPE mixes the two models' logits token by token, so "
             "the variant must be a fine-tune/abliteration of the original with the same tokenizer."
         )
-    eos = tuple(sorted(set(eos_token_ids(original_dir)) | set(eos_token_ids(variant_dir))))
+    # From the loaded tokenizers (a real one takes seconds to load; each knows its directory).
+    eos = tuple(sorted(set(eos_token_ids(tok_o)) | set(eos_token_ids(tok_v))))
     return ModelPair(
         original=load_model(original_dir, dtype=dtype, cache_dir=cache_dir, tied_head=tied_head),
         variant=load_model(variant_dir, dtype=dtype, cache_dir=cache_dir, tied_head=tied_head),
