@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from lpe_jax import abliterate as ab
 from lpe_jax import data
@@ -102,18 +102,24 @@ def _take(prompts: list[data.Prompt], sizes: dict[str, int], what: str) -> dict[
     return out
 
 
+def _load(flag: str) -> list[data.Prompt]:
+    try:
+        return data.load_prompts(getattr(FLAGS, flag), functional_category=FLAGS.category)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--{flag}: {e}") from None
+
+
 def load_splits() -> dict[str, list[data.Prompt]]:
     """The prompt sets by role: harmful/harmless x extract/select/eval."""
     for name in ("n_extract", "n_select", "n_eval"):
         if getattr(FLAGS, name) < 1:
             raise ValueError(f"--{name} must be >= 1; got {getattr(FLAGS, name)}.")
     sizes = {"extract": FLAGS.n_extract, "select": FLAGS.n_select, "eval": FLAGS.n_eval}
-    load = lambda f: data.load_prompts(f, functional_category=FLAGS.category)  # noqa: E731
     own_eval = FLAGS.eval_prompts is None
-    harmful = _take(load(FLAGS.harmful), sizes if own_eval else {**sizes, "eval": 0}, "--harmful")
+    harmful = _take(_load("harmful"), sizes if own_eval else {**sizes, "eval": 0}, "--harmful")
     if not own_eval:
-        harmful["eval"] = load(FLAGS.eval_prompts)[: FLAGS.n_eval]
-    harmless = _take(load(FLAGS.harmless), sizes, "--harmless")
+        harmful["eval"] = _load("eval_prompts")[: FLAGS.n_eval]
+    harmless = _take(_load("harmless"), sizes, "--harmless")
     _check_disjoint(harmful["extract"] + harmful["select"], harmful["eval"])
     return {f"harmful_{k}": v for k, v in harmful.items()} | {
         f"harmless_{k}": v for k, v in harmless.items()
@@ -319,11 +325,10 @@ def main(argv: list[str]) -> None:
         for k, v in splits.items()
     }
     judge = common.make_judge(FLAGS.original) if FLAGS.n_rollouts > 0 else None
+    found = load_direction_file(cfg.hidden_size) if FLAGS.direction else None
     model = load_model(FLAGS.original, dtype=FLAGS.dtype)
     logging.info("loaded %s (%.0fs)", FLAGS.original, time.time() - t0)
-    if FLAGS.direction:
-        found = load_direction_file(cfg.hidden_size)
-    else:
+    if found is None:
         found = find_direction(model, ids, refusal, n_post)
     before, harmless_base = measure(model, ids, refusal, None)
     if judge is not None:
@@ -438,4 +443,4 @@ def table(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)
