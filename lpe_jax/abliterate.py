@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 from scipy.special import log_softmax, logsumexp
 
-from lpe_jax.qwen3 import Qwen3, rms_norm
+from lpe_jax.qwen3 import DecoderLayer, Qwen3, rms_norm
 from lpe_jax.tokenizer import chat_prompt_ids
 
 Array = jax.Array
@@ -138,78 +138,101 @@ def _project_out(x: Array, unit: Array) -> Array:
     return (xf - (xf @ unit)[..., None] * unit).astype(x.dtype)
 
 
+def decoder_block(layer: DecoderLayer, x: Array, ablate: Array | None = None) -> Array:
+    """One decoder layer on the residual stream x [B, T, H] (positions 0..T-1), in x's dtype.
+
+    ablate: unit direction [H] projected out of the attention and the MLP write.
+    """
+    eps = layer.cfg.rms_norm_eps
+    b, t, _ = x.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+    def write(y: Array) -> Array:
+        return y if ablate is None else _project_out(y, ablate)
+
+    attn, _, _ = layer.self_attn(rms_norm(x, layer.input_layernorm[...], eps), positions)
+    x = x + write(attn)
+    return x + write(layer.mlp(rms_norm(x, layer.post_attention_layernorm[...], eps)))
+
+
 def residual_forward(
     model: Qwen3,
     tokens: Array,
     *,
     ablate: Array | None = None,
-    add_layer: Array | int | None = None,
+    add_layer: int | None = None,
     add_vector: Array | None = None,
 ) -> tuple[Array, list[Array]]:
     """Causal pass over tokens int [B, T]: (hidden [B, T, H] before the final norm, the input of
-    every decoder layer, L arrays [B, T, H]), in the param dtype.
+    every decoder layer, L arrays [B, T, H]), in the param dtype. Traceable as one program.
 
     ablate: unit direction [H] projected out after the embedding and after every attention and
         MLP write (a zero vector changes nothing). add_layer/add_vector: add the vector [H] to
-        the input of that layer (may be traced). Without interventions this is `Qwen3.__call__`'s
-        pass (tested).
+        the input of that layer. Without interventions this is `Qwen3.__call__`'s pass (tested).
     """
-    cfg = model.cfg
-    b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-
-    def write(x: Array) -> Array:
-        return x if ablate is None else _project_out(x, ablate)
-
-    x = write(model.embed_tokens[...][tokens])
+    x = model.embed_tokens[...][tokens]
+    x = x if ablate is None else _project_out(x, ablate)
     resid = []
     for i, layer in enumerate(model.layers):
-        if add_vector is not None:
-            x = x + jnp.where(add_layer == i, add_vector, 0.0).astype(x.dtype)
+        if add_vector is not None and i == add_layer:
+            x = x + jnp.asarray(add_vector).astype(x.dtype)
         resid.append(x)
-        h = rms_norm(x, layer.input_layernorm[...], cfg.rms_norm_eps)
-        attn, _, _ = layer.self_attn(h, positions)
-        x = x + write(attn)
-        h = rms_norm(x, layer.post_attention_layernorm[...], cfg.rms_norm_eps)
-        x = x + write(layer.mlp(h))
+        x = decoder_block(layer, x, ablate)
     return x, resid
 
 
 def head_logits(model: Qwen3, hidden: Array) -> Array:
     """float32 logits [..., V] of hidden states [..., H] taken before the final norm."""
-    x = rms_norm(hidden, model.norm[...], model.cfg.rms_norm_eps)
-    if model.cfg.tie_word_embeddings:
-        return jnp.einsum(
-            "...h,vh->...v", x, model.embed_tokens[...], preferred_element_type=jnp.float32
-        )
-    return jnp.einsum("...h,hv->...v", x, model.lm_head[...], preferred_element_type=jnp.float32)
+    tied = model.cfg.tie_word_embeddings
+    head = model.embed_tokens[...] if tied else model.lm_head[...]
+    return _head(model.norm[...], head, hidden, model.cfg.rms_norm_eps, tied)
+
+
+def _head(norm: Array, head: Array, hidden: Array, eps: float, tied: bool) -> Array:
+    x = rms_norm(hidden, norm, eps)
+    spec = "...h,vh->...v" if tied else "...h,hv->...v"
+    return jnp.einsum(spec, x, head, preferred_element_type=jnp.float32)
+
+
+# One jitted layer at a time, driven from the host. XLA's CPU backend computes bf16 dots in
+# float32 and, in a single program over all layers, converts every layer's weights up front: a
+# 0.6B model's pass held 1.8 GB beyond its 1.2 GB of weights. Stepping keeps one layer's
+# converted weights alive, and compiles one layer instead of all of them.
+
+
+@jax.jit
+def _embed_step(table: Array, tokens: Array, ablate: Array) -> Array:
+    return _project_out(table[tokens], ablate)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _resid_at(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, index: Array) -> Array:
-    """float32 [B, L, P, H]: each layer's input at positions index int [B, P]."""
-    _, resid = residual_forward(nnx.merge(graphdef, state), tokens)
-    picked = [jnp.take_along_axis(r, index[:, :, None], axis=1) for r in resid]
-    return jnp.stack(picked, axis=1).astype(jnp.float32)
+def _block_step(graphdef: nnx.GraphDef, state: nnx.State, x: Array, ablate: Array) -> Array:
+    return decoder_block(nnx.merge(graphdef, state), x, ablate)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _last_logits(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    tokens: Array,
-    last: Array,
-    ablate: Array,
-    add_layer: Array,
-    add_vector: Array,
-) -> Array:
-    """float32 [B, V] at position last int [B]; the direction and vector are traced, so every
-    candidate reuses one compiled pass per prompt-length bucket."""
-    model = nnx.merge(graphdef, state)
-    x, _ = residual_forward(
-        model, tokens, ablate=ablate, add_layer=add_layer, add_vector=add_vector
-    )
-    return head_logits(model, jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0])
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _head_step(norm: Array, head: Array, x: Array, last: Array, eps: float, tied: bool) -> Array:
+    return _head(norm, head, jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0], eps, tied)
+
+
+def _stepped(
+    model: Qwen3,
+    tokens: np.ndarray,
+    ablate: np.ndarray,
+    add: tuple[int, np.ndarray] | None,
+    index: np.ndarray | None = None,
+) -> tuple[Array, list[np.ndarray]]:
+    """residual_forward layer by layer: (hidden [B, T, H], each layer's input at index int
+    [B, P] as float32 [B, P, H] when index is given)."""
+    x = _embed_step(model.embed_tokens[...], tokens, ablate)
+    picked = []
+    for i, layer in enumerate(model.layers):
+        if add is not None and i == add[0]:
+            x = x + jnp.asarray(add[1]).astype(x.dtype)
+        if index is not None:
+            picked.append(np.take_along_axis(np.asarray(x, np.float32), index[:, :, None], axis=1))
+        x = _block_step(*nnx.split(layer), x, ablate)
+    return x, picked
 
 
 def _batches(
@@ -252,11 +275,12 @@ def mean_activations(
     index 0 is the n_post-th last token."""
     if any(len(p) <= n_post for p in prompts):
         raise ValueError(f"every prompt needs more than n_post={n_post} tokens.")
-    graphdef, state = nnx.split(model)
+    zero = np.zeros(model.cfg.hidden_size, np.float32)
     total = np.zeros((n_post, model.cfg.num_layers, model.cfg.hidden_size), np.float64)
     for tokens, lengths, real in _batches(prompts, batch_size):
         index = lengths[:, None] - n_post + np.arange(n_post, dtype=np.int32)
-        acts = np.asarray(_resid_at(graphdef, state, tokens, index))[:real]
+        _, picked = _stepped(model, tokens, zero, None, index)
+        acts = np.stack(picked, axis=1)[:real]  # [B, L, P, H]
         total += acts.astype(np.float64).sum(axis=0).transpose(1, 0, 2)
         if progress is not None:
             progress(real)
@@ -279,12 +303,15 @@ def last_token_logits(
     """
     h = model.cfg.hidden_size
     unit = np.zeros(h, np.float32) if ablate is None else _check_vector(ablate, h, "ablate")
-    layer, vector = (-1, np.zeros(h, np.float32)) if add is None else add
-    vector = _check_vector(vector, h, "add vector")
-    graphdef, state = nnx.split(model)
+    if add is not None:
+        check_candidate(add[0], None, model.cfg.num_layers, 1)
+        add = (add[0], _check_vector(add[1], h, "add vector"))
+    tied = model.cfg.tie_word_embeddings
+    head = model.embed_tokens[...] if tied else model.lm_head[...]
     out = []
     for tokens, lengths, real in _batches(prompts, batch_size):
-        logits = _last_logits(graphdef, state, tokens, lengths - 1, unit, np.int32(layer), vector)
+        x, _ = _stepped(model, tokens, unit, add)
+        logits = _head_step(model.norm[...], head, x, lengths - 1, model.cfg.rms_norm_eps, tied)
         out.append(np.asarray(logits)[:real])
         if progress is not None:
             progress(real)

@@ -167,3 +167,35 @@ def test_bad_vectors_are_refused(tiny):
         ab.last_token_logits(model, harmful, ablate=np.ones(31))
     with pytest.raises(ValueError, match="no prompts"):
         ab.last_token_logits(model, [])
+
+
+def test_layer_by_layer_passes_equal_the_single_program(tiny):
+    """The host-stepped passes (one jitted layer at a time) give the logits and activations of
+    residual_forward traced as one program, with ablation and activation addition."""
+    model, harmful, _ = tiny
+    rng = np.random.default_rng(2)
+    r = rng.normal(size=32).astype(np.float32)
+    r /= np.linalg.norm(r)
+    v = rng.normal(size=32).astype(np.float32)
+    prompts = harmful[:3]
+    lengths = np.array([len(p) for p in prompts])
+    tokens = np.zeros((3, lengths.max()), np.int32)  # right-padded: causal, so harmless
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+
+    @jax.jit
+    def single(state, ablate, add_vector):
+        m = nnx.merge(graphdef, state)
+        x, resid = ab.residual_forward(m, tokens, ablate=ablate, add_layer=2, add_vector=add_vector)
+        return ab.head_logits(m, x), resid
+
+    graphdef, state = nnx.split(model)
+    want, _ = single(state, r, v)
+    rows = np.arange(3)
+    got = ab.last_token_logits(model, prompts, ablate=r, add=(2, v), batch_size=2)
+    np.testing.assert_allclose(got, np.asarray(want)[rows, lengths - 1], rtol=1e-5, atol=1e-5)
+    _, resid = single(state, np.zeros(32, np.float32), np.zeros(32, np.float32))
+    idx = lengths[:, None] - 3 + np.arange(3)  # [3 prompts, 3 positions]
+    acts = np.stack([np.asarray(h)[rows[:, None], idx] for h in resid], axis=2)  # [N, P, L, H]
+    means = ab.mean_activations(model, prompts, 3, batch_size=2)
+    np.testing.assert_allclose(means, acts.mean(0), rtol=1e-5, atol=1e-5)
