@@ -62,6 +62,12 @@ flags.DEFINE_string("direction", None, "A direction .npy [hidden] to use instead
 flags.DEFINE_integer("layer", None, "Fix the candidate's layer (with --position).")
 flags.DEFINE_integer("position", None, "Fix the candidate's position, -P..-1 from the end.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype for the passes.")
+flags.DEFINE_enum(
+    "tied_head",
+    None,
+    ["embedding", "lm_head"],
+    "For a tied config that also stores a different lm_head.weight: the head to keep.",
+)
 flags.DEFINE_bool("enable_thinking", False, "Qwen3 chat template: thinking on (no think block).")
 flags.DEFINE_list("refusal_tokens", ["I", "As"], "Refusal openings; their first tokens score.")
 flags.DEFINE_integer("n_extract", 128, "Prompts per set for the mean activations.")
@@ -326,7 +332,7 @@ def main(argv: list[str]) -> None:
     }
     judge = common.make_judge(FLAGS.original) if FLAGS.n_rollouts > 0 else None
     found = load_direction_file(cfg.hidden_size) if FLAGS.direction else None
-    model = load_model(FLAGS.original, dtype=FLAGS.dtype)
+    model = load_model(FLAGS.original, dtype=FLAGS.dtype, tied_head=FLAGS.tied_head)
     logging.info("loaded %s (%.0fs)", FLAGS.original, time.time() - t0)
     if found is None:
         found = find_direction(model, ids, refusal, n_post)
@@ -369,13 +375,15 @@ def write(out: Path, found: dict, splits: dict, refusal: list[int], n_post: int,
         "refusal_tokens": FLAGS.refusal_tokens,
         "refusal_token_ids": refusal,
         "enable_thinking": FLAGS.enable_thinking,
+        "tied_head": FLAGS.tied_head,
         "settings": settings().__dict__,
         "filter_train": FLAGS.filter_train,
         "split_seed": FLAGS.split_seed,
         "dtype": FLAGS.dtype,
         "code_version": lpe_jax.__version__,
     }
-    bar = common.Progress(output_bytes(FLAGS.original), "bytes written", every=10.0)
+    total = output_bytes(FLAGS.original, FLAGS.tied_head)
+    bar = common.Progress(total, "bytes written", every=10.0)
     return write_abliterated(
         FLAGS.original,
         out,
@@ -383,6 +391,7 @@ def write(out: Path, found: dict, splits: dict, refusal: list[int], n_post: int,
         provenance=provenance,
         overwrite=FLAGS.overwrite,
         max_shard_bytes=int(FLAGS.max_shard_gb * 1e9),
+        tied_head=FLAGS.tied_head,
         progress=bar.update,
     )
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from lpe_jax.checkpoint import (
     _ST_TO_NP,
+    TIED_HEAD_READINGS,
     _check_names,
     _read_config,
     _read_headers,
@@ -131,8 +132,18 @@ class _Source:
         return [(i, min(i + step, self.n_rows)) for i in range(0, self.n_rows, step)]
 
 
-def _plan(source: Path) -> tuple[dict[str, Any], dict[str, _Source], bool]:
-    """(HF config, output tensor name -> source tensor, untie?) after checking the checkpoint."""
+def _plan(
+    source: Path, tied_head: str | None = None
+) -> tuple[dict[str, Any], dict[str, _Source], bool]:
+    """(HF config, output tensor name -> source tensor, untie?) after checking the checkpoint.
+
+    tied_head: for a tied config that also stores a different lm_head.weight, the head to keep
+    ('embedding' or 'lm_head', as `load_model`); None refuses such a checkpoint.
+    """
+    if tied_head not in (None, *TIED_HEAD_READINGS):
+        raise ValueError(
+            f"tied_head must be one of {TIED_HEAD_READINGS} or None; got {tied_head!r}."
+        )
     hf = _read_config(source)
     cfg = config_from_hf(hf)
     headers = _read_headers(_weight_files(source))
@@ -141,10 +152,14 @@ def _plan(source: Path) -> tuple[dict[str, Any], dict[str, _Source], bool]:
     if not cfg.tie_word_embeddings:
         return hf, tensors, False
     stored = tensors.pop(_HEAD, None)
-    if stored is not None and not _same_tensor(stored, tensors[_EMBED]):
+    if stored is not None and tied_head == "lm_head":
+        tensors[_HEAD] = stored
+        return hf, tensors, True
+    if stored is not None and tied_head is None and not _same_tensor(stored, tensors[_EMBED]):
         raise ValueError(
             f"{source}: config.json ties the embeddings, but the stored {_HEAD} differs from "
-            f"{_EMBED}, so readers disagree on the output head; fix the checkpoint first."
+            f"{_EMBED}, so readers disagree on the output head; pick one with "
+            "tied_head='embedding' or 'lm_head' (script: --tied_head)."
         )
     tensors[_HEAD] = tensors[_EMBED]  # the original embedding becomes the output head
     return hf, tensors, True
@@ -248,9 +263,9 @@ def _copy_side_files(source: Path, folder: Path) -> None:
         (folder / gen.name).write_text(json.dumps({"eos_token_id": eos_token_ids(source)}))
 
 
-def output_bytes(source: str | Path) -> int:
+def output_bytes(source: str | Path, tied_head: str | None = None) -> int:
     """Tensor bytes `write_abliterated(source, ...)` writes (an untied head included)."""
-    return sum(t.nbytes for t in _plan(Path(source))[1].values())
+    return sum(t.nbytes for t in _plan(Path(source), tied_head)[1].values())
 
 
 def check_output_dir(source: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
@@ -281,6 +296,7 @@ def write_abliterated(
     provenance: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    tied_head: str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Write the abliterated copy of HF directory `source` to `out` and return `out`.
@@ -289,11 +305,12 @@ def write_abliterated(
     above max_shard_bytes), the tokenizer files, generation_config.json, the unit direction as
     refusal_direction.npy and abliteration.json: the source's path and content hash, the
     direction's sha256, whether the head was untied, and `provenance` (layer, position, data
-    hashes, ...). progress is called with the bytes of each tensor written.
+    hashes, ...). tied_head: see `_plan`. progress is called with the bytes of each tensor
+    written.
     """
     source = Path(source)
     out = check_output_dir(source, out, overwrite=overwrite)
-    hf, tensors, untie = _plan(source)
+    hf, tensors, untie = _plan(source, tied_head)
     unit = unit_direction(direction, tensors[_EMBED].shape[1])
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be >= 1; got {max_shard_bytes}.")

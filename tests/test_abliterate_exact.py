@@ -153,3 +153,25 @@ def test_bf16_source_is_written_in_bf16_and_sharded(hf_checkpoint, tokenizer_fil
     tokens = random_tokens(load_model(src).cfg.vocab_size)
     ours = model_logits(load_model(out), tokens)
     assert rel(hf_logits(out, tokens), ours) <= 1e-4
+
+
+def test_tied_config_with_a_different_stored_head_needs_a_reading(
+    hf_checkpoint, tokenizer_files, tmp_path
+):
+    """Readers disagree on such a checkpoint (load_model refuses it too): refused unless
+    tied_head picks the head the abliterated copy keeps."""
+    from safetensors.numpy import load_file, save_file
+
+    src = with_tokenizer(hf_checkpoint(tie_word_embeddings=True), tokenizer_files, tmp_path)
+    tensors = load_file(src / "model.safetensors")
+    embed = tensors["model.embed_tokens.weight"]
+    head = embed + np.float32(0.5)
+    save_file({**tensors, "lm_head.weight": head}, src / "model.safetensors")
+    d = np.ones(embed.shape[1])
+    with pytest.raises(ValueError, match="tied_head='embedding' or 'lm_head'"):
+        write_abliterated(src, tmp_path / "refused", d)
+    for reading, expected in (("lm_head", head), ("embedding", embed)):
+        out = write_abliterated(src, tmp_path / reading, d, tied_head=reading)
+        got = load_file(out / "model.safetensors")["lm_head.weight"]
+        np.testing.assert_array_equal(got, expected)
+        assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
