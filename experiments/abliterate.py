@@ -143,11 +143,13 @@ def _check_disjoint(used: list[data.Prompt], held_out: list[data.Prompt]) -> Non
         )
 
 
-def check_candidate_flags(n_layers: int, n_post: int) -> None:
+def check_candidate_flags(n_layers: int, n_post: int | None) -> None:
+    """--layer (and, once n_post is known, --position) in range."""
     if (FLAGS.layer is None) != (FLAGS.position is None) and FLAGS.direction is None:
         raise ValueError("--layer and --position fix one candidate together; pass both or none.")
     try:
-        ab.check_candidate(FLAGS.layer, FLAGS.position, n_layers, n_post)
+        position = FLAGS.position if n_post is not None else None
+        ab.check_candidate(FLAGS.layer, position, n_layers, n_post or 1)
     except ValueError as e:
         raise ValueError(f"--layer/--position: {e}") from None
 
@@ -319,6 +321,7 @@ def main(argv: list[str]) -> None:
     t0 = time.time()
     cfg = config_from_hf(_read_config(Path(FLAGS.original)))
     out = check_output_dir(FLAGS.original, FLAGS.out, overwrite=FLAGS.overwrite)
+    check_candidate_flags(cfg.num_layers, None)
     splits = load_splits()
     tokenizer = load_tokenizer(FLAGS.original)
     n_post = len(ab.post_instruction_ids(tokenizer, enable_thinking=FLAGS.enable_thinking))

@@ -15,12 +15,11 @@ from lpe_jax import abliterate as ab
 from lpe_jax import qwen3
 from lpe_jax.tokenizer import load_tokenizer
 
+# CI and the dev machine keep shared data beside the repository: <repo>/../shared.
 QWEN3_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "qwen3_tokenizer"
-if not QWEN3_TOKENIZER.is_dir():  # worktrees sit one level deeper than the main checkout
-    QWEN3_TOKENIZER = Path("/work/shared/data/qwen3_tokenizer")
 needs_qwen3 = pytest.mark.skipif(
     not QWEN3_TOKENIZER.is_dir(),
-    reason="../shared/data/qwen3_tokenizer (the real Qwen3 tokenizer) is not on this machine",
+    reason=f"the real Qwen3 tokenizer is absent: {QWEN3_TOKENIZER}",
 )
 # <|im_end|> \n <|im_start|> assistant \n <think> \n\n </think> \n\n
 QWEN3_SUFFIX = [151645, 198, 151644, 77091, 198, 151667, 271, 151668, 271]
