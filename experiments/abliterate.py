@@ -9,12 +9,14 @@ Prompt files (--harmful, --harmless, --eval_prompts) may be: JSONL with "id" and
 line; CSV with id,prompt columns; a HarmBench behaviours CSV (--category picks the rows); or a
 JSON list of {"instruction": ...} objects (the refusal_direction splits).
 
-Splits: --harmful is shuffled (--split_seed) into --n_extract prompts for the mean activations,
---n_select for choosing the (layer, position), and, without --eval_prompts, --n_eval held-out
-prompts for the before/after report; --harmless likewise into extraction, selection (KL) and
-evaluation (KL) parts. Evaluating on HarmBench? Find the direction with refusal_direction's
-harmful_train.json (260 prompts, disjoint from HarmBench), never with harmful_val/harmful_test,
-which contain HarmBench behaviours: a direction chosen with them has seen the evaluation set.
+Splits: --harmful is shuffled (--split_seed) and cut by --harmful_split=extract,select,eval into
+prompts for the mean activations, for choosing the (layer, position), and, without
+--eval_prompts, held-out prompts for the before/after report; --harmless likewise by
+--harmless_split into extraction, selection (KL) and evaluation (KL) parts.
+
+Evaluating on HarmBench? Find the direction with refusal_direction's harmful_train.json (260
+prompts, disjoint from HarmBench), never with harmful_val/harmful_test, which contain HarmBench
+behaviours: a direction chosen with them has seen the evaluation set.
 Harmful prompts whose text also appears in --eval_prompts are refused for that reason.
 
 Writes --out: an HF directory (config.json, safetensors sharded above --max_shard_gb, the
@@ -70,9 +72,13 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_bool("enable_thinking", False, "Qwen3 chat template: thinking on (no think block).")
 flags.DEFINE_list("refusal_tokens", ["I", "As"], "Refusal openings; their first tokens score.")
-flags.DEFINE_integer("n_extract", 128, "Prompts per set for the mean activations.")
-flags.DEFINE_integer("n_select", 32, "Prompts per set for choosing the candidate.")
-flags.DEFINE_integer("n_eval", 32, "Held-out prompts per set for the report.")
+flags.DEFINE_list(
+    "harmful_split",
+    ["128", "32", "32"],
+    "extract,select,eval: harmful prompts for the mean activations, for choosing the candidate, "
+    "held out for the report (the first eval of --eval_prompts when given).",
+)
+flags.DEFINE_list("harmless_split", ["128", "32", "32"], "extract,select,eval of --harmless.")
 flags.DEFINE_integer("split_seed", 0, "Seed of the shuffle that splits the prompt files.")
 flags.DEFINE_bool(
     "filter_train", True, "Keep extraction prompts the original scores as expected (the paper)."
@@ -94,12 +100,29 @@ FLAGS.set_default("judge", "string")
 # inputs
 
 
-def _take(prompts: list[data.Prompt], sizes: dict[str, int], what: str) -> dict[str, list]:
-    """Shuffle (split_seed) and cut into consecutive parts of the given sizes."""
+def _sizes(flag: str) -> dict[str, int]:
+    """--<set>_split=extract,select,eval as a dict of positive ints."""
+    raw = getattr(FLAGS, flag)
+    try:
+        sizes = [int(x) for x in raw]
+    except ValueError:
+        sizes = []
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise ValueError(
+            f"--{flag}={','.join(raw)} must be three positive counts: extract,select,eval."
+        )
+    return dict(zip(("extract", "select", "eval"), sizes, strict=True))
+
+
+def _take(flag: str, sizes: dict[str, int]) -> dict[str, list]:
+    """The prompts of --flag, shuffled (split_seed) and cut into parts of the given sizes."""
+    prompts = _load(flag)
     need = sum(sizes.values())
     if need > len(prompts):
-        parts = ", ".join(f"--n_{k}={v}" for k, v in sizes.items())
-        raise ValueError(f"{what} holds {len(prompts)} prompts but {parts} need {need}.")
+        raise ValueError(
+            f"--{flag} holds {len(prompts)} prompts but --{flag}_split needs {need} "
+            f"({sizes}); lower the counts or pass more prompts."
+        )
     order = np.random.default_rng(FLAGS.split_seed).permutation(len(prompts))
     out, start = {}, 0
     for name, n in sizes.items():
@@ -117,15 +140,13 @@ def _load(flag: str) -> list[data.Prompt]:
 
 def load_splits() -> dict[str, list[data.Prompt]]:
     """The prompt sets by role: harmful/harmless x extract/select/eval."""
-    for name in ("n_extract", "n_select", "n_eval"):
-        if getattr(FLAGS, name) < 1:
-            raise ValueError(f"--{name} must be >= 1; got {getattr(FLAGS, name)}.")
-    sizes = {"extract": FLAGS.n_extract, "select": FLAGS.n_select, "eval": FLAGS.n_eval}
-    own_eval = FLAGS.eval_prompts is None
-    harmful = _take(_load("harmful"), sizes if own_eval else {**sizes, "eval": 0}, "--harmful")
-    if not own_eval:
-        harmful["eval"] = _load("eval_prompts")[: FLAGS.n_eval]
-    harmless = _take(_load("harmless"), sizes, "--harmless")
+    sizes = _sizes("harmful_split")
+    harmless = _take("harmless", _sizes("harmless_split"))
+    if FLAGS.eval_prompts is None:
+        harmful = _take("harmful", sizes)
+    else:  # held out by construction: a different file (overlap is checked below)
+        harmful = _take("harmful", {**sizes, "eval": 0})
+        harmful["eval"] = _load("eval_prompts")[: sizes["eval"]]
     _check_disjoint(harmful["extract"] + harmful["select"], harmful["eval"])
     return {f"harmful_{k}": v for k, v in harmful.items()} | {
         f"harmless_{k}": v for k, v in harmless.items()
@@ -209,9 +230,15 @@ def find_direction(model: Any, ids: dict, refusal: list[int], n_post: int) -> di
         per = len(sel) + len(hs) * (2 if s.induce_threshold is not None else 1)
         scored = int(valid[:, : s.kept_layers(model.cfg.num_layers)].sum())
         bar = progress(per * scored + len(sel) + len(hs), "candidate prompts")
-        chosen = ab.select_direction(
-            model, *means, sel, hs, refusal, s, batch_size=bs, progress=bar.update
-        )
+        try:
+            chosen = ab.select_direction(
+                model, *means, sel, hs, refusal, s, batch_size=bs, progress=bar.update
+            )
+        except ValueError as e:
+            raise ValueError(
+                f"{e} Flags: --prune_layer_fraction, --kl_threshold (0 = off), --noinduce_filter, "
+                "or --layer with --position to fix a candidate."
+            ) from None
         return out | {
             "direction": chosen.direction,
             "layer": chosen.layer,

@@ -113,8 +113,9 @@ def run_abliterate(src: Path, out: Path, cfg: qwen3.Qwen3Config) -> dict[str, fl
     n = FLAGS.n_prompts
     args = [
         f"--original={src}", f"--out={out}", f"--harmful={FLAGS.harmful}",
-        f"--harmless={FLAGS.harmless}", f"--n_extract={n}", f"--n_select={max(1, n // 2)}",
-        f"--n_eval={max(1, n // 2)}", f"--layer={FLAGS.layer or cfg.num_layers // 2}",
+        f"--harmless={FLAGS.harmless}", f"--harmful_split={n},{max(1, n // 2)},{max(1, n // 2)}",
+        f"--harmless_split={n},{max(1, n // 2)},{max(1, n // 2)}",
+        f"--layer={FLAGS.layer or cfg.num_layers // 2}",
         f"--position={FLAGS.position}", "--nofilter_train", "--noinduce_filter",
         "--n_rollouts=0", "--dtype=bfloat16", f"--batch_size={FLAGS.batch_size}",
     ]  # fmt: skip

@@ -69,7 +69,7 @@ def flags(setup, out: Path, *extra: str) -> list[str]:
     root, src, harmful, harmless = setup
     return [
         f"--original={src}", f"--out={out}", f"--harmful={harmful}", f"--harmless={harmless}",
-        "--n_extract=6", "--n_select=3", "--n_eval=3", "--refusal_tokens=w0,w1",
+        "--harmful_split=6,3,3", "--harmless_split=6,3,3", "--refusal_tokens=w0,w1",
         "--nofilter_train", "--prune_layer_fraction=0", "--noinduce_filter",
         "--kl_threshold=0", "--n_rollouts=2", "--max_new_tokens=4", *extra,
     ]  # fmt: skip
@@ -107,7 +107,7 @@ def test_script_writes_a_loadable_abliteration_with_provenance_and_report(setup)
     "extra, message",
     [
         (["--layer=3", "--position=-1"], "layer 3 is out of range: the model has 3 layers"),
-        (["--n_extract=30"], "--harmful holds 20 prompts but"),
+        (["--harmful_split=30,3,3"], "--harmful holds 20 prompts but --harmful_split needs 36"),
     ],
 )
 def test_script_names_bad_flags_before_loading_the_model(setup, extra, message):
