@@ -168,7 +168,8 @@ def residual_forward(
 
     ablate: unit direction [H] projected out after the embedding and after every attention and
         MLP write (a zero vector changes nothing). add_layer/add_vector: add the vector [H] to
-        the input of that layer. Without interventions this is `Qwen3.__call__`'s pass (tested).
+        the input of that layer. Without interventions this is `Qwen3.hidden_states`' pass (tested);
+        `model.logits(hidden)` gives the logits.
     """
     x = model.embed_tokens[...][tokens]
     x = x if ablate is None else _project_out(x, ablate)
@@ -179,19 +180,6 @@ def residual_forward(
         resid.append(x)
         x = decoder_block(layer, x, ablate)
     return x, resid
-
-
-def head_logits(model: Qwen3, hidden: Array) -> Array:
-    """float32 logits [..., V] of hidden states [..., H] taken before the final norm."""
-    tied = model.cfg.tie_word_embeddings
-    head = model.embed_tokens[...] if tied else model.lm_head[...]
-    return _head(model.norm[...], head, hidden, model.cfg.rms_norm_eps, tied)
-
-
-def _head(norm: Array, head: Array, hidden: Array, eps: float, tied: bool) -> Array:
-    x = rms_norm(hidden, norm, eps)
-    spec = "...h,vh->...v" if tied else "...h,hv->...v"
-    return jnp.einsum(spec, x, head, preferred_element_type=jnp.float32)
 
 
 # One jitted layer at a time, driven from the host. XLA's CPU backend computes bf16 dots in
@@ -210,9 +198,10 @@ def _block_step(graphdef: nnx.GraphDef, state: nnx.State, x: Array, ablate: Arra
     return decoder_block(nnx.merge(graphdef, state), x, ablate)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5))
-def _head_step(norm: Array, head: Array, x: Array, last: Array, eps: float, tied: bool) -> Array:
-    return _head(norm, head, jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0], eps, tied)
+@functools.partial(jax.jit, static_argnums=0)
+def _head_step(graphdef: nnx.GraphDef, state: nnx.State, x: Array, last: Array) -> Array:
+    """float32 logits [B, V] of hidden x [B, T, H] at positions last int [B]."""
+    return nnx.merge(graphdef, state).logits(jnp.take_along_axis(x, last[:, None, None], 1)[:, 0])
 
 
 def _stepped(
@@ -306,12 +295,11 @@ def last_token_logits(
     if add is not None:
         check_candidate(add[0], None, model.cfg.num_layers, 1)
         add = (add[0], _check_vector(add[1], h, "add vector"))
-    tied = model.cfg.tie_word_embeddings
-    head = model.embed_tokens[...] if tied else model.lm_head[...]
+    graphdef, state = nnx.split(model)
     out = []
     for tokens, lengths, real in _batches(prompts, batch_size):
         x, _ = _stepped(model, tokens, unit, add)
-        logits = _head_step(model.norm[...], head, x, lengths - 1, model.cfg.rms_norm_eps, tied)
+        logits = _head_step(graphdef, state, x, lengths - 1)
         out.append(np.asarray(logits)[:real])
         if progress is not None:
             progress(real)

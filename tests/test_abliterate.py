@@ -186,7 +186,7 @@ def test_layer_by_layer_passes_equal_the_single_program(tiny):
     def single(state, ablate, add_vector):
         m = nnx.merge(graphdef, state)
         x, resid = ab.residual_forward(m, tokens, ablate=ablate, add_layer=2, add_vector=add_vector)
-        return ab.head_logits(m, x), resid
+        return m.logits(x), resid
 
     graphdef, state = nnx.split(model)
     want, _ = single(state, r, v)

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from hf_fixtures import hf_logits, make_tokenizer
 
-from lpe_jax.abliterate import head_logits, residual_forward
+from lpe_jax.abliterate import residual_forward
 from lpe_jax.checkpoint import _read_headers, _weight_files, load_model
 from lpe_jax.forward import model_logits
 from lpe_jax.orthogonalize import (
@@ -51,7 +51,7 @@ def with_tokenizer(ckpt, tok_dir, tmp_path):
 def _run(graphdef, state, tokens, ablate):
     model = nnx.merge(graphdef, state)
     x, resid = residual_forward(model, tokens, ablate=ablate)
-    return head_logits(model, x), [*resid, x]
+    return model.logits(x), [*resid, x]
 
 
 def run(model, tokens, ablate=None):
