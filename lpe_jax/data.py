@@ -144,20 +144,49 @@ def _load_jsonl(path: Path) -> list[Prompt]:
     return prompts
 
 
+def _load_instruction_list(path: Path) -> list[Prompt]:
+    """A JSON list of ``{"instruction": str, ...}`` (the refusal_direction splits of Arditi et
+    al. 2024); ids are ``<file stem>-<index>``, other keys go to metadata."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from e
+    if not isinstance(records, list):
+        raise ValueError(
+            f"{path} must hold a JSON list of objects with an 'instruction' key "
+            '(e.g. [{"instruction": "..."}]); got a JSON ' + type(records).__name__
+        )
+    prompts = []
+    for i, record in enumerate(records):
+        text = record.get("instruction") if isinstance(record, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(
+                f"{path}: item {i} must be an object with a non-empty string 'instruction' "
+                f"(the refusal_direction format); got {str(record)[:80]!r}"
+            )
+        metadata = {k: v for k, v in record.items() if k != "instruction"}
+        prompts.append(Prompt(f"{path.stem}-{i}", text, metadata))
+    return prompts
+
+
 def load_prompts(
     path: str | Path, functional_category: str | Sequence[str] | None = "standard"
 ) -> list[Prompt]:
     """Prompts from a ``.jsonl`` file (one object per line with ``id`` and ``prompt``; other keys
-    go to metadata) or a ``.csv`` file with ``id`` and ``prompt`` columns. A CSV with HarmBench's
-    columns is read by ``load_harmbench(path, functional_category)``. Ids must be unique and
-    prompts non-empty; text is kept as written."""
+    go to metadata), a ``.csv`` file with ``id`` and ``prompt`` columns, or a ``.json`` list of
+    ``{"instruction": ...}`` objects (the refusal_direction splits; ids ``<stem>-<index>``). A CSV
+    with HarmBench's columns is read by ``load_harmbench(path, functional_category)``. Ids must be
+    unique and prompts non-empty; text is kept as written."""
     path = _check_file(path, "prompts file")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _check_unique(_load_jsonl(path), path)
+    if suffix == ".json":
+        return _check_unique(_load_instruction_list(path), path)
     if suffix != ".csv":
         raise ValueError(
-            f"prompts file {path} must end in .jsonl or .csv, not {suffix or '(none)'}"
+            f"prompts file {path} must end in .jsonl or .csv (or .json for an instruction list), "
+            f"not {suffix or '(none)'}"
         )
     with path.open(newline="", encoding="utf-8-sig") as f:
         header = next(csv.reader(f), [])

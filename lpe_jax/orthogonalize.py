@@ -1,0 +1,339 @@
+"""Write an abliterated copy of a Qwen3 checkpoint: a direction removed from every weight that
+writes to the residual stream, one tensor at a time.
+
+For a unit direction r [H]: embed_tokens [V, H] becomes W - (W r) r^T; every o_proj and down_proj
+(HF layout [H, in]) becomes W - r (r^T W); an o_proj bias (attention_bias) becomes b - (b.r) r.
+The embedding and every attention and MLP write then have no component along r, so the residual
+stream never carries one: the model equals the original with r projected out at run time after
+the embedding and after each write (tests/test_abliterate_exact.py). Computed in float32, written
+in each tensor's source dtype; every other tensor is copied byte for byte.
+
+Tied embeddings: the input embedding changes but the output head must not, so the result is
+untied: `lm_head.weight` holds the original embedding and config.json says
+`tie_word_embeddings: false`, which transformers and `load_model` read the same way.
+
+Memory: tensors are read with plain file reads (no memory map, whose pages would count as
+resident), the embedding is edited in blocks of rows, and other tensors one at a time, so the
+process holds at most one float32 tensor beyond what it held before. The directory is written
+under `<out>.partial` and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lpe_jax.checkpoint import (
+    _ST_TO_NP,
+    TIED_HEAD_READINGS,
+    _check_names,
+    _read_config,
+    _read_headers,
+    _weight_files,
+    checkpoint_fingerprint,
+    config_from_hf,
+)
+
+PROVENANCE_FILE = "abliteration.json"
+DIRECTION_FILE = "refusal_direction.npy"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+# Files that make the copy a usable model directory beside its weights and config.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_EMBED = "model.embed_tokens.weight"
+_HEAD = "lm_head.weight"
+_OUT_PROJ = re.compile(r"model\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)\.weight")
+_OUT_BIAS = re.compile(r"model\.layers\.\d+\.self_attn\.o_proj\.bias")
+_BLOCK_BYTES = 1 << 26  # float32 bytes edited or copied at once
+
+
+def unit_direction(direction: np.ndarray, hidden_size: int) -> np.ndarray:
+    """float32 [H] unit vector of a finite, nonzero direction [H] (ValueError otherwise)."""
+    d = np.asarray(direction, np.float64)
+    if d.shape != (hidden_size,):
+        raise ValueError(
+            f"the direction has shape {d.shape}, but the model's hidden size is {hidden_size}; "
+            "pass a direction found on this model."
+        )
+    norm = np.linalg.norm(d)
+    if not np.all(np.isfinite(d)) or norm == 0:
+        raise ValueError("the direction must be finite and nonzero.")
+    return (d / norm).astype(np.float32)
+
+
+def writes_residual(name: str) -> bool:
+    """True for the HF tensors whose output is added to the residual stream."""
+    return name == _EMBED or bool(_OUT_PROJ.fullmatch(name) or _OUT_BIAS.fullmatch(name))
+
+
+def orthogonalize(name: str, weight: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    """`weight` (HF layout) with `unit` [H] removed from its residual-stream side, computed in
+    float32 and returned in weight's dtype. Rows of the embedding ([n, H], a block of rows is
+    fine), columns' outputs of o_proj/down_proj ([H, in]), or an o_proj bias [H]."""
+    w = np.asarray(weight, np.float32)
+    if name == _EMBED:
+        out = w - np.outer(w @ unit, unit)
+    elif _OUT_PROJ.fullmatch(name):
+        out = w - np.outer(unit, unit @ w)
+    elif _OUT_BIAS.fullmatch(name):
+        out = w - (w @ unit) * unit
+    else:
+        raise ValueError(f"{name} does not write to the residual stream.")
+    return out.astype(weight.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# reading source tensors without a memory map
+
+
+class _Source:
+    """One source tensor: file, absolute byte offset, dtype, shape."""
+
+    def __init__(self, file: Path, start: int, info: dict[str, Any]):
+        self.file, self.dtype_code = file, info["dtype"]
+        self.shape = tuple(info["shape"])
+        lo, hi = info["data_offsets"]
+        self.offset, self.nbytes = start + lo, hi - lo
+        if self.dtype_code not in _ST_TO_NP:
+            raise ValueError(f"{file.name}: unsupported dtype {self.dtype_code}.")
+        self.dtype = _ST_TO_NP[self.dtype_code]
+
+    @property
+    def n_rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        """Rows lo..hi-1 of the tensor (elements of a 1-D tensor), read from disk."""
+        row_bytes = self.nbytes // self.n_rows
+        raw = np.fromfile(
+            self.file, np.uint8, count=(hi - lo) * row_bytes, offset=self.offset + lo * row_bytes
+        )
+        return raw.view(self.dtype).reshape((hi - lo, *self.shape[1:]) if self.shape else ())
+
+    def row_blocks(self) -> list[tuple[int, int]]:
+        """(lo, hi) row ranges of at most _BLOCK_BYTES as float32."""
+        f32_row = max(self.nbytes // self.n_rows * 4 // self.dtype.itemsize, 1)
+        step = max(1, _BLOCK_BYTES // f32_row)
+        return [(i, min(i + step, self.n_rows)) for i in range(0, self.n_rows, step)]
+
+
+def _plan(
+    source: Path, tied_head: str | None = None
+) -> tuple[dict[str, Any], dict[str, _Source], bool]:
+    """(HF config, output tensor name -> source tensor, untie?) after checking the checkpoint.
+
+    tied_head: for a tied config that also stores a different lm_head.weight, the head to keep
+    ('embedding' or 'lm_head', as `load_model`); None refuses such a checkpoint.
+    """
+    if tied_head not in (None, *TIED_HEAD_READINGS):
+        raise ValueError(
+            f"tied_head must be one of {TIED_HEAD_READINGS} or None; got {tied_head!r}."
+        )
+    hf = _read_config(source)
+    cfg = config_from_hf(hf)
+    headers = _read_headers(_weight_files(source))
+    _check_names(cfg, set(headers))
+    tensors = {name: _Source(*entry) for name, entry in headers.items()}
+    if not cfg.tie_word_embeddings:
+        return hf, tensors, False
+    stored = tensors.pop(_HEAD, None)
+    if stored is not None and tied_head == "lm_head":
+        tensors[_HEAD] = stored
+        return hf, tensors, True
+    if stored is not None and tied_head is None and not _same_tensor(stored, tensors[_EMBED]):
+        raise ValueError(
+            f"{source}: config.json ties the embeddings, but the stored {_HEAD} differs from "
+            f"{_EMBED}, so readers disagree on the output head; pick one with "
+            "tied_head='embedding' or 'lm_head' (script: --tied_head)."
+        )
+    tensors[_HEAD] = tensors[_EMBED]  # the original embedding becomes the output head
+    return hf, tensors, True
+
+
+def _same_tensor(a: _Source, b: _Source) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return all(np.array_equal(a.rows(lo, hi), b.rows(lo, hi)) for lo, hi in a.row_blocks())
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def _shards(tensors: Mapping[str, _Source], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in sorted(tensors):
+        n = tensors[name].nbytes
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+def _header(names: list[str], tensors: Mapping[str, _Source]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        header[name] = {
+            "dtype": t.dtype_code,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return len(blob).to_bytes(8, "little") + blob
+
+
+def _write_tensor(fh: Any, name: str, t: _Source, unit: np.ndarray) -> None:
+    edit = writes_residual(name)
+    if edit and name != _EMBED:  # [H, in] or [H]: needs every row at once (at most one tensor)
+        fh.write(orthogonalize(name, t.rows(0, t.n_rows), unit).tobytes())
+        return
+    for lo, hi in t.row_blocks():
+        block = t.rows(lo, hi)
+        fh.write((orthogonalize(name, block, unit) if edit else block).tobytes())
+
+
+def _write_weights(
+    folder: Path,
+    tensors: Mapping[str, _Source],
+    unit: np.ndarray,
+    max_shard_bytes: int,
+    progress: Callable[[int], None] | None,
+) -> None:
+    shards = _shards(tensors, max_shard_bytes)
+    n = len(shards)
+    files = (
+        ["model.safetensors"]
+        if n == 1
+        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
+    for file, names in zip(files, shards, strict=True):
+        with open(folder / file, "wb") as fh:
+            fh.write(_header(names, tensors))
+            for name in names:
+                _write_tensor(fh, name, tensors[name], unit)
+                if progress is not None:
+                    progress(tensors[name].nbytes)
+    if n > 1:
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+            "weight_map": {
+                name: f for f, names in zip(files, shards, strict=True) for name in names
+            },
+        }
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _copy_side_files(source: Path, folder: Path) -> None:
+    copied = [f for f in TOKENIZER_FILES if (source / f).is_file()]
+    if not {"tokenizer.json", "tokenizer_config.json"} & set(copied):
+        raise FileNotFoundError(
+            f"{source} has no tokenizer files; the abliterated model must ship the original's "
+            "tokenizer, so pass a model directory that has them."
+        )
+    for f in copied:
+        shutil.copy2(source / f, folder / f)
+    gen = source / "generation_config.json"
+    if gen.is_file():
+        shutil.copy2(gen, folder / gen.name)
+    else:  # the stop tokens the project would use for the original
+        from lpe_jax.tokenizer import eos_token_ids
+
+        (folder / gen.name).write_text(json.dumps({"eos_token_id": eos_token_ids(source)}))
+
+
+def output_bytes(source: str | Path, tied_head: str | None = None) -> int:
+    """Tensor bytes `write_abliterated(source, ...)` writes (an untied head included)."""
+    return sum(t.nbytes for t in _plan(Path(source), tied_head)[1].values())
+
+
+def check_output_dir(source: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """`out` as a Path after checking it may be written: not the source or inside it, absent
+    unless overwrite, and with overwrite only empty or an earlier abliteration (it is deleted)."""
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise ValueError(f"the output {out} overlaps the source checkpoint {source}; pick another.")
+    if dst.exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"output directory {out} already exists; pass --overwrite (overwrite=True) to "
+                "replace it, or pick another --out."
+            )
+        if not dst.is_dir() or (any(dst.iterdir()) and not (dst / PROVENANCE_FILE).exists()):
+            raise FileExistsError(
+                f"refusing to replace {out}: it is not empty and holds no {PROVENANCE_FILE}, so "
+                "it was not written by this tool; pick another --out."
+            )
+    return Path(out)
+
+
+def write_abliterated(
+    source: str | Path,
+    out: str | Path,
+    direction: np.ndarray,
+    *,
+    provenance: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    tied_head: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write the abliterated copy of HF directory `source` to `out` and return `out`.
+
+    out holds config.json (untied if the source was tied), safetensors (sharded with an index
+    above max_shard_bytes), the tokenizer files, generation_config.json, the unit direction as
+    refusal_direction.npy and abliteration.json: the source's path and content hash, the
+    direction's sha256, whether the head was untied, and `provenance` (layer, position, data
+    hashes, ...). tied_head: see `_plan`. progress is called with the bytes of each tensor
+    written.
+    """
+    source = Path(source)
+    out = check_output_dir(source, out, overwrite=overwrite)
+    hf, tensors, untie = _plan(source, tied_head)
+    unit = unit_direction(direction, tensors[_EMBED].shape[1])
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be >= 1; got {max_shard_bytes}.")
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)  # an interrupted earlier write of this output
+    partial.mkdir(parents=True)
+    _write_weights(partial, tensors, unit, max_shard_bytes, progress)
+    if untie:
+        hf = {**hf, "tie_word_embeddings": False}
+    (partial / "config.json").write_text(json.dumps(hf, indent=2))
+    _copy_side_files(source, partial)
+    np.save(partial / DIRECTION_FILE, unit)
+    record = {
+        "source": str(source.resolve()),
+        "source_hash": checkpoint_fingerprint(source),
+        "direction_sha256": hashlib.sha256(unit.tobytes()).hexdigest(),
+        "untied_embeddings": untie,
+        "edited": sorted(n for n in tensors if writes_residual(n) and n != _HEAD),
+        **(provenance or {}),
+    }
+    (partial / PROVENANCE_FILE).write_text(json.dumps(record, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    return out
