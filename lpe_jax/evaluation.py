@@ -568,7 +568,7 @@ def evaluate(
     n_bootstrap: int = 1_000,
     seed: int = 0,
     coverage_sims: int = 0,
-    pooled_prior: str = "joint",
+    pooled_prior: str = "end",
 ) -> EvaluationResult:
     """AUROC against budget for every method, by Monte Carlo over random subsets of the bank.
 
