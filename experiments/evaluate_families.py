@@ -46,11 +46,16 @@ flags.DEFINE_integer("n_prompts", 200, "Prompts per synthetic bank (paper: 200).
 flags.DEFINE_integer("rollouts", 1000, "Rollouts per alpha and IS rollouts per synthetic prompt.")
 flags.DEFINE_integer("bank_seed", 0, "Seed of the synthetic banks.")
 flags.DEFINE_integer("n_sims", 500, "Monte Carlo simulations (paper: 500).")
-flags.DEFINE_integer("coverage_sims", 2, "Simulations in which binomial profile intervals run.")
+flags.DEFINE_integer(
+    "coverage_pairs", 150, "(simulation, prompt) pairs whose binomial profile interval is checked."
+)
 flags.DEFINE_list("n_fits", ["13", "20", "30", "50", "100"], "LPE n_fit values.")
 flags.DEFINE_integer("seed", 0, "Seed of the simulations.")
 flags.DEFINE_string("out", "results/families", "Output directory.")
 flags.DEFINE_string("figures_dir", None, "If set, Figure 1 per bank goes here (PNG and PDF).")
+flags.DEFINE_enum(
+    "pooled_prior", "end", ["end", "common", "joint"], "Population of lpe_pooled (pooled.py)."
+)
 
 OURS = ("lpe_binomial", "lpe_binomial_all", "lpe_pooled")  # share the paper's draws
 SHOWN = ("lpe_paper", *OURS, "lpe_binomial_grid", "is", "snis")
@@ -185,8 +190,9 @@ def main(argv: list[str]) -> None:
             is_budgets=[v for v in (50, 100, 200, 500, 1_000) if v <= n_is],
             grid_rollouts=[v for v in (5, 10, 20, 50) if v <= n_r],
             n_sims=FLAGS.n_sims,
-            coverage_sims=FLAGS.coverage_sims,
+            coverage_pairs=FLAGS.coverage_pairs,
             seed=FLAGS.seed,
+            pooled_prior=FLAGS.pooled_prior,
         )
         wall = time.perf_counter() - t0
         (out / f"{name}.md").write_text(res.table_markdown() + "\n")
