@@ -79,7 +79,7 @@ _PRIORS = ("end", "common", "joint")
 _FIRTH = ("bottom", "all", "none")
 _THETA_SD = 5.0  # decades: a proper but negligible prior on each level (module docstring)
 _EM_ITER = 50
-_EM_TOL = 1e-4
+_EM_TOL = 1e-3
 _NEWTON_ITER = 50
 
 
@@ -200,12 +200,12 @@ def _objective(b0, b1, x, k, n, m, prior):
     eta = np.where(m, np.minimum(eta, -1e-300), -1.0)
     ll = np.where(m, k * eta + (n - k) * np.log(-np.expm1(eta)), 0.0).sum(1)
     val = ll + prior.logpdf(b0, b1)
-    if prior.firth.any():
+    jr = np.flatnonzero(prior.firth & feasible)
+    if jr.size:  # the Jeffreys term, on the rows that carry it
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            (i00, i01, i11), _ = _info(b0, b1, x, n, m, prior)
+            (i00, i01, i11), _ = _info(b0[jr], b1[jr], x[jr], n[jr], m[jr], prior.rows(jr))
             det = i00 * i11 - i01 * i01
-            jeff = 0.5 * np.log(np.where(det > 0, det, np.nan))
-            val = val + np.where(prior.firth, jeff, 0.0)
+            val[jr] += 0.5 * np.log(np.where(det > 0, det, np.nan))
         feasible &= np.isfinite(val)
     return np.where(feasible, val, -np.inf)
 
@@ -219,16 +219,16 @@ def _info(b0, b1, x, n, m, prior):
     return (w.sum(1) + p00, (w * x).sum(1) + p01, (w * x * x).sum(1) + p11), mu
 
 
-def _map_rows(x, k, n, m, prior, b0, b1):
+def _map_rows(x, k, n, m, prior, b0, b1, max_iter: int = _NEWTON_ITER):
     """MAP of (theta, b) per row from a feasible start (Fisher scoring, step halving).
 
-    Returns (b0, b1, v00, v01, v11): the MAP and the inverse information there (the Laplace
-    posterior covariance).
+    Returns (b0, b1, v00, v01, v11): the MAP (after at most ``max_iter`` ascent steps) and the
+    inverse information there (the Laplace posterior covariance).
     """
     b0, b1 = b0.copy(), b1.copy()
     cur = _objective(b0, b1, x, k, n, m, prior)
     active = np.arange(b0.size)
-    for _ in range(_NEWTON_ITER):
+    for _ in range(max_iter):
         if active.size == 0:
             break
         xa, ka, na, ma, pa = x[active], k[active], n[active], m[active], prior.rows(active)
@@ -374,13 +374,18 @@ def _em(x, k, n, m, line, group, n_g, mode: str, firth: str):
     iters = np.zeros(n_g, np.int64)
     if rows.size == 0:
         return out0, out1, out_v, coef, np.sqrt(tau2), iters
-    xr, kr, nr, mr, gr = x[rows], k[rows], n[rows], m[rows], group[rows]
+    mr = m[rows]
     if firth == "all":
         jeff = np.ones(rows.size, bool)
     elif firth == "bottom":  # the data reach the grid's bottom: the prior cannot hold the slope
         jeff = mr[:, 0].copy()
     else:
         jeff = np.zeros(rows.size, bool)
+    # fitted points first, then trim the columns no row uses (rows hold few of the grid's alphas)
+    order = np.argsort(~mr, axis=1, kind="stable")
+    width = max(int(mr.sum(1).max()), 1)
+    xr, kr, nr, mr = (np.take_along_axis(v[rows], order, 1)[:, :width] for v in (x, k, n, m))
+    gr = group[rows]
     # start: each group's median slope over rows with compliance at two alphas
     lp = np.log((kr + 0.5) / (nr + 1.0))
     crude = _crude_slope(xr, lp, mr & (kr > 0))
@@ -391,18 +396,22 @@ def _em(x, k, n, m, line, group, n_g, mode: str, firth: str):
     theta_bar = _group_sum(c0, gr, n_g) / np.maximum(_group_sum(np.ones_like(c0), gr, n_g), 1)
     sigma2 = np.full(n_g, (_THETA_SD * LN10) ** 2)
     done = np.zeros(n_g, bool)
+    v00, v01, v11 = (np.zeros(rows.size) for _ in range(3))
     for it in range(_EM_ITER):
+        live = np.flatnonzero(~done[gr])  # rows of groups still moving
         prior = _Prior(coef[gr, 0], coef[gr, 1], tau2[gr], theta_bar[gr], sigma2[gr], jeff)
-        c0, c1, v00, v01, v11 = _map_rows(xr, kr, nr, mr, prior, c0, c1)
-        beta0, beta1, new_tau2, theta_bar, new_sigma2 = _m_step(
-            c0, c1, v00, v01, v11, gr, n_g, mode
+        fit = _map_rows(
+            xr[live], kr[live], nr[live], mr[live], prior.rows(live), c0[live], c1[live], 3
         )
-        if mode == "joint":
-            sigma2 = new_sigma2
+        c0[live], c1[live], v00[live], v01[live], v11[live] = fit
+        beta0, beta1, new_tau2, new_bar, new_sigma2 = _m_step(c0, c1, v00, v01, v11, gr, n_g, mode)
         new = np.stack([beta0, beta1], 1)
         change = np.maximum(np.abs(new - coef).max(1), np.abs(np.sqrt(new_tau2 / tau2) - 1))
-        iters[~done] = it + 1
-        coef[~done], tau2[~done] = new[~done], new_tau2[~done]
+        move = ~done
+        iters[move] = it + 1
+        coef[move], tau2[move], theta_bar[move] = new[move], new_tau2[move], new_bar[move]
+        if mode == "joint":
+            sigma2[move] = new_sigma2[move]
         done |= change < _EM_TOL
         if done.all():
             break
