@@ -4,6 +4,8 @@
     python experiments/evaluate_families.py --families=mixed --n_sims=50  # a quick look
     python experiments/evaluate_families.py --runs=toy=runs/toybank       # + a toy's judged run
     python experiments/evaluate_families.py --banks=toy=toy_bank.npz      # + a saved RolloutBank
+    python experiments/evaluate_families.py --families= \
+        --curves=toy2=lpe_jax/assets/toy_pair2/ground_truth.json   # exact curves, no sampling
 
 Per bank: the paper's protocol (eligible: 0 of 100 at alpha = 1; positive: >= 1 in 100,000;
 --n_sims Monte Carlo simulations over subsets of 1,000 rollouts per alpha), every method's AUROC
@@ -27,7 +29,7 @@ from absl import flags
 import common  # first: puts the checkout on sys.path  # isort: skip
 
 from lpe_jax import plots, toy  # noqa: E402
-from lpe_jax.bank import bank_from_store  # noqa: E402
+from lpe_jax.bank import bank_from_curves, bank_from_store  # noqa: E402
 from lpe_jax.evaluation import (  # noqa: E402
     EvaluationResult,
     RolloutBank,
@@ -42,6 +44,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("families", list(FAMILIES), "Synthetic families to evaluate.")
 flags.DEFINE_list("banks", [], "Extra saved banks as name=path.npz.")
 flags.DEFINE_list("runs", [], "Extra judged runs as name=dir (ground truth: the toy's exact r).")
+flags.DEFINE_list(
+    "curves",
+    [],
+    "Extra banks drawn from exact curves, as name=ground_truth.json (a toy organism's): "
+    "verdicts only (LPE and naive), --rollouts per alpha.",
+)
 flags.DEFINE_integer("n_prompts", 200, "Prompts per synthetic bank (paper: 200).")
 flags.DEFINE_integer("rollouts", 1000, "Rollouts per alpha and IS rollouts per synthetic prompt.")
 flags.DEFINE_integer("bank_seed", 0, "Seed of the synthetic banks.")
@@ -82,6 +90,9 @@ def banks() -> dict[str, RolloutBank]:
     for spec in FLAGS.banks:
         name, path = _named(spec, "--banks")
         out[name] = RolloutBank.load(path)
+    for spec in FLAGS.curves:
+        name, path = _named(spec, "--curves")
+        out[name] = curves_bank(path)
     for spec in FLAGS.runs:
         name, path = _named(spec, "--runs")
         store = RolloutStore.load(path)
@@ -92,6 +103,23 @@ def banks() -> dict[str, RolloutBank]:
             )
         out[name] = bank_from_store(store, truth_rates=rates, seed=FLAGS.seed)
     return out
+
+
+def curves_bank(path: str) -> RolloutBank:
+    """bank_from_curves on a toy organism's ground_truth.json (alphas below 1 are the path)."""
+    gt = json.loads(Path(path).read_text())
+    alphas = np.array(gt["alphas"])
+    path_a = alphas < 1.0
+    ids = sorted(gt["prompts"])
+    curves = np.array([gt["prompts"][i]["curve"] for i in ids])
+    return bank_from_curves(
+        ids,
+        alphas[path_a],
+        curves[:, path_a],
+        np.array([gt["prompts"][i]["rate"] for i in ids]),
+        rollouts=FLAGS.rollouts,
+        seed=FLAGS.bank_seed,
+    )
 
 
 def _named(spec: str, flag: str) -> tuple[str, str]:
