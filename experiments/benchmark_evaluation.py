@@ -73,7 +73,9 @@ def main(argv: list[str]) -> None:
 
         stem = os.path.join(FLAGS.figures_dir, "fig1_auroc_synthetic")
         paths = plot_auroc(
-            res, stem, methods=["naive", "is", "lpe_paper", "lpe_binomial", "lpe_binomial_grid"]
+            res,
+            stem,
+            methods=["naive", "is", "lpe_paper", "lpe_binomial", "lpe_binomial_all", "lpe_pooled"],
         )
         p = FLAGS.fig2_prompt
         if p < 0:
