@@ -129,12 +129,17 @@ def _named(spec: str, flag: str) -> tuple[str, str]:
     return name, path
 
 
-def reach(res: EvaluationResult, method: str) -> tuple[float | None, float]:
-    """(rollouts at which ``method`` reaches naive-100k's AUROC or None, naive-100k's AUROC)."""
+def reach(res: EvaluationResult, method: str) -> tuple[str, float]:
+    """(where ``method`` reaches naive-100k's AUROC, that AUROC): "B (R×)" with B the rollouts
+    (interpolated on log budget) and R = 100,000 / B; "≤ B (≥ R×)" when its smallest budget is
+    already above; "—" when its curve stays below."""
     naive = res.curves["naive"]
     target = naive.auroc[naive.setting.index(100_000)]
     c = res.curves[method]
-    return matching_budget(target, np.array(c.rollouts), np.array(c.auroc)), target
+    if c.auroc[0] >= target:
+        return f"≤ {c.rollouts[0]:.0f} (≥ {100_000 / c.rollouts[0]:.0f}×)", target
+    b = matching_budget(target, np.array(c.rollouts), np.array(c.auroc))
+    return ("—" if b is None else f"{b:.0f} ({100_000 / b:.0f}×)"), target
 
 
 def headline_rows(name: str, res: EvaluationResult) -> list[str]:
@@ -143,13 +148,15 @@ def headline_rows(name: str, res: EvaluationResult) -> list[str]:
         if m not in res.curves:
             continue
         c = res.curves[m]
-        b, _ = reach(res, m)
+        b, target = reach(res, m)
         best = max(range(len(c.auroc)), key=lambda i: c.auroc[i])
         ratio = res.best_ratio(m)
+        if ratio is None and max(c.auroc) > target:
+            shown = "above naive-100k"
+        else:
+            shown = f"{_f(ratio, '.0f')}×"
         rows.append(
-            f"| {name} | {m} | {_f(ratio, '.0f')}× | "
-            f"{'—' if b is None else f'{b:.0f} ({100_000 / b:.0f}×)'} | "
-            f"{c.auroc[best]:.3f} at {c.rollouts[best]:.0f} |"
+            f"| {name} | {m} | {shown} | {b} | {c.auroc[best]:.3f} at {c.rollouts[best]:.0f} |"
         )
     return rows
 
