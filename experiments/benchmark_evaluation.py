@@ -71,9 +71,12 @@ def main(argv: list[str]) -> None:
     if FLAGS.figures_dir:
         from lpe_jax.plots import plot_auroc, plot_extrapolation
 
-        stem = os.path.join(FLAGS.figures_dir, "fig1_auroc_synthetic")
+        fig1 = "fig1_auroc_bank" if FLAGS.bank else f"fig1_auroc_{FLAGS.family}"
+        stem = os.path.join(FLAGS.figures_dir, fig1)
         paths = plot_auroc(
-            res, stem, methods=["naive", "is", "lpe_paper", "lpe_binomial", "lpe_binomial_grid"]
+            res,
+            stem,
+            methods=["naive", "is", "lpe_paper", "lpe_binomial", "lpe_binomial_all", "lpe_pooled"],
         )
         p = FLAGS.fig2_prompt
         if p < 0:

@@ -9,13 +9,17 @@ NumPy only. Mapping (the paper's protocol):
   original, or as exact rates (e.g. the toy organism's): counts drawn as Binomial(truth_n, rate)
   with a fixed seed, which is what sampling truth_n rollouts of the original gives in
   distribution.
+
+:func:`bank_from_curves` builds a bank without sampling from exact curves r(alpha) (the toy
+organisms' ground_truth.json): verdicts only, for LPE and naive (importance sampling needs sampled
+answers and their log-weights).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +44,55 @@ def read_truth_file(
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in given.values()):
         return {str(k): float(v) for k, v in given.items()}, None
     raise ValueError(f"{path}: values must all be [k, n] or all be rates")
+
+
+def bank_from_curves(
+    prompt_ids: Sequence[str],
+    alphas: np.ndarray,
+    curves: np.ndarray,
+    r1: np.ndarray,
+    *,
+    rollouts: int = 1_000,
+    truth_n: int = 100_000,
+    screen_n: int = 100,
+    seed: int = 0,
+) -> RolloutBank:
+    """A verdicts-only RolloutBank drawn from exact compliance curves.
+
+    Args:
+      prompt_ids: P names.
+      alphas: float [A] in [0, 1), increasing: the path's grid (alpha = 1 goes in ``r1``).
+      curves: float [P, A] exact r(alpha); r1: float [P] exact r(1).
+
+    Each rollout at (prompt, alpha) complies with probability r(alpha), independently: what
+    sampling the pair and judging with an exact rule gives in distribution. Screen and truth as in
+    the synthetic banks: screen_k ~ Binomial(screen_n, r1), truth_k = screen_k +
+    Binomial(truth_n - screen_n, r1). No token counts and no importance-sampling rollouts.
+    Deterministic in ``seed``.
+    """
+    r = np.asarray(curves, np.float64)
+    r1 = np.asarray(r1, np.float64)
+    if r.ndim != 2 or r.shape != (len(prompt_ids), np.size(alphas)) or r1.shape != (r.shape[0],):
+        raise ValueError(
+            f"curves must be [prompts={len(prompt_ids)}, alphas={np.size(alphas)}] and r1 "
+            f"[prompts], got {r.shape} and {r1.shape}"
+        )
+    if not (np.all((r >= 0) & (r <= 1)) and np.all((r1 >= 0) & (r1 <= 1))):
+        raise ValueError("exact rates must lie in [0, 1]")
+    rng = np.random.default_rng(seed)
+    comp = (rng.random((*r.shape, rollouts)) < r[..., None]).astype(np.int8)
+    screen_k = rng.binomial(screen_n, r1)
+    return RolloutBank(
+        prompt_ids=tuple(prompt_ids),
+        alphas=np.asarray(alphas, np.float64),
+        compliance=comp,
+        truth_k=screen_k + rng.binomial(truth_n - screen_n, r1),
+        truth_n=np.full(r1.size, truth_n),
+        screen_k=screen_k,
+        screen_n=np.full(r1.size, screen_n),
+        true_rates=r,
+        true_r1=r1,
+    )
 
 
 def _verdicts(store: RolloutStore, pid: str, alpha: float) -> dict[str, np.ndarray]:

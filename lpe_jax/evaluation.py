@@ -18,12 +18,19 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.stats import rankdata
 
-from lpe_jax.estimators.binomial import lpe_binomial_from_counts, lpe_binomial_grid_from_counts
+from lpe_jax.estimators.binomial import (
+    fit_selected_points,
+    lpe_binomial_from_counts,
+    lpe_binomial_grid_from_counts,
+    select_grid_points,
+)
 from lpe_jax.estimators.lpe import (
     N_SEARCH,
+    START_THRESHOLD,
     DrawResult,
     lpe_paper_from_counts,
 )
+from lpe_jax.estimators.pooled import lpe_pooled_from_counts
 
 __all__ = [
     "RolloutBank",
@@ -36,6 +43,7 @@ __all__ = [
     "eligible_and_labels",
     "matching_budget",
     "evaluate",
+    "paired_difference",
 ]
 
 _ARRAY_FIELDS = (
@@ -443,6 +451,11 @@ class Curve:
       frac_zero: fraction of those estimates that are exactly zero (excluded from log10_mae).
       ratio_rollouts, ratio_forward: naive budget reaching the same AUROC / this budget (None
         where naive's curve does not reach it, or for naive itself).
+      signed_error_pos, abs_error_pos: mean (log10 estimate - log10 truth) and its absolute
+        value over positive prompts, truth the exact r(1) when the bank has it (else
+        truth_k / truth_n), over finite estimates (None when there is none).
+      coverage: fraction of eligible prompts with an exact truth whose ``level`` interval
+        covers it (None where the method has no interval or the bank no exact truth).
     """
 
     method: str
@@ -456,11 +469,20 @@ class Curve:
     frac_zero: tuple[float, ...]
     ratio_rollouts: tuple[float | None, ...]
     ratio_forward: tuple[float | None, ...]
+    signed_error_pos: tuple[float | None, ...] = ()
+    abs_error_pos: tuple[float | None, ...] = ()
+    coverage: tuple[float | None, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationResult:
-    """All curves plus the run's bookkeeping."""
+    """All curves plus the run's bookkeeping.
+
+    ``oracle_auroc`` ranks the eligible prompts by their exact r(1) (None without one): the
+    ceiling any estimator's ranking can reach against these labels. ``wins`` holds, per
+    (method, setting), the matrix [positives, negatives] of mean wins over simulations (its mean
+    is the AUROC), for :func:`paired_difference`.
+    """
 
     curves: dict[str, Curve]
     n_eligible: int
@@ -469,6 +491,8 @@ class EvaluationResult:
     n_sims: int
     seed: int
     seconds: float
+    oracle_auroc: float | None = None
+    wins: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def best_ratio(self, method: str, unit: str = "rollouts") -> float | None:
         """Largest naive-matching budget ratio over ``method``'s points (None if none match)."""
@@ -481,16 +505,21 @@ class EvaluationResult:
         f = _fmt
         rows = [
             "| method | setting | rollouts | forward passes | AUROC [95% CI] | log10 MAE | "
+            "signed / abs log10 error (positives) | interval coverage | "
             "ratio vs naive (rollouts) | ratio vs naive (fwd passes) |",
-            "|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for c in self.curves.values():
             for i, s in enumerate(c.setting):
                 fp = None if c.forward_passes is None else c.forward_passes[i]
+                cov = c.coverage[i] if c.coverage else None
+                sig = c.signed_error_pos[i] if c.signed_error_pos else None
+                ab = c.abs_error_pos[i] if c.abs_error_pos else None
                 rows.append(
                     f"| {c.method} | {s} | {c.rollouts[i]:.0f} | {f(fp, '.3g')} | "
                     f"{c.auroc[i]:.3f} [{c.auroc_lo[i]:.3f}, {c.auroc_hi[i]:.3f}] | "
-                    f"{f(c.log10_mae[i], '.2f')} | {f(c.ratio_rollouts[i], '.1f')} | "
+                    f"{f(c.log10_mae[i], '.2f')} | {f(sig, '+.2f')} / {f(ab, '.2f')} | "
+                    f"{f(cov, '.2f')} | {f(c.ratio_rollouts[i], '.1f')} | "
                     f"{f(c.ratio_forward[i], '.1f')} |"
                 )
         return "\n".join(rows)
@@ -538,6 +567,8 @@ def evaluate(
     labels: LabelRule = LabelRule(),
     n_bootstrap: int = 1_000,
     seed: int = 0,
+    coverage_pairs: int = 0,
+    pooled_prior: str = "end",
 ) -> EvaluationResult:
     """AUROC against budget for every method, by Monte Carlo over random subsets of the bank.
 
@@ -553,13 +584,21 @@ def evaluate(
     * lpe_paper (n_fit): the appendix's algorithm (:func:`lpe.lpe_paper_from_counts`);
       lpe_binomial: the same draws, fitted with the penalized binomial likelihood;
       lpe_binomial_all: the same draws, search draws included in the fit (every rollout paid
-      for; :func:`binomial.trace_points`);
+      for; :func:`binomial.trace_points`); lpe_pooled: the same draws as lpe_binomial_all,
+      pooled over the eligible prompts of each simulation (:mod:`estimators.pooled`, prior
+      ``pooled_prior``);
       lpe_binomial_grid (R): R rollouts at every alpha, :func:`binomial.select_grid_points`.
       Two forward passes per token; LPE budgets are the mean rollouts actually spent.
     * Forward passes for adaptive draws use the expected token count given the drawn counts
       (per-class mean tokens at that alpha), which is exact in expectation.
     * AUROC is averaged over simulations; the 95% interval is a bootstrap over prompts
       (positives and negatives resampled separately), with the Monte Carlo average held fixed.
+    * Calibration: signed and absolute log10 error on positives, against the exact r(1) when
+      the bank has ``true_r1``.
+    * Interval coverage (banks with ``true_r1``): lpe_pooled's 95% interval in every
+      simulation and prompt; lpe_binomial's and lpe_binomial_all's profile intervals on
+      ``coverage_pairs`` (simulation, prompt) pairs drawn at random (they are computed one prompt
+      at a time, ~0.1 s each; 0 skips them).
 
     Methods whose data the bank lacks are skipped (no IS arrays: no is/snis curves). An empty
     budget list skips that method. Raises ValueError if the labels lack a class.
@@ -594,12 +633,17 @@ def evaluate(
     truth = b.truth_k / np.maximum(b.truth_n, 1)
     pending: dict[str, dict] = {}
 
-    def add(method, setting, log10_scores, rollouts, forward):
-        d = pending.setdefault(method, dict(setting=[], scores=[], rollouts=[], forward=[]))
+    def add(method, setting, log10_scores, rollouts, forward, coverage=None):
+        d = pending.setdefault(
+            method, dict(setting=[], scores=[], rollouts=[], forward=[], coverage=[])
+        )
         d["setting"].append(int(setting))
         d["scores"].append(log10_scores)
         d["rollouts"].append(float(rollouts))
         d["forward"].append(None if forward is None else float(forward))
+        d["coverage"].append(coverage)
+
+    exact = b.true_r1
 
     # naive
     mean_tok = None if b.truth_mean_tokens is None else float(b.truth_mean_tokens.mean())
@@ -639,13 +683,28 @@ def evaluate(
             est = lpe_binomial_from_counts(
                 sk, sn, fk, fn, b.alphas, nf, n_search=n_search, draws=draws, paper=res
             )
-            add(name, nf, est, res.rollouts.mean(), fwd)
+            cov = None
+            if exact is not None and coverage_pairs > 0:
+                pairs = np.random.default_rng(seed + nf).integers(
+                    0, (n_sims, exact.size), size=(coverage_pairs, 2)
+                )
+                cov = _binomial_coverage(b.alphas, (sk, sn, fk, fn), res, draws, exact, pairs)
+            add(name, nf, est, res.rollouts.mean(), fwd, cov)
+        pooled = lpe_pooled_from_counts(
+            sk, sn, fk, fn, b.alphas, nf, n_search=n_search, paper=res, prior=pooled_prior
+        )
+        cov = None
+        if exact is not None:
+            t = np.log10(exact)
+            cov = float(np.mean((pooled.log10_lower <= t) & (t <= pooled.log10_upper)))
+        add("lpe_pooled", nf, pooled.log10_estimate, res.rollouts.mean(), fwd, cov)
     for r in grid_rollouts:
         gk, gn = counts[r]
         est = lpe_binomial_grid_from_counts(b.alphas, gk, gn)
         fwd = None if means is None else 2 * r * _class_mean_all(b).sum(-1).mean()
         add("lpe_binomial_grid", r, est, r * b.alphas.size, fwd)
-    curves = _curves(pending, y, truth, n_bootstrap, rng)
+    pos_truth = truth if exact is None else exact
+    curves, wins = _curves(pending, y, truth, pos_truth, n_bootstrap, rng)
     return EvaluationResult(
         curves=curves,
         n_eligible=int(eligible.sum()),
@@ -654,7 +713,62 @@ def evaluate(
         n_sims=n_sims,
         seed=seed,
         seconds=time.perf_counter() - t0,
+        oracle_auroc=None if exact is None else auroc(exact, y),
+        wins=wins,
     )
+
+
+def _binomial_coverage(alphas, counts, paper, draws, exact, pairs) -> float:
+    """Fraction of (simulation, prompt) ``pairs`` whose 95% binomial interval covers the exact
+    r(1), one :func:`binomial.fit_selected_points` per pair."""
+    sk, sn, fk, fn = counts
+    n_a = alphas.size
+    hits = 0
+    for s, p in pairs:
+        drawn = paper.drawn[s, p]
+        scanned = np.arange(n_a) >= paper.start_index[s, p]
+        k, n = fk[s, p] * drawn, fn[s, p] * drawn
+        if draws == "all":
+            k, n = k + sk[s, p] * scanned, n + sn[s, p] * scanned
+            sel = select_grid_points(k, n)
+        else:
+            sel = drawn & (fn[s, p] > 0) & (fk[s, p] < START_THRESHOLD * fn[s, p])
+        top = (int(fk[s, p, -1]), int(fn[s, p, -1])) if drawn[-1] else None
+        anyc = bool((sk[s, p] * scanned).sum() + (fk[s, p] * drawn).sum() > 0)
+        keep = n > 0
+        f = fit_selected_points(alphas[keep], k[keep], n[keep], sel[keep], top, anyc)
+        hits += f.lower <= exact[p] <= f.upper
+    return hits / len(pairs)
+
+
+def paired_difference(
+    result: EvaluationResult,
+    method_a: str,
+    setting_a: int,
+    method_b: str,
+    setting_b: int | None = None,
+    *,
+    n_bootstrap: int = 2_000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """AUROC(a) - AUROC(b) and its 95% paired bootstrap interval over prompts.
+
+    Positives and negatives are resampled with the same weights for both methods (the Monte
+    Carlo average held fixed), so the interval reflects which prompts happen to be in the set,
+    not the noise shared by the two methods. ``setting_b`` defaults to ``setting_a``.
+    """
+    key_b = (method_b, setting_a if setting_b is None else setting_b)
+    for key in ((method_a, setting_a), key_b):
+        if key not in result.wins:
+            raise ValueError(f"no curve point {key}; have {sorted(result.wins)[:8]}...")
+    d = result.wins[(method_a, setting_a)] - result.wins[key_b]
+    n_pos, n_neg = d.shape
+    rng = np.random.default_rng(seed)
+    wp = rng.multinomial(n_pos, np.full(n_pos, 1 / n_pos), size=n_bootstrap)
+    wn = rng.multinomial(n_neg, np.full(n_neg, 1 / n_neg), size=n_bootstrap)
+    vals = ((wp @ d) * wn).sum(1) / (n_pos * n_neg)
+    lo, hi = np.percentile(vals, [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi)
 
 
 def _class_mean_all(bank: RolloutBank) -> np.ndarray:
@@ -662,12 +776,24 @@ def _class_mean_all(bank: RolloutBank) -> np.ndarray:
     return bank.tokens.mean(-1)
 
 
-def _curves(pending, y, truth, n_bootstrap, rng) -> dict[str, Curve]:
-    stats = {}
+def _signed_abs(log10_est: np.ndarray, truth: np.ndarray, y: np.ndarray):
+    """(mean signed, mean absolute) log10 error over positives' finite estimates, or Nones."""
+    e = log10_est[:, y]
+    t = np.log10(np.broadcast_to(truth[y], e.shape))
+    ok = np.isfinite(e) & np.isfinite(t)
+    if not ok.any():
+        return None, None
+    d = (e - t)[ok]
+    return float(d.mean()), float(np.abs(d).mean())
+
+
+def _curves(pending, y, truth, pos_truth, n_bootstrap, rng):
+    stats, wins = {}, {}
     for method, d in pending.items():
-        a, lo, hi, mae, fz = [], [], [], [], []
-        for sc in d["scores"]:
+        a, lo, hi, mae, fz, sig, ab = [], [], [], [], [], [], []
+        for setting, sc in zip(d["setting"], d["scores"], strict=True):
             win = _win_matrix(sc, y)
+            wins[(method, setting)] = win
             a.append(float(win.mean()))
             ci = _bootstrap(win, n_bootstrap, rng)
             lo.append(ci[0])
@@ -675,10 +801,13 @@ def _curves(pending, y, truth, n_bootstrap, rng) -> dict[str, Curve]:
             e, z = _log10_error(sc, truth)
             mae.append(e)
             fz.append(z)
-        stats[method] = (d, a, lo, hi, mae, fz)
+            s_, a_ = _signed_abs(sc, pos_truth, y)
+            sig.append(s_)
+            ab.append(a_)
+        stats[method] = (d, a, lo, hi, mae, fz, sig, ab)
     naive = stats.get("naive")
     curves = {}
-    for method, (d, a, lo, hi, mae, fz) in stats.items():
+    for method, (d, a, lo, hi, mae, fz, sig, ab) in stats.items():
         fwd = None if any(v is None for v in d["forward"]) else tuple(d["forward"])
         r_roll, r_fwd = [], []
         for i, v in enumerate(a):
@@ -706,5 +835,8 @@ def _curves(pending, y, truth, n_bootstrap, rng) -> dict[str, Curve]:
             frac_zero=tuple(fz),
             ratio_rollouts=tuple(r_roll),
             ratio_forward=tuple(r_fwd),
+            signed_error_pos=tuple(sig),
+            abs_error_pos=tuple(ab),
+            coverage=tuple(d["coverage"]),
         )
-    return curves
+    return curves, wins

@@ -24,6 +24,8 @@ _STYLE = {
     "lpe_paper": ("tab:blue", "LPE (paper: OLS)"),
     "lpe_binomial": ("tab:orange", "LPE (binomial fit)"),
     "lpe_binomial_grid": ("tab:green", "LPE (binomial, fixed grid)"),
+    "lpe_binomial_all": ("tab:red", "LPE (binomial, search draws too)"),
+    "lpe_pooled": ("tab:purple", "LPE (pooled over prompts)"),
 }
 
 

@@ -94,3 +94,18 @@ def test_toy_truth_only_for_the_toy_original(tmp_path):
     truth = toy.toy_truth_for(toy.TOY_DIR / "original")
     assert len(truth) == len(toy.toy_prompts()) and all(0 < r < 1e-2 for r in truth.values())
     assert toy.toy_truth_for(tmp_path) is None
+
+
+def test_bank_from_curves_draws_verdicts_at_the_exact_rates():
+    from lpe_jax.bank import bank_from_curves
+
+    alphas = np.array([0.0, 0.5])
+    curves = np.array([[0.9, 0.2], [0.5, 0.0]])
+    b = bank_from_curves(["a", "b"], alphas, curves, np.array([1e-3, 0.0]), rollouts=4000)
+    assert b.compliance.shape == (2, 2, 4000) and b.is_log_weights is None
+    np.testing.assert_allclose(b.compliance.mean(-1), curves, atol=0.03)
+    assert b.truth_k[1] == 0 and b.screen_k[1] == 0 and np.all(b.truth_n == 100_000)
+    again = bank_from_curves(["a", "b"], alphas, curves, np.array([1e-3, 0.0]), rollouts=4000)
+    np.testing.assert_array_equal(b.compliance, again.compliance)
+    with pytest.raises(ValueError, match="curves must be"):
+        bank_from_curves(["a"], alphas, curves, np.array([1e-3, 0.0]))

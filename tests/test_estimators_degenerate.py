@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from trace_strategies import counts_of as _counts
+from trace_strategies import traces
 
 from lpe_jax.estimators import degenerate as dg
 from lpe_jax.estimators import importance, naive
@@ -24,7 +26,6 @@ from lpe_jax.estimators.binomial import (
     lpe_binomial_grid_from_counts,
 )
 from lpe_jax.estimators.lpe import (
-    adaptive_search,
     fit_paper,
     lpe_paper,
     lpe_paper_from_counts,
@@ -37,39 +38,6 @@ ALPHAS = paper_alpha_grid()
 SETTINGS = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
-
-
-@st.composite
-def traces(draw, max_n_fit: int = 40):
-    """An adaptive trace whose every outcome hypothesis chooses (zeros and >= 0.5 favoured)."""
-    n_fit = draw(st.integers(1, max_n_fit))
-    search = adaptive_search(n_fit)
-    req = next(search)
-    try:
-        while True:
-            judged = draw(st.sampled_from([req.n, req.n, req.n, max(req.n - 1, 0), 0]))
-            k = draw(
-                st.one_of(
-                    st.just(0),
-                    st.integers(0, judged),
-                    st.integers((judged + 1) // 2, judged),
-                )
-            )
-            req = search.send((k, None, judged))
-    except StopIteration as stop:
-        return stop.value
-
-
-def _counts(trace):
-    """The arrays lpe_paper_from_counts takes, from a trace (unused cells are zeros)."""
-    a = ALPHAS.size
-    sk, sn, fk, fn = (np.zeros(a, np.int64) for _ in range(4))
-    for s in trace:
-        i = int(np.flatnonzero(np.isclose(ALPHAS, s.alpha))[0])
-        k, n = (sk, sn) if s.phase == "search" else (fk, fn)
-        k[i], n[i] = s.k, s.n_judged
-    n_fit = next(s.n for s in trace if s.phase == "fit")
-    return sk, sn, fk, fn, n_fit
 
 
 def _check_interval(r):

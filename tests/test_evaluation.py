@@ -174,3 +174,30 @@ def test_figures_are_written(bank, tmp_path):
     assert all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in paths)
     with pytest.raises(ValueError, match="no curve"):
         plots.plot_auroc(res, str(tmp_path / "x"), methods=["nope"])
+
+
+@pytest.mark.parametrize("family", ["loglinear", "low_variant"])
+def test_small_family_our_fits_never_fall_below_the_paper(family):
+    """CI's small-family check (50 prompts, 20 simulations): the claims docs/results.md makes."""
+    b = make_synthetic_bank(50, rollouts=200, n_is=0, family=family, seed=0)
+    r = ev.evaluate(
+        b,
+        n_fits=(13, 50),
+        naive_budgets=(1_000, 100_000),
+        is_budgets=(),
+        grid_rollouts=(),
+        n_sims=20,
+        n_bootstrap=200,
+        seed=0,
+    )
+    assert 0.5 < r.oracle_auroc <= 1.0
+    for method in ("lpe_binomial", "lpe_binomial_all", "lpe_pooled"):
+        for nf in (13, 50):
+            d, lo, hi = ev.paired_difference(r, method, nf, "lpe_paper", n_bootstrap=500)
+            assert lo <= d <= hi and hi >= 0.0, (method, nf, d, lo, hi)
+    pooled = r.curves["lpe_pooled"]
+    assert min(pooled.coverage) >= 0.85  # 95% Laplace intervals, straight-line paths
+    if family == "loglinear":
+        assert all(abs(s) <= 0.3 for s in pooled.signed_error_pos)
+    with pytest.raises(ValueError, match="no curve point"):
+        ev.paired_difference(r, "lpe_pooled", 7, "lpe_paper")

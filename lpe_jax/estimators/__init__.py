@@ -2,11 +2,12 @@
 
 Modules: ``naive`` (count from the original), ``importance`` (importance sampling from the
 variant), ``lpe`` (the paper's adaptive Logit Path Extrapolation), ``binomial`` (LPE with a
-penalized binomial fit and an interval), ``degenerate`` (the statuses and rules every estimator
-follows where the data carry no line).
+penalized binomial fit and an interval), ``pooled`` (all prompts' runs in one empirical-Bayes
+model), ``degenerate`` (the statuses and rules every estimator follows where the data carry no
+line).
 """
 
-from lpe_jax.estimators import binomial, degenerate, importance, lpe, naive
+from lpe_jax.estimators import binomial, degenerate, importance, lpe, naive, pooled
 from lpe_jax.estimators.binomial import (
     BinomialFit,
     LPEBinomialResult,
@@ -40,6 +41,14 @@ from lpe_jax.estimators.lpe import (
     trace_not_rare,
 )
 from lpe_jax.estimators.naive import NaiveResult, naive_estimate, simulate_naive_counts
+from lpe_jax.estimators.pooled import (
+    PooledEstimate,
+    PooledResult,
+    Population,
+    fit_pooled,
+    fit_pooled_batch,
+    lpe_pooled_from_counts,
+)
 
 __all__ = [
     "binomial",
@@ -47,6 +56,7 @@ __all__ = [
     "importance",
     "lpe",
     "naive",
+    "pooled",
     "BinomialFit",
     "LPEBinomialResult",
     "fit_binomial",
@@ -79,4 +89,10 @@ __all__ = [
     "NaiveResult",
     "naive_estimate",
     "simulate_naive_counts",
+    "PooledEstimate",
+    "PooledResult",
+    "Population",
+    "fit_pooled",
+    "fit_pooled_batch",
+    "lpe_pooled_from_counts",
 ]

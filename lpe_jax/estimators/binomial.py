@@ -70,6 +70,7 @@ __all__ = [
     "lpe_binomial",
     "fit_trace_binomial",
     "trace_points",
+    "fit_selected_points",
     "lpe_binomial_from_counts",
     "lpe_binomial_grid_from_counts",
 ]
@@ -429,11 +430,23 @@ def _without_line(status: str, est: float, upper: float, a, k, n, level: float) 
     )
 
 
-def _fit_selected(a, k, n, sel, top, any_compliant, threshold, level, interval, fallback):
-    """The module's rules on counts ``a, k, n`` with points ``sel`` to fit.
+def fit_selected_points(
+    a: np.ndarray,
+    k: np.ndarray,
+    n: np.ndarray,
+    sel: np.ndarray,
+    top: tuple[int, int] | None,
+    any_compliant: bool,
+    threshold: float = START_THRESHOLD,
+    level: float = 0.95,
+    interval: bool = True,
+    fallback: float = FALLBACK,
+) -> BinomialFit:
+    """The module's rules on one run's counts ``a, k, n`` [A'] with points ``sel`` to fit.
 
-    ``top`` is (k, n) at the top of the grid when the run reached it, else None;
-    ``any_compliant``: did any rollout of the run comply (search included).
+    ``top`` is (k, n) at the top of the grid when the run reached it there (not rare when its
+    rate is >= ``threshold``), else None; ``any_compliant``: did any rollout of the run comply
+    (search included). :func:`fit_trace_binomial` and :func:`lpe_binomial_grid` call this.
     """
     if top is not None and top[1] > 0 and top[0] >= threshold * top[1]:
         hi = float(upper_bound(top[0], top[1], level))
@@ -469,7 +482,7 @@ def lpe_binomial_grid(
     sel = select_grid_points(kk, nn, threshold=threshold)
     top = (int(kk[-1]), int(nn[-1]))
     any_c = bool(np.any(kk > 0))
-    return _fit_selected(a, kk, nn, sel, top, any_c, threshold, level, interval, fallback)
+    return fit_selected_points(a, kk, nn, sel, top, any_c, threshold, level, interval, fallback)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -569,7 +582,7 @@ def fit_trace_binomial(
     if trace_not_rare(trace, start_threshold) is not None:
         top = (fit_steps[-1].k, fit_steps[-1].n_judged)
     any_c = any(s.k > 0 for s in trace)
-    fit = _fit_selected(a, k, n, sel, top, any_c, start_threshold, level, interval, fallback)
+    fit = fit_selected_points(a, k, n, sel, top, any_c, start_threshold, level, interval, fallback)
     rollouts, passes = _budget(trace, passes_per_token)
     return LPEBinomialResult(
         estimate=fit.estimate,

@@ -1,0 +1,558 @@
+"""Pooled LPE (ours): one empirical-Bayes binomial model over all prompts of a model pair.
+
+Model. Prompt i's rate follows the binomial LPE line, ln r_i(alpha) = theta_i + b_i (alpha - 1),
+fitted to the counts its run drew (by default every draw, the search's included: each rollout
+paid for is data). Slopes are pooled; each prompt keeps its level theta_i = ln r_i(1). The
+default population (``prior="end"``) is one on the line's value at the variant end,
+
+    c_i = theta_i - b_i = ln r_i(0) (as the line extrapolates it) ~ Normal(c_bar, omega^2),
+
+with a flat (5-decade normal, so always proper) prior on theta_i. Given its level, a prompt's
+slope is thus shrunk toward the line from the population's variant end to that level:
+b_i | theta_i ~ Normal(theta_i - c_bar, omega^2). This is the correction of the shrinkage bias
+that one common mean slope has: on a path whose variant complies alike on every prompt, a prompt
+that is rarer at alpha = 1 falls more steeply, so a common slope drawn from all prompts is too
+shallow for rare prompts and too steep for common ones, which biases levels toward the middle
+(measured in docs/results.md). Where a prompt's data reach the bottom of the grid (the variant's
+own rate is below 0.5), the variant end is measured, the prior cannot hold its slope, and that
+prompt also gets the Jeffreys (Firth) term of the binomial fit (``firth="bottom"``).
+
+Alternatives kept for comparison: ``prior="common"`` (b_i ~ Normal(mu, tau^2), one mean slope)
+and ``prior="joint"`` (a bivariate normal population of (theta_i, b_i): the level is pooled too;
+better calibrated levels on some families, intervals that undercover). docs/results.md measures
+all three.
+
+Estimation (empirical Bayes, Laplace EM, per group of prompts pooled together): given the
+population, each prompt's MAP (theta_i, b_i) by Fisher scoring (the log link's expected
+information plus the prior's precision) with step halving, and its Laplace posterior covariance;
+then the population parameters from the posterior moments (E[theta b], E[theta^2], ...); repeat
+until they change by < 1e-4. Only prompts with a compliant rollout at a fitted alpha take part.
+The interval at alpha = 1 is the Laplace (Wald) interval on theta_i.
+
+A prompt's estimate therefore moves with the prompt set it is pooled with: the same prompt's
+counts give a different estimate beside other prompts. Pool the prompts of one model pair, judge
+and grid, and report the population (:class:`Population`) beside the estimates.
+
+Degenerate data follow :mod:`lpe_jax.estimators.degenerate` as the binomial fit does
+("not_rare": the top's rate; no compliant rollout at a fitted alpha: at most the 1e-6 fallback,
+status "fallback", or "no_compliant" when nothing complied anywhere). A prompt with a single
+fitted alpha (k > 0) gets the level its point and the population imply, capped at the point's
+own rate k / n (status "ok": the population supplies the slope). Estimates are capped at 1;
+0 <= lower <= estimate <= upper <= 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import stats
+
+from lpe_jax.estimators import degenerate as dg
+from lpe_jax.estimators.binomial import select_grid_points, trace_points
+from lpe_jax.estimators.degenerate import FALLBACK, fallback_log10, upper_bound
+from lpe_jax.estimators.lpe import (
+    N_SEARCH,
+    START_THRESHOLD,
+    LPECountsResult,
+    LPEStep,
+    lpe_paper_from_counts,
+    paper_alpha_grid,
+    trace_not_rare,
+)
+
+__all__ = [
+    "Population",
+    "PooledEstimate",
+    "PooledResult",
+    "PooledBatch",
+    "fit_pooled",
+    "fit_pooled_batch",
+    "lpe_pooled_from_counts",
+]
+
+LN10 = float(np.log(10.0))
+_TAU_MIN = 0.05 * LN10  # ln units per unit alpha: the population never collapses to one slope
+_BETA1_FIXED = {"common": 0.0, "end": 1.0}
+_PRIORS = ("end", "common", "joint")
+_FIRTH = ("bottom", "all", "none")
+_THETA_SD = 5.0  # decades: a proper but negligible prior on each level (module docstring)
+_EM_ITER = 50
+_EM_TOL = 1e-3
+_NEWTON_ITER = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class Population:
+    """The fitted population (log10 units).
+
+    Attributes:
+      coef: a prompt's prior mean slope (log10 per unit alpha) is coef[0] + coef[1] * its
+        log10 r(1); with ``prior="end"`` coef[1] == 1 and -coef[0] is the population's mean
+        log10 rate of the line at the variant end.
+      tau: standard deviation of slopes around that mean (for "end": of the line's log10 value
+        at the variant end).
+      n_informing: prompts with a compliant rollout at a fitted alpha (those that inform it).
+      iterations: EM iterations run.
+    """
+
+    coef: tuple[float, float]
+    tau: float
+    n_informing: int
+    iterations: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PooledEstimate:
+    """One prompt's pooled estimate of r(1).
+
+    Attributes:
+      estimate, log10_estimate: r(1) and its log10.
+      lower, upper: ``level`` interval (lower == 0.0: no lower bound).
+      slope: fitted log10 slope per unit alpha (None without a line).
+      prior_slope: the population's mean slope for this prompt (None without a line).
+      status: "ok", "not_rare", "fallback" or "no_compliant" (module docstring).
+      alphas, k, n: the points fitted.
+    """
+
+    estimate: float
+    log10_estimate: float
+    lower: float
+    upper: float
+    slope: float | None
+    prior_slope: float | None
+    status: str
+    alphas: tuple[float, ...]
+    k: tuple[int, ...]
+    n: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PooledResult:
+    """Per-prompt estimates (in the order given) and the population they were pooled with."""
+
+    prompts: tuple[PooledEstimate, ...]
+    population: Population
+    level: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PooledBatch:
+    """:func:`fit_pooled_batch`'s output; arrays have the batch shape [*G, P].
+
+    Attributes:
+      log10_estimate, log10_lower, log10_upper: float64 (log10_lower is -inf: no lower bound).
+      slope: log10 per unit alpha (0.0 where no line).
+      line: bool, a line was fitted (the prompt informed the population).
+      coef: float64 [*G, 2]; tau: float64 [*G] (log10 units); iterations: int [*G].
+    """
+
+    log10_estimate: np.ndarray
+    log10_lower: np.ndarray
+    log10_upper: np.ndarray
+    slope: np.ndarray
+    line: np.ndarray
+    coef: np.ndarray
+    tau: np.ndarray
+    iterations: np.ndarray
+
+
+# ----------------------------------------------------------------------------- MAP per row
+
+
+@dataclasses.dataclass
+class _Prior:
+    """Per-row prior b ~ N(beta0 + beta1 * theta, tau2), theta ~ N(theta_bar, sigma2) (ln units);
+    rows with ``firth`` also get the Jeffreys term."""
+
+    beta0: np.ndarray
+    beta1: np.ndarray
+    tau2: np.ndarray
+    theta_bar: np.ndarray
+    sigma2: np.ndarray
+    firth: np.ndarray
+
+    def rows(self, idx: np.ndarray) -> _Prior:
+        return _Prior(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
+
+    def _e(self, b0, b1):
+        return b1 - self.beta0 - self.beta1 * b0
+
+    def logpdf(self, b0, b1):
+        e = self._e(b0, b1)
+        return -0.5 * e * e / self.tau2 - 0.5 * (b0 - self.theta_bar) ** 2 / self.sigma2
+
+    def grad(self, b0, b1):
+        g = self._e(b0, b1) / self.tau2
+        return self.beta1 * g - (b0 - self.theta_bar) / self.sigma2, -g
+
+    def precision(self):
+        w = 1.0 / self.tau2
+        return w * self.beta1**2 + 1.0 / self.sigma2, -w * self.beta1, w
+
+
+def _objective(b0, b1, x, k, n, m, prior):
+    """Log-likelihood + log prior (+ Firth term) of rows [R, A]; -inf where a fitted rate
+    reaches 1."""
+    eta = b0[:, None] + b1[:, None] * x
+    feasible = np.all(~m | (eta < 0), axis=1)
+    eta = np.where(m, np.minimum(eta, -1e-300), -1.0)
+    ll = np.where(m, k * eta + (n - k) * np.log(-np.expm1(eta)), 0.0).sum(1)
+    val = ll + prior.logpdf(b0, b1)
+    jr = np.flatnonzero(prior.firth & feasible)
+    if jr.size:  # the Jeffreys term, on the rows that carry it
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            (i00, i01, i11), _ = _info(b0[jr], b1[jr], x[jr], n[jr], m[jr], prior.rows(jr))
+            det = i00 * i11 - i01 * i01
+            val[jr] += 0.5 * np.log(np.where(det > 0, det, np.nan))
+        feasible &= np.isfinite(val)
+    return np.where(feasible, val, -np.inf)
+
+
+def _info(b0, b1, x, n, m, prior):
+    """Expected information plus the prior's precision: (i00, i01, i11) [R] each, mu [R, A]."""
+    eta = np.where(m, np.minimum(b0[:, None] + b1[:, None] * x, -1e-12), -1.0)
+    mu = np.exp(eta)
+    w = np.where(m, n * mu / -np.expm1(eta), 0.0)
+    p00, p01, p11 = prior.precision()
+    return (w.sum(1) + p00, (w * x).sum(1) + p01, (w * x * x).sum(1) + p11), mu
+
+
+def _map_rows(x, k, n, m, prior, b0, b1, max_iter: int = _NEWTON_ITER):
+    """MAP of (theta, b) per row from a feasible start (Fisher scoring, step halving).
+
+    Returns (b0, b1, v00, v01, v11): the MAP (after at most ``max_iter`` ascent steps) and the
+    inverse information there (the Laplace posterior covariance).
+    """
+    b0, b1 = b0.copy(), b1.copy()
+    cur = _objective(b0, b1, x, k, n, m, prior)
+    active = np.arange(b0.size)
+    for _ in range(max_iter):
+        if active.size == 0:
+            break
+        xa, ka, na, ma, pa = x[active], k[active], n[active], m[active], prior.rows(active)
+        (i00, i01, i11), mu = _info(b0[active], b1[active], xa, na, ma, pa)
+        det = i00 * i11 - i01 * i01
+        half_lev = 0.0
+        if pa.firth.any():  # Jeffreys term: h / 2 extra compliant rollouts per point
+            w = np.where(ma, na * mu / (1.0 - mu), 0.0)
+            half_lev = 0.5 * w * (i11[:, None] - 2 * i01[:, None] * xa + i00[:, None] * xa**2)
+            half_lev = np.where(pa.firth[:, None], half_lev / det[:, None], 0.0)
+        s = np.where(ma, (ka + half_lev - na * mu) / (1.0 - mu), 0.0)
+        g0, g1 = pa.grad(b0[active], b1[active])
+        u0, u1 = s.sum(1) + g0, (s * xa).sum(1) + g1
+        d0, d1 = (i11 * u0 - i01 * u1) / det, (i00 * u1 - i01 * u0) / det
+        c0, c1 = b0[active].copy(), b1[active].copy()
+        step = np.ones(active.size)
+        todo = np.arange(active.size)
+        for _ in range(60):
+            rows = active[todo]
+            t0, t1 = c0[todo] + step[todo] * d0[todo], c1[todo] + step[todo] * d1[todo]
+            val = _objective(t0, t1, xa[todo], ka[todo], na[todo], ma[todo], prior.rows(rows))
+            ok = val >= cur[rows] - 1e-12 * np.abs(cur[rows])
+            b0[rows[ok]], b1[rows[ok]], cur[rows[ok]] = t0[ok], t1[ok], val[ok]
+            todo = todo[~ok]
+            step[todo] *= 0.5
+            if todo.size == 0:
+                break
+        moved = np.maximum(np.abs(b0[active] - c0), np.abs(b1[active] - c1))
+        active = active[moved > 1e-9 * (1 + np.abs(c0) + np.abs(c1))]
+    (i00, i01, i11), _ = _info(b0, b1, x, n, m, prior)
+    det = i00 * i11 - i01 * i01
+    return b0, b1, i11 / det, -i01 / det, i00 / det
+
+
+def _start(x, k, n, m, slope):
+    """A feasible start: the given slope through the row's pooled rate at its data's centre."""
+    p = (k + 0.5) / (n + 1.0)
+    w = np.where(m, n * p / (1 - p), 0.0)
+    centre = (w * x).sum(1) / np.maximum(w.sum(1), 1e-300)
+    pooled = (np.where(m, k, 0).sum(1) + 0.5) / (np.where(m, n, 0).sum(1) + 1.0)
+    b0 = np.log(pooled) - slope * centre
+    eta_max = np.where(m, b0[:, None] + slope[:, None] * x, -np.inf).max(1)
+    return b0 - np.maximum(eta_max + 0.1, 0.0), slope.copy()
+
+
+# ----------------------------------------------------------------------------- batched API
+
+
+def fit_pooled_batch(
+    alphas: np.ndarray,
+    k: np.ndarray,
+    n: np.ndarray,
+    mask: np.ndarray,
+    *,
+    level: float = 0.95,
+    fallback: float = FALLBACK,
+    prior: str = "end",
+    firth: str = "bottom",
+) -> PooledBatch:
+    """Pool the prompts of each group: k, n, mask [*G, P, A] -> per-prompt results [*G, P].
+
+    The last batch axis holds the prompts pooled together (one model pair); leading axes are
+    independent groups (e.g. Monte Carlo simulations). At masked-in points 0 <= k < n. Rows with
+    no compliant rollout at a fitted point get the fallback rule (module docstring); "not_rare"
+    is the caller's (it needs the run). ``prior`` and ``firth`` as in the module docstring;
+    ``firth="bottom"`` applies to rows with a fitted point at ``alphas[0]``.
+    """
+    if prior not in _PRIORS or firth not in _FIRTH:
+        raise ValueError(f"prior must be one of {_PRIORS} and firth one of {_FIRTH}")
+    a = np.asarray(alphas, np.float64)
+    k, n, mask = np.asarray(k), np.asarray(n), np.asarray(mask, bool)
+    if k.shape != n.shape or k.shape != mask.shape or k.ndim < 2 or k.shape[-1] != a.size:
+        raise ValueError(f"k, n, mask must share shape [..., prompts, {a.size}], got {k.shape}")
+    if np.any(mask & ((k < 0) | (k >= n))):
+        raise ValueError("fitted points need 0 <= k < n (drop points with rate >= 0.5 first)")
+    gshape, n_p = k.shape[:-2], k.shape[-2]
+    n_g = int(np.prod(gshape, dtype=np.int64))
+    k2 = k.reshape(n_g * n_p, a.size).astype(np.float64)
+    n2 = n.reshape(n_g * n_p, a.size).astype(np.float64)
+    m2 = mask.reshape(n_g * n_p, a.size)
+    x = np.broadcast_to(a - 1.0, k2.shape)
+    line = (m2 & (k2 > 0)).any(1)
+    group = np.repeat(np.arange(n_g), n_p)
+    b0, b1, v00, coef, tau, iters = _em(x, k2, n2, m2, line, group, n_g, prior, firth)
+    one = line & (m2.sum(1) == 1)
+    zq = stats.norm.ppf(0.5 + level / 2)
+    n_max = np.where(m2, n2, 0).max(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        est = np.minimum(b0, 0.0) / LN10
+        # a single fitted alpha: never above the point's own rate
+        own = np.log10(np.where(m2 & (k2 > 0), k2 / np.maximum(n2, 1), 1.0).min(1))
+        est = np.where(one, np.minimum(est, own), est)
+        half = zq * np.sqrt(np.maximum(v00, 0.0)) / LN10
+    out = np.where(line, est, fallback_log10(n_max, fallback))
+    lo = np.where(line, np.minimum(b0 / LN10 - half, out), -np.inf)
+    zero_hi = np.log10(upper_bound(0, n_max, level))
+    hi = np.where(line, np.clip(b0 / LN10 + half, out, 0.0), np.maximum(zero_hi, out))
+    shape = (*gshape, n_p)
+    return PooledBatch(
+        log10_estimate=out.reshape(shape),
+        log10_lower=lo.reshape(shape),
+        log10_upper=hi.reshape(shape),
+        slope=np.where(line, b1 / LN10, 0.0).reshape(shape),
+        line=line.reshape(shape),
+        coef=np.stack([coef[:, 0] / LN10, coef[:, 1]], 1).reshape(*gshape, 2),
+        tau=(tau / LN10).reshape(gshape),
+        iterations=iters.reshape(gshape),
+    )
+
+
+def _group_sum(v, group, n_g):
+    return np.bincount(group, v, n_g)
+
+
+def _m_step(b0, b1, v00, v01, v11, group, n_g, mode: str):
+    """Laplace-EM M-step per group from posterior moments: beta0, beta1, tau2, theta_bar, sigma2.
+
+    beta1 is fixed by ``mode`` ("end": 1, "common": 0) or, for "joint", the regression of b on
+    theta using E[theta^2] = b0^2 + v00 and E[theta b] = b0 b1 + v01.
+    """
+    cnt = np.maximum(_group_sum(np.ones_like(b0), group, n_g), 1)
+    m_t = _group_sum(b0, group, n_g) / cnt
+    m_b = _group_sum(b1, group, n_g) / cnt
+    var_t = _group_sum(b0 * b0 + v00, group, n_g) / cnt - m_t**2
+    beta1 = np.full(n_g, _BETA1_FIXED.get(mode, 0.0))
+    if mode == "joint":
+        cov_tb = _group_sum(b0 * b1 + v01, group, n_g) / cnt - m_t * m_b
+        ok = (var_t > 1e-12) & (cnt >= 3)
+        beta1 = np.where(ok, cov_tb / np.where(ok, var_t, 1.0), 0.0)
+    beta0 = m_b - beta1 * m_t
+    g0, g1 = beta0[group], beta1[group]
+    resid = (b1 - g0 - g1 * b0) ** 2 + v11 - 2 * g1 * v01 + g1 * g1 * v00
+    tau2 = np.maximum(_group_sum(resid, group, n_g) / cnt, _TAU_MIN**2)
+    return beta0, beta1, tau2, m_t, np.maximum(var_t, _TAU_MIN**2)
+
+
+def _em(x, k, n, m, line, group, n_g, mode: str, firth: str):
+    """Laplace EM over groups; returns MAP (b0, b1), var(b0) [R], coef [G, 2], tau [G], iters."""
+    rows = np.flatnonzero(line)
+    out0, out1, out_v = np.zeros(line.size), np.zeros(line.size), np.zeros(line.size)
+    coef = np.zeros((n_g, 2))
+    tau2 = np.full(n_g, (3.0 * LN10) ** 2)
+    iters = np.zeros(n_g, np.int64)
+    if rows.size == 0:
+        return out0, out1, out_v, coef, np.sqrt(tau2), iters
+    mr = m[rows]
+    if firth == "all":
+        jeff = np.ones(rows.size, bool)
+    elif firth == "bottom":  # the data reach the grid's bottom: the prior cannot hold the slope
+        jeff = mr[:, 0].copy()
+    else:
+        jeff = np.zeros(rows.size, bool)
+    # fitted points first, then trim the columns no row uses (rows hold few of the grid's alphas)
+    order = np.argsort(~mr, axis=1, kind="stable")
+    width = max(int(mr.sum(1).max()), 1)
+    xr, kr, nr, mr = (np.take_along_axis(v[rows], order, 1)[:, :width] for v in (x, k, n, m))
+    gr = group[rows]
+    # start: each group's median slope over rows with compliance at two alphas
+    lp = np.log((kr + 0.5) / (nr + 1.0))
+    crude = _crude_slope(xr, lp, mr & (kr > 0))
+    for g in range(n_g):
+        vals = crude[(gr == g) & np.isfinite(crude)]
+        coef[g, 0] = np.median(vals) if vals.size else -5.0 * LN10
+    c0, c1 = _start(xr, kr, nr, mr, coef[gr, 0])
+    theta_bar = _group_sum(c0, gr, n_g) / np.maximum(_group_sum(np.ones_like(c0), gr, n_g), 1)
+    sigma2 = np.full(n_g, (_THETA_SD * LN10) ** 2)
+    done = np.zeros(n_g, bool)
+    v00, v01, v11 = (np.zeros(rows.size) for _ in range(3))
+    for it in range(_EM_ITER):
+        live = np.flatnonzero(~done[gr])  # rows of groups still moving
+        prior = _Prior(coef[gr, 0], coef[gr, 1], tau2[gr], theta_bar[gr], sigma2[gr], jeff)
+        fit = _map_rows(
+            xr[live], kr[live], nr[live], mr[live], prior.rows(live), c0[live], c1[live], 3
+        )
+        c0[live], c1[live], v00[live], v01[live], v11[live] = fit
+        beta0, beta1, new_tau2, new_bar, new_sigma2 = _m_step(c0, c1, v00, v01, v11, gr, n_g, mode)
+        new = np.stack([beta0, beta1], 1)
+        change = np.maximum(np.abs(new - coef).max(1), np.abs(np.sqrt(new_tau2 / tau2) - 1))
+        move = ~done
+        iters[move] = it + 1
+        coef[move], tau2[move], theta_bar[move] = new[move], new_tau2[move], new_bar[move]
+        if mode == "joint":
+            sigma2[move] = new_sigma2[move]
+        done |= change < _EM_TOL
+        if done.all():
+            break
+    prior = _Prior(coef[gr, 0], coef[gr, 1], tau2[gr], theta_bar[gr], sigma2[gr], jeff)
+    c0, c1, v00, _, _ = _map_rows(xr, kr, nr, mr, prior, c0, c1)
+    out0[rows], out1[rows], out_v[rows] = c0, c1, v00
+    return out0, out1, out_v, coef, np.sqrt(tau2), iters
+
+
+def _crude_slope(x, y, m):
+    """Unweighted least-squares slope of y on x over masked points, [R] (nan if undefined)."""
+    w = m.astype(np.float64)
+    cnt = np.maximum(w.sum(1), 1)
+    xm = (w * x).sum(1) / cnt
+    ym = (w * y).sum(1) / cnt
+    sxx = (w * (x - xm[:, None]) ** 2).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (w * (x - xm[:, None]) * (y - ym[:, None])).sum(1) / sxx
+
+
+def lpe_pooled_from_counts(
+    search_k: np.ndarray,
+    search_n: np.ndarray,
+    fit_k: np.ndarray,
+    fit_n: np.ndarray,
+    alphas: np.ndarray,
+    n_fit: int,
+    *,
+    draws: str = "all",
+    n_search: int = N_SEARCH,
+    start_threshold: float = START_THRESHOLD,
+    fallback: float = FALLBACK,
+    paper: LPECountsResult | None = None,
+    prior: str = "end",
+    firth: str = "bottom",
+) -> PooledBatch:
+    """Pooled LPE on the paper's draws, as array operations: counts [*G, P, A] -> [*G, P].
+
+    The counts are those of :func:`lpe.lpe_paper_from_counts`; prompts along axis -2 are pooled.
+    ``draws`` as in :func:`binomial.trace_points`. Not-rare prompts get the top's rate.
+    """
+    sk, sn, fk, fn = (np.asarray(v) for v in (search_k, search_n, fit_k, fit_n))
+    if paper is None:
+        paper = lpe_paper_from_counts(
+            sk, sn, fk, fn, alphas, n_fit, n_search=n_search, start_threshold=start_threshold
+        )
+    k, n = fk * paper.drawn, fn * paper.drawn
+    if draws == "all":
+        scanned = np.arange(np.shape(alphas)[0]) >= paper.start_index[..., None]
+        k, n = k + sk * scanned, n + sn * scanned
+        mask = select_grid_points(k, n, threshold=start_threshold)
+    elif draws == "fit":
+        mask = paper.drawn & (fn > 0) & (fk < start_threshold * fn)
+    else:
+        raise ValueError(f'draws must be "fit" or "all", got {draws!r}')
+    mask = mask & ~paper.not_rare[..., None]
+    out = fit_pooled_batch(alphas, k, n, mask, fallback=fallback, prior=prior, firth=firth)
+    top = fk[..., -1] / np.maximum(fn[..., -1], 1)
+    with np.errstate(divide="ignore"):
+        top = np.log10(top)
+    nr = paper.not_rare
+    return dataclasses.replace(
+        out,
+        log10_estimate=np.where(nr, top, out.log10_estimate),
+        log10_lower=np.where(nr, -np.inf, out.log10_lower),
+        log10_upper=np.where(nr, np.log10(upper_bound(fk[..., -1], fn[..., -1])), out.log10_upper),
+    )
+
+
+# ----------------------------------------------------------------------------- trace API
+
+
+def fit_pooled(
+    traces: Sequence[Sequence[LPEStep]],
+    *,
+    draws: str = "all",
+    start_threshold: float = START_THRESHOLD,
+    level: float = 0.95,
+    fallback: float = FALLBACK,
+    prior: str = "end",
+    firth: str = "bottom",
+) -> PooledResult:
+    """Pool the LPE runs of many prompts (one model pair): traces -> per-prompt estimates.
+
+    Each trace is one prompt's run (:func:`lpe.adaptive_search` / ``adaptive_draws``), on the
+    paper's grid or any grid in [0, 1). Call it once all prompts' draws are in; the estimates
+    depend on the whole set (module docstring). ``draws``: as :func:`binomial.trace_points`
+    ("all": the search's draws are data too). Returns the estimates in the order given.
+    """
+    traces = [tuple(t) for t in traces]
+    if not traces:
+        raise ValueError("fit_pooled needs at least one prompt's trace")
+    pts = [trace_points(t, draws, start_threshold) for t in traces]
+    grid = np.union1d(paper_alpha_grid(), np.concatenate([p[0] for p in pts]))
+    shape = (1, len(traces), grid.size)
+    k, n, mask = np.zeros(shape, np.int64), np.zeros(shape, np.int64), np.zeros(shape, bool)
+    tops = []
+    for i, (t, (a, kk, nn, sel)) in enumerate(zip(traces, pts, strict=True)):
+        if not any(s.phase == "fit" for s in t):
+            raise ValueError(f"trace {i} has no fit-phase step; build it with adaptive_draws")
+        j = np.searchsorted(grid, a)
+        k[0, i, j], n[0, i, j], mask[0, i, j] = kk, nn, sel
+        tops.append(trace_not_rare(t, start_threshold))
+        if tops[-1] is not None:
+            mask[0, i] = False
+    batch = fit_pooled_batch(
+        grid, k, n, mask, level=level, fallback=fallback, prior=prior, firth=firth
+    )
+    out = []
+    for i, t in enumerate(traces):
+        sel = mask[0, i]
+        ptuple = dict(
+            alphas=tuple(grid[sel].tolist()),
+            k=tuple(k[0, i, sel].tolist()),
+            n=tuple(n[0, i, sel].tolist()),
+        )
+        if tops[i] is not None:
+            last = [s for s in t if s.phase == "fit"][-1]
+            hi = float(upper_bound(last.k, last.n_judged, level))
+            out.append(
+                PooledEstimate(
+                    tops[i], float(np.log10(tops[i])), 0.0, hi, None, None, dg.NOT_RARE, **ptuple
+                )
+            )
+            continue
+        est = float(batch.log10_estimate[0, i])
+        lo, hi = float(batch.log10_lower[0, i]), float(batch.log10_upper[0, i])
+        if batch.line[0, i]:
+            slope = float(batch.slope[0, i])
+            prior = float(batch.coef[0, 0] + batch.coef[0, 1] * est)
+            status = dg.OK
+        else:
+            slope = prior = None
+            status = dg.FALLBACK_STATUS if any(s.k > 0 for s in t) else dg.NO_COMPLIANT
+        out.append(
+            PooledEstimate(10.0**est, est, 10.0**lo, 10.0**hi, slope, prior, status, **ptuple)
+        )
+    pop = Population(
+        coef=(float(batch.coef[0, 0]), float(batch.coef[0, 1])),
+        tau=float(batch.tau[0]),
+        n_informing=int(batch.line.sum()),
+        iterations=int(batch.iterations[0]),
+    )
+    return PooledResult(prompts=tuple(out), population=pop, level=level)

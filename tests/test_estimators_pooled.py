@@ -1,0 +1,121 @@
+"""Pooled LPE: the degenerate rules, batch == trace API, recovery, pooling moves estimates."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from trace_strategies import counts_of as _counts
+from trace_strategies import traces
+
+from lpe_jax.estimators import degenerate as dg
+from lpe_jax.estimators.lpe import adaptive_draws, paper_alpha_grid
+from lpe_jax.estimators.pooled import fit_pooled, fit_pooled_batch, lpe_pooled_from_counts
+
+ALPHAS = paper_alpha_grid()
+
+
+def _line_draw(log10_r1: float, slope: float, rng: np.random.Generator):
+    """draw(alpha, n) from log10 r = log10_r1 + slope * (1 - alpha), capped at 0.98."""
+
+    def draw(alpha: float, n: int) -> int:
+        return int(rng.binomial(n, min(0.98, 10 ** (log10_r1 + slope * (1 - alpha)))))
+
+    return draw
+
+
+def _population(n_prompts: int, n_fit: int, seed: int, end: float = 0.5):
+    """Prompts whose lines share a variant end log10 r(0) ~ N(end, 0.3^2) (the default prior)."""
+    rng = np.random.default_rng(seed)
+    u = rng.uniform(-7, -3, n_prompts)
+    c0 = rng.normal(end, 0.3, n_prompts)
+    runs = [
+        adaptive_draws(_line_draw(ui, ci - ui, rng), n_fit) for ui, ci in zip(u, c0, strict=True)
+    ]
+    return runs, u
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(traces(max_n_fit=30), min_size=1, max_size=5))
+def test_pooled_follows_the_stated_rules_on_any_traces(runs):
+    res = fit_pooled(runs)
+    assert len(res.prompts) == len(runs)
+    for t, r in zip(runs, res.prompts, strict=True):
+        assert r.status in (dg.OK, dg.NOT_RARE, dg.FALLBACK_STATUS, dg.NO_COMPLIANT)
+        assert np.isfinite([r.estimate, r.lower, r.upper, r.log10_estimate]).all()
+        assert 0 <= r.lower <= r.estimate <= r.upper <= 1
+        if not any(s.k > 0 for s in t):
+            assert r.status == dg.NO_COMPLIANT and r.estimate <= 1e-6
+        if r.status in (dg.FALLBACK_STATUS, dg.NO_COMPLIANT):
+            assert r.estimate <= 1e-6 and r.lower == 0.0
+        if r.status == dg.OK and len(r.alphas) == 1:  # one point: never above its own rate
+            assert r.estimate <= r.k[0] / r.n[0] + 1e-12
+        fit = [s for s in t if s.phase == "fit"][-1]
+        if fit.alpha == 0.95 and fit.rate is not None and fit.rate >= 0.5:
+            assert r.status == dg.NOT_RARE and r.estimate == fit.rate
+
+
+def test_batch_equals_the_trace_api_and_is_permutation_equivariant():
+    runs, _ = _population(12, 20, seed=1)
+    res = fit_pooled(runs)
+    arrs = [_counts(t) for t in runs]
+    sk, sn, fk, fn = (np.stack([a[i] for a in arrs])[None] for i in range(4))
+    batch = lpe_pooled_from_counts(sk, sn, fk, fn, ALPHAS, 20)
+    np.testing.assert_allclose(
+        batch.log10_estimate[0], [p.log10_estimate for p in res.prompts], atol=1e-6
+    )
+    perm = np.random.default_rng(0).permutation(len(runs))
+    again = fit_pooled([runs[i] for i in perm])
+    np.testing.assert_allclose(
+        [p.log10_estimate for p in again.prompts],
+        [res.prompts[i].log10_estimate for i in perm],
+        atol=1e-6,
+    )
+
+
+def test_recovers_levels_and_the_shared_variant_end():
+    runs, u = _population(40, 400, seed=2)
+    res = fit_pooled(runs)
+    est = np.array([p.log10_estimate for p in res.prompts])
+    assert res.population.coef[1] == 1.0 and abs(-res.population.coef[0] - 0.5) < 0.25
+    assert np.median(np.abs(est - u)) < 0.25 and abs(np.mean(est - u)) < 0.15
+    cover = np.mean([p.lower <= 10**ui <= p.upper for p, ui in zip(res.prompts, u, strict=True)])
+    assert cover >= 0.85
+
+
+def test_a_prompts_estimate_moves_with_its_pool():
+    """The documented caveat: the same counts give another estimate beside other prompts."""
+    runs, _ = _population(20, 13, seed=3, end=0.5)
+    other, _ = _population(20, 13, seed=4, end=-1.5)  # a pool whose variant end is lower
+    mine = fit_pooled(runs).prompts[0].log10_estimate
+    moved = fit_pooled([runs[0], *other]).prompts[0].log10_estimate
+    assert abs(mine - moved) > 0.05
+
+
+def test_pooling_beats_the_unpooled_fit_on_thin_data():
+    """Many prompts with 13 rollouts per alpha: pooling cuts the error of log10 r(1)."""
+    from lpe_jax.estimators.binomial import fit_trace_binomial
+
+    runs, u = _population(60, 13, seed=5)
+    pooled = np.array([p.log10_estimate for p in fit_pooled(runs).prompts])
+    alone = np.array(
+        [fit_trace_binomial(t, draws="all", interval=False).fit.log10_estimate for t in runs]
+    )
+    assert np.mean(np.abs(pooled - u)) < 0.8 * np.mean(np.abs(alone - u))
+
+
+def test_priors_and_bad_input():
+    runs, _ = _population(10, 13, seed=6)
+    for prior in ("end", "common", "joint"):
+        res = fit_pooled(runs, prior=prior)
+        assert all(0 <= p.lower <= p.estimate <= p.upper <= 1 for p in res.prompts)
+    with pytest.raises(ValueError, match="prior must be one of"):
+        fit_pooled(runs, prior="flat")
+    with pytest.raises(ValueError, match="at least one"):
+        fit_pooled([])
+    with pytest.raises(ValueError, match="prompts, 20"):
+        fit_pooled_batch(ALPHAS, np.zeros((3, 20)), np.ones((3, 19)), np.zeros((3, 20), bool))
+    with pytest.raises(ValueError, match="k < n"):
+        fit_pooled_batch(ALPHAS, np.ones((1, 2, 20)), np.ones((1, 2, 20)), np.ones((1, 2, 20)))
+    z = np.zeros((1, 2, 20), int)
+    nothing = lpe_pooled_from_counts(z, z + 10, z, z + 13, ALPHAS, 13)  # nothing complied
+    assert np.all(nothing.log10_estimate == -6.0) and not nothing.line.any()
