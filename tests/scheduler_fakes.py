@@ -221,3 +221,36 @@ class SyntheticJudge:
             return out
         finally:
             self.running.clear()
+
+
+class SamplerEngine:
+    """The engine contract served by PairedSampler.sample, one block per call, out of order.
+
+    Every poll samples up to `per_poll` queued blocks and returns the finished ones in reverse,
+    holding the last back until the next poll (so blocks come back late and shuffled).
+    """
+
+    def __init__(self, sampler: Any, per_poll: int = 3) -> None:
+        self.sampler, self.per_poll = sampler, per_poll
+        self.queue: collections.deque[RowBlock] = collections.deque()
+        self.held: list[BlockResult] = []
+        self.calls = 0
+
+    def submit(self, block: RowBlock) -> None:
+        self.queue.append(block)
+
+    @property
+    def idle(self) -> bool:
+        return not self.queue and not self.held
+
+    def poll(self) -> list[BlockResult]:
+        done = self.held
+        for _ in range(min(self.per_poll, len(self.queue))):
+            b = self.queue.popleft()
+            r = self.sampler.sample(
+                b.prompt_ids, [b.alpha], b.count, seed=b.seed, rollout_offset=b.rollout_start
+            )
+            self.calls += 1
+            done.append(BlockResult(b, r))
+        self.held = done[-1:] if self.queue else []
+        return done[::-1][len(self.held) :]
