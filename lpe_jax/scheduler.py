@@ -83,14 +83,15 @@ class Draw:
 class Drawn:
     """The outcome of one Draw: rows ``rollout_start .. rollout_start + n - 1`` of its stream.
 
-    tokens int32 [n, T] (-1 after a row ends); lengths int32 [n]; logp_original, logp_variant
-    float32 [n] (NaN where nonfinite); truncated, nonfinite bool [n]; verdicts int8 [n]
-    (1 complied, 0 did not, -1 unknown) or None when the scheduler has no judge.
+    tokens int32 [n, T] (-1 after a row ends), or None when replayed from a journal; lengths
+    int32 [n]; logp_original, logp_variant float32 [n] (NaN where nonfinite); truncated,
+    nonfinite bool [n]; verdicts int8 [n] (1 complied, 0 did not, -1 unknown) or None when the
+    scheduler has no judge.
     """
 
     draw: Draw
     rollout_start: int
-    tokens: np.ndarray
+    tokens: np.ndarray | None
     lengths: np.ndarray
     logp_original: np.ndarray
     logp_variant: np.ndarray
@@ -115,6 +116,8 @@ class Drawn:
 
     def chunk(self) -> dict[str, np.ndarray]:
         """The rows as a store chunk (store.CHUNK_FIELDS)."""
+        if self.tokens is None:
+            raise ValueError("this Drawn was replayed from a journal and has no tokens")
         return {
             "tokens": self.tokens,
             "lengths": self.lengths,
@@ -248,6 +251,7 @@ class _JobState:
     index: int
     prompt: JobPrompt
     gen: Job
+    replay: collections.deque[list[Drawn]] = dataclasses.field(default_factory=collections.deque)
     waiting: list[_DrawState] = dataclasses.field(default_factory=list)
     single: bool = True
 
@@ -313,6 +317,8 @@ class Scheduler:
         (finished blocks queued for the judge are merged up to this size).
     max_jobs: jobs running at once (None: all); later jobs start as earlier ones finish. Draws of
         earlier-added jobs go to the engine first.
+    on_outcome(key, [Drawn, ...]): called when a yield of a job is complete, before the job is
+        sent it (e.g. Journal.append, so a killed run can replay it).
     row_block: the RowBlock class (default lpe_jax.engine.RowBlock).
     """
 
@@ -327,6 +333,7 @@ class Scheduler:
         judge_workers: int = 1,
         judge_batch_rows: int = 256,
         max_jobs: int | None = None,
+        on_outcome: Callable[[Hashable, list[Drawn]], None] | None = None,
         row_block: Callable[..., Any] | None = None,
     ) -> None:
         if (judge is None) != (decode is None):
@@ -349,10 +356,10 @@ class Scheduler:
         self.judge, self.decode = judge, decode
         self.block_rows, self.max_inflight_rows = int(block_rows), int(max_inflight_rows)
         self.judge_workers, self.judge_batch_rows = int(judge_workers), int(judge_batch_rows)
-        self.max_jobs = max_jobs
+        self.max_jobs, self.on_outcome = max_jobs, on_outcome
         self.row_block = row_block or _default_row_block()
         self.stats = SchedulerStats()
-        self._queued: collections.deque[tuple[Hashable, JobPrompt, Job]] = collections.deque()
+        self._queued: collections.deque[tuple[Hashable, JobPrompt, Job, list]] = collections.deque()
         self._keys: set[Hashable] = set()
         self._active: dict[Hashable, _JobState] = {}
         self._order = itertools.count()
@@ -365,12 +372,19 @@ class Scheduler:
         self._judging: dict[cf.Future, list[tuple[_Tag, dict[str, np.ndarray]]]] = {}
         self._done: collections.deque[tuple[Hashable, Any]] = collections.deque()
 
-    def add(self, key: Hashable, prompt: JobPrompt, job: Job) -> None:
-        """Queue a job under a unique key; it starts when run() reaches it."""
+    def add(
+        self, key: Hashable, prompt: JobPrompt, job: Job, replay: Sequence[Sequence[Drawn]] = ()
+    ) -> None:
+        """Queue a job under a unique key; it starts when run() reaches it.
+
+        replay: outcomes of the job's first yields recorded by an earlier run (Journal.load): they
+        are sent back without drawing, after checking that the job asks for exactly those draws
+        (ValueError otherwise: the run's settings changed); its later draws continue the streams.
+        """
         if key in self._keys:
             raise ValueError(f"a job with key {key!r} was already added")
         self._keys.add(key)
-        self._queued.append((key, prompt, job))
+        self._queued.append((key, prompt, job, [list(r) for r in replay]))
 
     @property
     def busy(self) -> bool:
@@ -404,25 +418,45 @@ class Scheduler:
 
     def _admit(self) -> None:
         while self._queued and (self.max_jobs is None or len(self._active) < self.max_jobs):
-            key, prompt, gen = self._queued.popleft()
-            state = _JobState(key, next(self._order), prompt, gen)
+            key, prompt, gen, replay = self._queued.popleft()
+            state = _JobState(key, next(self._order), prompt, gen, collections.deque(replay))
             self._active[key] = state
             self._advance(state, None)
 
     def _advance(self, job: _JobState, value: Any) -> None:
-        """Send `value` to the job; register its next draws, or record its result."""
-        try:
-            request = job.gen.send(value)
-        except StopIteration as stop:
-            del self._active[job.key]
-            self._done.append((job.key, stop.value))
-            return
-        except Exception as e:
-            raise RuntimeError(f"job {job.key!r} raised {type(e).__name__}: {e}") from e
-        job.single = isinstance(request, Draw)
-        job.waiting = [self._register(job, d) for d in _as_draws(request, job.key)]
+        """Send `value` to the job; register its next draws (or replay them), or record its
+        result."""
+        while True:
+            try:
+                request = job.gen.send(value)
+            except StopIteration as stop:
+                del self._active[job.key]
+                self._done.append((job.key, stop.value))
+                return
+            except Exception as e:
+                raise RuntimeError(f"job {job.key!r} raised {type(e).__name__}: {e}") from e
+            job.single = isinstance(request, Draw)
+            draws = _as_draws(request, job.key)
+            if not job.replay:
+                job.waiting = [self._register(job, d) for d in draws]
+                return
+            recorded = self._replayed(job, draws, job.replay.popleft())
+            value = recorded[0] if job.single else recorded
 
-    def _register(self, job: _JobState, draw: Draw) -> _DrawState:
+    def _replayed(self, job: _JobState, draws: list[Draw], recorded: list[Drawn]) -> list[Drawn]:
+        """Check a recorded yield against the job's request and advance the streams past it."""
+        starts = [self._allocate(job, d) for d in draws]
+        got = [(d.draw, d.rollout_start) for d in recorded]
+        if got != list(zip(draws, starts, strict=True)):
+            raise ValueError(
+                f"the recorded draws of job {job.key!r} ({got}) are not what it asks for now "
+                f"({list(zip(draws, starts, strict=True))}): the journal comes from a run with "
+                "other settings; delete it or rerun with those settings"
+            )
+        return recorded
+
+    def _allocate(self, job: _JobState, draw: Draw) -> int:
+        """The first rollout index of the draw in its stream; advances the stream."""
         stream = (job.prompt.key, int(draw.seed), round(float(draw.alpha) / ALPHA_QUANTUM))
         owner = self._owners.setdefault(stream, job.key)
         if owner != job.key:
@@ -432,6 +466,10 @@ class Scheduler:
             )
         start = self._offsets.get(stream, 0)
         self._offsets[stream] = start + int(draw.n)
+        return start
+
+    def _register(self, job: _JobState, draw: Draw) -> _DrawState:
+        start = self._allocate(job, draw)
         n_parts = -(-int(draw.n) // self.block_rows)
         state = _DrawState(job, draw, start, [None] * n_parts)
         for part in range(n_parts):
@@ -456,6 +494,8 @@ class Scheduler:
         if not all(s.complete for s in job.waiting):
             return
         drawn = [s.drawn() for s in job.waiting]
+        if self.on_outcome is not None:
+            self.on_outcome(job.key, drawn)
         self._advance(job, drawn[0] if job.single else drawn)
 
     # -- engine ------------------------------------------------------------------------------

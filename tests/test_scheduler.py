@@ -277,3 +277,78 @@ def test_alpha_quantum_matches_the_sampler():
     from lpe_jax.sampler import ALPHA_QUANTUM as SAMPLER_QUANTUM
 
     assert ALPHA_QUANTUM == SAMPLER_QUANTUM
+
+
+def test_a_killed_run_resumes_from_its_journal(tmp_path):
+    """Stop a run midway (as a kill would), then restart every unfinished job with its journal:
+    the results equal an uninterrupted run's and the journaled draws are not drawn again."""
+    from lpe_jax.journal import Journal
+
+    def scheduler(journal):
+        engine = SyntheticEngine(slots=16, steps=2, max_new_tokens=T)
+        kw = dict(block_rows=8, max_inflight_rows=48, row_block=RowBlock)
+        return engine, Scheduler(
+            engine,
+            judge=SyntheticJudge(7),
+            decode=decode,
+            **kw,
+            on_outcome=journal.append if journal else None,
+        )
+
+    full_engine, full = scheduler(None)
+    want = run_all(full, n_prompts=6, n_fit=15)
+
+    journal = Journal(tmp_path / "journal")
+    _, first = scheduler(journal)
+    for i in range(6):
+        first.add(f"p{i}", prompt(i), job(f"p{i}", 15))
+    finished = {}
+    for key, value in first.run():
+        finished[key] = value
+        journal.remove(key)
+        if len(finished) == 2:
+            break  # the kill: the other jobs are midway
+    left = [k for k in want if k not in finished]
+    partial = {k: journal.load(k) for k in left}
+    assert sum(map(len, partial.values())) > 0  # some yields were journaled
+
+    # A new process: a new Journal object on the same directory, appending after the replay.
+    journal = Journal(tmp_path / "journal")
+    engine, second = scheduler(journal)
+    for k in left:
+        second.add(k, prompt(int(k[1:])), job(k, 15), replay=journal.load(k))
+    resumed = {**finished, **dict(second.run())}
+    for k in left:  # every yield of the finished jobs is journaled: the old ones kept, in order
+        assert len(journal.load(k)) == len(want[k][0]) + 1
+        assert [g[0].draw for g in journal.load(k)[: len(partial[k])]] == [
+            g[0].draw for g in partial[k]
+        ]
+    for k, (trace, va, logw, vb) in want.items():
+        r_trace, r_va, r_logw, r_vb = resumed[k]
+        assert r_trace == trace, k
+        for x, y in ((va, r_va), (logw, r_logw), (vb, r_vb)):
+            np.testing.assert_array_equal(x, y)
+    journaled = sum(d.draw.n for k in left for group in partial[k] for d in group)
+    redrawn = sum(sum(s.n for s in want[k][0]) + 2 * want[k][1].size for k in left)
+    assert engine.submitted_rows == redrawn - journaled
+
+
+def test_a_journal_of_other_settings_is_refused(tmp_path):
+    from lpe_jax.journal import Journal
+
+    journal = Journal(tmp_path)
+    sched = Scheduler(
+        SyntheticEngine(max_new_tokens=T),
+        judge=SyntheticJudge(),
+        decode=decode,
+        row_block=RowBlock,
+        on_outcome=journal.append,
+    )
+    sched.add("p0", prompt(0), job("p0", 15))
+    dict(sched.run())
+    again = Scheduler(
+        SyntheticEngine(max_new_tokens=T), judge=SyntheticJudge(), decode=decode, row_block=RowBlock
+    )
+    again.add("p0", prompt(0), job("p0", 30), replay=Journal(tmp_path).load("p0"))
+    with pytest.raises(ValueError, match="journal comes from a run with other settings"):
+        dict(again.run())
