@@ -215,7 +215,8 @@ class SchedulerStats:
     (the device worked during judging); judge_batches / judged_rows: judge calls and rows sent;
     judge_errors: judge calls that raised (their rows are unknown); judge_waits: times the loop
     blocked on the judge with nothing for the engine to do; blocks / rows: submitted to the
-    engine; max_inflight_rows: the most rows submitted and not yet judged at once.
+    engine; rows_done / tokens: rows whose block the engine finished, and their generated
+    tokens; max_inflight_rows: the most rows submitted and not yet judged at once.
     """
 
     polls: int = 0
@@ -226,6 +227,8 @@ class SchedulerStats:
     judge_waits: int = 0
     blocks: int = 0
     rows: int = 0
+    rows_done: int = 0
+    tokens: int = 0
     max_inflight_rows: int = 0
 
 
@@ -519,6 +522,8 @@ class Scheduler:
             raise RuntimeError(
                 f"engine returned {len(rows['lengths'])} rows for a block of {result.block.count}"
             )
+        self.stats.rows_done += len(rows["lengths"])
+        self.stats.tokens += int(rows["lengths"].sum())
         if self.judge is None:
             self._deliver(tag, rows)
         else:
