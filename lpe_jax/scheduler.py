@@ -316,8 +316,10 @@ class Scheduler:
         before a large draw has fully decoded (the rows, and so the results, do not change).
     max_inflight_rows: rows submitted to the engine and not yet judged, at most (>= block_rows);
         size it to a few times the engine's slots so the device stays busy while judging.
-    judge_workers: judge calls running at once (threads); judge_batch_rows: rows per judge call
-        (finished blocks queued for the judge are merged up to this size).
+    judge_workers: judge calls running at once (threads; more than 1 needs a judge that may be
+        called from several threads at once); judge_batch_rows: rows per judge call (finished
+        blocks queued for the judge are merged up to this size). An HTTP judge's own concurrency
+        (e.g. RubricJudge max_concurrency) sets how fast one call gets through its rows.
     max_jobs: jobs running at once (None: all); later jobs start as earlier ones finish. Draws of
         earlier-added jobs go to the engine first.
     on_outcome(key, [Drawn, ...]): called when a yield of a job is complete, before the job is
