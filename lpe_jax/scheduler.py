@@ -396,15 +396,17 @@ class Scheduler:
         """Jobs queued or running, or rows anywhere between the engine and the judge."""
         return bool(self._queued or self._active or self._inflight)
 
-    def run(self) -> Iterator[tuple[Hashable, Any]]:
+    def run(self, stop: Callable[[], bool] | None = None) -> Iterator[tuple[Hashable, Any]]:
         """Run every added job; yields (key, return value) as each job finishes.
 
         Jobs may be added while iterating. A job that raises stops the run (RuntimeError naming
         the job); judge threads are shut down on exit, also when the caller stops iterating.
+        stop: checked once per loop turn; when it returns True the run ends at once, leaving
+        unfinished jobs where they are (e.g. a time limit).
         """
         pool = cf.ThreadPoolExecutor(self.judge_workers, thread_name_prefix="lpe-judge")
         try:
-            while self.busy or self._done:
+            while (self.busy or self._done) and not (stop is not None and stop()):
                 self._admit()
                 self._submit()
                 if not self.engine.idle:

@@ -352,3 +352,19 @@ def test_a_journal_of_other_settings_is_refused(tmp_path):
     again.add("p0", prompt(0), job("p0", 30), replay=Journal(tmp_path).load("p0"))
     with pytest.raises(ValueError, match="journal comes from a run with other settings"):
         dict(again.run())
+
+
+def test_stop_ends_the_run_at_once():
+    engine = SyntheticEngine(slots=4, steps=1, max_new_tokens=T)
+    sched = Scheduler(
+        engine,
+        judge=SyntheticJudge(),
+        decode=decode,
+        row_block=RowBlock,
+        block_rows=4,
+        max_inflight_rows=8,
+    )
+    for i in range(3):
+        sched.add(f"p{i}", prompt(i), job(f"p{i}", 15))
+    assert list(sched.run(stop=lambda: engine.polls >= 2)) == []
+    assert engine.polls == 2 and sched.busy
