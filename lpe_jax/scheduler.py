@@ -41,6 +41,7 @@ import heapq
 import itertools
 import logging
 import math
+import time
 from collections.abc import Callable, Generator, Hashable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -324,6 +325,9 @@ class Scheduler:
         earlier-added jobs go to the engine first.
     on_outcome(key, [Drawn, ...]): called when a yield of a job is complete, before the job is
         sent it (e.g. Journal.append, so a killed run can replay it).
+    judge_grace: after handing rows to the judge, wait up to this fraction of the last
+        engine.poll's duration for verdicts before polling again (the engine has a call in
+        flight meanwhile); 0 never waits.
     row_block: the RowBlock class (default lpe_jax.engine.RowBlock).
     """
 
@@ -339,6 +343,7 @@ class Scheduler:
         judge_batch_rows: int = 256,
         max_jobs: int | None = None,
         on_outcome: Callable[[Hashable, list[Drawn]], None] | None = None,
+        judge_grace: float = 0.5,
         row_block: Callable[..., Any] | None = None,
     ) -> None:
         if (judge is None) != (decode is None):
@@ -355,6 +360,8 @@ class Scheduler:
                 f"max_inflight_rows ({max_inflight_rows}) must be >= block_rows ({block_rows}), "
                 "or no block could ever be submitted"
             )
+        if not 0 <= judge_grace <= 1:
+            raise ValueError(f"judge_grace must be in [0, 1], got {judge_grace}")
         if max_jobs is not None and max_jobs < 1:
             raise ValueError(f"max_jobs must be >= 1 or None, got {max_jobs}")
         self.engine = engine
@@ -362,6 +369,7 @@ class Scheduler:
         self.block_rows, self.max_inflight_rows = int(block_rows), int(max_inflight_rows)
         self.judge_workers, self.judge_batch_rows = int(judge_workers), int(judge_batch_rows)
         self.max_jobs, self.on_outcome = max_jobs, on_outcome
+        self.judge_grace, self._poll_s = float(judge_grace), 0.0
         self.row_block = row_block or _default_row_block()
         self.stats = SchedulerStats()
         self._queued: collections.deque[tuple[Hashable, JobPrompt, Job, list]] = collections.deque()
@@ -410,10 +418,7 @@ class Scheduler:
                 self._admit()
                 self._submit()
                 if not self.engine.idle:
-                    self.stats.polls += 1
-                    self.stats.polls_while_judging += any(not f.done() for f in self._judging)
-                    for result in self.engine.poll():
-                        self._finished(result)
+                    self._poll()
                 self._dispatch_judging(pool)
                 self._collect_judged(wait=self.engine.idle and not self._done)
                 while self._done:
@@ -519,6 +524,15 @@ class Scheduler:
             self.stats.rows += block.count
             self.stats.max_inflight_rows = max(self.stats.max_inflight_rows, self._inflight)
 
+    def _poll(self) -> None:
+        self.stats.polls += 1
+        self.stats.polls_while_judging += any(not f.done() for f in self._judging)
+        t0 = time.perf_counter()
+        results = self.engine.poll()
+        self._poll_s = time.perf_counter() - t0
+        for result in results:
+            self._finished(result)
+
     def _finished(self, result: Any) -> None:
         tag = result.block.tag
         rows = _rows(result.rollouts)
@@ -571,6 +585,11 @@ class Scheduler:
         if wait:
             self.stats.judge_waits += 1
             cf.wait(self._judging, return_when=cf.FIRST_COMPLETED)
+        elif self.judge_grace > 0:
+            # The engine keeps a call running meanwhile, so this wait costs the device nothing
+            # while it is shorter than that call; verdicts of a fast judge then reach the next
+            # call instead of the one after it.
+            cf.wait(self._judging, timeout=self.judge_grace * self._poll_s)
         for future in [f for f in self._judging if f.done()]:
             batch = self._judging.pop(future)
             for (tag, rows), verdicts in zip(batch, future.result(), strict=True):
