@@ -154,9 +154,9 @@ ESTIMATE_FLAGS = ("--n_fit=13", "--figures=false")
 
 @pytest.fixture(scope="module")
 def estimate_run(tmp_path_factory) -> dict:
-    """estimate.py on the first 6 toy prompts, one process, uninterrupted."""
+    """estimate.py on the first 4 toy prompts, one process, uninterrupted."""
     out = tmp_path_factory.mktemp("est") / "one"
-    run("estimate.py", f"--out={out}", "--limit=6", *ESTIMATE_FLAGS)
+    run("estimate.py", f"--out={out}", "--limit=4", *ESTIMATE_FLAGS)
     return json.loads((out / "results.json").read_text())
 
 
@@ -171,7 +171,7 @@ def test_estimate_resumes_after_a_kill(estimate_run, tmp_path):
     """SIGKILL midway (some prompts written, others with journaled draws), then rerun: the
     results equal the uninterrupted run's, and the journaled draws are not drawn again."""
     out = tmp_path / "killed"
-    args = [f"--out={out}", "--limit=6", *ESTIMATE_FLAGS, "--prompts_in_flight=2"]
+    args = [f"--out={out}", "--limit=4", *ESTIMATE_FLAGS, "--prompts_in_flight=1"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, str(EXP / "estimate.py"), *args],
@@ -188,7 +188,7 @@ def test_estimate_resumes_after_a_kill(estimate_run, tmp_path):
     finally:
         proc.kill()
         proc.wait()
-    assert len(list(out.glob("prompts/*.json"))) < 6
+    assert len(list(out.glob("prompts/*.json"))) < 4
     p = run("estimate.py", *args)
     assert "resuming: " in p.stdout and "replayed from" in p.stdout
     assert not list(out.glob("journal/*.npz"))  # finished prompts leave no journal behind
