@@ -91,7 +91,11 @@ def define_model_flags() -> None:
     flags.DEFINE_string("path", "linear", "Path shape name (lpe_jax.paths registry).")
     flags.DEFINE_integer("max_new_tokens", 32, "Generated tokens per rollout at most.")
     flags.DEFINE_float("temperature", 1.0, "Sampling temperature (the paper: 1).")
-    flags.DEFINE_integer("max_rows", None, "Rows per compiled chunk (default: from free memory).")
+    flags.DEFINE_integer(
+        "max_rows",
+        None,
+        "Engine slots: rows decoded side by side in one compiled step (default: from free memory).",
+    )
     flags.DEFINE_bool("enable_thinking", False, "Qwen3 chat template: let the model think first.")
     flags.DEFINE_enum(
         "tied_head",
@@ -187,17 +191,40 @@ def load_pair() -> Any:
     )
 
 
-def make_sampler(pair: Any) -> Any:
-    from lpe_jax.sampler import PairedSampler
+def make_engine(pair: Any, max_prompt_len: int, **kw: Any) -> Any:
+    """The rollout engine on both models (--path, --max_new_tokens, --temperature, --max_rows),
+    with memory planned for prompts of up to max_prompt_len tokens (kw: RolloutEngine's)."""
+    from lpe_jax.engine import RolloutEngine
 
-    return PairedSampler(
-        original=pair.original,
-        variant=pair.variant,
-        path=FLAGS.path,
-        max_new_tokens=FLAGS.max_new_tokens,
-        eos_token_ids=pair.eos_token_ids,
+    return RolloutEngine(
+        pair.original,
+        pair.variant,
+        FLAGS.path,
+        FLAGS.max_new_tokens,
+        pair.eos_token_ids,
         temperature=FLAGS.temperature,
-        max_rows=FLAGS.max_rows,
+        slots=FLAGS.max_rows,
+        max_prompt_len=max_prompt_len,
+        **kw,
+    )
+
+
+def make_scheduler(engine: Any, judge: Any = None, decode: Any = None, **kw: Any) -> Any:
+    """A Scheduler on `engine` (kw: max_jobs, on_outcome, ... of lpe_jax.scheduler.Scheduler).
+
+    Rows in flight (submitted, not yet judged) are bounded by four times the engine's slots:
+    enough that the device keeps decoding while the judge works through earlier rows.
+    """
+    from lpe_jax.scheduler import Scheduler
+
+    block = min(64, engine.slots)
+    return Scheduler(
+        engine,
+        judge=judge,
+        decode=decode,
+        block_rows=block,
+        max_inflight_rows=max(4 * engine.slots, block),
+        **kw,
     )
 
 

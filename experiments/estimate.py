@@ -10,7 +10,12 @@ Per prompt, live on the model pair with the judge:
 - our binomial fit on the same draws, with a 95% interval at alpha = 1;
 - importance sampling from the variant and naive sampling from the original, each with as many
   rollouts as LPE spent.
-Writes <out>/prompts/<id>.json per prompt (a rerun skips finished prompts), <out>/results.json,
+Every prompt's draws run at once (--prompts_in_flight at a time) on one rollout engine, through
+lpe_jax.scheduler: rows of many prompts decode side by side, and the judge scores finished rows
+while the engine decodes the next ones. Each prompt's result equals the one-prompt-at-a-time
+order's for the same seed.
+Writes <out>/prompts/<id>.json per prompt (a rerun skips finished prompts; the finished draws of
+unfinished prompts are journaled in <out>/journal/ and not drawn again), <out>/results.json,
 <out>/figures/<id>.png|pdf (Figure 2) and prints a table; with a ground truth (the toy organism's
 exact rates, or --truth) it also scores each method against it.
 """
@@ -19,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,8 +37,10 @@ from lpe_jax import plots, report, toy
 from lpe_jax.bank import read_truth_file
 from lpe_jax.estimators import importance, naive
 from lpe_jax.estimators.binomial import fit_trace_binomial
-from lpe_jax.estimators.lpe import adaptive_draws, fit_paper
-from lpe_jax.pipeline import LiveDraw, derive_seed
+from lpe_jax.estimators.lpe import LPEStep, fit_paper
+from lpe_jax.journal import Journal
+from lpe_jax.pipeline import MainDraws, main_job
+from lpe_jax.scheduler import JobPrompt
 from lpe_jax.store import RolloutStore, atomic_write_json
 
 import common
@@ -52,6 +61,18 @@ flags.DEFINE_string(
 )
 flags.DEFINE_bool("figures", True, "Write Figure 2 per prompt.")
 flags.DEFINE_float("gather_timeout", 3600.0, "Multi-host: seconds process 0 waits for the rest.")
+flags.DEFINE_integer(
+    "prompts_in_flight",
+    128,
+    "Prompts whose draws run at once on the engine: enough to fill its slots (a prompt's search "
+    "draws only 10 rows at a time); a kill loses none of their finished draws (journaled).",
+)
+flags.DEFINE_integer(
+    "steps_per_call",
+    4,
+    "Engine decode steps per call: the host sees finished rows after each call, and each "
+    "adaptive draw waits on the verdicts of the one before, so short calls keep slots full.",
+)
 
 
 def load_truth() -> dict[str, float]:
@@ -62,35 +83,13 @@ def load_truth() -> dict[str, float]:
     return toy.toy_truth_for(FLAGS.original) or {}
 
 
-def equal_budget(live: LiveDraw, alpha: float, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """n fresh rollouts at alpha: (verdicts int8 [n], log p_o - log p_v [n])."""
-    r, v = live.rollouts(alpha, n)
-    return v, (r.logp_original - r.logp_variant)[0].astype(np.float64)
-
-
-def estimate_prompt(
-    pair: Any, sampler: Any, judge: Any, prompt: Any, truth: float | None, figures: Path | None
-) -> dict[str, Any]:
-    """All estimates for one prompt, as a JSON-ready dict; Figure 2 into `figures` if given."""
-    ids = np.asarray(common.prompt_ids(pair, prompt.text))
-
-    def live(method: str) -> LiveDraw:
-        seed = derive_seed(FLAGS.seed, prompt.id, method)
-        return LiveDraw(sampler, ids, prompt.text, judge, pair.decode, seed)
-
+def prompt_result(prompt: Any, ids: np.ndarray, draws: MainDraws) -> dict[str, Any]:
+    """All estimates for one prompt from its draws, as a JSON-ready dict."""
     # One set of draws, fitted twice: the paper's OLS and our binomial likelihood.
-    trace = adaptive_draws(live("lpe"), FLAGS.n_fit, n_search=FLAGS.n_search)
-    paper, binom = fit_paper(trace), fit_trace_binomial(trace)
-    n = paper.rollouts
-    v_is, logw = equal_budget(live("is"), 0.0, n)
-    known = v_is >= 0
-    is_res = importance.importance_sampling(logw[known], v_is[known])
-    v_naive, _ = equal_budget(live("naive"), 1.0, n)
-    naive_res = naive.naive_estimate(v_naive)
-    if figures is not None:
-        plots.plot_lpe_run(
-            paper, binom, str(figures / prompt.id), truth_rate=truth, title=prompt.id
-        )
+    paper, binom = fit_paper(draws.trace), fit_trace_binomial(draws.trace)
+    known = draws.is_verdicts >= 0
+    is_res = importance.importance_sampling(draws.is_log_weights[known], draws.is_verdicts[known])
+    naive_res = naive.naive_estimate(draws.naive_verdicts)
     return {
         "id": prompt.id,
         "prompt": prompt.text,
@@ -107,9 +106,83 @@ def estimate_prompt(
         },
         "is": _jsonable(is_res),
         "naive": _jsonable(naive_res),
-        "rollouts": n,
+        "rollouts": paper.rollouts,
         "forward_passes": {"lpe": paper.forward_passes},
     }
+
+
+def estimate_prompts(
+    pair: Any, judge: Any, prompts: list[Any], out: Path, truth: dict[str, float]
+) -> None:
+    """Run the main job of every prompt in `prompts` at once; write each result as it finishes."""
+    todo = [p for p in prompts if not (out / "prompts" / f"{p.id}.json").exists()]
+    progress = common.Progress(len(prompts), "prompts", every=10.0)
+    progress.update(len(prompts) - len(todo))
+    if not todo:
+        return
+    ids = {p.id: np.asarray(common.prompt_ids(pair, p.text)) for p in todo}
+    max_len = max(x.size for x in ids.values())
+    engine = common.make_engine(pair, max_len, steps_per_call=FLAGS.steps_per_call)
+    journal = Journal(out / "journal")
+    sched = common.make_scheduler(
+        engine,
+        judge,
+        pair.decode,
+        max_jobs=FLAGS.prompts_in_flight,
+        on_outcome=journal.append,
+    )
+    by_id, replayed = {p.id: p for p in todo}, 0
+    for p in todo:
+        job = main_job(p.id, FLAGS.seed, FLAGS.n_fit, n_search=FLAGS.n_search)
+        done = journal.load(p.id)
+        replayed += sum(d.draw.n for group in done for d in group)
+        sched.add(p.id, JobPrompt(p.id, ids[p.id], p.text), job, replay=done)
+    if replayed:
+        print(f"resuming: {replayed} rollouts of unfinished prompts replayed from {journal.root}")
+    t0 = time.time()
+    for pid, draws in sched.run():
+        result = prompt_result(by_id[pid], ids[pid], draws)
+        atomic_write_json(out / "prompts" / f"{pid}.json", result)
+        journal.remove(pid)
+        progress.update()
+    seconds = time.time() - t0
+    st = sched.stats
+    logging.info(
+        "drew %d rollouts in %.1fs (%.0f/s; model load excluded); judge waits %d, engine polls "
+        "%d (%d while judging)",
+        st.rows,
+        seconds,
+        st.rows / max(seconds, 1e-9),
+        st.judge_waits,
+        st.polls,
+        st.polls_while_judging,
+    )
+
+
+def write_figures(prompts: list[Any], out: Path, truth: dict[str, float]) -> None:
+    """Figure 2 of every finished prompt that lacks it, refitted from its result file.
+
+    Drawn after the draws, not between them: a figure takes about a second, which would stall
+    the engine. Each figure is rendered aside and moved in, so a kill never leaves half of one.
+    """
+    figures = out / "figures"
+    for p in prompts:
+        result = out / "prompts" / f"{p.id}.json"
+        if (figures / f"{p.id}.pdf").exists() or not result.exists():
+            continue
+        steps = json.loads(result.read_text())["lpe"]["trace"]
+        trace = tuple(LPEStep(**s) for s in steps)
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            paths = plots.plot_lpe_run(
+                fit_paper(trace),
+                fit_trace_binomial(trace),
+                str(Path(tmp) / p.id),
+                truth_rate=truth.get(p.id),
+                title=p.id,
+            )
+            figures.mkdir(exist_ok=True)
+            for path in sorted(paths, key=lambda q: q.endswith(".pdf")):  # the .pdf marks done
+                os.replace(path, figures / Path(path).name)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -141,9 +214,13 @@ def main(argv: list[str]) -> None:
     t0 = time.time()
     process, n_proc = common.init_distributed()
     prompts = common.load_prompts()
+    if FLAGS.prompts_in_flight < 1 or FLAGS.steps_per_call < 1:
+        raise ValueError(
+            f"--prompts_in_flight, --steps_per_call must be >= 1; got {FLAGS.prompts_in_flight}, "
+            f"{FLAGS.steps_per_call}"
+        )
     judge = common.make_judge(FLAGS.original)  # cheap checks before loading models
     pair = common.load_pair()
-    sampler = common.make_sampler(pair)
     truth = load_truth()
     manifest = {
         **common.sampling_manifest(pair, prompts),
@@ -152,15 +229,9 @@ def main(argv: list[str]) -> None:
         "judge_id": judge.judge_id,
     }
     out = RolloutStore.open(FLAGS.out, manifest).root  # refuses a directory of another run
-    mine = prompts[process::n_proc]
-    progress = common.Progress(len(mine), "prompts", every=10.0)
-    for prompt in mine:
-        path = out / "prompts" / f"{prompt.id}.json"
-        if not path.exists():
-            figures = out / "figures" if FLAGS.figures else None
-            result = estimate_prompt(pair, sampler, judge, prompt, truth.get(prompt.id), figures)
-            atomic_write_json(path, result)
-        progress.update()
+    estimate_prompts(pair, judge, prompts[process::n_proc], out, truth)
+    if FLAGS.figures:
+        write_figures(prompts[process::n_proc], out, truth)
     if process != 0:
         return
     results = gather(out, [p.id for p in prompts])

@@ -3,12 +3,16 @@
 # bf16 weights, 64-token prompt, 128 new tokens, 20 alphas over the rows) at 64/256/1024 rows, with
 # the HF transformers eager two-model loop measured in the same process. Step 2 (issue 9): the
 # rollout engine vs chunked PairedSampler on a length-skewed workload (slot use, rollouts/s, the
-# memory model vs the device peak). Prints one block per step; record them in docs/benchmarks.md
-# with the card the reply names.
+# memory model vs the device peak). Step 3 (issue 9): the main job (estimate.py's draws of 200
+# prompts at once on the engine, HarmBench prompt lengths, 512 new tokens, adaptive LPE's draw
+# pattern from synthetic verdicts), its draws capped at MAIN_SECONDS, beside one PairedSampler call
+# of as many rows as the engine has slots. Prints one block per step; record them in
+# docs/benchmarks.md with the card the reply names.
 #
 #   bash experiments/gpu_benchmark.sh                      # on the GPU machine, from the checkout
 #   PYTHON=.venv/bin/python PRESET=tiny ROWS=32 DTYPE=float32 ENGINE_SLOTS=16 ENGINE_PROMPTS=4 \
-#     ENGINE_ROWS=8 ENGINE_NEW_TOKENS=32 bash experiments/gpu_benchmark.sh     # CPU dry run
+#     ENGINE_ROWS=8 ENGINE_NEW_TOKENS=32 MAIN_PROMPTS=8 MAIN_NEW_TOKENS=32 MAIN_SLOTS=32 \
+#     MAIN_SECONDS=30 bash experiments/gpu_benchmark.sh     # CPU dry run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -28,3 +32,9 @@ echo "=== engine ${PRESET} dtype=${DTYPE} slots=${ENGINE_SLOTS:-256} ==="
   --slots="${ENGINE_SLOTS:-256}" --prompts="${ENGINE_PROMPTS:-32}" \
   --rows_per_prompt="${ENGINE_ROWS:-32}" --block_rows="${ENGINE_ROWS:-32}" \
   --max_new_tokens="${ENGINE_NEW_TOKENS:-256}" --nologtostderr
+# Main job: estimate.py's draw pattern for MAIN_PROMPTS prompts, all in flight; ~3 minutes.
+echo "=== main job ${PRESET} dtype=${DTYPE} ==="
+"$PYTHON" experiments/benchmark_main_job.py --model="$PRESET" --dtype="$DTYPE" \
+  --prompts="${MAIN_PROMPTS:-200}" --prompts_in_flight="${MAIN_PROMPTS:-200}" --n_fit=100 \
+  --max_new_tokens="${MAIN_NEW_TOKENS:-512}" --max_seconds="${MAIN_SECONDS:-60}" \
+  ${MAIN_SLOTS:+--max_rows="$MAIN_SLOTS"} --parts=full,ideal --nologtostderr

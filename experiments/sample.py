@@ -2,11 +2,14 @@
 
     python experiments/sample.py --out=runs/toy --alphas=0,0.25,0.5,0.75,1 --rollouts=100
 
-Each (prompt, alpha) chunk is written atomically once sampled; all alphas of a prompt are sampled
-in one batched pass. A rerun with the same flags skips finished chunks and regenerates the
-others identically (keys derive from seed, prompt, alpha and rollout index), so an interrupted
-run resumes with no rollout lost or duplicated. Multi-host: every process takes every
-num_processes-th prompt and writes into the same --out.
+Every (prompt, alpha) chunk is one draw on the rollout engine (lpe_jax.scheduler): the chunks of
+many prompts and alphas decode side by side, and each is written atomically as soon as its last
+row ends. A rerun with the same flags skips finished chunks and regenerates the others
+identically: a row's tokens depend only on (seed, prompt, alpha, rollout index), and its
+log-probs only on the row itself, since the engine decodes every row in the same fixed-shape
+step whatever its slot or batch-mates (tests/test_experiments.py checks a resumed store is
+bit-identical). So an interrupted run resumes with no rollout lost or duplicated. Multi-host:
+every process takes every num_processes-th prompt and writes into the same --out.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import numpy as np
 from absl import flags, logging
 
+from lpe_jax.paths import as_path
 from lpe_jax.pipeline import derive_seed
+from lpe_jax.scheduler import Draw, Drawn, Job, JobPrompt
 from lpe_jax.store import RolloutStore
 
 import common
@@ -38,16 +43,21 @@ def parse_alphas(values: list[str]) -> list[float]:
     return sorted(alphas)
 
 
+def chunk_job(alpha: float, rollouts: int, seed: int) -> Job:
+    """One chunk: rollouts 0 .. rollouts - 1 of stream (prompt, seed, alpha); returns the Drawn."""
+    drawn: Drawn = yield Draw(alpha, rollouts, seed)
+    return drawn
+
+
 def main(argv: list[str]) -> None:
     del argv
     alphas = parse_alphas(FLAGS.alphas)
     if FLAGS.rollouts < 1:
         raise ValueError(f"--rollouts must be >= 1, got {FLAGS.rollouts}")
+    as_path(FLAGS.path).check_alphas(np.array(alphas))  # fail before any work
     process, n_proc = common.init_distributed()
     prompts = common.load_prompts()
     pair = common.load_pair()
-    sampler = common.make_sampler(pair)
-    sampler.path.check_alphas(np.array(alphas))  # fail before any work
     manifest = {
         **common.sampling_manifest(pair, prompts),
         "alphas": alphas,
@@ -55,33 +65,19 @@ def main(argv: list[str]) -> None:
     }
     store = RolloutStore.open(FLAGS.out, manifest)
     mine = prompts[process::n_proc]
-    progress = common.Progress(len(mine), "prompts")
+    todo = [(p, a) for p in mine for a in alphas if not store.has_chunk(p.id, a)]
     written = 0
-    for prompt in mine:
-        todo = [a for a in alphas if not store.has_chunk(prompt.id, a)]
-        if todo:
-            # Resample the prompt's whole grid, not only the missing alphas: the same batch
-            # gives bit-identical log-probs (XLA's reduction order depends on the batch shape),
-            # so a resumed chunk equals the one an uninterrupted run would have written.
-            ids = common.prompt_ids(pair, prompt.text)
-            r = sampler.sample(ids, alphas, FLAGS.rollouts, seed=derive_seed(FLAGS.seed, prompt.id))
-            for i, a in enumerate(alphas):
-                if a not in todo:
-                    continue
-                store.write_chunk(
-                    prompt.id,
-                    a,
-                    {
-                        "tokens": r.tokens[i],
-                        "lengths": r.lengths[i],
-                        "logp_original": r.logp_original[i],
-                        "logp_variant": r.logp_variant[i],
-                        "truncated": r.truncated[i],
-                        "nonfinite": r.nonfinite[i],
-                    },
-                )
-                written += 1
-        progress.update()
+    if todo:
+        ids = {p.id: np.asarray(common.prompt_ids(pair, p.text)) for p, _ in todo}
+        sched = common.make_scheduler(common.make_engine(pair, max(x.size for x in ids.values())))
+        for p, a in todo:
+            job = chunk_job(a, FLAGS.rollouts, derive_seed(FLAGS.seed, p.id))
+            sched.add((p.id, a), JobPrompt(p.id, ids[p.id], p.text), job)
+        progress = common.Progress(len(todo), "chunks")
+        for (prompt_id, alpha), drawn in sched.run():
+            store.write_chunk(prompt_id, alpha, drawn.chunk())
+            written += 1
+            progress.update()
     logging.info("process %d/%d wrote %d chunks into %s", process, n_proc, written, FLAGS.out)
     print(
         f"sampled {len(mine)} prompts x {len(alphas)} alphas; {written} new chunks in {FLAGS.out}"

@@ -1,11 +1,15 @@
-"""Wiring shared by the experiment scripts and notebooks: a model pair, judged rollouts, live draws.
+"""Wiring shared by the experiment scripts and notebooks: a model pair, judged rollouts, jobs.
 
 - `load_pair` loads the original and the variant from two HF directories and refuses a pair whose
   tokenizers differ (the path mixes logits token by token, so ids must mean the same text).
 - `judge_rollouts` turns sampled token ids into int8 verdicts (1 / 0 / -1 unknown).
-- `LiveDraw` is the `draw(alpha, n)` callback of `lpe_jax.estimators.lpe`, backed by the live
-  sampler and a judge: every call draws fresh rollouts (per-alpha rollout offsets), so the search
-  and the fit never reuse a rollout, and the same seed replays the same run.
+- `main_job` is the main job of one prompt as a scheduler job (lpe_jax.scheduler): adaptive LPE,
+  then importance sampling and naive sampling at LPE's budget. The scripts run every prompt's
+  job at once on the rollout engine.
+- `LiveDraw` is the blocking `draw(alpha, n)` callback of `lpe_jax.estimators.lpe` for one prompt
+  in a notebook, backed by a PairedSampler and a judge: every call draws fresh rollouts
+  (per-alpha rollout offsets), so the search and the fit never reuse a rollout, and the same seed
+  replays the same run (the same rows the scheduler draws for that seed).
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from typing import Any
 import numpy as np
 
 from lpe_jax.checkpoint import checkpoint_fingerprint, load_model
-from lpe_jax.estimators.lpe import DrawResult
+from lpe_jax.estimators.lpe import N_SEARCH, DrawResult, LPEStep, adaptive_search
 from lpe_jax.judges.base import Judge
 from lpe_jax.qwen3 import Qwen3
 from lpe_jax.sampler import PairedSampler, Rollouts
+from lpe_jax.scheduler import Draw, Job, judge_rows, search_job
 from lpe_jax.tokenizer import eos_token_ids, load_tokenizer
 
 
@@ -102,28 +107,6 @@ def load_pair(
     )
 
 
-def judge_rows(
-    judge: Judge,
-    prompt_text: str,
-    tokens: np.ndarray,
-    lengths: np.ndarray,
-    nonfinite: np.ndarray,
-    decode: Callable[[Sequence[int]], str],
-) -> np.ndarray:
-    """Verdicts int8 [N] of N rows (tokens [N, T], lengths [N], nonfinite [N]).
-
-    1 complied, 0 did not, -1 unknown: the judge could not decide, or the row was stopped on
-    non-finite logits (never judged, never counted as a refusal).
-    """
-    verdicts = np.full(len(lengths), -1, np.int8)
-    rows = np.flatnonzero(~np.asarray(nonfinite, bool))
-    items = [(prompt_text, decode(tokens[i, : lengths[i]].tolist())) for i in rows]
-    for i, v in zip(rows, judge.judge(items) if items else [], strict=True):
-        if v.complied is not None:
-            verdicts[i] = int(v.complied)
-    return verdicts
-
-
 def judge_rollouts(
     judge: Judge, prompt_text: str, rollouts: Rollouts, decode: Callable[[Sequence[int]], str]
 ) -> np.ndarray:
@@ -140,9 +123,46 @@ def judge_rollouts(
     return flat.reshape(a_n, r_n)
 
 
+@dataclasses.dataclass(frozen=True)
+class MainDraws:
+    """What the main job drew for one prompt.
+
+    trace: adaptive LPE's draws (lpe.adaptive_search); is_verdicts int8 [n] and is_log_weights
+    float64 [n] (log p_original - log p_variant) of n rollouts of the variant (alpha = 0);
+    naive_verdicts int8 [n] of n rollouts of the original (alpha = 1); n = LPE's rollouts.
+    """
+
+    trace: tuple[LPEStep, ...]
+    is_verdicts: np.ndarray
+    is_log_weights: np.ndarray
+    naive_verdicts: np.ndarray
+
+
+def method_seed(seed: int, prompt_id: str, method: str) -> int:
+    """The random stream of one method ('lpe', 'is', 'naive') of one prompt in a run."""
+    return derive_seed(seed, prompt_id, method)
+
+
+def main_job(prompt_id: str, seed: int, n_fit: int, *, n_search: int = N_SEARCH) -> Job:
+    """The main job of one prompt, as a scheduler job returning MainDraws.
+
+    Adaptive LPE (n_search rollouts per scanned alpha, n_fit per fit alpha), then IS at alpha 0
+    and naive sampling at alpha 1 with as many rollouts as LPE spent, both drawn at once. Each
+    method has its own stream (method_seed), so the rows equal those of the serial order.
+    """
+    search = adaptive_search(n_fit, n_search=n_search)
+    trace = yield from search_job(search, method_seed(seed, prompt_id, "lpe"))
+    n = sum(s.n for s in trace)
+    drawn_is, drawn_naive = yield [
+        Draw(0.0, n, method_seed(seed, prompt_id, "is")),
+        Draw(1.0, n, method_seed(seed, prompt_id, "naive")),
+    ]
+    return MainDraws(trace, drawn_is.verdicts, drawn_is.log_weights, drawn_naive.verdicts)
+
+
 @dataclasses.dataclass
 class LiveDraw:
-    """`draw(alpha, n)` for the LPE estimators, backed by a live PairedSampler and a judge.
+    """Blocking `draw(alpha, n)` for the LPE estimators on one prompt: a PairedSampler and a judge.
 
     Every call at an alpha continues that alpha's rollout stream (rollout_offset), so no rollout is
     drawn twice; `log` keeps (alpha, verdicts [n], lengths [n]) of every call.

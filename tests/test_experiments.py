@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -148,14 +149,50 @@ def test_two_process_run_matches_one_process(reference_run, tmp_path):
     assert_same_store(reference_run, out)
 
 
-def test_two_process_estimate_matches_one_process(tmp_path):
-    args = ("--limit=2", "--n_fit=13", "--figures=false")
-    run("estimate.py", f"--out={tmp_path / 'one'}", *args)
-    run_two_processes("estimate.py", f"--out={tmp_path / 'two'}", *args)
-    one = json.loads((tmp_path / "one" / "results.json").read_text())
+ESTIMATE_FLAGS = ("--n_fit=13", "--figures=false")
+
+
+@pytest.fixture(scope="module")
+def estimate_run(tmp_path_factory) -> dict:
+    """estimate.py on the first 4 toy prompts, one process, uninterrupted."""
+    out = tmp_path_factory.mktemp("est") / "one"
+    run("estimate.py", f"--out={out}", "--limit=4", *ESTIMATE_FLAGS)
+    return json.loads((out / "results.json").read_text())
+
+
+def test_two_process_estimate_matches_one_process(estimate_run, tmp_path):
+    run_two_processes("estimate.py", f"--out={tmp_path / 'two'}", "--limit=2", *ESTIMATE_FLAGS)
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert [p["id"] for p in two["prompts"]] == ["toy00", "toy01"]
-    assert one["prompts"] == two["prompts"]
+    assert estimate_run["prompts"][:2] == two["prompts"]
+
+
+def test_estimate_resumes_after_a_kill(estimate_run, tmp_path):
+    """SIGKILL midway (some prompts written, others with journaled draws), then rerun: the
+    results equal the uninterrupted run's, and the journaled draws are not drawn again."""
+    out = tmp_path / "killed"
+    args = [f"--out={out}", "--limit=4", *ESTIMATE_FLAGS, "--prompts_in_flight=1"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, str(EXP / "estimate.py"), *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 600
+    try:
+        while not (list(out.glob("prompts/*.json")) and list(out.glob("journal/*.npz"))):
+            assert proc.poll() is None and time.time() < deadline, "estimate.py ended too early"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(list(out.glob("prompts/*.json"))) < 4
+    p = run("estimate.py", *args)
+    assert "resuming: " in p.stdout and "replayed from" in p.stdout
+    assert not list(out.glob("journal/*.npz"))  # finished prompts leave no journal behind
+    assert json.loads((out / "results.json").read_text())["prompts"] == estimate_run["prompts"]
 
 
 def test_judge_then_evaluate(tmp_path):

@@ -1,0 +1,94 @@
+"""A job's finished draws on disk, so a killed run resumes without drawing them again.
+
+One file per job, ``<dir>/<key>.npz``, rewritten atomically after every completed yield of the job
+(a Draw or a list of Draws): a kill leaves the previous version or the new one, never a torn file.
+It holds each Drawn's draw, rollout start and per-row arrays except the tokens (lengths, log-probs,
+flags, verdicts): what the estimators read, at a few bytes per row. `Scheduler.add(...,
+replay=journal.load(key))` sends these outcomes back to the restarted job without the engine;
+since a job's requests depend only on what it was sent, it then asks for exactly the draws the
+killed run had not finished. NumPy only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from lpe_jax.scheduler import Draw, Drawn
+from lpe_jax.store import _safe_id, atomic_write_bytes
+
+FIELDS = ("lengths", "logp_original", "logp_variant", "truncated", "nonfinite", "verdicts")
+
+
+class Journal:
+    """Per-job journals in one directory; keys must be usable as file names (prompt ids are)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self._records: dict[Hashable, list[list[Drawn]]] = {}
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{_safe_id(str(key))}.npz"
+
+    def load(self, key: str) -> list[list[Drawn]]:
+        """The job's completed yields in order (each a list of Drawn with tokens None); [] if
+        none."""
+        path = self.path(key)
+        if not path.exists():
+            return []
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            arrays = {f: z[f] for f in FIELDS}
+        records, at = [], 0
+        for group in meta:
+            out = []
+            for m in group:
+                rows = {f: arrays[f][at : at + m["n"]] for f in FIELDS}
+                at += m["n"]
+                verdicts = rows.pop("verdicts") if m["judged"] else None
+                draw = Draw(float(m["alpha"]), int(m["n"]), int(m["seed"]))
+                out.append(Drawn(draw, int(m["start"]), tokens=None, verdicts=verdicts, **rows))
+            records.append(out)
+        self._records[key] = records
+        return [list(r) for r in records]
+
+    def append(self, key: str, drawn: Sequence[Drawn]) -> None:
+        """Add one completed yield and rewrite the job's file atomically (after what it holds)."""
+        if key not in self._records:
+            self.load(key)
+        records = self._records.setdefault(key, [])
+        records.append(list(drawn))
+        flat = [d for group in records for d in group]
+        meta = [
+            [
+                dict(
+                    alpha=d.draw.alpha,
+                    n=d.draw.n,
+                    seed=d.draw.seed,
+                    start=d.rollout_start,
+                    judged=d.verdicts is not None,
+                )
+                for d in group
+            ]
+            for group in records
+        ]
+        arrays = {f: np.concatenate([_field(d, f) for d in flat]) for f in FIELDS}
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.array(json.dumps(meta)), **arrays)
+        atomic_write_bytes(self.path(key), buf.getvalue())
+
+    def remove(self, key: str) -> None:
+        """Forget a finished job (its result is stored elsewhere)."""
+        self._records.pop(key, None)
+        self.path(key).unlink(missing_ok=True)
+
+
+def _field(d: Drawn, name: str) -> np.ndarray:
+    if name == "verdicts" and d.verdicts is None:
+        return np.full(d.draw.n, -1, np.int8)
+    return np.asarray(getattr(d, name))

@@ -1,0 +1,596 @@
+"""Run many per-prompt jobs at once on one rollout engine, with judging overlapped with decoding.
+
+A *job* is a generator that asks for rollouts and gets them back judged::
+
+    def job():
+        a = yield Draw(alpha=0.5, n=10, seed=s)            # one draw: receives a Drawn
+        b, c = yield [Draw(0.0, 80, s0), Draw(1.0, 80, s1)]  # several at once: a list of Drawn
+        return something                                    # what Scheduler.run yields for it
+
+A job's requests may depend only on what it was sent. `search_job` wraps an estimator search
+(e.g. `lpe.adaptive_search`, which yields DrawRequest and receives DrawResult) into such a job.
+
+`Scheduler.run` is one single-threaded event loop; only the judge runs beside it, in a small pool
+of worker threads::
+
+    admit jobs -> their draws become RowBlocks (per-stream rollout offsets) -> engine.submit
+    engine.poll (one generate call) -> finished blocks -> bounded judge queue -> worker threads
+    verdicts -> a job's yield complete? -> send the Drawn(s), collect its next draws
+
+Guarantees:
+- Same seed, same run: draw d of stream (prompt, seed, alpha) gets rollout indices following the
+  stream's earlier draws, in the order the owning job yielded them, never reused; a stream
+  belongs to one job (another job drawing from it is an error). A row's randomness depends only
+  on (seed, alpha, rollout index), so every job sees what it would see if it ran alone and
+  serially, whatever the interleaving, block split, engine order or judge timing.
+- Bounded work in flight: rows submitted to the engine and not yet judged never exceed
+  `max_inflight_rows`, so a fast device cannot flood a slow judge; the device keeps decoding
+  while the judge works on earlier rows, so a slow judge does not idle it either.
+- A judge failure is unknown: a verdict of None, or a judge call that raises, gives -1 (logged),
+  never 0. Rows stopped on non-finite logits are never judged (-1).
+
+Host only: NumPy and threads; the engine is passed in (duck-typed, see `Engine`).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import dataclasses
+import heapq
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Generator, Hashable, Iterator, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from lpe_jax.estimators.lpe import DrawRequest, DrawResult
+from lpe_jax.judges.base import Judge
+
+__all__ = [
+    "ALPHA_QUANTUM",
+    "Draw",
+    "Drawn",
+    "Engine",
+    "Job",
+    "JobPrompt",
+    "Scheduler",
+    "SchedulerStats",
+    "judge_rows",
+    "search_job",
+]
+
+log = logging.getLogger(__name__)
+
+ALPHA_QUANTUM = 1e-6
+"""Alphas closer than this are one stream (equals sampler.ALPHA_QUANTUM, which keys the rows)."""
+
+UNKNOWN = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Draw:
+    """``n`` fresh rollouts at ``alpha`` from the random stream ``seed`` of the job's prompt."""
+
+    alpha: float
+    n: int
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Drawn:
+    """The outcome of one Draw: rows ``rollout_start .. rollout_start + n - 1`` of its stream.
+
+    tokens int32 [n, T] (-1 after a row ends), or None when replayed from a journal; lengths
+    int32 [n]; logp_original, logp_variant float32 [n] (NaN where nonfinite); truncated,
+    nonfinite bool [n]; verdicts int8 [n] (1 complied, 0 did not, -1 unknown) or None when the
+    scheduler has no judge.
+    """
+
+    draw: Draw
+    rollout_start: int
+    tokens: np.ndarray | None
+    lengths: np.ndarray
+    logp_original: np.ndarray
+    logp_variant: np.ndarray
+    truncated: np.ndarray
+    nonfinite: np.ndarray
+    verdicts: np.ndarray | None
+
+    def result(self) -> DrawResult:
+        """k, generated tokens and judged count, as the estimators' ``draw`` returns them."""
+        if self.verdicts is None:
+            raise ValueError("this Drawn has no verdicts: build the Scheduler with a judge")
+        return DrawResult(
+            k=int((self.verdicts == 1).sum()),
+            generated_tokens=int(self.lengths.sum()),
+            n_judged=int((self.verdicts >= 0).sum()),
+        )
+
+    @property
+    def log_weights(self) -> np.ndarray:
+        """float64 [n]: log p_original(x) - log p_variant(x), the importance weight's log."""
+        return (self.logp_original.astype(np.float64)) - self.logp_variant.astype(np.float64)
+
+    def chunk(self) -> dict[str, np.ndarray]:
+        """The rows as a store chunk (store.CHUNK_FIELDS)."""
+        if self.tokens is None:
+            raise ValueError("this Drawn was replayed from a journal and has no tokens")
+        return {
+            "tokens": self.tokens,
+            "lengths": self.lengths,
+            "logp_original": self.logp_original,
+            "logp_variant": self.logp_variant,
+            "truncated": self.truncated,
+            "nonfinite": self.nonfinite,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class JobPrompt:
+    """The prompt a job draws for. Jobs with one ``key`` share the engine's K/V prefix.
+
+    key: hashable identity of the prompt (e.g. its id); ids: int [P] chat-templated prompt
+    tokens; text: what the judge reads as the prompt.
+    """
+
+    key: Hashable
+    ids: np.ndarray
+    text: str
+
+
+Job = Generator[Draw | Sequence[Draw], Any, Any]
+
+
+class Engine(Protocol):
+    """What the scheduler needs of lpe_jax.engine.RolloutEngine."""
+
+    def submit(self, block: Any) -> None: ...
+
+    def poll(self) -> list[Any]: ...
+
+    @property
+    def idle(self) -> bool: ...
+
+
+def search_job(search: Generator[DrawRequest, Any, Any], seed: int) -> Job:
+    """A scheduler job from an estimator search that yields DrawRequest and receives DrawResult.
+
+    Every request becomes a Draw on stream ``seed``; returns what the search returns. Compose
+    with ``yield from`` inside a larger job.
+    """
+    try:
+        request = next(search)
+        while True:
+            drawn = yield Draw(request.alpha, request.n, seed)
+            request = search.send(drawn.result())
+    except StopIteration as stop:
+        return stop.value
+
+
+def judge_rows(
+    judge: Judge,
+    prompt_text: str,
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    nonfinite: np.ndarray,
+    decode: Callable[[Sequence[int]], str],
+) -> np.ndarray:
+    """Verdicts int8 [N] of N rows (tokens [N, T], lengths [N], nonfinite [N]).
+
+    1 complied, 0 did not, -1 unknown: the judge could not decide, or the row was stopped on
+    non-finite logits (never judged, never counted as a refusal).
+    """
+    return _judge_batch(judge, decode, [(prompt_text, tokens, lengths, nonfinite)])[0]
+
+
+def _judge_batch(
+    judge: Judge,
+    decode: Callable[[Sequence[int]], str],
+    parts: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+) -> list[np.ndarray]:
+    """One judge call over several (prompt_text, tokens, lengths, nonfinite) parts."""
+    out, items, where = [], [], []
+    for j, (text, tokens, lengths, nonfinite) in enumerate(parts):
+        out.append(np.full(len(lengths), UNKNOWN, np.int8))
+        for i in np.flatnonzero(~np.asarray(nonfinite, bool)):
+            items.append((text, decode(tokens[i, : lengths[i]].tolist())))
+            where.append((j, i))
+    verdicts = judge.judge(items) if items else []
+    if len(verdicts) != len(items):
+        raise RuntimeError(f"judge returned {len(verdicts)} verdicts for {len(items)} items")
+    for (j, i), v in zip(where, verdicts, strict=True):
+        if v.complied is not None:
+            out[j][i] = int(v.complied)
+    return out
+
+
+@dataclasses.dataclass
+class SchedulerStats:
+    """Counters of one Scheduler.
+
+    polls: engine.poll calls; polls_while_judging: of those, made while a judge batch was running
+    (the device worked during judging); judge_batches / judged_rows: judge calls and rows sent;
+    judge_errors: judge calls that raised (their rows are unknown); judge_waits: times the loop
+    blocked on the judge with nothing for the engine to do; blocks / rows: submitted to the
+    engine; rows_done / tokens: rows whose block the engine finished, and their generated
+    tokens; max_inflight_rows: the most rows submitted and not yet judged at once.
+    """
+
+    polls: int = 0
+    polls_while_judging: int = 0
+    judge_batches: int = 0
+    judged_rows: int = 0
+    judge_errors: int = 0
+    judge_waits: int = 0
+    blocks: int = 0
+    rows: int = 0
+    rows_done: int = 0
+    tokens: int = 0
+    max_inflight_rows: int = 0
+
+
+@dataclasses.dataclass
+class _DrawState:
+    job: _JobState
+    draw: Draw
+    start: int
+    parts: list[dict[str, np.ndarray] | None]
+
+    @property
+    def complete(self) -> bool:
+        return all(p is not None for p in self.parts)
+
+    def drawn(self) -> Drawn:
+        cat = {k: np.concatenate([p[k] for p in self.parts]) for k in self.parts[0]}
+        return Drawn(self.draw, self.start, verdicts=cat.pop("verdicts", None), **cat)
+
+
+@dataclasses.dataclass
+class _JobState:
+    key: Hashable
+    index: int
+    prompt: JobPrompt
+    gen: Job
+    replay: collections.deque[list[Drawn]] = dataclasses.field(default_factory=collections.deque)
+    waiting: list[_DrawState] = dataclasses.field(default_factory=list)
+    single: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tag:
+    """RowBlock.tag: which part of which draw a block is."""
+
+    state: _DrawState
+    part: int
+
+
+def _as_draws(request: Any, key: Hashable) -> list[Draw]:
+    """The Draws of one yield (a Draw, or a non-empty list/tuple of them), checked."""
+    draws = list(request) if isinstance(request, (list, tuple)) else [request]
+    if not draws:
+        raise ValueError(f"job {key!r} yielded an empty list of draws")
+    return [_as_draw(d, key) for d in draws]
+
+
+def _as_draw(x: Any, key: Hashable) -> Draw:
+    if not isinstance(x, Draw):
+        raise TypeError(
+            f"job {key!r} yielded a {type(x).__name__}; a job yields a Draw or a list of Draws"
+        )
+    if not (isinstance(x.n, (int, np.integer)) and x.n >= 1):
+        raise ValueError(f"job {key!r}: Draw.n must be an integer >= 1, got {x.n!r}")
+    if not math.isfinite(float(x.alpha)):
+        raise ValueError(f"job {key!r}: Draw.alpha must be finite, got {x.alpha!r}")
+    if not (isinstance(x.seed, (int, np.integer)) and 0 <= x.seed < 2**32):
+        raise ValueError(f"job {key!r}: Draw.seed must be an integer in [0, 2**32), got {x.seed!r}")
+    return x
+
+
+def _rows(rollouts: Any) -> dict[str, np.ndarray]:
+    """A one-alpha Rollouts (A = 1) as flat per-row arrays."""
+    return {
+        "tokens": np.asarray(rollouts.tokens)[0],
+        "lengths": np.asarray(rollouts.lengths)[0],
+        "logp_original": np.asarray(rollouts.logp_original)[0],
+        "logp_variant": np.asarray(rollouts.logp_variant)[0],
+        "truncated": np.asarray(rollouts.truncated)[0],
+        "nonfinite": np.asarray(rollouts.nonfinite)[0],
+    }
+
+
+def _default_row_block() -> Callable[..., Any]:
+    from lpe_jax.engine import RowBlock  # the engine's module imports JAX; only load it here
+
+    return RowBlock
+
+
+class Scheduler:
+    """Drive jobs on one engine; see the module docstring.
+
+    engine: submit(RowBlock) / poll() -> [BlockResult] / idle (lpe_jax.engine.RolloutEngine).
+    judge, decode: a Judge and token ids -> response text; None for no judging (verdicts None).
+    block_rows: a draw is cut into RowBlocks of at most this many rows, so judging can start
+        before a large draw has fully decoded (the rows, and so the results, do not change).
+    max_inflight_rows: rows submitted to the engine and not yet judged, at most (>= block_rows);
+        size it to a few times the engine's slots so the device stays busy while judging.
+    judge_workers: judge calls running at once (threads; more than 1 needs a judge that may be
+        called from several threads at once); judge_batch_rows: rows per judge call (finished
+        blocks queued for the judge are merged up to this size). An HTTP judge's own concurrency
+        (e.g. RubricJudge max_concurrency) sets how fast one call gets through its rows.
+    max_jobs: jobs running at once (None: all); later jobs start as earlier ones finish. Draws of
+        earlier-added jobs go to the engine first.
+    on_outcome(key, [Drawn, ...]): called when a yield of a job is complete, before the job is
+        sent it (e.g. Journal.append, so a killed run can replay it).
+    judge_grace: after handing rows to the judge, wait up to this fraction of the last
+        engine.poll's duration for verdicts before polling again (the engine has a call in
+        flight meanwhile); 0 never waits.
+    row_block: the RowBlock class (default lpe_jax.engine.RowBlock).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        judge: Judge | None = None,
+        decode: Callable[[Sequence[int]], str] | None = None,
+        block_rows: int = 64,
+        max_inflight_rows: int = 1024,
+        judge_workers: int = 1,
+        judge_batch_rows: int = 256,
+        max_jobs: int | None = None,
+        on_outcome: Callable[[Hashable, list[Drawn]], None] | None = None,
+        judge_grace: float = 0.5,
+        row_block: Callable[..., Any] | None = None,
+    ) -> None:
+        if (judge is None) != (decode is None):
+            raise ValueError("pass judge and decode together (or neither, for no judging)")
+        for name, v in (
+            ("block_rows", block_rows),
+            ("judge_workers", judge_workers),
+            ("judge_batch_rows", judge_batch_rows),
+        ):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if max_inflight_rows < block_rows:
+            raise ValueError(
+                f"max_inflight_rows ({max_inflight_rows}) must be >= block_rows ({block_rows}), "
+                "or no block could ever be submitted"
+            )
+        if not 0 <= judge_grace <= 1:
+            raise ValueError(f"judge_grace must be in [0, 1], got {judge_grace}")
+        if max_jobs is not None and max_jobs < 1:
+            raise ValueError(f"max_jobs must be >= 1 or None, got {max_jobs}")
+        self.engine = engine
+        self.judge, self.decode = judge, decode
+        self.block_rows, self.max_inflight_rows = int(block_rows), int(max_inflight_rows)
+        self.judge_workers, self.judge_batch_rows = int(judge_workers), int(judge_batch_rows)
+        self.max_jobs, self.on_outcome = max_jobs, on_outcome
+        self.judge_grace, self._poll_s = float(judge_grace), 0.0
+        self.row_block = row_block or _default_row_block()
+        self.stats = SchedulerStats()
+        self._queued: collections.deque[tuple[Hashable, JobPrompt, Job, list]] = collections.deque()
+        self._keys: set[Hashable] = set()
+        self._active: dict[Hashable, _JobState] = {}
+        self._order = itertools.count()
+        self._offsets: dict[tuple[Hashable, int, int], int] = {}
+        self._owners: dict[tuple[Hashable, int, int], Hashable] = {}
+        self._pending: list[tuple[int, int, Any]] = []  # heap of (job index, seq, RowBlock)
+        self._seq = itertools.count()
+        self._inflight = 0
+        self._to_judge: collections.deque[tuple[_Tag, dict[str, np.ndarray]]] = collections.deque()
+        self._judging: dict[cf.Future, list[tuple[_Tag, dict[str, np.ndarray]]]] = {}
+        self._done: collections.deque[tuple[Hashable, Any]] = collections.deque()
+
+    def add(
+        self, key: Hashable, prompt: JobPrompt, job: Job, replay: Sequence[Sequence[Drawn]] = ()
+    ) -> None:
+        """Queue a job under a unique key; it starts when run() reaches it.
+
+        replay: outcomes of the job's first yields recorded by an earlier run (Journal.load): they
+        are sent back without drawing, after checking that the job asks for exactly those draws
+        (ValueError otherwise: the run's settings changed); its later draws continue the streams.
+        """
+        if key in self._keys:
+            raise ValueError(f"a job with key {key!r} was already added")
+        self._keys.add(key)
+        self._queued.append((key, prompt, job, [list(r) for r in replay]))
+
+    @property
+    def busy(self) -> bool:
+        """Jobs queued or running, or rows anywhere between the engine and the judge."""
+        return bool(self._queued or self._active or self._inflight)
+
+    def run(self, stop: Callable[[], bool] | None = None) -> Iterator[tuple[Hashable, Any]]:
+        """Run every added job; yields (key, return value) as each job finishes.
+
+        Jobs may be added while iterating. A job that raises stops the run (RuntimeError naming
+        the job); judge threads are shut down on exit, also when the caller stops iterating.
+        stop: checked once per loop turn; when it returns True the run ends at once, leaving
+        unfinished jobs where they are (e.g. a time limit).
+        """
+        pool = cf.ThreadPoolExecutor(self.judge_workers, thread_name_prefix="lpe-judge")
+        try:
+            while (self.busy or self._done) and not (stop is not None and stop()):
+                self._admit()
+                self._submit()
+                if not self.engine.idle:
+                    self._poll()
+                self._dispatch_judging(pool)
+                self._collect_judged(wait=self.engine.idle and not self._done)
+                while self._done:
+                    yield self._done.popleft()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        while self._queued and (self.max_jobs is None or len(self._active) < self.max_jobs):
+            key, prompt, gen, replay = self._queued.popleft()
+            state = _JobState(key, next(self._order), prompt, gen, collections.deque(replay))
+            self._active[key] = state
+            self._advance(state, None)
+
+    def _advance(self, job: _JobState, value: Any) -> None:
+        """Send `value` to the job; register its next draws (or replay them), or record its
+        result."""
+        while True:
+            try:
+                request = job.gen.send(value)
+            except StopIteration as stop:
+                del self._active[job.key]
+                self._done.append((job.key, stop.value))
+                return
+            except Exception as e:
+                raise RuntimeError(f"job {job.key!r} raised {type(e).__name__}: {e}") from e
+            job.single = isinstance(request, Draw)
+            draws = _as_draws(request, job.key)
+            if not job.replay:
+                job.waiting = [self._register(job, d) for d in draws]
+                return
+            recorded = self._replayed(job, draws, job.replay.popleft())
+            value = recorded[0] if job.single else recorded
+
+    def _replayed(self, job: _JobState, draws: list[Draw], recorded: list[Drawn]) -> list[Drawn]:
+        """Check a recorded yield against the job's request and advance the streams past it."""
+        starts = [self._allocate(job, d) for d in draws]
+        got = [(d.draw, d.rollout_start) for d in recorded]
+        if got != list(zip(draws, starts, strict=True)):
+            raise ValueError(
+                f"the recorded draws of job {job.key!r} ({got}) are not what it asks for now "
+                f"({list(zip(draws, starts, strict=True))}): the journal comes from a run with "
+                "other settings; delete it or rerun with those settings"
+            )
+        return recorded
+
+    def _allocate(self, job: _JobState, draw: Draw) -> int:
+        """The first rollout index of the draw in its stream; advances the stream."""
+        stream = (job.prompt.key, int(draw.seed), round(float(draw.alpha) / ALPHA_QUANTUM))
+        owner = self._owners.setdefault(stream, job.key)
+        if owner != job.key:
+            raise ValueError(
+                f"job {job.key!r} draws from stream (prompt {job.prompt.key!r}, seed {draw.seed}, "
+                f"alpha {draw.alpha}) that job {owner!r} draws from; give each job its own seed"
+            )
+        start = self._offsets.get(stream, 0)
+        self._offsets[stream] = start + int(draw.n)
+        return start
+
+    def _register(self, job: _JobState, draw: Draw) -> _DrawState:
+        start = self._allocate(job, draw)
+        n_parts = -(-int(draw.n) // self.block_rows)
+        state = _DrawState(job, draw, start, [None] * n_parts)
+        for part in range(n_parts):
+            lo = part * self.block_rows
+            block = self.row_block(
+                prompt_key=job.prompt.key,
+                prompt_ids=job.prompt.ids,
+                alpha=float(draw.alpha),
+                seed=int(draw.seed),
+                rollout_start=start + lo,
+                count=min(self.block_rows, int(draw.n) - lo),
+                tag=_Tag(state, part),
+            )
+            heapq.heappush(self._pending, (job.index, next(self._seq), block))
+        return state
+
+    def _deliver(self, tag: _Tag, rows: dict[str, np.ndarray]) -> None:
+        """One block's rows are final (judged if there is a judge)."""
+        self._inflight -= len(rows["lengths"])
+        tag.state.parts[tag.part] = rows
+        job = tag.state.job
+        if not all(s.complete for s in job.waiting):
+            return
+        drawn = [s.drawn() for s in job.waiting]
+        if self.on_outcome is not None:
+            self.on_outcome(job.key, drawn)
+        self._advance(job, drawn[0] if job.single else drawn)
+
+    # -- engine ------------------------------------------------------------------------------
+
+    def _submit(self) -> None:
+        while self._pending:
+            block = self._pending[0][2]
+            if self._inflight + block.count > self.max_inflight_rows:
+                return
+            heapq.heappop(self._pending)
+            self.engine.submit(block)
+            self._inflight += block.count
+            self.stats.blocks += 1
+            self.stats.rows += block.count
+            self.stats.max_inflight_rows = max(self.stats.max_inflight_rows, self._inflight)
+
+    def _poll(self) -> None:
+        self.stats.polls += 1
+        self.stats.polls_while_judging += any(not f.done() for f in self._judging)
+        t0 = time.perf_counter()
+        results = self.engine.poll()
+        self._poll_s = time.perf_counter() - t0
+        for result in results:
+            self._finished(result)
+
+    def _finished(self, result: Any) -> None:
+        tag = result.block.tag
+        rows = _rows(result.rollouts)
+        if len(rows["lengths"]) != result.block.count:
+            raise RuntimeError(
+                f"engine returned {len(rows['lengths'])} rows for a block of {result.block.count}"
+            )
+        self.stats.rows_done += len(rows["lengths"])
+        self.stats.tokens += int(rows["lengths"].sum())
+        if self.judge is None:
+            self._deliver(tag, rows)
+        else:
+            self._to_judge.append((tag, rows))
+
+    # -- judge -------------------------------------------------------------------------------
+
+    def _dispatch_judging(self, pool: cf.ThreadPoolExecutor) -> None:
+        while self._to_judge and len(self._judging) < self.judge_workers:
+            batch, n = [], 0
+            while self._to_judge and (not batch or n + self._rows_of(0) <= self.judge_batch_rows):
+                tag, rows = self._to_judge.popleft()
+                batch.append((tag, rows))
+                n += len(rows["lengths"])
+            parts = [
+                (t.state.job.prompt.text, r["tokens"], r["lengths"], r["nonfinite"])
+                for t, r in batch
+            ]
+            self._judging[pool.submit(self._judge_safely, parts)] = batch
+            self.stats.judge_batches += 1
+            self.stats.judged_rows += n
+
+    def _rows_of(self, i: int) -> int:
+        return len(self._to_judge[i][1]["lengths"])
+
+    def _judge_safely(self, parts: list[tuple[str, Any, Any, Any]]) -> list[np.ndarray]:
+        try:
+            return _judge_batch(self.judge, self.decode, parts)
+        except Exception as e:  # a failed judge call leaves its rows unknown, never refused
+            log.warning(
+                "judge call failed (%s: %s); its rows are unknown (-1)", type(e).__name__, e
+            )
+            self.stats.judge_errors += 1
+            return [np.full(len(p[2]), UNKNOWN, np.int8) for p in parts]
+
+    def _collect_judged(self, wait: bool) -> None:
+        if not self._judging:
+            if wait and self.busy and not self._pending:
+                raise RuntimeError("scheduler stalled: jobs wait but nothing is in flight (a bug)")
+            return
+        if wait:
+            self.stats.judge_waits += 1
+            cf.wait(self._judging, return_when=cf.FIRST_COMPLETED)
+        elif self.judge_grace > 0:
+            # The engine keeps a call running meanwhile, so this wait costs the device nothing
+            # while it is shorter than that call; verdicts of a fast judge then reach the next
+            # call instead of the one after it.
+            cf.wait(self._judging, timeout=self.judge_grace * self._poll_s)
+        for future in [f for f in self._judging if f.done()]:
+            batch = self._judging.pop(future)
+            for (tag, rows), verdicts in zip(batch, future.result(), strict=True):
+                self._deliver(tag, {**rows, "verdicts": verdicts})
