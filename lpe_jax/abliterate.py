@@ -132,10 +132,11 @@ def refusal_token_ids(tokenizer: Any, openings: Sequence[str]) -> list[int]:
 # forward pass with run-time interventions
 
 
-def _project_out(x: Array, unit: Array) -> Array:
-    """x minus its component along `unit` ([H], float32), computed in float32, in x's dtype."""
+def project_out(x: Array, unit: Array, strength: Array | float = 1.0) -> Array:
+    """x [..., H] minus `strength` times its component along `unit` ([H], float32), computed in
+    float32, returned in x's dtype. strength broadcasts against x[..., :1] (e.g. [B, 1, 1])."""
     xf = x.astype(jnp.float32)
-    return (xf - (xf @ unit)[..., None] * unit).astype(x.dtype)
+    return (xf - strength * (xf @ unit)[..., None] * unit).astype(x.dtype)
 
 
 def decoder_block(layer: DecoderLayer, x: Array, ablate: Array | None = None) -> Array:
@@ -148,7 +149,7 @@ def decoder_block(layer: DecoderLayer, x: Array, ablate: Array | None = None) ->
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
     def write(y: Array) -> Array:
-        return y if ablate is None else _project_out(y, ablate)
+        return y if ablate is None else project_out(y, ablate)
 
     attn, _, _ = layer.self_attn(rms_norm(x, layer.input_layernorm[...], eps), positions)
     x = x + write(attn)
@@ -172,7 +173,7 @@ def residual_forward(
         `model.logits(hidden)` gives the logits.
     """
     x = model.embed_tokens[...][tokens]
-    x = x if ablate is None else _project_out(x, ablate)
+    x = x if ablate is None else project_out(x, ablate)
     resid = []
     for i, layer in enumerate(model.layers):
         if add_vector is not None and i == add_layer:
@@ -190,7 +191,7 @@ def residual_forward(
 
 @jax.jit
 def _embed_step(table: Array, tokens: Array, ablate: Array) -> Array:
-    return _project_out(table[tokens], ablate)
+    return project_out(table[tokens], ablate)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -210,13 +210,20 @@ class _Spec:
     """Everything static about the engine's device functions; hashable (jax's compile key)."""
 
     gd_o: nnx.GraphDef
-    gd_v: nnx.GraphDef
+    gd_v: nnx.GraphDef | None  # None: one model (variant=None), sampled from its own logits
     path_fn: PathFn
     max_new_tokens: int
     eos: tuple[int, ...]
     temperature: float
     mesh: jax.sharding.Mesh
     kv_shapes: tuple[tuple[Qwen3Config, Any], tuple[Qwen3Config, Any]]  # (config, dtype)
+    conditioned: bool = False  # the model takes each row's alpha (see RolloutEngine)
+
+
+def _own_logits(l_o: Array, l_v: Array, alpha: Array) -> Array:
+    """One model's sampling 'path': its own logits (l_v is the same array)."""
+    del l_v, alpha
+    return l_o
 
 
 def _slot_sharded(spec: _Spec, tree: Any) -> Any:
@@ -247,6 +254,8 @@ def _init_state(
         )
         for cfg, dtype in spec.kv_shapes
     ]
+    if spec.gd_v is None:  # one model: the variant's buffers hold nothing
+        kvs[1] = SlotKV((), (), (), ())
     slot_state = Slots(
         handle=z - 1,
         prompt=z,
@@ -261,9 +270,12 @@ def _init_state(
         kv_v=kvs[1],
     )
     (cfg_o, dt_o), (cfg_v, dt_v) = spec.kv_shapes
+    no_table = PromptKV((), (), jnp.zeros((prompts, 0), jnp.float32))
     return EngineState(
         prompts=PromptTable(
-            jnp.ones((prompts,), jnp.int32), table(cfg_o, dt_o), table(cfg_v, dt_v)
+            jnp.ones((prompts,), jnp.int32),
+            table(cfg_o, dt_o),
+            table(cfg_v, dt_v) if spec.gd_v is not None else no_table,
         ),
         queue=queue,
         slots=_slot_sharded(spec, slot_state),
@@ -300,12 +312,14 @@ def _prefill(
     entry: Array,
     tokens: Array,
     length: Array,
+    alpha: Array,
 ) -> PromptTable:
     """Both models' K/V and first-token logits of one prompt (int [Pb], true length) into table
-    entry `entry`, in place."""
+    entry `entry`, in place. A conditioned model prefills at `alpha` (f32 scalar)."""
+    cond = {"alpha": alpha} if spec.conditioned else {}
 
     def fill(gd: nnx.GraphDef, st: nnx.State, kv: PromptKV) -> PromptKV:
-        logits, ks, vs = nnx.merge(gd, st).prefill(tokens, length)
+        logits, ks, vs = nnx.merge(gd, st).prefill(tokens, length, **cond)
         return PromptKV(
             k=tuple(t.at[entry].set(k[0]) for t, k in zip(kv.k, ks, strict=True)),
             v=tuple(t.at[entry].set(v[0]) for t, v in zip(kv.v, vs, strict=True)),
@@ -315,7 +329,7 @@ def _prefill(
     return PromptTable(
         length=table.length.at[entry].set(length),
         original=fill(spec.gd_o, params[0], table.original),
-        variant=fill(spec.gd_v, params[1], table.variant),
+        variant=table.variant if spec.gd_v is None else fill(spec.gd_v, params[1], table.variant),
     )
 
 
@@ -371,7 +385,7 @@ def _refill(state: EngineState) -> EngineState:
 
 
 def _model_logits(
-    spec: _Spec, models: tuple[Qwen3, Qwen3], state: EngineState
+    spec: _Spec, models: tuple[Qwen3, Qwen3 | None], state: EngineState
 ) -> tuple[Array, Array, EngineState]:
     """Both models' float32 logits [S, V] for every slot's next token; stores the fed token's K/V.
 
@@ -385,14 +399,18 @@ def _model_logits(
     fed = s.count - 1
     write = jnp.where((s.handle >= 0) & (fed >= 0), fed, spec.max_new_tokens)
     tables = (state.prompts.original, state.prompts.variant)
-    logits, kvs = [], []
-    for model, table, skv in zip(models, tables, (s.kv_o, s.kv_v), strict=True):
+    cond = {"alpha": s.alpha} if spec.conditioned else {}
+    logits, kvs = [], [s.kv_o, s.kv_v]
+    for i, (model, table, skv) in enumerate(zip(models, tables, kvs, strict=True)):
+        if model is None:  # one model: its logits serve as both
+            logits.append(logits[0])
+            continue
         in_prompt = jnp.arange(skv.prefix_k[0].shape[2]) < plen[:, None]
         kv = DecodeKV(skv.prefix_k, skv.prefix_v, in_prompt[:, None], skv.k, skv.v, write)
-        decoded, kv = model.decode_step(s.last, plen + fed, kv)
+        decoded, kv = model.decode_step(s.last, plen + fed, kv, **cond)
         fresh = (s.count == 0)[:, None]
         logits.append(jnp.where(fresh, table.logits[s.prompt], decoded))
-        kvs.append(skv.replace(k=kv.k, v=kv.v))
+        kvs[i] = skv.replace(k=kv.k, v=kv.v)
     slots = s.replace(kv_o=kvs[0], kv_v=kvs[1])
     return logits[0], logits[1], state.replace(slots=slots)
 
@@ -464,7 +482,8 @@ def _generate(
     Returns (state, StepOut [steps, S] per field (rows >= steps_run are junk), steps_run, queue
     head after the call).
     """
-    models = (nnx.merge(spec.gd_o, params[0]), nnx.merge(spec.gd_v, params[1]))
+    variant = None if spec.gd_v is None else nnx.merge(spec.gd_v, params[1])
+    models = (nnx.merge(spec.gd_o, params[0]), variant)
     state = _clear_poisoned(state)
     shapes = jax.eval_shape(lambda st: _step(spec, models, st)[1], state)
     outs = jax.tree.map(lambda a: jnp.zeros((steps, *a.shape), a.dtype), shapes)
@@ -519,12 +538,20 @@ class RolloutEngine:
     max_prompt_len: the longest prompt accepted; memory is planned for it (the prompt table grows
         by bucket up to it as longer prompts arrive).
     per_token: also return per-token log-probs (Rollouts.token_logp_*).
+
+    One model (variant=None): every row is sampled from `original`'s own logits, one forward pass
+    per token; the path only sets the alpha domain. A model whose class sets
+    `conditioned_on_alpha = True` (lpe_jax.direction_path.DirectionalQwen3) receives each row's
+    alpha in `prefill(tokens, length, alpha=)` and `decode_step(..., alpha=)`, and its prompt K/V
+    are prefilled per (prompt_key, alpha). Rollouts then carry no endpoint log-probs:
+    logp_original / logp_variant (and their per-token forms) are NaN; token_logp_path is the
+    row's own model's. Memory is still planned as for two models (an overestimate).
     """
 
     def __init__(
         self,
         original: Qwen3,
-        variant: Qwen3,
+        variant: Qwen3 | None,
         path: PathShape | PathFn | str,
         max_new_tokens: int,
         eos_token_ids: Sequence[int],
@@ -537,9 +564,15 @@ class RolloutEngine:
         max_prompt_len: int = 256,
         per_token: bool = False,
     ) -> None:
+        single = variant is None
+        variant = original if single else variant
         eos = check_pair(
             original, variant, max_new_tokens, eos_token_ids, temperature, tokenizer_ids
         )
+        conditioned = bool(getattr(original, "conditioned_on_alpha", False))
+        if conditioned and not single:
+            raise ValueError("an alpha-conditioned model is sampled alone: pass variant=None.")
+        self.single, self.conditioned = single, conditioned
         self.path = as_path(path)
         self.max_new_tokens = int(max_new_tokens)
         self.steps_per_call = as_int("steps_per_call", steps_per_call, 1)
@@ -551,12 +584,21 @@ class RolloutEngine:
         mesh = sharding.row_mesh(devices)
         kv_shapes = ((original.cfg, original.dtype), (variant.cfg, variant.dtype))
         gd_o, st_o = nnx.split(original)
-        gd_v, st_v = nnx.split(variant)
+        gd_v, st_v = (None, None) if single else nnx.split(variant)
+        path_fn = _own_logits if single else self.path.fn
         self._spec = _Spec(
-            gd_o, gd_v, self.path.fn, self.max_new_tokens, eos, float(temperature), mesh, kv_shapes
+            gd_o,
+            gd_v,
+            path_fn,
+            self.max_new_tokens,
+            eos,
+            float(temperature),
+            mesh,
+            kv_shapes,
+            conditioned,
         )
         rep = sharding.replicated(mesh)
-        self._params = (jax.device_put(st_o, rep), jax.device_put(st_v, rep))
+        self._params = (jax.device_put(st_o, rep), None if single else jax.device_put(st_v, rep))
         self.slots, self.max_prompts = self._plan(slots, max_prompts)
         self._queue_rows = 4 * self.slots
         self.stats = EngineStats(slots=self.slots)
@@ -760,7 +802,8 @@ class RolloutEngine:
     def _entry_for(self, ob: _OpenBlock) -> int | None:
         """The table entry holding ob's prompt, prefilling it into a free (or the least recently
         used idle) entry if needed; None when every entry has rows on the device."""
-        key = ob.block.prompt_key
+        # A conditioned model's prompt K/V depend on the alpha: one entry per (prompt, alpha).
+        key = (ob.block.prompt_key, ob.alpha_q) if self.conditioned else ob.block.prompt_key
         if key in self._resident:
             entry = self._resident[key]
             self._evictable.pop(entry, None)
@@ -775,10 +818,10 @@ class RolloutEngine:
             return None
         self._resident[key] = entry
         self._entry_key[entry] = key
-        self._prefill(entry, ob.ids)
+        self._prefill(entry, ob.ids, ob.alpha)
         return entry
 
-    def _prefill(self, entry: int, ids: np.ndarray) -> None:
+    def _prefill(self, entry: int, ids: np.ndarray, alpha: float) -> None:
         need = prompt_bucket(ids.size)
         if need > self._prompt_slots:
             self._state = _grow_prompts(state=self._state, prompt_slots=need)
@@ -792,6 +835,7 @@ class RolloutEngine:
             entry=np.int32(entry),
             tokens=padded,
             length=np.int32(ids.size),
+            alpha=np.float32(alpha),
         )
         self._state = self._state.replace(prompts=table)
         self.stats.prefills += 1
@@ -828,11 +872,15 @@ class RolloutEngine:
         ob = self._open[bid]
         ob.tokens[r] = self._h_tokens[hd]
         ob.lengths[r] = o.index[k, s] + (o.token[k, s] != PAD_ID)
-        ob.logp_o[r], ob.logp_v[r] = o.sum_o[k, s], o.sum_v[k, s]
+        ob.logp_o[r], ob.logp_v[r] = (
+            (np.nan, np.nan) if self.single else (o.sum_o[k, s], o.sum_v[k, s])
+        )
         ob.nonfinite[r] = o.nonfinite[k, s]
         self._h_tokens[hd] = PAD_ID
         if self._h_logp is not None:
             ob.tok_lp[:, r] = self._h_logp[hd].T
+            if self.single:  # no endpoint models: only the row's own log-probs are known
+                ob.tok_lp[:2, r] = np.nan
             self._h_logp[hd] = 0.0
         self._free_handles.append(hd)
         self._outstanding -= 1

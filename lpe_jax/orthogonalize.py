@@ -20,6 +20,7 @@ under `<out>.partial` and renamed into place when complete.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -28,7 +29,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from lpe_jax.checkpoint import (
     _ST_TO_NP,
@@ -40,6 +43,7 @@ from lpe_jax.checkpoint import (
     checkpoint_fingerprint,
     config_from_hf,
 )
+from lpe_jax.qwen3 import Qwen3
 
 PROVENANCE_FILE = "abliteration.json"
 DIRECTION_FILE = "refusal_direction.npy"
@@ -81,20 +85,50 @@ def writes_residual(name: str) -> bool:
     return name == _EMBED or bool(_OUT_PROJ.fullmatch(name) or _OUT_BIAS.fullmatch(name))
 
 
-def orthogonalize(name: str, weight: np.ndarray, unit: np.ndarray) -> np.ndarray:
-    """`weight` (HF layout) with `unit` [H] removed from its residual-stream side, computed in
-    float32 and returned in weight's dtype. Rows of the embedding ([n, H], a block of rows is
-    fine), columns' outputs of o_proj/down_proj ([H, in]), or an o_proj bias [H]."""
+def orthogonalize(
+    name: str, weight: np.ndarray, unit: np.ndarray, strength: float = 1.0
+) -> np.ndarray:
+    """`weight` (HF layout) with `strength` (1: all) of its component along `unit` [H] removed
+    from its residual-stream side, computed in float32 and returned in weight's dtype. Rows of the
+    embedding ([n, H], a block of rows is fine), o_proj/down_proj ([H, in]), an o_proj bias [H]."""
     w = np.asarray(weight, np.float32)
     if name == _EMBED:
-        out = w - np.outer(w @ unit, unit)
+        out = w - strength * np.outer(w @ unit, unit)
     elif _OUT_PROJ.fullmatch(name):
-        out = w - np.outer(unit, unit @ w)
+        out = w - strength * np.outer(unit, unit @ w)
     elif _OUT_BIAS.fullmatch(name):
-        out = w - (w @ unit) * unit
+        out = w - strength * (w @ unit) * unit
     else:
         raise ValueError(f"{name} does not write to the residual stream.")
     return out.astype(weight.dtype)
+
+
+def orthogonalize_model(model: Qwen3, direction: np.ndarray, strength: float = 1.0) -> Qwen3:
+    """In memory: a new Qwen3 whose residual-stream writes keep 1 - strength of their component
+    along the direction (strength 1: the abliteration `write_abliterated` writes; in between: the
+    direction path's model at alpha = 1 - strength). Untied, so the head stays the original's.
+    For models that fit in memory twice (tests, toy organisms)."""
+    unit = unit_direction(direction, model.cfg.hidden_size)
+    cfg = dataclasses.replace(model.cfg, tie_word_embeddings=False)
+    out = nnx.eval_shape(lambda: Qwen3(cfg, dtype=model.dtype, rngs=nnx.Rngs(0)))
+    nnx.update(out, nnx.state(model, nnx.Param))
+    embed = np.asarray(model.embed_tokens[...])
+    head = embed.T if model.cfg.tie_word_embeddings else np.asarray(model.lm_head[...])
+    out.lm_head = nnx.Param(jnp.asarray(head))
+    out.embed_tokens = nnx.Param(jnp.asarray(orthogonalize(_EMBED, embed, unit, strength)))
+    for i, layer in enumerate(out.layers):
+        # ours are [in, H]: HF's [H, in] transposed
+        for mod, attr, name in (
+            (layer.self_attn, "o_proj", f"model.layers.{i}.self_attn.o_proj.weight"),
+            (layer.mlp, "down_proj", f"model.layers.{i}.mlp.down_proj.weight"),
+        ):
+            w = np.asarray(getattr(mod, attr)[...]).T
+            setattr(mod, attr, nnx.Param(jnp.asarray(orthogonalize(name, w, unit, strength).T)))
+        if cfg.attention_bias:
+            b = np.asarray(layer.self_attn.o_bias[...])
+            bias = orthogonalize(f"model.layers.{i}.self_attn.o_proj.bias", b, unit, strength)
+            layer.self_attn.o_bias = nnx.Param(jnp.asarray(bias))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
