@@ -65,7 +65,7 @@ class DirectionalQwen3(Qwen3):
         return x + self._write(layer.mlp(h), strength)
 
     def hidden_states(  # type: ignore[override]
-        self, tokens: Array, alpha: Array | float
+        self, tokens: Array, alpha: Array | float | None = None
     ) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
         """Full causal pass of M(alpha) over tokens int [B, T] (alpha scalar or [B]); returns
         (hidden [B, T, H] before the final norm, keys and values per layer [B, kv, T, hd])."""
@@ -83,14 +83,18 @@ class DirectionalQwen3(Qwen3):
         return x, tuple(ks), tuple(vs)
 
     def __call__(  # type: ignore[override]
-        self, tokens: Array, alpha: Array | float
+        self, tokens: Array, alpha: Array | float | None = None
     ) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
         """(float32 logits [B, T, V], keys, values) of M(alpha) over tokens int [B, T]."""
         x, ks, vs = self.hidden_states(tokens, alpha)
         return self.logits(x), ks, vs
 
     def prefill(  # type: ignore[override]
-        self, prompt_tokens: Array, length: Array | int | None = None, *, alpha: Array | float
+        self,
+        prompt_tokens: Array,
+        length: Array | int | None = None,
+        *,
+        alpha: Array | float | None = None,
     ) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
         """`Qwen3.prefill` of M(alpha) (alpha a scalar): logits [V] after token length - 1, and
         the prompt's keys and values per layer [1, kv, Pb, hd]."""
@@ -99,7 +103,7 @@ class DirectionalQwen3(Qwen3):
         return self.logits(jax.lax.dynamic_index_in_dim(x[0], last, 0, keepdims=False)), ks, vs
 
     def decode_step(  # type: ignore[override]
-        self, tokens: Array, positions: Array, kv: DecodeKV, *, alpha: Array
+        self, tokens: Array, positions: Array, kv: DecodeKV, *, alpha: Array | None = None
     ) -> tuple[Array, DecodeKV]:
         """`Qwen3.decode_step` with row b of M(alpha[b]) (alpha f32 [B])."""
         strength = _strength(alpha)
@@ -111,7 +115,13 @@ class DirectionalQwen3(Qwen3):
         return self.logits(x[:, 0]), kv
 
 
-def _strength(alpha: Array | float) -> Array:
+def _strength(alpha: Array | float | None) -> Array:
     """1 - alpha, shaped to broadcast against [B, T, 1] (alpha scalar or [B])."""
+    if alpha is None:  # a caller built for Qwen3 (PairedSampler, model_logits)
+        raise ValueError(
+            "DirectionalQwen3 takes alpha on every pass (1: the original, 0: its abliteration); "
+            "sample it with RolloutEngine(model, None, ...), or use orthogonalize_model for a "
+            "plain Qwen3 at one alpha."
+        )
     s = 1.0 - jnp.asarray(alpha, jnp.float32)
     return s if s.ndim == 0 else s[:, None, None]

@@ -134,3 +134,5 @@ def test_a_conditioned_model_is_sampled_alone(setup):
         RolloutEngine(dm, model, "linear", T, EOS, slots=8)
     with pytest.raises(ValueError, match="hidden size is 32"):
         DirectionalQwen3.wrap(model, np.ones(31))
+    with pytest.raises(ValueError, match="takes alpha on every pass"):  # a Qwen3 caller
+        dm.prefill(PROMPT)
