@@ -81,8 +81,10 @@ def test_in_memory_abliteration_is_run_time_ablation_with_the_original_head():
     assert rel(ablated(state, tokens, unit * 0), expected) > 1e-2  # the ablation matters
 
 
-def _engine(model, blocks):
-    engine = RolloutEngine(model, None, "linear", T, EOS, slots=8, max_prompts=4, steps_per_call=4)
+def _engine(model, blocks, per_token=False):
+    engine = RolloutEngine(
+        model, None, "linear", T, EOS, slots=8, max_prompts=4, steps_per_call=4, per_token=per_token
+    )
     for block in blocks:
         engine.submit(block)
     return {r.block.tag: r.rollouts for r in engine.run()}, engine
@@ -118,11 +120,15 @@ def test_engine_samples_each_row_from_its_own_m_alpha(setup, mixed_run):
 
 
 def test_engine_rows_do_not_depend_on_blocks_or_order(setup, mixed_run):
-    """Same seed, the rows split into other blocks and submitted in another order: same tokens."""
+    """Same seed, the rows split into other blocks and submitted in another order: same tokens.
+    Per-token log-probs: the row's own model's (finite, <= 0), none for the endpoints."""
     _, _, dm = setup
     got, _ = mixed_run
     blocks = [_block(0.4, 3, 3, "b"), _block(1.0, 0, 6, "c"), _block(0.4, 0, 3, "a")]
-    again, _ = _engine(dm, blocks)
+    again, _ = _engine(dm, blocks, per_token=True)
+    lp = again["c"].token_logp_path
+    assert np.isfinite(lp).all() and (lp <= 0).all() and (lp < 0).any()
+    assert np.isnan(again["c"].token_logp_original).all()
     tokens = np.concatenate([again["a"].tokens, again["b"].tokens], axis=1)
     np.testing.assert_array_equal(tokens, got[0.4].tokens)
     np.testing.assert_array_equal(again["c"].tokens, got[1.0].tokens)
