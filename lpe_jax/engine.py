@@ -254,8 +254,6 @@ def _init_state(
         )
         for cfg, dtype in spec.kv_shapes
     ]
-    if spec.gd_v is None:  # one model: the variant's buffers hold nothing
-        kvs[1] = SlotKV((), (), (), ())
     slot_state = Slots(
         handle=z - 1,
         prompt=z,
@@ -545,7 +543,7 @@ class RolloutEngine:
     alpha in `prefill(tokens, length, alpha=)` and `decode_step(..., alpha=)`, and its prompt K/V
     are prefilled per (prompt_key, alpha). Rollouts then carry no endpoint log-probs:
     logp_original / logp_variant (and their per-token forms) are NaN; token_logp_path is the
-    row's own model's. Memory is still planned as for two models (an overestimate).
+    row's own model's. Memory is planned for the one model's K/V.
     """
 
     def __init__(
@@ -582,7 +580,9 @@ class RolloutEngine:
         self.per_token = per_token
         self._cfgs = (original.cfg, variant.cfg)
         mesh = sharding.row_mesh(devices)
-        kv_shapes = ((original.cfg, original.dtype), (variant.cfg, variant.dtype))
+        # One model: no second K/V, planned and allocated as a model of no layers.
+        cfg_v = dataclasses.replace(original.cfg, num_layers=0) if single else variant.cfg
+        kv_shapes = ((original.cfg, original.dtype), (cfg_v, variant.dtype))
         gd_o, st_o = nnx.split(original)
         gd_v, st_v = (None, None) if single else nnx.split(variant)
         path_fn = _own_logits if single else self.path.fn

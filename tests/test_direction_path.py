@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lpe_jax import qwen3
+from lpe_jax import memory, qwen3
 from lpe_jax.abliterate import residual_forward
 from lpe_jax.direction_path import DirectionalQwen3
 from lpe_jax.engine import RolloutEngine, RowBlock
 from lpe_jax.forward import model_logits
 from lpe_jax.orthogonalize import orthogonalize_model, unit_direction
+from lpe_jax.sampler import prompt_bucket
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
 
@@ -117,6 +118,10 @@ def test_engine_samples_each_row_from_its_own_m_alpha(setup, mixed_run):
     np.testing.assert_array_equal(got[0.4].tokens, want[0.4].tokens)
     for r in got.values():
         assert np.isnan(r.logp_original).all() and np.isnan(r.logp_variant).all()
+    # memory is planned for one model's K/V: a two-model slot holds (T + prompt slots) more tokens
+    f32, pb = np.float32, prompt_bucket(PROMPT.size)
+    two = memory.bytes_per_slot(CFG, CFG, f32, f32, T, pb, 4)
+    assert two - engine.planned_bytes()["slot"] == (T + pb) * CFG.kv_bytes_per_token(f32)
 
 
 def test_engine_rows_do_not_depend_on_blocks_or_order(setup, mixed_run):
