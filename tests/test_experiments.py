@@ -197,8 +197,8 @@ def test_estimate_resumes_after_a_kill(estimate_run, tmp_path):
 
 def test_judge_then_evaluate(tmp_path):
     out = tmp_path / "bank"
-    alphas = ",".join(f"{a:.2f}" for a in np.arange(0, 1.0001, 0.05))
-    run("sample.py", f"--out={out}", f"--alphas={alphas}", "--rollouts=100", "--limit=16")
+    alphas = ",".join(f"{a:.1f}" for a in np.arange(0, 1.0001, 0.1))
+    run("sample.py", f"--out={out}", f"--alphas={alphas}", "--rollouts=100", "--limit=8")
     p = run("judge.py", f"--run={out}")
     assert " 0 unknown verdicts" in p.stdout
     c = RolloutStore.load(out).read_chunk(*next(RolloutStore.load(out).chunks()))
@@ -215,17 +215,17 @@ def test_judge_then_evaluate(tmp_path):
 
 def test_estimate_on_the_toy_pair(tmp_path):
     out = tmp_path / "est"
-    args = (f"--out={out}", "--limit=16", "--n_fit=100")
+    args = (f"--out={out}", "--limit=8", "--n_fit=100")
     p = run("estimate.py", *args)
     summary = json.loads((out / "results.json").read_text())
     s = summary["scores"]
     n = s["prompts_with_truth"]
-    assert n == 16
+    assert n == 8
     # Most prompts within one decade of the exact ground truth, fixed seed (measured when this
-    # test was written: paper LPE 14/16, binomial LPE 16/16, IS 3/16, naive 0/16).
-    assert s["lpe"]["within_one_decade"] >= 12, p.stdout
-    assert s["lpe_binomial"]["within_one_decade"] >= 12, p.stdout
-    assert s["lpe_binomial"]["interval_covers_truth"] >= 12, p.stdout
+    # test was written: paper LPE 7/8, binomial LPE 8/8, its interval covers 8/8, IS 3/8).
+    assert s["lpe"]["within_one_decade"] >= 6, p.stdout
+    assert s["lpe_binomial"]["within_one_decade"] >= 6, p.stdout
+    assert s["lpe_binomial"]["interval_covers_truth"] >= 6, p.stdout
     assert (out / "figures" / "toy00.png").stat().st_size > 0
     # Rerunning resumes: every prompt is already done, nothing is redrawn.
     before = {f.name: f.read_bytes() for f in (out / "prompts").iterdir()}
@@ -238,39 +238,3 @@ def test_toy_judge_is_refused_for_other_models(tmp_path, hf_checkpoint):
     other = hf_checkpoint()
     p = run("estimate.py", f"--out={tmp_path / 'x'}", f"--original={other}", check=False)
     assert p.returncode != 0 and "--judge=toy" in p.stderr and "rubric" in p.stderr
-
-
-def test_scripts_run_on_any_local_pair(tmp_path, hf_checkpoint, hf_tokenizer_dir):
-    """Not only the toy: two local HF directories, a prompts file and an offline judge."""
-    dirs = []
-    for seed, name in ((0, "orig"), (1, "var")):
-        d = tmp_path / name
-        shutil.copytree(hf_checkpoint(seed=seed, tie_word_embeddings=True), d)
-        for f in hf_tokenizer_dir.iterdir():
-            shutil.copy(f, d / f.name)
-        dirs.append(d)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"id": "a", "prompt": "w1 w2 w3"}\n{"id": "b", "prompt": "w4 w5"}\n')
-    pair = [f"--original={dirs[0]}", f"--variant={dirs[1]}", f"--prompts={prompts}"]
-    run_dir = tmp_path / "run"
-    run(
-        "sample.py", *pair, f"--out={run_dir}", "--alphas=0,1", "--rollouts=8", "--max_new_tokens=6"
-    )
-    p = run("judge.py", f"--run={run_dir}", "--judge=string")
-    assert "judged 4 chunks with string" in p.stdout
-    store = RolloutStore.load(run_dir)
-    assert store.manifest["original_hash"] != store.manifest["variant_hash"]
-    assert set(np.unique(store.read_chunk("a", 0.0)["verdicts"])) <= {0, 1}
-    out = tmp_path / "est"
-    p = run(
-        "estimate.py",
-        *pair,
-        f"--out={out}",
-        "--judge=string",
-        "--n_fit=13",
-        "--max_new_tokens=6",
-        "--figures=false",
-    )
-    result = json.loads((out / "results.json").read_text())
-    assert [r["id"] for r in result["prompts"]] == ["a", "b"] and result["scores"] is None
-    assert all(r["rollouts"] > 0 for r in result["prompts"])
