@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 PIP_INSTALL := PYTHONWARNINGS="ignore:Editable installation:UserWarning" $(PY) -m pip install -q
 RUNTIME := $(VENV)/.installed-runtime
 TESTDEPS := $(VENV)/.installed-test
+# Test files run in parallel processes (pytest-xdist), one file per worker at a time so a
+# module's fixtures are built once; most tests compile or run XLA on one core.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint clean
 
@@ -31,7 +34,7 @@ demo: $(RUNTIME)
 test: $(TESTDEPS)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(TESTDEPS)
 	$(VENV)/bin/ruff check --fix .

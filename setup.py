@@ -32,6 +32,7 @@ setup(
         # torch is only a parity reference for the tests; 2.13.0 is the CPU build on this machine.
         "test": [
             "pytest",
+            "pytest-xdist",
             "hypothesis",
             "ruff",
             "torch==2.13.0",
