@@ -222,10 +222,15 @@ def test_estimate_on_the_toy_pair(tmp_path):
     n = s["prompts_with_truth"]
     assert n == 16
     # Most prompts within one decade of the exact ground truth, fixed seed (measured when this
-    # test was written: paper LPE 14/16, binomial LPE 16/16, IS 3/16, naive 0/16).
+    # test was written: paper LPE 14/16, binomial LPE 16/16, pooled LPE 16/16, IS 3/16, naive
+    # 0/16; intervals cover 15/16 binomial, 13/16 pooled).
     assert s["lpe"]["within_one_decade"] >= 12, p.stdout
     assert s["lpe_binomial"]["within_one_decade"] >= 12, p.stdout
     assert s["lpe_binomial"]["interval_covers_truth"] >= 12, p.stdout
+    assert s["lpe_pooled"]["within_one_decade"] >= 12, p.stdout
+    assert s["lpe_pooled"]["interval_covers_truth"] >= 11, p.stdout
+    assert summary["pooled_population"]["prompts"] == 16
+    assert "pooled LPE [95%]" in p.stdout
     assert (out / "figures" / "toy00.png").stat().st_size > 0
     # Rerunning resumes: every prompt is already done, nothing is redrawn.
     before = {f.name: f.read_bytes() for f in (out / "prompts").iterdir()}
