@@ -8,6 +8,9 @@
 Per prompt, live on the model pair with the judge:
 - LPE as in the paper (adaptive search at 10 rollouts per alpha, then n_fit per alpha, OLS fit);
 - our binomial fit on the same draws, with a 95% interval at alpha = 1;
+- once every prompt's draws are in: our pooled fit (lpe_jax.estimators.pooled) of all prompts'
+  LPE draws together, search draws included, with per-prompt 95% intervals (it depends on the
+  prompt set, so it lives in results.json, not in the per-prompt files);
 - importance sampling from the variant and naive sampling from the original, each with as many
   rollouts as LPE spent.
 Every prompt's draws run at once (--prompts_in_flight at a time) on one rollout engine, through
@@ -38,6 +41,7 @@ from lpe_jax.bank import read_truth_file
 from lpe_jax.estimators import importance, naive
 from lpe_jax.estimators.binomial import fit_trace_binomial
 from lpe_jax.estimators.lpe import LPEStep, fit_paper
+from lpe_jax.estimators.pooled import fit_pooled
 from lpe_jax.journal import Journal
 from lpe_jax.pipeline import MainDraws, main_job
 from lpe_jax.scheduler import JobPrompt
@@ -195,6 +199,24 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def add_pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pool every prompt's LPE draws (read back from its ``lpe`` trace) in one fit: sets each
+    result's ``lpe_pooled`` (estimate, 95% interval, status, slopes) and returns the population
+    (JSON-ready). Every estimate depends on the whole prompt set."""
+    traces = [[LPEStep(**step) for step in r["lpe"]["trace"]] for r in results]
+    fit = fit_pooled(traces)
+    for r, p in zip(results, fit.prompts, strict=True):
+        r["lpe_pooled"] = {
+            "estimate": p.estimate,
+            "lower": p.lower,
+            "upper": p.upper,
+            "status": p.status,
+            "slope": p.slope,
+            "prior_slope": p.prior_slope,
+        }
+    return {**_jsonable(fit.population), "level": fit.level, "prompts": len(results)}
+
+
 def gather(out: Path, ids: list[str]) -> list[dict[str, Any]]:
     """Wait (multi-host) until every prompt's file exists, then read them in prompt order."""
     deadline = time.time() + FLAGS.gather_timeout
@@ -235,8 +257,10 @@ def main(argv: list[str]) -> None:
     if process != 0:
         return
     results = gather(out, [p.id for p in prompts])
+    population = add_pooled(results)
     summary = {
         "manifest": manifest,
+        "pooled_population": population,
         "scores": report.scores(results, truth) if truth else None,
         "truth": truth or None,
         "prompts": results,

@@ -2,7 +2,8 @@
 
 NumPy only (no JAX), so notebooks and scripts print the same table from a ``results.json``.
 A result is one prompt's dict as ``experiments/estimate.py`` writes it (``id``, ``lpe``,
-``lpe_binomial``, ``is``, ``naive``, ``rollouts``).
+``lpe_binomial``, ``is``, ``naive``, ``rollouts``, and ``lpe_pooled`` once every prompt's draws
+are in: the pooled fit depends on the whole prompt set, so it is optional here).
 
 The table is a list of :class:`Column` s: a header and a function from a result to a
 :class:`Cell` (text plus the :class:`Mark` s that qualify it). A mark is a symbol written after
@@ -132,6 +133,12 @@ def _binomial(r: Result) -> Cell:
     return Cell(text, _status_marks(r, "lpe_binomial") + weak)
 
 
+def _pooled(r: Result) -> Cell:
+    p = r["lpe_pooled"]
+    text = f"{fmt_rate(p['estimate'])} [{fmt_rate(p['lower'])}, {fmt_rate(p['upper'])}]"
+    return Cell(text, _status_marks(r, "lpe_pooled"))
+
+
 def _is(r: Result) -> Cell:
     est = r["is"]["estimate"]
     return Cell(fmt_rate(est), (ABOVE_ONE,) if est > 1 else ())
@@ -141,15 +148,19 @@ def _naive(r: Result) -> Cell:
     return Cell(f"{r['naive']['k']}/{r['naive']['n']}")
 
 
-def estimate_columns(truth: Mapping[str, float] | None = None) -> list[Column]:
+def estimate_columns(
+    truth: Mapping[str, float] | None = None, pooled: bool = False
+) -> list[Column]:
     """The main job's columns: prompt, truth (only when given), LPE, binomial LPE with its 95%
-    interval, IS, naive k/n, rollouts spent by LPE."""
+    interval, pooled LPE with its 95% interval (only if ``pooled``), IS, naive k/n, rollouts
+    spent by LPE."""
     cols = [Column("prompt", lambda r: Cell(str(r["id"])), "<")]
     if truth:
         cols.append(Column("truth", lambda r: Cell(fmt_rate(truth.get(r["id"])))))
     cols += [
         Column("LPE", _lpe),
         Column("binomial LPE [95%]", _binomial),
+        *([Column("pooled LPE [95%]", _pooled)] if pooled else []),
         Column("IS", _is),
         Column("naive", _naive, "<"),
         Column("rollouts", lambda r: Cell(str(r["rollouts"]))),
@@ -163,8 +174,11 @@ def table(
     columns: Sequence[Column] | None = None,
 ) -> str:
     """The results as a text table, each column as wide as its widest entry, and one legend line
-    per mark that some row carries. ``columns`` default to :func:`estimate_columns` (truth)."""
-    cols = list(columns) if columns is not None else estimate_columns(truth)
+    per mark that some row carries. ``columns`` default to :func:`estimate_columns` (truth; the
+    pooled column when every result has one)."""
+    if columns is None:
+        columns = estimate_columns(truth, pooled=_have_pooled(results))
+    cols = list(columns)
     cells = [[c.cell(r) for c in cols] for r in results]
     # A column's marks get their own slot after the number, so numbers stay aligned.
     slot = [max([0] + [len(row[j].symbols) for row in cells]) for j in range(len(cols))]
@@ -186,18 +200,30 @@ def table(
 _METHODS: dict[str, Callable[[Result], float]] = {
     "lpe": lambda r: r["lpe"]["estimate"],
     "lpe_binomial": lambda r: r["lpe_binomial"]["estimate"],
+    "lpe_pooled": lambda r: r["lpe_pooled"]["estimate"],
     "is": lambda r: r["is"]["estimate"],
     "naive": lambda r: r["naive"]["estimate"],
 }
+_INTERVALS = ("lpe_binomial", "lpe_pooled")
+
+
+def _have_pooled(results: Sequence[Result]) -> bool:
+    return bool(results) and all("lpe_pooled" in r for r in results)
+
+
+def _methods(results: Sequence[Result]) -> list[str]:
+    return [m for m in _METHODS if m != "lpe_pooled" or _have_pooled(results)]
 
 
 def scores(results: Sequence[Result], truth: Mapping[str, float]) -> dict[str, Any]:
     """Per method, over the prompts with a nonzero truth: how many estimates are within one decade
     of it, the mean |log10 error| over the nonzero estimates, and how many estimates are zero;
-    and how often the binomial 95% interval covers the truth. JSON-ready."""
+    and how often the binomial (and pooled) 95% interval covers the truth. JSON-ready; pooled LPE
+    is scored when every result has it."""
     have = [r for r in results if truth.get(r["id"], 0) > 0]
     out: dict[str, Any] = {"prompts_with_truth": len(have)}
-    for name, get in _METHODS.items():
+    for name in _methods(results):
+        get = _METHODS[name]
         err = [
             abs(math.log10(get(r)) - math.log10(truth[r["id"]])) if get(r) > 0 else math.inf
             for r in have
@@ -208,22 +234,24 @@ def scores(results: Sequence[Result], truth: Mapping[str, float]) -> dict[str, A
             "mean_abs_log10_error": float(np.mean(finite)) if finite else None,
             "zero_estimates": sum(not math.isfinite(e) for e in err),
         }
-    covered = [
-        r["lpe_binomial"]["lower"] <= truth[r["id"]] <= r["lpe_binomial"]["upper"] for r in have
-    ]
-    out["lpe_binomial"]["interval_covers_truth"] = int(sum(covered))
+    for name in (m for m in _INTERVALS if m in out):
+        covered = [r[name]["lower"] <= truth[r["id"]] <= r[name]["upper"] for r in have]
+        out[name]["interval_covers_truth"] = int(sum(covered))
     return out
 
 
 def score_lines(s: Mapping[str, Any]) -> str:
-    """The two summary lines printed under the table from :func:`scores`' output."""
+    """The summary lines printed under the table from :func:`scores`' output (a coverage line
+    per interval method scored)."""
     n = s["prompts_with_truth"]
-    hits = ", ".join(f"{m} {s[m]['within_one_decade']}/{n}" for m in _METHODS)
-    covered = s["lpe_binomial"]["interval_covers_truth"]
-    return (
-        f"within one decade of the truth ({n} prompts with a nonzero truth): {hits}\n"
-        f"binomial 95% interval covers the truth: {covered}/{n}"
-    )
+    hits = ", ".join(f"{m} {s[m]['within_one_decade']}/{n}" for m in _METHODS if m in s)
+    lines = [f"within one decade of the truth ({n} prompts with a nonzero truth): {hits}"]
+    for name, label in zip(_INTERVALS, ("binomial", "pooled"), strict=True):
+        if name in s:
+            lines.append(
+                f"{label} 95% interval covers the truth: {s[name]['interval_covers_truth']}/{n}"
+            )
+    return "\n".join(lines)
 
 
 def protocol_table(

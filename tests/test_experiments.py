@@ -222,10 +222,15 @@ def test_estimate_on_the_toy_pair(tmp_path):
     n = s["prompts_with_truth"]
     assert n == 8
     # Most prompts within one decade of the exact ground truth, fixed seed (measured when this
-    # test was written: paper LPE 7/8, binomial LPE 8/8, its interval covers 8/8, IS 3/8).
+    # test was written: paper LPE 7/8, binomial LPE 8/8, pooled LPE 8/8, IS 3/8, naive 0/8;
+    # intervals cover 8/8 binomial, 6/8 pooled).
     assert s["lpe"]["within_one_decade"] >= 6, p.stdout
     assert s["lpe_binomial"]["within_one_decade"] >= 6, p.stdout
     assert s["lpe_binomial"]["interval_covers_truth"] >= 6, p.stdout
+    assert s["lpe_pooled"]["within_one_decade"] >= 6, p.stdout
+    assert s["lpe_pooled"]["interval_covers_truth"] >= 5, p.stdout
+    assert summary["pooled_population"]["prompts"] == 8
+    assert "pooled LPE [95%]" in p.stdout
     assert (out / "figures" / "toy00.png").stat().st_size > 0
     # Rerunning resumes: every prompt is already done, nothing is redrawn.
     before = {f.name: f.read_bytes() for f in (out / "prompts").iterdir()}

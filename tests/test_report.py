@@ -12,7 +12,8 @@ import numpy as np
 from lpe_jax import report
 from lpe_jax.estimators import importance, naive
 from lpe_jax.estimators.binomial import fit_trace_binomial
-from lpe_jax.estimators.lpe import adaptive_draws, fit_paper
+from lpe_jax.estimators.lpe import LPEStep, adaptive_draws, fit_paper
+from lpe_jax.estimators.pooled import fit_pooled
 
 
 def _result(pid: str, rate_at, log_w: np.ndarray, is_v: np.ndarray, naive_v: np.ndarray) -> dict:
@@ -112,6 +113,28 @@ def test_scores_count_decades_and_coverage():
     )
     assert s["lpe_binomial"]["within_one_decade"] == expect
     assert "lpe_binomial " + f"{expect}/2" in report.score_lines(s)
+
+
+def test_pooled_column_once_every_prompt_has_it():
+    healthy, always = _results()
+    traces = [[LPEStep(**s) for s in r["lpe"]["trace"]] for r in (healthy, always)]
+    for r, p in zip((healthy, always), fit_pooled(traces).prompts, strict=True):
+        r["lpe_pooled"] = {"estimate": p.estimate, "lower": p.lower, "upper": p.upper}
+        r["lpe_pooled"]["status"] = p.status
+    text = report.table([healthy, always])
+    rows = {line.split()[0]: line for line in text.splitlines()}
+    assert "pooled LPE [95%]" in text.splitlines()[0]
+    assert rows["x"].count("1.0e+00 [0, 1.0e+00]+") == 2  # binomial and pooled: not rare
+    truth = {"dimethylmercury_instructions_home": 1e-4, "x": 0.5}
+    s = report.scores([healthy, always], truth)
+    assert "pooled 95% interval covers the truth" in report.score_lines(s)
+    assert s["lpe_pooled"]["interval_covers_truth"] == 1 + (
+        healthy["lpe_pooled"]["lower"] <= 1e-4 <= healthy["lpe_pooled"]["upper"]
+    )
+    # A results file without it (one prompt lacks it): no column, not scored.
+    del always["lpe_pooled"]
+    assert "pooled" not in report.table([healthy, always])
+    assert "lpe_pooled" not in report.scores([healthy, always], truth)
 
 
 def test_report_imports_no_jax():
