@@ -5,6 +5,8 @@ JAX runs on CPU in tests. `hf_checkpoint` builds tiny random Hugging Face Qwen3 
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -13,6 +15,32 @@ from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+_XLA_CACHE_VARS = {
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+}
+_created_xla_cache: str | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The scripts the tests launch (about 30 processes) compile the same small programs again
+    and again; a persistent XLA cache shared by every process of this run saves ~10 s of CPU per
+    launch. Set after jax was imported here, it reaches the subprocesses and the pytest-xdist
+    workers (which import jax after inheriting it), not a plain single-process run. Compilation
+    counts stay exact: the cache starts empty each run, and the tests that count compilations use
+    shapes no other test compiles. A user's own JAX_COMPILATION_CACHE_DIR is kept."""
+    global _created_xla_cache
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    _created_xla_cache = tempfile.mkdtemp(prefix="lpe_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _created_xla_cache
+    os.environ.update(_XLA_CACHE_VARS)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _created_xla_cache is not None:
+        shutil.rmtree(_created_xla_cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
