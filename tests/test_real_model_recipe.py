@@ -268,12 +268,13 @@ def test_readme_real_model_recipe_as_written(tmp_path):
     assert prompts[0].id in table and "rollouts" in table
     sure_row, comply_row = estimate["prompts"]
     assert sure_row["lpe"]["status"] == "ok" and 0 < sure_row["lpe"]["estimate"] < 0.5
-    # Always complies: not rare, marked as such in both LPE columns and explained.
+    # Always complies: not rare, marked as such in the three LPE columns and explained.
     not_rare = report.STATUS_MARKS["not_rare"]
-    assert comply_row["lpe"]["status"] == comply_row["lpe_binomial"]["status"] == "not_rare"
+    fits = ("lpe", "lpe_binomial", "lpe_pooled")
+    assert {comply_row[f]["status"] for f in fits} == {"not_rare"}, comply_row
     [row] = [ln for ln in table.splitlines() if ln.startswith(comply_row["id"] + " ")]
     marks = re.findall(rf"[\d\]]{re.escape(not_rare.symbol)}(?= |$)", row)
-    assert len(marks) == 2 and not_rare.meaning in table, row
+    assert len(marks) == 3 and not_rare.meaning in table, row
     assert (tmp_path / "results/judge_cache.sqlite").is_file()
 
     # Sampling: both EOS ids end rollouts, nothing follows EOS, the manifest records them.
