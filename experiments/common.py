@@ -96,6 +96,13 @@ def define_model_flags() -> None:
         None,
         "Engine slots: rows decoded side by side in one compiled step (default: from free memory).",
     )
+    flags.DEFINE_integer(
+        "refills_per_step",
+        None,
+        "Engine: most finished slots that take a new row per step (default max(8, slots / 16)); "
+        "raise it for short answers (slots / mean answer tokens), e.g. the toy's 13-token ones.",
+        lower_bound=1,
+    )
     flags.DEFINE_bool("enable_thinking", False, "Qwen3 chat template: let the model think first.")
     flags.DEFINE_enum(
         "tied_head",
@@ -192,8 +199,9 @@ def load_pair() -> Any:
 
 
 def make_engine(pair: Any, max_prompt_len: int, **kw: Any) -> Any:
-    """The rollout engine on both models (--path, --max_new_tokens, --temperature, --max_rows),
-    with memory planned for prompts of up to max_prompt_len tokens (kw: RolloutEngine's)."""
+    """The rollout engine on both models (--path, --max_new_tokens, --temperature, --max_rows,
+    --refills_per_step), memory planned for prompts of up to max_prompt_len tokens (kw:
+    RolloutEngine's)."""
     from lpe_jax.engine import RolloutEngine
 
     return RolloutEngine(
@@ -204,6 +212,7 @@ def make_engine(pair: Any, max_prompt_len: int, **kw: Any) -> Any:
         pair.eos_token_ids,
         temperature=FLAGS.temperature,
         slots=FLAGS.max_rows,
+        refills_per_step=FLAGS.refills_per_step,
         max_prompt_len=max_prompt_len,
         **kw,
     )

@@ -218,6 +218,7 @@ class _Spec:
     mesh: jax.sharding.Mesh
     kv_shapes: tuple[tuple[Qwen3Config, Any], tuple[Qwen3Config, Any]]  # (config, dtype)
     conditioned: bool = False  # the model takes each row's alpha (see RolloutEngine)
+    refills: int = 0  # most slots refilled per step; 0: max(8, S // 16)
 
 
 def _own_logits(l_o: Array, l_v: Array, alpha: Array) -> Array:
@@ -341,16 +342,16 @@ def _insert(queue: RowQueue, rows: dict[str, Array], n: Array) -> RowQueue:
     return queue.replace(**fields, tail=queue.tail + n)
 
 
-def _refill(state: EngineState) -> EngineState:
+def _refill(state: EngineState, refills: int) -> EngineState:
     """Free, clean slots take the next queued rows, in slot order, and copy in their prompt.
 
-    At most max(8, S // 16) slots are refilled per step, the rest wait a step: every step pays for
-    that many prompt copies (and row keys) whether or not they happen, and rows end far less often
-    than that once they are a few tokens long.
+    At most `refills` (0: max(8, S // 16)) slots are refilled per step, the rest wait a step:
+    every step pays for that many prompt copies (and row keys) whether or not they happen, and
+    rows end far less often than that once they are a few tokens long.
     """
     s, q, p = state.slots, state.queue, state.prompts
     n_slots = s.handle.shape[0]
-    limit = min(n_slots, max(8, n_slots // 16))
+    limit = min(n_slots, refills or max(8, n_slots // 16))
     free = (s.handle < 0) & ~s.poisoned
     rank = jnp.cumsum(free) - 1
     take = free & (rank < jnp.minimum(q.tail - q.head, limit))
@@ -418,7 +419,7 @@ def _step(
 ) -> tuple[EngineState, StepOut]:
     """One decode step of every slot: refill, both models, sample, record; rows that end free
     their slot at once. Returns the new state and this step's StepOut row ([S] per field)."""
-    state = _refill(state)
+    state = _refill(state, spec.refills)
     l_o, l_v, state = _model_logits(spec, models, state)
     s = state.slots
     keys = jax.random.wrap_key_data(s.key)
@@ -536,6 +537,9 @@ class RolloutEngine:
     max_prompt_len: the longest prompt accepted; memory is planned for it (the prompt table grows
         by bucket up to it as longer prompts arrive).
     per_token: also return per-token log-probs (Rollouts.token_logp_*).
+    refills_per_step: at most this many finished slots take a new row per step (None:
+        max(8, S // 16)). Every step pays for that many prompt copies whether or not they happen;
+        raise it only when rows are short (the slots need about S / mean row length per step).
 
     One model (variant=None): every row is sampled from `original`'s own logits, one forward pass
     per token; the path only sets the alpha domain. A model whose class sets
@@ -561,6 +565,7 @@ class RolloutEngine:
         steps_per_call: int = 16,
         max_prompt_len: int = 256,
         per_token: bool = False,
+        refills_per_step: int | None = None,
     ) -> None:
         single = variant is None
         variant = original if single else variant
@@ -596,6 +601,7 @@ class RolloutEngine:
             mesh,
             kv_shapes,
             conditioned,
+            0 if refills_per_step is None else as_int("refills_per_step", refills_per_step, 1),
         )
         rep = sharding.replicated(mesh)
         self._params = (jax.device_put(st_o, rep), None if single else jax.device_put(st_v, rep))

@@ -172,6 +172,21 @@ def test_independent_of_slot_count_and_submission_order(models, engine_results):
         _assert_same(results[_key(r.block)].rollouts, r.rollouts)
 
 
+def test_refill_cap_changes_steps_not_rows(models, engine_results):
+    # One refill per step (the fixture's engine refills all 8 slots at once): rows wait for a
+    # slot longer, so the engine takes more steps, but every row is the same.
+    full, results = engine_results
+    e = _engine(models, refills_per_step=1)
+    for b in BLOCKS:
+        e.submit(b)
+    out = e.run()
+    assert len(out) == len(BLOCKS) and e.stats.steps > full.stats.steps
+    for r in out:
+        _assert_same(results[_key(r.block)].rollouts, r.rollouts)
+    with pytest.raises(ValueError, match="refills_per_step"):
+        _engine(models, refills_per_step=0)
+
+
 def test_nonfinite_rows_flagged_and_slots_reused_cleanly():
     # Variant logits turn NaN once a row feeds bad_tok; the slot that row used must not poison
     # the rows that take it later (masked attention multiplies stale values by 0: 0 * NaN = NaN).
