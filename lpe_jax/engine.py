@@ -39,6 +39,7 @@ from flax import nnx, struct
 from lpe_jax import memory, sharding
 from lpe_jax.paths import PathFn, PathShape, as_path
 from lpe_jax.qwen3 import DecodeKV, Qwen3, Qwen3Config, empty_kv
+from lpe_jax.row_block import RowBlock
 from lpe_jax.sampler import (
     PAD_ID,
     Rollouts,
@@ -66,26 +67,7 @@ def _count_compiles(event: str, duration: float, **kwargs: Any) -> None:
 jax.monitoring.register_event_duration_secs_listener(_count_compiles)
 
 
-# --- the request / result interface ---
-
-
-@dataclasses.dataclass(frozen=True)
-class RowBlock:
-    """Rollouts rollout_start .. rollout_start + count - 1 of one (prompt, alpha, seed) stream.
-
-    prompt_key: identifies the prompt's K/V prefix (computed once while the key is resident); the
-        same key must always come with the same prompt_ids.
-    prompt_ids: int [P], the chat-templated prompt. alpha: a point of the engine's path domain.
-    seed: uint32. tag: the caller's; returned untouched in the BlockResult.
-    """
-
-    prompt_key: Hashable
-    prompt_ids: np.ndarray
-    alpha: float
-    seed: int
-    rollout_start: int
-    count: int
-    tag: Any = None
+# --- the request / result interface (the request, RowBlock, lives in lpe_jax.row_block) ---
 
 
 @dataclasses.dataclass(frozen=True)

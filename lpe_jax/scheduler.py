@@ -49,6 +49,7 @@ import numpy as np
 
 from lpe_jax.estimators.lpe import DrawRequest, DrawResult
 from lpe_jax.judges.base import Judge
+from lpe_jax.row_block import RowBlock
 
 __all__ = [
     "ALPHA_QUANTUM",
@@ -302,12 +303,6 @@ def _rows(rollouts: Any) -> dict[str, np.ndarray]:
     }
 
 
-def _default_row_block() -> Callable[..., Any]:
-    from lpe_jax.engine import RowBlock  # the engine's module imports JAX; only load it here
-
-    return RowBlock
-
-
 class Scheduler:
     """Drive jobs on one engine; see the module docstring.
 
@@ -328,7 +323,6 @@ class Scheduler:
     judge_grace: after handing rows to the judge, wait up to this fraction of the last
         engine.poll's duration for verdicts before polling again (the engine has a call in
         flight meanwhile); 0 never waits.
-    row_block: the RowBlock class (default lpe_jax.engine.RowBlock).
     """
 
     def __init__(
@@ -344,7 +338,6 @@ class Scheduler:
         max_jobs: int | None = None,
         on_outcome: Callable[[Hashable, list[Drawn]], None] | None = None,
         judge_grace: float = 0.5,
-        row_block: Callable[..., Any] | None = None,
     ) -> None:
         if (judge is None) != (decode is None):
             raise ValueError("pass judge and decode together (or neither, for no judging)")
@@ -370,7 +363,6 @@ class Scheduler:
         self.judge_workers, self.judge_batch_rows = int(judge_workers), int(judge_batch_rows)
         self.max_jobs, self.on_outcome = max_jobs, on_outcome
         self.judge_grace, self._poll_s = float(judge_grace), 0.0
-        self.row_block = row_block or _default_row_block()
         self.stats = SchedulerStats()
         self._queued: collections.deque[tuple[Hashable, JobPrompt, Job, list]] = collections.deque()
         self._keys: set[Hashable] = set()
@@ -486,7 +478,7 @@ class Scheduler:
         state = _DrawState(job, draw, start, [None] * n_parts)
         for part in range(n_parts):
             lo = part * self.block_rows
-            block = self.row_block(
+            block = RowBlock(
                 prompt_key=job.prompt.key,
                 prompt_ids=job.prompt.ids,
                 alpha=float(draw.alpha),

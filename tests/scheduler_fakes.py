@@ -21,19 +21,7 @@ from typing import Any
 import numpy as np
 
 from lpe_jax.judges.base import JudgeStats, Verdict
-
-
-@dataclasses.dataclass(frozen=True)
-class RowBlock:
-    """The engine contract's RowBlock (ENGINE_INTERFACE.md)."""
-
-    prompt_key: Hashable
-    prompt_ids: np.ndarray
-    alpha: float
-    seed: int
-    rollout_start: int
-    count: int
-    tag: Any = None
+from lpe_jax.row_block import RowBlock
 
 
 @dataclasses.dataclass(frozen=True)

@@ -100,7 +100,7 @@ def test_derive_seed_is_stable_and_separates_streams():
 def test_main_job_on_the_scheduler_equals_the_serial_order(pair):
     """Several prompts' main jobs interleaved on an engine that returns blocks late and shuffled
     give each prompt what LiveDraw gives it alone, one draw after the other (same seed)."""
-    from scheduler_fakes import RowBlock, SamplerEngine
+    from scheduler_fakes import SamplerEngine
 
     from lpe_jax.estimators.lpe import adaptive_draws
     from lpe_jax.pipeline import main_job, method_seed
@@ -122,7 +122,6 @@ def test_main_job_on_the_scheduler_equals_the_serial_order(pair):
         decode=pair.decode,
         block_rows=8,
         max_inflight_rows=24,
-        row_block=RowBlock,
     )
     for p in prompts:
         ids = toy.chat_ids(p["prompt"])

@@ -232,8 +232,8 @@ def test_readme_real_model_recipe_as_written(tmp_path):
     )
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     env["NO_PROXY"] = "127.0.0.1,localhost"
-    # The scripts compile the same decode loops: later processes reuse earlier compilations.
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
+    # The scripts compile the same decode loops: later processes reuse earlier compilations
+    # through the test run's XLA cache (tests/conftest.py).
     outputs = []
     try:
         for command in commands:

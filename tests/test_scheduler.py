@@ -13,7 +13,6 @@ import threading
 import numpy as np
 import pytest
 from scheduler_fakes import (
-    RowBlock,
     SyntheticEngine,
     SyntheticJudge,
     decode,
@@ -86,7 +85,6 @@ def test_results_equal_the_serial_order(engine_kw, sched_kw):
         SyntheticEngine(max_new_tokens=T, **engine_kw),
         judge=judge,
         decode=decode,
-        row_block=RowBlock,
         **sched_kw,
     )
     got = run_all(sched, n_prompts=10, n_fit=20)
@@ -109,7 +107,7 @@ def test_consecutive_draws_continue_the_stream_and_jobs_finish_in_any_order():
         return out
 
     engine = SyntheticEngine(slots=64, steps=1, max_new_tokens=T)
-    sched = Scheduler(engine, row_block=RowBlock, block_rows=16)
+    sched = Scheduler(engine, block_rows=16)
     sched.add("long", prompt(0), draws(30, 7, 5))
     sched.add("short", prompt(1), draws(2))
     order, got = [], {}
@@ -141,9 +139,7 @@ def test_the_judge_runs_while_the_engine_decodes():
 
     judge = SyntheticJudge(before_call=before_call)
     engine = SyntheticEngine(slots=8, steps=1, max_new_tokens=T, on_poll=on_poll)
-    sched = Scheduler(
-        engine, judge=judge, decode=decode, row_block=RowBlock, block_rows=4, max_inflight_rows=64
-    )
+    sched = Scheduler(engine, judge=judge, decode=decode, block_rows=4, max_inflight_rows=64)
     got = run_all(sched, n_prompts=8, n_fit=10)
     assert len(got) == 8
     assert overlapped.is_set()
@@ -165,7 +161,6 @@ def test_rows_in_flight_stay_bounded():
         engine,
         judge=judge,
         decode=decode,
-        row_block=RowBlock,
         block_rows=8,
         max_inflight_rows=bound,
     )
@@ -187,7 +182,6 @@ def test_judge_failures_are_unknown_never_refused():
         engine,
         judge=judge,
         decode=decode,
-        row_block=RowBlock,
         block_rows=8,
         max_inflight_rows=16,
     )
@@ -219,7 +213,7 @@ def test_a_stream_belongs_to_one_job():
     def j():
         yield Draw(0.5, 3, 1)
 
-    sched = Scheduler(SyntheticEngine(), row_block=RowBlock)
+    sched = Scheduler(SyntheticEngine())
     sched.add("a", prompt(0), j())
     sched.add("b", prompt(0), j())
     with pytest.raises(ValueError, match="job 'a' draws from"):
@@ -241,7 +235,7 @@ def test_bad_yields_are_named(bad, match):
     def j():
         yield bad
 
-    sched = Scheduler(SyntheticEngine(), row_block=RowBlock)
+    sched = Scheduler(SyntheticEngine())
     sched.add("bad", prompt(0), j())
     with pytest.raises((TypeError, ValueError), match=match):
         list(sched.run())
@@ -252,7 +246,7 @@ def test_a_job_that_raises_is_named():
         yield Draw(0.5, 2, 1)
         raise ZeroDivisionError("boom")
 
-    sched = Scheduler(SyntheticEngine(), row_block=RowBlock)
+    sched = Scheduler(SyntheticEngine())
     sched.add("x", prompt(0), j())
     with pytest.raises(RuntimeError, match="job 'x' raised ZeroDivisionError: boom"):
         list(sched.run())
@@ -260,14 +254,14 @@ def test_a_job_that_raises_is_named():
 
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="max_inflight_rows .* >= block_rows"):
-        Scheduler(SyntheticEngine(), row_block=RowBlock, block_rows=64, max_inflight_rows=8)
+        Scheduler(SyntheticEngine(), block_rows=64, max_inflight_rows=8)
     with pytest.raises(ValueError, match="judge and decode together"):
-        Scheduler(SyntheticEngine(), row_block=RowBlock, judge=SyntheticJudge())
+        Scheduler(SyntheticEngine(), judge=SyntheticJudge())
 
     def j():
         yield Draw(0.5, 1, 1)
 
-    sched = Scheduler(SyntheticEngine(), row_block=RowBlock)
+    sched = Scheduler(SyntheticEngine())
     sched.add("k", prompt(0), j())
     with pytest.raises(ValueError, match="already added"):
         sched.add("k", prompt(0), j())
@@ -286,7 +280,7 @@ def test_a_killed_run_resumes_from_its_journal(tmp_path):
 
     def scheduler(journal):
         engine = SyntheticEngine(slots=16, steps=2, max_new_tokens=T)
-        kw = dict(block_rows=8, max_inflight_rows=48, row_block=RowBlock)
+        kw = dict(block_rows=8, max_inflight_rows=48)
         return engine, Scheduler(
             engine,
             judge=SyntheticJudge(7),
@@ -341,14 +335,11 @@ def test_a_journal_of_other_settings_is_refused(tmp_path):
         SyntheticEngine(max_new_tokens=T),
         judge=SyntheticJudge(),
         decode=decode,
-        row_block=RowBlock,
         on_outcome=journal.append,
     )
     sched.add("p0", prompt(0), job("p0", 15))
     dict(sched.run())
-    again = Scheduler(
-        SyntheticEngine(max_new_tokens=T), judge=SyntheticJudge(), decode=decode, row_block=RowBlock
-    )
+    again = Scheduler(SyntheticEngine(max_new_tokens=T), judge=SyntheticJudge(), decode=decode)
     again.add("p0", prompt(0), job("p0", 30), replay=Journal(tmp_path).load("p0"))
     with pytest.raises(ValueError, match="journal comes from a run with other settings"):
         dict(again.run())
@@ -360,7 +351,6 @@ def test_stop_ends_the_run_at_once():
         engine,
         judge=SyntheticJudge(),
         decode=decode,
-        row_block=RowBlock,
         block_rows=4,
         max_inflight_rows=8,
     )
