@@ -313,9 +313,11 @@ class Scheduler:
     max_inflight_rows: rows submitted to the engine and not yet judged, at most (>= block_rows);
         size it to a few times the engine's slots so the device stays busy while judging.
     judge_workers: judge calls running at once (threads; more than 1 needs a judge that may be
-        called from several threads at once); judge_batch_rows: rows per judge call (finished
-        blocks queued for the judge are merged up to this size). An HTTP judge's own concurrency
-        (e.g. RubricJudge max_concurrency) sets how fast one call gets through its rows.
+        called from several threads at once); each worker also has its next batch queued, so it
+        never waits for the loop (busy in engine.poll) between calls. judge_batch_rows: rows per
+        judge call (finished blocks queued for the judge are merged up to this size). An HTTP
+        judge's own concurrency (e.g. RubricJudge max_concurrency) sets how fast one call gets
+        through its rows.
     max_jobs: jobs running at once (None: all); later jobs start as earlier ones finish. Draws of
         earlier-added jobs go to the engine first.
     on_outcome(key, [Drawn, ...]): called when a yield of a job is complete, before the job is
@@ -413,6 +415,7 @@ class Scheduler:
                     self._poll()
                 self._dispatch_judging(pool)
                 self._collect_judged(wait=self.engine.idle and not self._done)
+                self._dispatch_judging(pool)
                 while self._done:
                     yield self._done.popleft()
         finally:
@@ -542,7 +545,10 @@ class Scheduler:
     # -- judge -------------------------------------------------------------------------------
 
     def _dispatch_judging(self, pool: cf.ThreadPoolExecutor) -> None:
-        while self._to_judge and len(self._judging) < self.judge_workers:
+        # Each worker gets a second batch queued behind its current one: a worker that finishes
+        # while the loop is inside engine.poll starts on it at once instead of idling until the
+        # loop hands it more (with a judge as slow as the decode that idling cost ~20% of it).
+        while self._to_judge and len(self._judging) < 2 * self.judge_workers:
             batch, n = [], 0
             while self._to_judge and (not batch or n + self._rows_of(0) <= self.judge_batch_rows):
                 tag, rows = self._to_judge.popleft()

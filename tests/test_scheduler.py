@@ -147,6 +147,30 @@ def test_the_judge_runs_while_the_engine_decodes():
     assert sched.stats.judge_batches < sched.stats.blocks  # finished blocks were merged
 
 
+def test_a_judge_worker_finds_its_next_batch_queued():
+    """While the loop is inside engine.poll, a judge worker that finishes a batch starts the
+    next queued one: here the poll blocks until the judge's second call has begun, which a
+    loop that handed the judge one batch at a time, between polls, would never let happen."""
+    second_call = threading.Event()
+    judge = None
+
+    def on_poll():
+        if judge.calls == 1:
+            assert second_call.wait(timeout=10), "the judge idled while the loop polled"
+
+    def before_call(n_items):
+        if judge.calls == 2:
+            second_call.set()
+
+    judge = SyntheticJudge(before_call=before_call)
+    engine = SyntheticEngine(slots=16, steps=T, max_new_tokens=T, on_poll=on_poll)
+    sched = Scheduler(
+        engine, judge=judge, decode=decode, block_rows=4, judge_batch_rows=4, judge_grace=0
+    )
+    got = run_all(sched, n_prompts=4, n_fit=10)
+    assert len(got) == 4 and second_call.is_set()
+
+
 def test_rows_in_flight_stay_bounded():
     """Rows the engine received and the judge has not finished never exceed the bound."""
     bound = 24
