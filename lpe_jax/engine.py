@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -92,6 +93,7 @@ class EngineStats:
     prefills: int = 0  # prompts prefilled into the table
     evictions: int = 0  # resident prompts replaced by another
     compilations: int = 0  # XLA compilations while this engine's methods ran (any thread)
+    refills_per_step: int = 0  # the current refill cap (see RolloutEngine refills_per_step)
 
     @property
     def slot_use(self) -> float:
@@ -200,7 +202,7 @@ class _Spec:
     mesh: jax.sharding.Mesh
     kv_shapes: tuple[tuple[Qwen3Config, Any], tuple[Qwen3Config, Any]]  # (config, dtype)
     conditioned: bool = False  # the model takes each row's alpha (see RolloutEngine)
-    refills: int = 0  # most slots refilled per step; 0: max(8, S // 16)
+    refills: int = 0  # most slots refilled per step (>= 1; set once the slot count is known)
 
 
 def _own_logits(l_o: Array, l_v: Array, alpha: Array) -> Array:
@@ -327,13 +329,13 @@ def _insert(queue: RowQueue, rows: dict[str, Array], n: Array) -> RowQueue:
 def _refill(state: EngineState, refills: int) -> EngineState:
     """Free, clean slots take the next queued rows, in slot order, and copy in their prompt.
 
-    At most `refills` (0: max(8, S // 16)) slots are refilled per step, the rest wait a step:
-    every step pays for that many prompt copies (and row keys) whether or not they happen, and
-    rows end far less often than that once they are a few tokens long.
+    At most `refills` slots are refilled per step, the rest wait a step: every step pays for that
+    many prompt copies (and row keys) whether or not they happen, and rows end far less often
+    than that once they are a few tokens long.
     """
     s, q, p = state.slots, state.queue, state.prompts
     n_slots = s.handle.shape[0]
-    limit = min(n_slots, refills or max(8, n_slots // 16))
+    limit = min(n_slots, refills)
     free = (s.handle < 0) & ~s.poisoned
     rank = jnp.cumsum(free) - 1
     take = free & (rank < jnp.minimum(q.tail - q.head, limit))
@@ -519,9 +521,13 @@ class RolloutEngine:
     max_prompt_len: the longest prompt accepted; memory is planned for it (the prompt table grows
         by bucket up to it as longer prompts arrive).
     per_token: also return per-token log-probs (Rollouts.token_logp_*).
-    refills_per_step: at most this many finished slots take a new row per step (None:
-        max(8, S // 16)). Every step pays for that many prompt copies whether or not they happen;
-        raise it only when rows are short (the slots need about S / mean row length per step).
+    refills_per_step: at most this many finished slots take a new row per step. Every step pays
+        for that many prompt copies whether or not they happen, and full slots need about
+        S / mean row length refills per step. None (the default) chooses it: max(8, S // 16) at
+        first, then raised (never lowered) to the power of two >= 1.5 S / L once 4 S rows have
+        ended, where L = generated tokens / ended rows (the mean row length once decoding is
+        steady). Each new cap compiles the step once: at most log2(S / 8) times. Rows never
+        depend on the cap.
 
     One model (variant=None): every row is sampled from `original`'s own logits, one forward pass
     per token; the path only sets the alpha domain. A model whose class sets
@@ -588,8 +594,11 @@ class RolloutEngine:
         rep = sharding.replicated(mesh)
         self._params = (jax.device_put(st_o, rep), None if single else jax.device_put(st_v, rep))
         self.slots, self.max_prompts = self._plan(slots, max_prompts)
+        self._auto_refills = refills_per_step is None
+        if self._auto_refills:
+            self._spec = dataclasses.replace(self._spec, refills=max(8, self.slots // 16))
         self._queue_rows = 4 * self.slots
-        self.stats = EngineStats(slots=self.slots)
+        self.stats = EngineStats(slots=self.slots, refills_per_step=self._refill_cap)
         before = _compile_events[0]
         self._prompt_slots = prompt_bucket(1)
         self._state = _init_state(
@@ -709,6 +718,8 @@ class RolloutEngine:
         done: list[BlockResult] = []
         while len(self._inflight) > keep:
             done += self._harvest(*self._inflight.popleft())
+        if self._auto_refills:
+            self._raise_refill_cap()
         self.stats.compilations += _compile_events[0] - before
         return done
 
@@ -743,6 +754,24 @@ class RolloutEngine:
         return int(ma.argument_size_in_bytes + out + ma.temp_size_in_bytes)
 
     # --- internals ---
+
+    @property
+    def _refill_cap(self) -> int:
+        return min(self.slots, self._spec.refills)
+
+    def _raise_refill_cap(self) -> None:
+        """Auto mode: raise the refill cap to what the rows seen so far need (see __init__).
+
+        Waiting for 4 S ended rows keeps the estimate from the first, short rows to end (with
+        S slots full, rows ended ~ tokens / L + O(S)): the cap may still err one power of two.
+        """
+        if self.stats.rows < 4 * self.slots or self._refill_cap >= self.slots:
+            return
+        mean_len = self.stats.tokens / self.stats.rows
+        want = 1 << max(0, math.ceil(math.log2(1.5 * self.slots / max(mean_len, 1.0))))
+        if want > self._refill_cap:
+            self._spec = dataclasses.replace(self._spec, refills=min(want, self.slots))
+            self.stats.refills_per_step = self._refill_cap
 
     def _admit(self) -> None:
         """Move pending rows into the device queue while it has room and their prompt a table

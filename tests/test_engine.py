@@ -181,10 +181,28 @@ def test_refill_cap_changes_steps_not_rows(models, engine_results):
         e.submit(b)
     out = e.run()
     assert len(out) == len(BLOCKS) and e.stats.steps > full.stats.steps
+    assert e.stats.refills_per_step == 1  # a cap the caller sets stays
     for r in out:
         _assert_same(results[_key(r.block)].rollouts, r.rollouts)
     with pytest.raises(ValueError, match="refills_per_step"):
         _engine(models, refills_per_step=0)
+
+
+@pytest.mark.parametrize("alpha, cap", [(0.95, 16), (0.05, 8)])
+def test_the_refill_cap_follows_row_length(models, engine_results, alpha, cap):
+    # By default the cap starts at max(8, S/16) = 8 and rises once 4 S rows have ended to what
+    # their length needs: rows of one token (alpha 0.95) need every slot refilled each step;
+    # rows that never end (alpha 0.05, T tokens) need 1.5 * 16 / 8 = 3, so the cap stays.
+    _, results = engine_results
+    e = _engine(models, slots=16)
+    assert e.stats.refills_per_step == 8
+    e.submit(RowBlock("p2", PROMPTS["p2"], alpha, 5, 0, 6 * e.slots))
+    for b in BLOCKS:
+        e.submit(b)
+    out = {_key(r.block): r for r in e.run()}
+    assert e.stats.refills_per_step == cap
+    for b in BLOCKS:  # the rows do not depend on the cap
+        _assert_same(results[_key(b)].rollouts, out[_key(b)].rollouts)
 
 
 def test_nonfinite_rows_flagged_and_slots_reused_cleanly():
