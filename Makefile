@@ -29,9 +29,7 @@ $(TESTDEPS): setup.py | $(VENV)/bin/python
 
 demo: $(RUNTIME)
 	rm -rf results/demo
-	# The toy's answers are ~13 tokens: its 256 slots need ~20 refills per step, not the default 16.
-	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) experiments/estimate.py --out=results/demo \
-		--refills_per_step=32
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) experiments/estimate.py --out=results/demo
 
 test: $(TESTDEPS)
 	$(VENV)/bin/ruff check .

@@ -99,8 +99,8 @@ def define_model_flags() -> None:
     flags.DEFINE_integer(
         "refills_per_step",
         None,
-        "Engine: most finished slots that take a new row per step (default max(8, slots / 16)); "
-        "raise it for short answers (slots / mean answer tokens), e.g. the toy's 13-token ones.",
+        "Engine: most finished slots that take a new row per step (default: max(8, slots / 16), "
+        "raised to ~1.5 slots / mean answer tokens once the answers' length is known).",
         lower_bound=1,
     )
     flags.DEFINE_bool("enable_thinking", False, "Qwen3 chat template: let the model think first.")

@@ -153,13 +153,17 @@ def estimate_prompts(
     st = sched.stats
     logging.info(
         "drew %d rollouts in %.1fs (%.0f/s; model load excluded); judge waits %d, engine polls "
-        "%d (%d while judging)",
+        "%d (%d while judging); engine: %d slots, slot use %.2f, refill cap %d, %d compilations",
         st.rows,
         seconds,
         st.rows / max(seconds, 1e-9),
         st.judge_waits,
         st.polls,
         st.polls_while_judging,
+        engine.stats.slots,
+        engine.stats.slot_use,
+        engine.stats.refills_per_step,
+        engine.stats.compilations,
     )
 
 

@@ -524,10 +524,10 @@ class RolloutEngine:
     refills_per_step: at most this many finished slots take a new row per step. Every step pays
         for that many prompt copies whether or not they happen, and full slots need about
         S / mean row length refills per step. None (the default) chooses it: max(8, S // 16) at
-        first, then raised (never lowered) to the power of two >= 1.5 S / L once 4 S rows have
-        ended, where L = generated tokens / ended rows (the mean row length once decoding is
-        steady). Each new cap compiles the step once: at most log2(S / 8) times. Rows never
-        depend on the cap.
+        first, then after every 4 S ended rows the power of two >= 1.5 S / L (not below the
+        first value), where L = tokens generated / rows ended in that window (the mean row
+        length). Each cap compiles the step once: at most log2(S / 8) + 1 compilations. Rows
+        never depend on the cap.
 
     One model (variant=None): every row is sampled from `original`'s own logits, one forward pass
     per token; the path only sets the alpha domain. A model whose class sets
@@ -595,8 +595,10 @@ class RolloutEngine:
         self._params = (jax.device_put(st_o, rep), None if single else jax.device_put(st_v, rep))
         self.slots, self.max_prompts = self._plan(slots, max_prompts)
         self._auto_refills = refills_per_step is None
+        self._refill_floor = max(8, self.slots // 16)
+        self._refill_window = (0, 0)  # engine tokens and ended rows when the window opened
         if self._auto_refills:
-            self._spec = dataclasses.replace(self._spec, refills=max(8, self.slots // 16))
+            self._spec = dataclasses.replace(self._spec, refills=self._refill_floor)
         self._queue_rows = 4 * self.slots
         self.stats = EngineStats(slots=self.slots, refills_per_step=self._refill_cap)
         before = _compile_events[0]
@@ -719,7 +721,7 @@ class RolloutEngine:
         while len(self._inflight) > keep:
             done += self._harvest(*self._inflight.popleft())
         if self._auto_refills:
-            self._raise_refill_cap()
+            self._tune_refill_cap()
         self.stats.compilations += _compile_events[0] - before
         return done
 
@@ -759,19 +761,25 @@ class RolloutEngine:
     def _refill_cap(self) -> int:
         return min(self.slots, self._spec.refills)
 
-    def _raise_refill_cap(self) -> None:
-        """Auto mode: raise the refill cap to what the rows seen so far need (see __init__).
+    def _tune_refill_cap(self) -> None:
+        """Auto mode: set the refill cap to what the last window of rows needed (see __init__).
 
-        Waiting for 4 S ended rows keeps the estimate from the first, short rows to end (with
-        S slots full, rows ended ~ tokens / L + O(S)): the cap may still err one power of two.
+        A window closes once 4 S rows have ended in it; L = its tokens / its ended rows is off by
+        at most the S rows running at either edge, so by <= 25%. Caps are powers of two, each
+        compiled once, so a workload whose answers change length switches between compiled
+        steps.
         """
-        if self.stats.rows < 4 * self.slots or self._refill_cap >= self.slots:
+        tokens0, rows0 = self._refill_window
+        rows = self.stats.rows - rows0
+        if rows < 4 * self.slots:
             return
-        mean_len = self.stats.tokens / self.stats.rows
+        mean_len = (self.stats.tokens - tokens0) / rows
         want = 1 << max(0, math.ceil(math.log2(1.5 * self.slots / max(mean_len, 1.0))))
-        if want > self._refill_cap:
-            self._spec = dataclasses.replace(self._spec, refills=min(want, self.slots))
-            self.stats.refills_per_step = self._refill_cap
+        cap = min(self.slots, max(want, self._refill_floor))
+        if cap != self._refill_cap:
+            self._spec = dataclasses.replace(self._spec, refills=cap)
+            self.stats.refills_per_step = cap
+        self._refill_window = (self.stats.tokens, self.stats.rows)
 
     def _admit(self) -> None:
         """Move pending rows into the device queue while it has room and their prompt a table
