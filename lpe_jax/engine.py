@@ -202,7 +202,7 @@ class _Spec:
     mesh: jax.sharding.Mesh
     kv_shapes: tuple[tuple[Qwen3Config, Any], tuple[Qwen3Config, Any]]  # (config, dtype)
     conditioned: bool = False  # the model takes each row's alpha (see RolloutEngine)
-    refills: int = 0  # most slots refilled per step (>= 1; set once the slot count is known)
+    refills: int = 0  # most slots refilled per step, 1..S (set once the slot count is known)
 
 
 def _own_logits(l_o: Array, l_v: Array, alpha: Array) -> Array:
@@ -557,6 +557,9 @@ class RolloutEngine:
     ) -> None:
         single = variant is None
         variant = original if single else variant
+        refills = None
+        if refills_per_step is not None:
+            refills = as_int("refills_per_step", refills_per_step, 1)
         eos = check_pair(
             original, variant, max_new_tokens, eos_token_ids, temperature, tokenizer_ids
         )
@@ -588,19 +591,18 @@ class RolloutEngine:
             float(temperature),
             mesh,
             kv_shapes,
-            conditioned,
-            0 if refills_per_step is None else as_int("refills_per_step", refills_per_step, 1),
+            conditioned,  # refills: set below, once the slot count is known
         )
         rep = sharding.replicated(mesh)
         self._params = (jax.device_put(st_o, rep), None if single else jax.device_put(st_v, rep))
         self.slots, self.max_prompts = self._plan(slots, max_prompts)
-        self._auto_refills = refills_per_step is None
-        self._refill_floor = max(8, self.slots // 16)
+        self._auto_refills = refills is None
+        self._refill_floor = min(self.slots, max(8, self.slots // 16))
         self._refill_window = (0, 0)  # engine tokens and ended rows when the window opened
-        if self._auto_refills:
-            self._spec = dataclasses.replace(self._spec, refills=self._refill_floor)
+        refills = min(self.slots, refills or self._refill_floor)
+        self._spec = dataclasses.replace(self._spec, refills=refills)
         self._queue_rows = 4 * self.slots
-        self.stats = EngineStats(slots=self.slots, refills_per_step=self._refill_cap)
+        self.stats = EngineStats(slots=self.slots, refills_per_step=refills)
         before = _compile_events[0]
         self._prompt_slots = prompt_bucket(1)
         self._state = _init_state(
@@ -757,17 +759,14 @@ class RolloutEngine:
 
     # --- internals ---
 
-    @property
-    def _refill_cap(self) -> int:
-        return min(self.slots, self._spec.refills)
-
     def _tune_refill_cap(self) -> None:
         """Auto mode: set the refill cap to what the last window of rows needed (see __init__).
 
-        A window closes once 4 S rows have ended in it; L = its tokens / its ended rows is off by
-        at most the S rows running at either edge, so by <= 25%. Caps are powers of two, each
-        compiled once, so a workload whose answers change length switches between compiled
-        steps.
+        A window closes once 4 S rows have ended in it; L = its tokens / its ended rows counts
+        the (at most S) rows running at either edge by the tokens they made inside the window,
+        so for rows of similar length it is off by about S / 4 S = 25% at most. Caps are powers
+        of two, each compiled once, so a workload whose answers change length switches between
+        compiled steps.
         """
         tokens0, rows0 = self._refill_window
         rows = self.stats.rows - rows0
@@ -776,7 +775,7 @@ class RolloutEngine:
         mean_len = (self.stats.tokens - tokens0) / rows
         want = 1 << max(0, math.ceil(math.log2(1.5 * self.slots / max(mean_len, 1.0))))
         cap = min(self.slots, max(want, self._refill_floor))
-        if cap != self._refill_cap:
+        if cap != self._spec.refills:
             self._spec = dataclasses.replace(self._spec, refills=cap)
             self.stats.refills_per_step = cap
         self._refill_window = (self.stats.tokens, self.stats.rows)

@@ -415,7 +415,7 @@ class Scheduler:
                     self._poll()
                 self._dispatch_judging(pool)
                 self._collect_judged(wait=self.engine.idle and not self._done)
-                self._dispatch_judging(pool)
+                self._dispatch_judging(pool)  # refill the queue slot a finished call freed
                 while self._done:
                     yield self._done.popleft()
         finally:
