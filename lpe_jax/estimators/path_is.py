@@ -135,11 +135,9 @@ def _kish(lw: np.ndarray) -> float:
     return float(np.exp(2 * logsumexp(lw) - logsumexp(2 * lw)))
 
 
-def _mean_var(y: np.ndarray) -> tuple[float, float]:
-    """Sample mean and variance (ddof=1; NaN below 2 values) of scaled terms y = w c / shift."""
-    if y.size == 0:
-        return np.nan, np.nan
-    return float(y.mean()), float(y.var(ddof=1)) if y.size > 1 else np.nan
+def _var(y: np.ndarray) -> float:
+    """Sample variance (ddof=1) of scaled terms y = w c / e^shift; NaN below 2 values."""
+    return float(y.var(ddof=1)) if y.size > 1 else np.nan
 
 
 def _crossfit_weights(n_h: np.ndarray, var_other: np.ndarray) -> np.ndarray:
@@ -159,6 +157,33 @@ def _crossfit_weights(n_h: np.ndarray, var_other: np.ndarray) -> np.ndarray:
     return raw / raw.sum()
 
 
+def _combine(group, usable, y_all, n_h, var_h, var_k):
+    """Cross-fitted combination: (terms a_j of the sum [scaled], its variance [scaled], shares [K]).
+
+    a_j = share_{k,h} y_j / n_{k,h}; the variance holds the shares fixed, with each alpha's spread
+    from all its draws (an alpha that saw none gets the largest seen, as in the shares).
+    """
+    k_n = n_h.shape[1]
+    halves = [h for h in (0, 1) if n_h[h].sum() > 0]
+    share = np.zeros((2, k_n))
+    for h in halves:
+        share[h] = _crossfit_weights(n_h[h], var_h[1 - h]) / len(halves)
+    terms = [np.zeros(0)]
+    for k in range(k_n):
+        idx = np.flatnonzero((group == k) & usable)
+        for h in halves:
+            part = idx[h::2]
+            if part.size:
+                terms.append(share[h, k] * y_all[part] / part.size)
+    seen = np.isfinite(var_k) & (var_k > 0)
+    var_k = np.where(seen | np.isnan(var_k), var_k, var_k[seen].max() if seen.any() else 0.0)
+    var = 0.0
+    for h in halves:
+        for k in np.flatnonzero(share[h] > 0):
+            var += share[h, k] ** 2 * var_k[k] / n_h[h, k]  # NaN (one draw) -> inf below
+    return np.concatenate(terms), (var if np.isfinite(var) else np.inf), share.sum(axis=0)
+
+
 def path_importance_sampling(
     alphas: np.ndarray,
     compliant: np.ndarray,
@@ -172,7 +197,8 @@ def path_importance_sampling(
     """Unbiased estimate of r(1) from draws at a ladder of alphas (see the module docstring).
 
     Args:
-      alphas: float [N] one alpha per draw, or [A] with the other arrays [A, R].
+      alphas: float [N] one alpha per draw, or [A] with the other arrays [A, R]. Draws must come
+        in draw order (or any order chosen without looking at outcomes): the halves are by position.
       compliant: verdicts, [N] or [A, R] (see :func:`verdict_codes`; unknown is left out).
       logp_sampled: float [N] or [A, R], log-probability of the draw under the distribution it was
         drawn from, M(alpha) (nats; the rollout record's ``logp_sampled``).
@@ -216,12 +242,12 @@ def path_importance_sampling(
         if idx.size:
             hit = idx[c[idx] == 1]
             log_est[k] = (logsumexp(lw[hit]) if hit.size else -np.inf) - np.log(idx.size)
-            _, var_k[k] = _mean_var(y_all[idx])
+            var_k[k] = _var(y_all[idx])
             se_k[k] = np.sqrt(var_k[k] / idx.size) * np.exp(shift)
         for h in (0, 1):
             part = idx[h::2]
             n_h[h, k] = part.size
-            _, var_h[h, k] = _mean_var(y_all[part])
+            var_h[h, k] = _var(y_all[part])
 
     n_total = int(a.size)
     if n.sum() == 0 or n.sum() < min_known_fraction * n_total:
@@ -231,31 +257,8 @@ def path_importance_sampling(
             n_nonfinite, n_comp, log_est, se_k, ess, np.zeros(k_n), level,
         )  # fmt: skip
 
-    halves = [h for h in (0, 1) if n_h[h].sum() > 0]
-    share = np.zeros((2, k_n))
-    for h in halves:
-        share[h] = _crossfit_weights(n_h[h], var_h[1 - h]) / len(halves)
-    # Combined estimate and its terms a_j = share_k,h * y_j / n_k,h (scaled by e^-shift).
-    terms = []
-    for k in range(k_n):
-        idx = np.flatnonzero((group == k) & usable)
-        for h in halves:
-            part = idx[h::2]
-            if part.size:
-                terms.append(share[h, k] * y_all[part] / part.size)
-    terms = np.concatenate(terms)
+    terms, var_scaled, weights = _combine(group, usable, y_all, n_h, var_h, var_k)
     total = float(terms.sum())
-    # Variance with shares held fixed; each alpha's spread from all its draws (var_k).
-    # An alpha that saw no spread is given the largest seen, as in the shares (never a 0 term).
-    seen = np.isfinite(var_k) & (var_k > 0)
-    var_k = np.where(seen | np.isnan(var_k), var_k, var_k[seen].max() if seen.any() else 0.0)
-    var_scaled = 0.0
-    for h in halves:
-        for k in np.flatnonzero(share[h] > 0):
-            var_scaled += share[h, k] ** 2 * var_k[k] / n_h[h, k]  # NaN var_k -> NaN -> inf SE
-    var_scaled = var_scaled if np.isfinite(var_scaled) else np.inf
-    weights = share.sum(axis=0)
-
     if total > 0:
         log_estimate = float(np.log(total) + shift)
         ess_est = float(total**2 / np.sum(terms**2))
