@@ -19,3 +19,11 @@ def einsum_f32(spec: str, *operands: Array) -> Array:
     if jax.default_backend() == "cpu" and any(o.dtype != jnp.float32 for o in operands):
         operands = tuple(o.astype(jnp.float32) for o in operands)
     return jnp.einsum(spec, *operands, preferred_element_type=jnp.float32)
+
+
+def ragged_dot_f32(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
+    """`jax.lax.ragged_dot` (lhs [M, K] in groups of consecutive rows, rhs [G, K, N]) accumulated
+    and returned in float32, upcasting on CPU as `einsum_f32` does."""
+    if jax.default_backend() == "cpu" and (lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32):
+        lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
