@@ -111,3 +111,8 @@ def assign_hf(module: nnx.Module, table: Sequence[HFParam], tensors: Mapping[str
                 f"shape {var.shape}; the key map and the module disagree."
             )
         var[...] = jnp.asarray(value.astype(np.float32)).astype(var.dtype)
+
+
+def nested(path: tuple[str | int, ...], table: Sequence[HFParam]) -> list[HFParam]:
+    """A sub-module's table with `path` (the sub-module's place in its parent) prepended."""
+    return [dataclasses.replace(e, path=path + e.path) for e in table]
