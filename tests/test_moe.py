@@ -91,6 +91,10 @@ def test_key_map_and_layer_pattern():
 
 
 def test_bfloat16_hidden_256_runs():
+    # f32 parity is tested above; here bf16 must run on CPU and both dispatches must agree (they
+    # share the routing, so they differ only in rounding order).
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 256)), jnp.bfloat16)
+    ys = []
     for dispatch in ("ragged", "dense"):
         cfg = MoEConfig(
             256,
@@ -101,13 +105,7 @@ def test_bfloat16_hidden_256_runs():
             shared_expert_intermediate_size=96,
             dispatch=dispatch,
         )
-        x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 256)), jnp.float32)
-        y32 = _call(SparseMoE(cfg, jnp.float32, nnx.Rngs(0)), x)
-        y16 = _call(SparseMoE(cfg, jnp.bfloat16, nnx.Rngs(0)), x.astype(jnp.bfloat16))
-        assert y16.dtype == jnp.bfloat16
-        # bf16 rounding may flip a near-tied routing choice; most tokens must agree closely.
-        close = (
-            np.abs(np.asarray(y16, np.float32) - np.asarray(y32)).max(-1)
-            <= 0.05 * np.abs(np.asarray(y32)).max()
-        )
-        assert close.mean() >= 0.8, (dispatch, close.mean())
+        ys.append(_call(SparseMoE(cfg, jnp.bfloat16, nnx.Rngs(0)), x))
+    assert ys[0].dtype == ys[1].dtype == jnp.bfloat16
+    assert bool(jnp.isfinite(ys[0].astype(jnp.float32)).all())
+    assert rel_err(ys[0].astype(jnp.float32), ys[1].astype(jnp.float32)) <= 2e-2
