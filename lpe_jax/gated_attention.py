@@ -136,7 +136,7 @@ class GatedAttention(nnx.Module):
         k = partial_rope(k, positions, cfg.rotary_dim, cfg.rope_theta)
         return q, k, v, gate.reshape(b, t, -1)
 
-    def _out(self, attn: Array, gate: Array) -> Array:
+    def output(self, attn: Array, gate: Array) -> Array:
         """attn [B, T, heads, hd], gate [B, T, heads * hd] -> [B, T, H]."""
         b, t = attn.shape[:2]
         return (attn.reshape(b, t, -1) * jax.nn.sigmoid(gate)) @ self.o_proj[...]
@@ -151,7 +151,7 @@ class GatedAttention(nnx.Module):
         q, k, v, gate = self.project_qkv(x, positions)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         causal = jnp.tril(jnp.ones((1, t, t), bool))
-        return self._out(attend(q, [(k, v, causal)]), gate), k, v
+        return self.output(attend(q, [(k, v, causal)]), gate), k, v
 
     def decode(
         self, x: Array, positions: Array, kv: DecodeKV, layer: int
@@ -160,7 +160,7 @@ class GatedAttention(nnx.Module):
         over what kv holds for the row. Returns (out [B, 1, H], kv updated)."""
         q, k, v, gate = self.project_qkv(x, positions)
         kv, segments = kv.store(layer, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-        return self._out(attend(q, segments), gate), kv
+        return self.output(attend(q, segments), gate), kv
 
 
 def hf_weight_table(cfg: GatedAttentionConfig, prefix: str) -> list[HFParam]:

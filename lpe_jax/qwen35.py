@@ -6,10 +6,14 @@ then per layer `x += mixer(rms_norm_offset(x))` with the mixer chosen by `layer_
 `x += mlp(rms_norm_offset(x))` with a SwiGLU MLP (dense) or a `SparseMoE` (MoE, every layer), the
 final zero-centred norm and the LM head. Logits in float32.
 
-Not wired into the engine: `__call__` gives logits for a token batch (the parity reference); the
-per-layer prefill/decode with states live in the layer modules. The multi-token-prediction head
-that Qwen3.5 checkpoints carry (`mtp.*`) only drafts tokens for speculative decoding; sampling
-never needs it, and it is not loaded. Neither is the vision tower (`model.visual.*`).
+Not wired into the engine (the lead wires these layers into the shared model loop): `__call__`
+gives logits for a token batch (the parity reference); `prefill` and `decode_step` thread one
+state per layer (`GatedDeltaNetState` for linear layers, `AttentionKV` for full-attention
+layers) to show the layer kinds compose and to test token-by-token decoding.
+
+The multi-token-prediction head that Qwen3.5 checkpoints carry (`mtp.*`) only drafts tokens for
+speculative decoding; sampling never needs it, and it is not loaded. Neither is the vision tower
+(`model.visual.*`).
 """
 
 from __future__ import annotations
@@ -20,13 +24,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from lpe_jax import gated_attention, gated_deltanet, moe
+from lpe_jax.f32_einsum import einsum_f32
 from lpe_jax.gated_attention import GatedAttention, GatedAttentionConfig
-from lpe_jax.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig
+from lpe_jax.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig, GatedDeltaNetState
 from lpe_jax.hf_keymap import HFParam, nested, same, text_prefix, transposed
 from lpe_jax.moe import MoEConfig, SparseMoE, SwiGLU
+from lpe_jax.qwen3 import attend
 from lpe_jax.qwen35_norms import rms_norm_offset
 
 Array = jax.Array
@@ -90,6 +96,19 @@ class Qwen35Config:
         )
 
 
+@struct.dataclass
+class AttentionKV:
+    """One full-attention layer's keys/values per row: k, v [B, kv, N, hd] (slot n holds the
+    token at position n); lengths int [B], how many slots each row has filled."""
+
+    k: Array
+    v: Array
+    lengths: Array
+
+
+LayerState = GatedDeltaNetState | AttentionKV
+
+
 class DecoderLayer(nnx.Module):
     """HF Qwen3_5DecoderLayer: a linear- or full-attention mixer, then the MLP, both pre-norm."""
 
@@ -115,8 +134,39 @@ class DecoderLayer(nnx.Module):
             mixed, _ = self.linear_attn.prefill(h)
         else:
             mixed, _, _ = self.self_attn(h, positions)
-        x = x + mixed
+        return self._mlp_residual(x + mixed)
+
+    def _mlp_residual(self, x: Array) -> Array:
+        eps = self.cfg.rms_norm_eps
         return x + self.mlp(rms_norm_offset(x, self.post_attention_layernorm[...], eps))
+
+    def prefill(self, x: Array, lengths: Array, capacity: int) -> tuple[Array, LayerState]:
+        """Right-padded rows x [B, T, H] of true `lengths` int [B] -> (x' [B, T, H], this
+        layer's state after each row's tokens; K/V buffers hold `capacity` >= T tokens)."""
+        h = rms_norm_offset(x, self.input_layernorm[...], self.cfg.rms_norm_eps)
+        if self.kind == "linear_attention":
+            mixed, state = self.linear_attn.prefill(h, lengths)
+            return self._mlp_residual(x + mixed), state
+        b, t, _ = x.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        mixed, k, v = self.self_attn(h, positions)
+        pad = [(0, 0), (0, 0), (0, capacity - t), (0, 0)]
+        return self._mlp_residual(x + mixed), AttentionKV(jnp.pad(k, pad), jnp.pad(v, pad), lengths)
+
+    def decode(self, x: Array, state: LayerState) -> tuple[Array, LayerState]:
+        """One new token per row, x [B, 1, H], at position = the row's length so far."""
+        h = rms_norm_offset(x, self.input_layernorm[...], self.cfg.rms_norm_eps)
+        if self.kind == "linear_attention":
+            mixed, state = self.linear_attn.decode(h, state)
+            return self._mlp_residual(x + mixed), state
+        n = state.lengths
+        q, k, v, gate = self.self_attn.project_qkv(h, n[:, None])
+        rows = jnp.arange(x.shape[0])
+        ck = state.k.at[rows, :, n].set(k[:, 0], mode="drop")
+        cv = state.v.at[rows, :, n].set(v[:, 0], mode="drop")
+        mask = (jnp.arange(ck.shape[2]) <= n[:, None])[:, None]
+        mixed = self.self_attn.output(attend(q, [(ck, cv, mask)]), gate)
+        return self._mlp_residual(x + mixed), AttentionKV(ck, cv, n + 1)
 
 
 class Qwen35(nnx.Module):
@@ -145,12 +195,41 @@ class Qwen35(nnx.Module):
         x = self.embed_tokens[...][tokens]
         for layer in self.layers:
             x = layer(x, positions)
+        return self.logits(x)
+
+    def logits(self, x: Array) -> Array:
+        """Final norm and LM head: hidden [..., H] -> float32 logits [..., V]."""
         x = rms_norm_offset(x, self.norm[...], self.cfg.rms_norm_eps)
         if self.cfg.tie_word_embeddings:
-            return jnp.einsum(
-                "bth,vh->btv", x, self.embed_tokens[...], preferred_element_type=jnp.float32
-            )
-        return jnp.einsum("bth,hv->btv", x, self.lm_head[...], preferred_element_type=jnp.float32)
+            return einsum_f32("...h,vh->...v", x, self.embed_tokens[...])
+        return einsum_f32("...h,hv->...v", x, self.lm_head[...])
+
+    def prefill(
+        self, tokens: Array, lengths: Array, capacity: int
+    ) -> tuple[Array, tuple[LayerState, ...]]:
+        """Right-padded prompts tokens int [B, T] of true `lengths` int [B] (each >= 1).
+
+        Returns (float32 logits [B, V] after each row's last true token, one state per layer
+        holding each row's history; full-attention layers have room for `capacity` tokens).
+        """
+        x = self.embed_tokens[...][tokens]
+        states = []
+        for layer in self.layers:
+            x, state = layer.prefill(x, lengths, capacity)
+            states.append(state)
+        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        return self.logits(last), tuple(states)
+
+    def decode_step(
+        self, tokens: Array, states: tuple[LayerState, ...]
+    ) -> tuple[Array, tuple[LayerState, ...]]:
+        """One new token per row, tokens int [B] -> (float32 logits [B, V], updated states)."""
+        x = self.embed_tokens[...][tokens][:, None]
+        new = []
+        for layer, state in zip(self.layers, states, strict=True):
+            x, state = layer.decode(x, state)
+            new.append(state)
+        return self.logits(x[:, 0]), tuple(new)
 
 
 def hf_weight_table(cfg: Qwen35Config, names: Collection[str]) -> list[HFParam]:
