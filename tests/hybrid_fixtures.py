@@ -1,0 +1,66 @@
+"""Tiny random Hugging Face Qwen3.5 / MoE layers for the hybrid-layer parity tests.
+
+torch and transformers are imported inside the functions. Weights are re-drawn at unit scale
+(Linear ~ N(0, 1/fan_in), norm weights and dt_bias ~ 1 + 0.3·N, A_log ~ log U(0.1, 4.1)) so
+outputs are O(1) and a parity check compares something; HF's own init gives near-zero outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+# A small Qwen3.5 text config: GQA in the linear layers (2 key heads, 4 value heads), partial
+# rotary 0.25 of head_dim 16 in the full-attention layers.
+QWEN35_TEXT = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_conv_kernel_dim=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=12,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    rms_norm_eps=1e-6,
+)
+
+
+def qwen35_text_config(**overrides: Any) -> Any:
+    import transformers
+
+    return transformers.Qwen3_5TextConfig(**{**QWEN35_TEXT, **overrides})
+
+
+def randomize(module: Any, seed: int = 0) -> Any:
+    """Re-draw every parameter of a torch module at unit scale, in place; returns it in eval."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if name.endswith("norm.weight") or leaf == "dt_bias":
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+            elif leaf == "A_log":
+                p.copy_(torch.log(torch.rand(p.shape, generator=gen) * 4 + 0.1))
+            elif p.ndim >= 2:
+                fan_in = p.shape[-1]
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    return module.eval()
+
+
+def state_dict_numpy(module: Any, prefix: str = "") -> dict[str, np.ndarray]:
+    """The module's state dict as float32 NumPy arrays, names prefixed."""
+    return {prefix + k: v.detach().float().numpy() for k, v in module.state_dict().items()}
+
+
+def rel_err(ours: Any, ref: Any) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
