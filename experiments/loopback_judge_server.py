@@ -45,6 +45,13 @@ def reply_text(prompt: str) -> str:
     return head.split("<reply>\n", 1)[1]
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # listen() backlog, read by the constructor: the default 5 drops a burst of connections from
+    # a client with many requests in flight, which then waits and retries.
+    request_queue_size = 1024
+
+
 class LoopbackJudgeServer:
     """Serve on 127.0.0.1 (a free port) in daemon threads; ``close()`` stops it."""
 
@@ -92,9 +99,7 @@ class LoopbackJudgeServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.request_queue_size = 1024  # a burst of connections must not be refused
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()

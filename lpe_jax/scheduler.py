@@ -681,21 +681,28 @@ class _BusyMeter:
 def judge_utilisation(stats: SchedulerStats, judge: Judge) -> str:
     """One log line: how full the judge was and its share of the wall time.
 
-    For a judge with ``concurrency`` and ``stats.request_s`` (RubricJudge), requests in flight on
-    average while rows were pending at the judge, of its concurrency; for others, rows in judge
-    calls on average. "busy" is the share of run()'s wall time with rows at the judge: near 1
-    with low use means scale the judge (more concurrency); low busy means the device is the
-    bottleneck.
+    For a judge with ``concurrency`` that times its requests (RubricJudge): requests in flight on
+    average while it had at least `concurrency` requests to make (how well it is driven), and
+    while it had any rows (below its concurrency when the device does not make rows fast enough);
+    for others, rows in judge calls on average. "busy" is the share of run()'s wall time with
+    rows at the judge: near 1 with a full judge means scale the judge (more concurrency, or
+    another endpoint); a judge that is rarely busy waits for the device.
     """
     busy = stats.judge_busy_s
     share = busy / stats.seconds if stats.seconds > 0 else 0.0
     width = getattr(judge, "concurrency", None)
-    request_s = float(getattr(judge.stats, "request_s", 0.0))
+    js = judge.stats
+    request_s = float(getattr(js, "request_s", 0.0))
     if width is not None and request_s > 0 and busy > 0:
-        use = f"{request_s / busy:.1f} of {width} requests in flight on average"
+        backlog_s = float(getattr(js, "backlog_s", 0.0))
+        full = js.backlog_request_s / backlog_s if backlog_s > 0 else float("nan")
+        use = (
+            f"{full:.1f} of {width} requests in flight on average while >= {width} were wanted "
+            f"({backlog_s:.1f} s), {request_s / busy:.1f} while any rows were"
+        )
     else:
         use = f"{stats.judge_row_s / busy if busy else 0.0:.1f} rows in judge calls on average"
     return (
-        f"judge: {use} while rows were pending; busy {busy:.1f} s of {stats.seconds:.1f} s "
-        f"wall ({share:.0%}), {stats.judge_batches} calls"
+        f"judge: {use}; busy {busy:.1f} s of {stats.seconds:.1f} s wall ({share:.0%}), "
+        f"{stats.judge_batches} calls"
     )

@@ -142,3 +142,4 @@ def test_http_judge_is_kept_full(server) -> None:
     assert mean >= 0.8 * CONCURRENCY, (mean, seconds, stats)
     line = judge_utilisation(sched.stats, judge)
     assert f"of {CONCURRENCY} requests in flight" in line and sched.stats.judge_busy_s > 0
+    assert judge.stats.backlog_s > 0.5 * seconds  # the judge saw its backlog too

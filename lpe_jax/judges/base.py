@@ -53,7 +53,10 @@ class JudgeStats:
     including retries, or model forward batches); retries: attempts after the first; failures:
     verdicts with complied=None; prompt_tokens / completion_tokens: usage reported by an HTTP
     endpoint (0 when it reports none); request_s: seconds summed over backend requests (HTTP
-    attempts), so request_s / an interval is the mean number in flight during it.
+    attempts), so request_s / an interval is the mean number in flight during it; backlog_s:
+    seconds during which a judge with ``concurrency`` had at least that many requests wanted
+    (running, queued or waiting to retry), and backlog_request_s the request-seconds within
+    them: backlog_request_s / backlog_s is how full it kept itself while it had the work.
     """
 
     items: int = 0
@@ -65,6 +68,8 @@ class JudgeStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     request_s: float = 0.0
+    backlog_s: float = 0.0
+    backlog_request_s: float = 0.0
 
     def as_dict(self) -> dict[str, int | float]:
         """The counters as a plain dict (for run manifests and logs)."""

@@ -190,12 +190,12 @@ class ChatClient:
             return _Attempt(reason=f"connection failed: {type(e).__name__}: {e}", retryable=True)
         return _parse_reply(payload)
 
-    def _timed(self, on_attempt: Callable[[float], None], content: str) -> _Attempt:
-        t0 = time.perf_counter()
+    def _counted(self, on_attempt: Callable[[int], None], content: str) -> _Attempt:
+        on_attempt(1)
         try:
             return self.post_once(content)
         finally:
-            on_attempt(time.perf_counter() - t0)
+            on_attempt(-1)
 
     def _http_error(self, e: urllib.error.HTTPError) -> _Attempt:
         try:
@@ -232,15 +232,17 @@ class ChatClient:
         self,
         content: str,
         executor: Executor | None = None,
-        on_attempt: Callable[[float], None] | None = None,
+        on_attempt: Callable[[int], None] | None = None,
     ) -> ChatResult:
         """Send ``content`` as one user message; retry as described in the module docstring.
 
-        on_attempt(seconds): called after each HTTP attempt with its duration (in its thread).
+        on_attempt(+1 / -1): called as each HTTP attempt starts and ends (in its thread).
         """
         loop = asyncio.get_running_loop()
         attempt = 0
-        post = self.post_once if on_attempt is None else functools.partial(self._timed, on_attempt)
+        post = self.post_once
+        if on_attempt is not None:
+            post = functools.partial(self._counted, on_attempt)
         while True:
             result = await loop.run_in_executor(executor, post, content)
             attempt += 1

@@ -12,6 +12,7 @@ import asyncio
 import collections
 import re
 import threading
+import time
 from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -224,6 +225,10 @@ class RubricJudge:
         self._lock = threading.Lock()  # guards stats, _inflight and _memo across calling threads
         self._inflight: dict[Item, Future] = {}
         self._memo: collections.OrderedDict[Item, Verdict] = collections.OrderedDict()
+        # Levels for stats: HTTP attempts running; requests wanted (running, queued or waiting
+        # to retry).
+        self._active = self._wanted = 0
+        self._since = time.perf_counter()
         self.memo_size = int(memo_size)
 
     def _decide(self, fields: Mapping[str, Any]) -> bool:
@@ -272,6 +277,7 @@ class RubricJudge:
                     shared[item] = self._inflight[item]
                 else:
                     own[item] = self._inflight[item] = Future()
+            self._tick(wanted=len(own))
         if own:
             await asyncio.gather(*(self._own(item, f) for item, f in own.items()))
         for item, future in own.items():
@@ -293,10 +299,12 @@ class RubricJudge:
         except BaseException as e:  # e.g. cancelled: the waiting calls must not hang
             with self._lock:
                 del self._inflight[item]
+                self._tick(wanted=-1)
             future.set_exception(e)
             raise
         with self._lock:
             del self._inflight[item]
+            self._tick(wanted=-1)
             if verdict.complied is not None and self.memo_size:
                 self._memo[item] = verdict
                 if len(self._memo) > self.memo_size:
@@ -305,7 +313,7 @@ class RubricJudge:
 
     async def _request(self, item: Item) -> Verdict:
         content = fill_template(self.template, *item)
-        result = await self.client.complete(content, self._pool, on_attempt=self._count)
+        result = await self.client.complete(content, self._pool, on_attempt=self._attempt)
         with self._lock:
             self.stats.requests += result.attempts
             self.stats.retries += result.attempts - 1
@@ -318,9 +326,19 @@ class RubricJudge:
             self.cache.put(self.cache_id, *item, raw=result.text, fields=verdict.fields)
         return verdict
 
-    def _count(self, seconds: float) -> None:
+    def _attempt(self, delta: int) -> None:
         with self._lock:
-            self.stats.request_s += seconds
+            self._tick(active=delta)
+
+    def _tick(self, active: int = 0, wanted: int = 0) -> None:
+        """Integrate requests in flight up to now (under self._lock), then change the levels."""
+        now = time.perf_counter()
+        dt = now - self._since
+        self.stats.request_s += self._active * dt
+        if self._wanted >= self.concurrency:
+            self.stats.backlog_s += dt
+            self.stats.backlog_request_s += self._active * dt
+        self._active, self._wanted, self._since = self._active + active, self._wanted + wanted, now
 
     def close(self) -> None:
         """Stop the request threads and close the cache file (if any)."""
