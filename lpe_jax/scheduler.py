@@ -695,11 +695,10 @@ def judge_utilisation(stats: SchedulerStats, judge: Judge) -> str:
     request_s = float(getattr(js, "request_s", 0.0))
     if width is not None and request_s > 0 and busy > 0:
         backlog_s = float(getattr(js, "backlog_s", 0.0))
-        full = js.backlog_request_s / backlog_s if backlog_s > 0 else float("nan")
-        use = (
-            f"{full:.1f} of {width} requests in flight on average while >= {width} were wanted "
-            f"({backlog_s:.1f} s), {request_s / busy:.1f} while any rows were"
-        )
+        use = f"{request_s / busy:.1f} of {width} requests in flight on average while any rows were"
+        if backlog_s > 0:
+            full = js.backlog_request_s / backlog_s
+            use += f", {full:.1f} while >= {width} were wanted ({backlog_s:.1f} s)"
     else:
         use = f"{stats.judge_row_s / busy if busy else 0.0:.1f} rows in judge calls on average"
     return (
