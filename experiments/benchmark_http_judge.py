@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -36,7 +37,7 @@ import benchmark_main_job as bmj  # same folder; defines --prompts, --n_fit, ...
 import numpy as np
 from absl import app, flags
 
-from lpe_jax.judges import RubricJudge, Verdict
+from lpe_jax.judges import JudgeStats, RubricJudge, Verdict
 from lpe_jax.scheduler import Scheduler, judge_utilisation
 
 FLAGS = flags.FLAGS
@@ -73,13 +74,16 @@ class SleepJudge:
 
     def __init__(self, inner: Any, latency_s: float, concurrency: int) -> None:
         self.inner, self.latency_s, self.concurrency = inner, latency_s, concurrency
-        self.judge_id, self.stats = inner.judge_id, inner.stats
+        self.judge_id, self.stats = inner.judge_id, JudgeStats()  # its own counts, not inner's
         self._pool = cf.ThreadPoolExecutor(concurrency)
+        self._lock = threading.Lock()
 
     def _one(self, item: tuple[str, str]) -> Verdict:
         t0 = time.perf_counter()
         time.sleep(self.latency_s)
-        self.stats.request_s += time.perf_counter() - t0  # float += under the GIL: close enough
+        with self._lock:
+            self.stats.items += 1
+            self.stats.request_s += time.perf_counter() - t0
         return self.inner.judge([item])[0]
 
     def judge(self, items: list) -> list[Verdict]:
