@@ -21,9 +21,9 @@ A judge with a ``concurrency`` attribute (e.g. RubricJudge: HTTP requests in fli
 full: each finished block, of any prompt and draw, is its own judge call as soon as it is
 finished, from as many threads as needed, while fewer than JUDGE_QUEUE x concurrency rows are in
 its calls (a full set in flight, the rest queued inside the judge so it never waits for the
-loop). A latency-bound judge
-then judges at concurrency / latency whenever that many rows are pending, and a draw waits only
-for its own blocks. Other judges get merged batches on ``judge_workers`` threads.
+loop). A latency-bound judge then judges at concurrency / latency whenever that many rows are
+pending, and a draw waits only for its own blocks. Other judges get merged batches on
+``judge_workers`` threads.
 
 Guarantees:
 - Same seed, same run: draw d of stream (prompt, seed, alpha) gets rollout indices following the
