@@ -44,7 +44,7 @@ from lpe_jax.estimators.lpe import LPEStep, fit_paper
 from lpe_jax.estimators.pooled import fit_pooled
 from lpe_jax.journal import Journal
 from lpe_jax.pipeline import MainDraws, main_job
-from lpe_jax.scheduler import JobPrompt
+from lpe_jax.scheduler import JobPrompt, judge_utilisation
 from lpe_jax.store import RolloutStore, atomic_write_json
 
 import common
@@ -165,6 +165,7 @@ def estimate_prompts(
         engine.stats.refills_per_step,
         engine.stats.compilations,
     )
+    logging.info("%s", judge_utilisation(st, judge))
 
 
 def write_figures(prompts: list[Any], out: Path, truth: dict[str, float]) -> None:

@@ -6,13 +6,16 @@
 # memory model vs the device peak). Step 3 (issue 9): the main job (estimate.py's draws of 200
 # prompts at once on the engine, HarmBench prompt lengths, 512 new tokens, adaptive LPE's draw
 # pattern from synthetic verdicts), its draws capped at MAIN_SECONDS, beside one PairedSampler call
-# of as many rows as the engine has slots. Prints one block per step; record them in
-# docs/benchmarks.md with the card the reply names.
+# of as many rows as the engine has slots. Step 4 (issue 22): the device judge, a local judge
+# model of the same shape scoring JUDGE_ROWS classification questions of JUDGE_TOKENS tokens in
+# batches of JUDGE_BATCH on the device (three floats per row back to the host). Prints one block
+# per step; record them in docs/benchmarks.md with the card the reply names.
 #
 #   bash experiments/gpu_benchmark.sh                      # on the GPU machine, from the checkout
 #   PYTHON=.venv/bin/python PRESET=tiny ROWS=32 DTYPE=float32 ENGINE_SLOTS=16 ENGINE_PROMPTS=4 \
 #     ENGINE_ROWS=8 ENGINE_NEW_TOKENS=32 MAIN_PROMPTS=8 MAIN_NEW_TOKENS=32 MAIN_SLOTS=32 \
-#     MAIN_SECONDS=30 bash experiments/gpu_benchmark.sh     # CPU dry run
+#     MAIN_SECONDS=30 JUDGE_TOKENS=64 JUDGE_BATCH=4 JUDGE_ROWS=8 JUDGE_MODES=device,host \
+#     bash experiments/gpu_benchmark.sh                      # CPU dry run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -38,3 +41,9 @@ echo "=== main job ${PRESET} dtype=${DTYPE} ==="
   --prompts="${MAIN_PROMPTS:-200}" --prompts_in_flight="${MAIN_PROMPTS:-200}" --n_fit=100 \
   --max_new_tokens="${MAIN_NEW_TOKENS:-512}" --max_seconds="${MAIN_SECONDS:-60}" \
   ${MAIN_SLOTS:+--max_rows="$MAIN_SLOTS"} --parts=full,ideal --nologtostderr
+# Device judge: the engine's model shape as the judge (the original model with a classification
+# prompt is the cheapest judge); ~1 minute. JUDGE_MODES=device,host adds the [B, T, V] path.
+echo "=== device judge ${PRESET} dtype=${DTYPE} ==="
+"$PYTHON" experiments/benchmark_device_judge.py --preset="$PRESET" --dtype="$DTYPE" \
+  --question_tokens="${JUDGE_TOKENS:-800}" --batch_size="${JUDGE_BATCH:-32}" \
+  --rows="${JUDGE_ROWS:-256}" --modes="${JUDGE_MODES:-device}" --nologtostderr

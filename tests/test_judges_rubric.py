@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -374,3 +375,19 @@ def test_parse_retry_after() -> None:
         == 10.0
     )
     assert parse_retry_after({"Retry-After": "soon"}) is None and parse_retry_after({}) is None
+
+
+def test_concurrent_calls_share_the_bound_and_the_requests(server: ChatServer) -> None:
+    server.behaviour = lambda n, body: Reply(
+        body=chat_reply(rubric_text(0, 3, 3)).body, delay_s=0.1
+    )
+    judge = RubricJudge(base_url=server.base_url, model="m", max_concurrency=3, **FAST)
+    calls = [[(f"q{i}", "r") for i in range(6)], [(f"q{i}", "r") for i in range(3, 9)]]
+    with ThreadPoolExecutor(2) as pool:  # two calls in flight at once, overlapping in q3..q5
+        out = list(pool.map(judge.judge, calls))
+    assert [len(v) for v in out] == [6, 6] and all(v.complied for vs in out for v in vs)
+    assert len(server.requests) == 9 and judge.stats.duplicates == 3
+    assert server.max_inflight == 3  # one bound over both calls
+    judge.judge([("q0", "r")])  # remembered: not sent again
+    assert len(server.requests) == 9 and judge.stats.duplicates == 4
+    judge.close()

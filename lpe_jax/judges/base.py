@@ -47,11 +47,16 @@ class Verdict:
 class JudgeStats:
     """Counters accumulated over every ``judge()`` call of one judge object.
 
-    items: pairs passed in; duplicates: pairs that repeated an earlier pair of the same batch and
-    reused its verdict; cache_hits: pairs answered from the cache; requests: calls made to the
-    judge backend (HTTP attempts including retries, or model forward batches); retries: attempts
-    after the first; failures: verdicts with complied=None; prompt_tokens / completion_tokens:
-    usage reported by an HTTP endpoint (0 when it reports none).
+    items: pairs passed in; duplicates: pairs that reused the verdict of an equal pair (of the
+    same batch, of a request in flight for another call, or remembered by the judge); cache_hits:
+    pairs answered from the cache; requests: calls made to the judge backend (HTTP attempts
+    including retries, or model forward batches); retries: attempts after the first; failures:
+    verdicts with complied=None; prompt_tokens / completion_tokens: usage reported by an HTTP
+    endpoint (0 when it reports none); request_s: seconds summed over backend requests (HTTP
+    attempts), so request_s / an interval is the mean number in flight during it; backlog_s:
+    seconds during which a judge with ``concurrency`` had at least that many requests wanted
+    (running, queued or waiting to retry), and backlog_request_s the request-seconds within
+    them: backlog_request_s / backlog_s is how full it kept itself while it had the work.
     """
 
     items: int = 0
@@ -62,19 +67,30 @@ class JudgeStats:
     failures: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    request_s: float = 0.0
+    backlog_s: float = 0.0
+    backlog_request_s: float = 0.0
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | float]:
         """The counters as a plain dict (for run manifests and logs)."""
         return dict(self.__dict__)
 
     def summary(self) -> str:
         """One human-readable line."""
-        return ", ".join(f"{k}={v}" for k, v in self.as_dict().items())
+        return ", ".join(
+            f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in self.as_dict().items()
+        )
 
 
 @runtime_checkable
 class Judge(Protocol):
-    """Batch in, batch out: ``judge(items)`` returns one Verdict per item, in the same order."""
+    """Batch in, batch out: ``judge(items)`` returns one Verdict per item, in the same order.
+
+    A judge that also has an int attribute ``concurrency`` may be called from many threads at once
+    and works on at most that many items at a time over all calls together (e.g. HTTP requests in
+    flight); the scheduler then keeps that many of its rows in flight, not one batch at a time.
+    """
 
     judge_id: str
     stats: JudgeStats

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import http.client
 import json
 import logging
@@ -26,7 +27,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -189,6 +190,13 @@ class ChatClient:
             return _Attempt(reason=f"connection failed: {type(e).__name__}: {e}", retryable=True)
         return _parse_reply(payload)
 
+    def _counted(self, on_attempt: Callable[[int], None], content: str) -> _Attempt:
+        on_attempt(1)
+        try:
+            return self.post_once(content)
+        finally:
+            on_attempt(-1)
+
     def _http_error(self, e: urllib.error.HTTPError) -> _Attempt:
         try:
             body = e.read().decode("utf-8", "replace")[:_BODY_SNIPPET]
@@ -220,12 +228,23 @@ class ChatClient:
             retry_after_s = self.max_retry_after_s
         return max(backoff, retry_after_s)
 
-    async def complete(self, content: str, executor: Executor | None = None) -> ChatResult:
-        """Send ``content`` as one user message; retry as described in the module docstring."""
+    async def complete(
+        self,
+        content: str,
+        executor: Executor | None = None,
+        on_attempt: Callable[[int], None] | None = None,
+    ) -> ChatResult:
+        """Send ``content`` as one user message; retry as described in the module docstring.
+
+        on_attempt(+1 / -1): called as each HTTP attempt starts and ends (in its thread).
+        """
         loop = asyncio.get_running_loop()
         attempt = 0
+        post = self.post_once
+        if on_attempt is not None:
+            post = functools.partial(self._counted, on_attempt)
         while True:
-            result = await loop.run_in_executor(executor, self.post_once, content)
+            result = await loop.run_in_executor(executor, post, content)
             attempt += 1
             if result.text is not None:
                 return ChatResult(result.text, "", attempt, *result.usage)

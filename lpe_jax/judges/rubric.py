@@ -9,10 +9,12 @@ set, ``complied = score >= threshold`` instead.
 from __future__ import annotations
 
 import asyncio
+import collections
 import re
 import threading
+import time
 from collections.abc import Coroutine, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -148,14 +150,21 @@ class RubricJudge:
     template / template_path: override the rubric prompt (must contain {prompt} and {response}).
     threshold: None -> complied = not refused; a number in (0, 1] -> complied = score >= threshold.
     cache_path: SQLite file for successful judgements (None or "": no cache).
-    max_concurrency: HTTP requests in flight at once. Other arguments go to ``ChatClient``.
+    max_concurrency: HTTP requests in flight at once, over every call together: the judge may be
+        called from many threads at once (the scheduler does), and all calls share one pool of
+        this many request threads. ``concurrency`` equals it (see lpe_jax.judges.base.Judge).
+    memo_size: successful verdicts kept in memory (oldest dropped first), so a pair that repeats
+        in a later call is not sent again even without a cache file (0: none).
+    Other arguments go to ``ChatClient``.
 
     Texts are cleaned before anything else: a lone surrogate (e.g. from decoding a split
     multi-byte token) cannot be encoded as UTF-8, so each becomes U+FFFD; the cache key and the
     request both see the cleaned text.
 
     ``judge(items)`` never raises for endpoint trouble: such items get complied=None and a reason.
-    Identical pairs within one batch are sent once. ``stats`` accumulates counts across calls.
+    Identical pairs are sent once: within a call, across calls in flight at once (they share the
+    request), and after it (from the memo while it holds the pair). ``stats`` accumulates counts
+    across calls; call ``close()`` when done to stop the request threads and close the cache.
     """
 
     def __init__(
@@ -177,11 +186,14 @@ class RubricJudge:
         temperature: float | None = 0.0,
         max_tokens: int | None = 512,
         extra_body: Mapping[str, Any] | None = None,
+        memo_size: int = 100_000,
     ) -> None:
         if threshold is not None and not 0 < threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1] or None, got {threshold}")
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if memo_size < 0:
+            raise ValueError(f"memo_size must be >= 0, got {memo_size}")
         self.template = load_template(template, template_path)
         self.client = ChatClient(
             base_url=base_url,
@@ -206,6 +218,18 @@ class RubricJudge:
         self.judge_id = judge_id("rubric", PARSER_VERSION, **parts, decide=decide)
         self.cache = VerdictCache(cache_path) if cache_path not in (None, "") else None
         self.stats = JudgeStats()
+        self.concurrency = self.max_concurrency
+        # One pool for every call: its size is the bound on requests in flight, whichever threads
+        # and event loops the calls come from (a per-call semaphore bounds only its own call).
+        self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="judge-http")
+        self._lock = threading.Lock()  # guards stats, _inflight and _memo across calling threads
+        self._inflight: dict[Item, Future] = {}
+        self._memo: collections.OrderedDict[Item, Verdict] = collections.OrderedDict()
+        # Levels for stats: HTTP attempts running; requests wanted (running, queued or waiting
+        # to retry).
+        self._active = self._wanted = 0
+        self._since = time.perf_counter()
+        self.memo_size = int(memo_size)
 
     def _decide(self, fields: Mapping[str, Any]) -> bool:
         if self.threshold is None:
@@ -233,9 +257,7 @@ class RubricJudge:
     async def ajudge(self, items: Sequence[Item]) -> list[Verdict]:
         """``judge`` for callers already inside an event loop."""
         items = [(utf8_safe(p), utf8_safe(r)) for p, r in check_items(items)]
-        self.stats.items += len(items)
         unique = list(dict.fromkeys(items))
-        self.stats.duplicates += len(items) - len(unique)
         done: dict[Item, Verdict] = {}
         if self.cache is not None:
             hits = self.cache.get_many(self.cache_id, unique)
@@ -243,27 +265,60 @@ class RubricJudge:
                 entry = hits.get(cache_key(self.cache_id, *item))
                 if entry is not None:
                     done[item] = self._verdict(entry.raw, cached=True)
-            self.stats.cache_hits += len(done)
-        todo = [item for item in unique if item not in done]
-        if todo:
-            semaphore = asyncio.Semaphore(self.max_concurrency)
-            with ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="judge") as pool:
-
-                async def one(item: Item) -> None:
-                    async with semaphore:
-                        done[item] = await self._request(item, pool)
-
-                await asyncio.gather(*(one(item) for item in todo))
+        cache_hits = len(done)
+        shared, own = {}, {}
+        with self._lock:
+            for item in unique:
+                if item in done:
+                    continue
+                if item in self._memo:
+                    done[item] = self._memo[item]
+                elif item in self._inflight:
+                    shared[item] = self._inflight[item]
+                else:
+                    own[item] = self._inflight[item] = Future()
+            self._tick(wanted=len(own))
+        if own:
+            await asyncio.gather(*(self._own(item, f) for item, f in own.items()))
+        for item, future in own.items():
+            done[item] = future.result()
+        for item, future in shared.items():
+            done[item] = await asyncio.wrap_future(future)
         verdicts = [done[item] for item in items]
-        self.stats.failures += sum(v.complied is None for v in verdicts)
+        with self._lock:
+            self.stats.items += len(items)
+            self.stats.duplicates += len(items) - cache_hits - len(own)
+            self.stats.cache_hits += cache_hits
+            self.stats.failures += sum(v.complied is None for v in verdicts)
         return verdicts
 
-    async def _request(self, item: Item, pool: ThreadPoolExecutor) -> Verdict:
-        result = await self.client.complete(fill_template(self.template, *item), pool)
-        self.stats.requests += result.attempts
-        self.stats.retries += result.attempts - 1
-        self.stats.prompt_tokens += result.prompt_tokens
-        self.stats.completion_tokens += result.completion_tokens
+    async def _own(self, item: Item, future: Future) -> None:
+        """Request one pair no other call is requesting; share the verdict with calls that wait."""
+        try:
+            verdict = await self._request(item)
+        except BaseException as e:  # e.g. cancelled: the waiting calls must not hang
+            with self._lock:
+                del self._inflight[item]
+                self._tick(wanted=-1)
+            future.set_exception(e)
+            raise
+        with self._lock:
+            del self._inflight[item]
+            self._tick(wanted=-1)
+            if verdict.complied is not None and self.memo_size:
+                self._memo[item] = verdict
+                if len(self._memo) > self.memo_size:
+                    self._memo.popitem(last=False)
+        future.set_result(verdict)
+
+    async def _request(self, item: Item) -> Verdict:
+        content = fill_template(self.template, *item)
+        result = await self.client.complete(content, self._pool, on_attempt=self._attempt)
+        with self._lock:
+            self.stats.requests += result.attempts
+            self.stats.retries += result.attempts - 1
+            self.stats.prompt_tokens += result.prompt_tokens
+            self.stats.completion_tokens += result.completion_tokens
         if result.text is None:
             return Verdict(None, self.judge_id, reason=result.reason)
         verdict = self._verdict(result.text, cached=False)
@@ -271,7 +326,22 @@ class RubricJudge:
             self.cache.put(self.cache_id, *item, raw=result.text, fields=verdict.fields)
         return verdict
 
+    def _attempt(self, delta: int) -> None:
+        with self._lock:
+            self._tick(active=delta)
+
+    def _tick(self, active: int = 0, wanted: int = 0) -> None:
+        """Integrate requests in flight up to now (under self._lock), then change the levels."""
+        now = time.perf_counter()
+        dt = now - self._since
+        self.stats.request_s += self._active * dt
+        if self._wanted >= self.concurrency:
+            self.stats.backlog_s += dt
+            self.stats.backlog_request_s += self._active * dt
+        self._active, self._wanted, self._since = self._active + active, self._wanted + wanted, now
+
     def close(self) -> None:
-        """Close the cache file (if any)."""
+        """Stop the request threads and close the cache file (if any)."""
+        self._pool.shutdown(wait=True)
         if self.cache is not None:
             self.cache.close()

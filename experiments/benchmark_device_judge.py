@@ -1,0 +1,90 @@
+"""Benchmark the device-scored local judge against the host-logits one (issue 22).
+
+A random-weight judge model of --preset scores --rows classification questions of
+--question_tokens tokens each in batches of --batch_size, through LocalJudge's scoring path:
+
+- ``device``: lpe_jax.judges.device.answer_scores (what LocalJudge.from_model uses): the forward
+  on the device, three floats per row back;
+- ``host``: lpe_jax.model_logits, the whole float32 [B, T, V] logits back to NumPy (LocalJudge
+  with logits_fn, the path before issue 22).
+
+Prints rows judged per second (compilation excluded: one batch is scored first) and the host
+memory one batch's result takes (the bytes of the arrays the call brings back to the host).
+
+  .venv/bin/python experiments/benchmark_device_judge.py --preset=tiny --question_tokens=256
+  python experiments/benchmark_device_judge.py --preset=qwen3_4b --dtype=bfloat16 \\
+      --question_tokens=800 --batch_size=32 --rows=256 --modes=device       # on the GPU
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from lpe_jax import model_logits, qwen3
+from lpe_jax.judges.device import answer_scores
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("preset", "tiny", "qwen3 preset of the judge model (random weights).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+flags.DEFINE_integer("question_tokens", 256, "Tokens per classification question (T).")
+flags.DEFINE_integer("batch_size", 8, "Rows per forward (B).")
+flags.DEFINE_integer("rows", 64, "Rows judged per mode (rounded up to whole batches).")
+flags.DEFINE_list("modes", ["device", "host"], "Which scoring paths, of device and host.")
+flags.DEFINE_integer("seed", 0, "Seed of the weights and questions.")
+flags.DEFINE_integer("vocab_size", None, "Override the preset's vocabulary (e.g. 151936).")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    cfg = qwen3.PRESETS[FLAGS.preset]
+    if FLAGS.vocab_size:
+        cfg = dataclasses.replace(cfg, vocab_size=FLAGS.vocab_size)
+    model = qwen3.init_random(cfg, dtype=jnp.dtype(FLAGS.dtype), seed=FLAGS.seed)
+    b, t, v = FLAGS.batch_size, FLAGS.question_tokens, cfg.vocab_size
+    rng = np.random.default_rng(FLAGS.seed)
+    batches = -(-FLAGS.rows // b)
+    questions = rng.integers(0, v, (batches, b, t), dtype=np.int32)
+    lengths = rng.integers(t // 2, t + 1, (batches, b), dtype=np.int32)  # right-padded rows
+    device_fn = answer_scores(model, 1, 2)
+
+    def device(i: int) -> tuple[np.ndarray, int]:
+        out = device_fn(questions[i], lengths[i] - 1)
+        return out, out.nbytes
+
+    def host(i: int) -> tuple[np.ndarray, int]:
+        logits = model_logits(model, questions[i])
+        last = logits[np.arange(b), lengths[i] - 1].astype(np.float64)
+        out = np.stack([last[:, 1], last[:, 2], np.logaddexp.reduce(last, 1)], 1)
+        return out, logits.nbytes
+
+    print(
+        f"device: {jax.devices()[0].device_kind}  preset={FLAGS.preset} dtype={FLAGS.dtype} "
+        f"B={b} T={t} V={v} rows={batches * b}",
+        flush=True,
+    )
+    outs = {}
+    for name in FLAGS.modes:
+        fn = {"device": device, "host": host}[name]
+        fn(0)  # compile
+        t0 = time.perf_counter()
+        out, nbytes = zip(*(fn(i) for i in range(batches)), strict=True)
+        seconds = time.perf_counter() - t0
+        outs[name] = np.concatenate(out)
+        print(
+            f"{name:>6}: {batches * b / seconds:8.1f} rows/s ({seconds:.2f} s); host memory per "
+            f"batch {nbytes[0]:,} bytes",
+            flush=True,
+        )
+    if len(outs) == 2:
+        diff = np.abs(outs["device"] - outs["host"]).max()
+        print(f"largest difference device vs host (logit yes, logit no, log Z): {diff:.2e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,100 @@
+"""The device-scored local judge (issue 22): LocalJudge.from_model reads three numbers per row
+computed on the device, and gives the verdicts LocalJudge gives over the full host logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lpe_jax import model_logits, qwen3
+from lpe_jax.judges import LocalJudge
+from lpe_jax.judges.device import answer_scores
+
+ANSWERS = ("w1", "w2")  # one token each in the tiny tokenizer (90 ids)
+ITEMS = [
+    ("w3 w4", "w10 w11 w12"),
+    ("w3 w4 w5 w6 w7", "w20"),
+    ("w3", "w13 w14 w10 w15 w16 w17 w18"),
+    ("w8 w9", "w21 w22 w23 w24"),
+    ("w30", "w10"),
+    ("w31 w32", "w33 w34 w35 w36 w37 w38 w39 w40 w41"),
+    ("w5", "w6"),
+]
+CFG = qwen3.Qwen3Config(96, 64, 2, 4, 2, 16, 128, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(hf_tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(hf_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = qwen3.init_random(CFG, seed=3)
+    m.lm_head[...] = m.lm_head[...] * 5.0  # logits of about one unit, so P(yes) spreads
+    return m
+
+
+def test_device_verdicts_equal_host_logits_verdicts(model, tokenizer) -> None:
+    kw = dict(answers=ANSWERS, batch_size=3, pad_multiple=16, model_name="tiny")
+    host = LocalJudge(lambda ids: model_logits(model, ids), tokenizer, **kw).judge(ITEMS)
+    scores = sorted(v.score for v in host)
+    gaps = np.diff(scores)
+    assert gaps.max() > 1e-3, scores  # a threshold between two scores, far from both
+    threshold = float(scores[int(np.argmax(gaps))] + gaps.max() / 2)
+    host = LocalJudge(
+        lambda ids: model_logits(model, ids), tokenizer, threshold=threshold, **kw
+    ).judge(ITEMS)
+    device_judge = LocalJudge.from_model(model, tokenizer, threshold=threshold, **kw)
+    device = device_judge.judge(ITEMS)
+    assert device_judge.scores_fn is not None and device_judge.logits_fn is None
+    assert [v.complied for v in device] == [v.complied for v in host]
+    assert len({v.complied for v in host}) == 2  # both verdicts occur
+    for d, h in zip(device, host, strict=True):
+        assert d.judge_id == h.judge_id
+        for key in ("p_yes", "logit_yes", "logit_no", "answer_mass"):
+            assert d.fields[key] == pytest.approx(h.fields[key], rel=1e-4, abs=1e-5), key
+        assert d.fields["n_tokens"] == h.fields["n_tokens"]
+
+
+def test_device_scores_are_three_numbers_per_row(model) -> None:
+    fn = answer_scores(model, 5, 6)
+    tokens = np.array([[1, 2, 3, 4], [7, 8, 0, 0]], np.int32)
+    out = fn(tokens, np.array([3, 1]))
+    assert out.shape == (2, 3) and out.dtype == np.float32
+    full = model_logits(model, tokens)
+    for row, last in ((0, 3), (1, 1)):
+        ref = full[row, last].astype(np.float64)
+        expected = [ref[5], ref[6], np.logaddexp.reduce(ref)]
+        np.testing.assert_allclose(out[row], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="last positions"):
+        fn(tokens, np.array([4, 0]))
+    with pytest.raises(ValueError, match="outside the judge model's vocabulary"):
+        answer_scores(model, 96, 0)
+
+
+def test_device_failures_are_unknown(model, tokenizer) -> None:
+    def broken(tokens, last):
+        raise MemoryError("out of device memory")
+
+    judge = LocalJudge(None, tokenizer, scores_fn=broken, answers=ANSWERS)
+    verdicts = judge.judge(ITEMS[:2])
+    assert [v.complied for v in verdicts] == [None, None]
+    assert verdicts[0].reason == "scores_fn raised MemoryError: out of device memory"
+
+    nan_model = qwen3.init_random(CFG, seed=3)
+    nan_model.norm[...] = jnp.full_like(nan_model.norm[...], jnp.nan)
+    nan = LocalJudge.from_model(nan_model, tokenizer, answers=ANSWERS).judge(ITEMS[:2])
+    assert [v.complied for v in nan] == [None, None]
+    assert all("not finite" in v.reason for v in nan)
+
+    with pytest.raises(TypeError, match="exactly one"):
+        LocalJudge(None, tokenizer, answers=ANSWERS)
+    wrong = LocalJudge(None, tokenizer, scores_fn=lambda t, last: np.zeros((1, 2)), answers=ANSWERS)
+    with pytest.raises(ValueError, match=r"must return \[B, 3\]"):
+        wrong.judge(ITEMS[:1])
