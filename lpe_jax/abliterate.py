@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 from scipy.special import log_softmax, logsumexp
 
-from lpe_jax.qwen3 import DecoderLayer, Qwen3, rms_norm
+from lpe_jax.qwen3 import DecoderLayer, Hook, Qwen3
 from lpe_jax.tokenizer import chat_prompt_ids
 
 Array = jax.Array
@@ -139,21 +139,37 @@ def project_out(x: Array, unit: Array, strength: Array | float = 1.0) -> Array:
     return (xf - strength * (xf @ unit)[..., None] * unit).astype(x.dtype)
 
 
+def ablation_hook(
+    ablate: Array | None = None,
+    add_layer: int | None = None,
+    add_vector: Array | None = None,
+    record: list[Array] | None = None,
+) -> Hook:
+    """The residual-stream hook (`lpe_jax.qwen3.Hook`) of run-time ablation and activation
+    addition: `ablate` (unit [H]) is projected out of the embedding and every attention and MLP
+    write; `add_vector` [H] is added to the input of layer `add_layer`; `record` (a list, filled
+    while the pass is traced) receives every layer's input after the addition."""
+
+    def hook(layer: int, site: str, x: Array) -> Array:
+        if site != "input":
+            return x if ablate is None else project_out(x, ablate)
+        if add_vector is not None and layer == add_layer:
+            x = x + jnp.asarray(add_vector).astype(x.dtype)
+        if record is not None:
+            record.append(x)
+        return x
+
+    return hook
+
+
 def decoder_block(layer: DecoderLayer, x: Array, ablate: Array | None = None) -> Array:
     """One decoder layer on the residual stream x [B, T, H] (positions 0..T-1), in x's dtype.
 
     ablate: unit direction [H] projected out of the attention and the MLP write.
     """
-    eps = layer.cfg.rms_norm_eps
     b, t, _ = x.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-
-    def write(y: Array) -> Array:
-        return y if ablate is None else project_out(y, ablate)
-
-    attn, _, _ = layer.self_attn(rms_norm(x, layer.input_layernorm[...], eps), positions)
-    x = x + write(attn)
-    return x + write(layer.mlp(rms_norm(x, layer.post_attention_layernorm[...], eps)))
+    return layer(x, positions, hook=ablation_hook(ablate))[0]
 
 
 def residual_forward(
@@ -169,29 +185,26 @@ def residual_forward(
 
     ablate: unit direction [H] projected out after the embedding and after every attention and
         MLP write (a zero vector changes nothing). add_layer/add_vector: add the vector [H] to
-        the input of that layer. Without interventions this is `Qwen3.hidden_states`' pass (tested);
-        `model.logits(hidden)` gives the logits.
+        the input of that layer. The model's own loop with `ablation_hook`; without
+        interventions, `Qwen3.hidden_states`' pass (tested). `model.logits(hidden)` gives logits.
     """
-    x = model.embed_tokens[...][tokens]
-    x = x if ablate is None else project_out(x, ablate)
-    resid = []
-    for i, layer in enumerate(model.layers):
-        if add_vector is not None and i == add_layer:
-            x = x + jnp.asarray(add_vector).astype(x.dtype)
-        resid.append(x)
-        x = decoder_block(layer, x, ablate)
+    resid: list[Array] = []
+    x, _, _ = model.hidden_states(tokens, ablation_hook(ablate, add_layer, add_vector, resid))
     return x, resid
 
 
 # One jitted layer at a time, driven from the host. XLA's CPU backend computes bf16 dots in
 # float32 and, in a single program over all layers, converts every layer's weights up front: a
 # 0.6B model's pass held 1.8 GB beyond its 1.2 GB of weights. Stepping keeps one layer's
-# converted weights alive, and compiles one layer instead of all of them.
+# converted weights alive, and compiles one layer instead of all of them. It is the model loop
+# (`Qwen3.forward`) driven from the host: the embedding site, then each layer's own body with
+# `ablation_hook`; the addition and the reading of each layer's input (the "input" site) happen
+# between the steps.
 
 
 @jax.jit
 def _embed_step(table: Array, tokens: Array, ablate: Array) -> Array:
-    return project_out(table[tokens], ablate)
+    return ablation_hook(ablate)(0, "embed", table[tokens])
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -27,7 +27,7 @@ from flax import nnx
 
 from lpe_jax.abliterate import project_out
 from lpe_jax.orthogonalize import unit_direction
-from lpe_jax.qwen3 import DecodeKV, Qwen3, Qwen3Config, rms_norm
+from lpe_jax.qwen3 import DecodeKV, Hook, Qwen3, Qwen3Config
 
 Array = jax.Array
 
@@ -55,39 +55,28 @@ class DirectionalQwen3(Qwen3):
         out.direction = nnx.Variable(jnp.asarray(unit))
         return out
 
-    def _write(self, y: Array, strength: Array) -> Array:
-        return project_out(y, self.direction[...], strength)
+    def _hook(self, alpha: Array | float | None) -> Hook:
+        """Every write to the residual stream (embedding, attention, MLP) keeps alpha of its
+        component along the direction; the stream between writes is left alone."""
+        strength, unit = _strength(alpha), self.direction[...]
 
-    def _block(self, layer: Any, x: Array, attn: Array, strength: Array) -> Array:
-        """x + attention write, then + MLP write, each keeping alpha of its r component."""
-        x = x + self._write(attn, strength)
-        h = rms_norm(x, layer.post_attention_layernorm[...], self.cfg.rms_norm_eps)
-        return x + self._write(layer.mlp(h), strength)
+        def hook(layer: int, site: str, x: Array) -> Array:
+            return x if site == "input" else project_out(x, unit, strength)
+
+        return hook
 
     def hidden_states(  # type: ignore[override]
         self, tokens: Array, alpha: Array | float | None = None
     ) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
         """Full causal pass of M(alpha) over tokens int [B, T] (alpha scalar or [B]); returns
         (hidden [B, T, H] before the final norm, keys and values per layer [B, kv, T, hd])."""
-        b, t = tokens.shape
-        strength = _strength(alpha)
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = self._write(self.embed_tokens[...][tokens], strength)
-        ks, vs = [], []
-        for layer in self.layers:
-            h = rms_norm(x, layer.input_layernorm[...], self.cfg.rms_norm_eps)
-            attn, k, v = layer.self_attn(h, positions)
-            x = self._block(layer, x, attn, strength)
-            ks.append(k)
-            vs.append(v)
-        return x, tuple(ks), tuple(vs)
+        return super().hidden_states(tokens, self._hook(alpha))
 
     def __call__(  # type: ignore[override]
         self, tokens: Array, alpha: Array | float | None = None
     ) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
         """(float32 logits [B, T, V], keys, values) of M(alpha) over tokens int [B, T]."""
-        x, ks, vs = self.hidden_states(tokens, alpha)
-        return self.logits(x), ks, vs
+        return super().__call__(tokens, self._hook(alpha))
 
     def prefill(  # type: ignore[override]
         self,
@@ -98,21 +87,13 @@ class DirectionalQwen3(Qwen3):
     ) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
         """`Qwen3.prefill` of M(alpha) (alpha a scalar): logits [V] after token length - 1, and
         the prompt's keys and values per layer [1, kv, Pb, hd]."""
-        x, ks, vs = self.hidden_states(prompt_tokens[None, :], alpha)
-        last = prompt_tokens.shape[0] - 1 if length is None else jnp.asarray(length) - 1
-        return self.logits(jax.lax.dynamic_index_in_dim(x[0], last, 0, keepdims=False)), ks, vs
+        return super().prefill(prompt_tokens, length, self._hook(alpha))
 
     def decode_step(  # type: ignore[override]
         self, tokens: Array, positions: Array, kv: DecodeKV, *, alpha: Array | None = None
     ) -> tuple[Array, DecodeKV]:
         """`Qwen3.decode_step` with row b of M(alpha[b]) (alpha f32 [B])."""
-        strength = _strength(alpha)
-        x = self._write(self.embed_tokens[...][tokens][:, None], strength)
-        for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.input_layernorm[...], self.cfg.rms_norm_eps)
-            attn, kv = layer.self_attn.decode(h, positions[:, None], kv, i)
-            x = self._block(layer, x, attn, strength)
-        return self.logits(x[:, 0]), kv
+        return super().decode_step(tokens, positions, kv, self._hook(alpha))
 
 
 def _strength(alpha: Array | float | None) -> Array:

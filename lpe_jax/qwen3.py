@@ -1,18 +1,25 @@
-"""Qwen3 decoder in Flax NNX, with cached-context decoding for paired samplers.
+"""Qwen3 decoder in Flax NNX: one model loop with a residual-stream hook and per-layer state.
 
 Numerics follow Hugging Face's `Qwen3ForCausalLM`: RMSNorm in float32 (cast back to the activation
 dtype before the weight multiply), q_norm/k_norm on the head dim before rotary embeddings
 (rotate-half), softmax in float32, logits returned in float32.
 
-One attention implementation (`attend`, over one or more key/value segments) serves every entry
-point. A full pass (`__call__`, `prefill`) attends causally within the tokens given. A decode step
-(`decode_step`, through each layer's `decode`) first stores each new token's keys/values in a
-`DecodeKV` (the caller's cache), then attends over that cache: the prompt prefix and the row's own
-tokens, itself included. Writing before reading lets XLA update the donated cache in place; the
-reverse order makes it copy the whole cache every step.
-- `DecodeKV` with a batch-1 prefix: one prompt shared by every row, read once, not broadcast (what
-  keeps large-batch decode cheap); with a per-row prefix: rows of different prompts side by side
-  (`lpe_jax.engine`). The write index is a scalar (rows in lockstep) or one per row.
+**One loop** (`Qwen3.forward`) serves every entry point: a full pass (`__call__`,
+`hidden_states`, `prefill`), a decode step (`decode_step`, `decode`), activation collection and
+run-time ablation (`lpe_jax.abliterate`) and the direction path (`lpe_jax.direction_path`). An
+intervention is a `Hook` on the residual stream, not a copy of the loop. Each layer threads its
+own state: `None` in a full pass (the layer returns the context it built: K/V for attention), or
+the state it decodes against (`LayerKV` for attention). The loop never looks inside a state, so a
+layer kind with another state (a recurrent layer's fixed-size state) fits the same loop.
+
+One attention implementation (`attend`, over one or more key/value segments). A decode step first
+stores each new token's keys/values in the layer's `LayerKV`, then attends over that cache: the
+prompt prefix and the row's own tokens, itself included. Writing before reading lets XLA update
+the donated cache in place; the reverse order makes it copy the whole cache every step.
+- `DecodeKV` (every layer's `LayerKV`) with a batch-1 prefix: one prompt shared by every row,
+  read once, not broadcast (what keeps large-batch decode cheap); with a per-row prefix: rows of
+  different prompts side by side (`lpe_jax.engine`). The write index is a scalar (rows in
+  lockstep) or one per row.
 - `Qwen3.decode(tokens, step, cache)`: `decode_step` on a `KVCache` (one shared prompt, rows in
   lockstep). The prompt may be right-padded to a bucket length: its true length is a traced
   scalar, so prompts of similar length share one compilation.
@@ -22,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -30,6 +37,17 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 Array = jax.Array
+
+Hook = Callable[[int, str, Array], Array]
+"""A residual-stream intervention: `hook(layer, site, x) -> x'`, same shape and dtype. Sites:
+"embed" (layer 0: the embedding, the stream's first write), "input" (the stream entering `layer`;
+what is returned enters it), "attn" and "mlp" (that layer's attention and MLP writes, before they
+are added to the stream). Traced inside the pass: it may close over arrays (e.g. a per-row alpha).
+"""
+
+
+def _at(hook: Hook | None, layer: int, site: str, x: Array) -> Array:
+    return x if hook is None else hook(layer, site, x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +120,23 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
+def dot_f32(spec: str, a: Array, b: Array) -> Array:
+    """`jnp.einsum(spec, a, b)` as float32: exact products summed in float32, for any dtype.
+
+    On GPU/TPU bf16 operands stay bf16 with float32 accumulation (what tensor cores and the MXU do
+    natively). XLA:CPU has no BF16 x BF16 -> F32 dot kernel ("Unsupported element type for
+    DotThunk::Execute", jax 0.10; whether a dot reaches it depends on its shape, so width 16 ran
+    and 256 crashed), so on CPU the operands are upcast first. Both sum the same exact products
+    in float32; only the order may differ. The backend is read at trace time
+    (`jax.default_backend()`); float32 operands give the plain float32 dot everywhere.
+    """
+    if a.dtype == b.dtype == jnp.float32:
+        return jnp.einsum(spec, a, b)
+    if jax.default_backend() == "cpu":
+        return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32))
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any, std: float = 0.02) -> nnx.Param:
     return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
 
@@ -126,9 +161,9 @@ def attend(q: Array, segments: Sequence[tuple[Array, Array, Array]]) -> Array:
     scores = []
     for k, _, mask in segments:
         if k.shape[0] == 1 and b > 1:
-            s = jnp.einsum("btkgd,ksd->bkgts", q, k[0], preferred_element_type=f32)
+            s = dot_f32("btkgd,ksd->bkgts", q, k[0])
         else:
-            s = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=f32)
+            s = dot_f32("btkgd,bksd->bkgts", q, k)
         scores.append(jnp.where(mask[:, None, None], s, -jnp.inf))
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1) / math.sqrt(hd), axis=-1)
     out = jnp.zeros((b, t, kv, heads // kv, hd), f32)
@@ -137,9 +172,9 @@ def attend(q: Array, segments: Sequence[tuple[Array, Array, Array]]) -> Array:
         p = probs[..., start : start + s.shape[-1]].astype(v.dtype)
         start += s.shape[-1]
         if v.shape[0] == 1 and b > 1:
-            out += jnp.einsum("bkgts,ksd->btkgd", p, v[0], preferred_element_type=f32)
+            out += dot_f32("bkgts,ksd->btkgd", p, v[0])
         else:
-            out += jnp.einsum("bkgts,bksd->btkgd", p, v, preferred_element_type=f32)
+            out += dot_f32("bkgts,bksd->btkgd", p, v)
     return out.astype(segments[-1][1].dtype).reshape(b, t, heads, hd)
 
 
@@ -181,25 +216,22 @@ class Attention(nnx.Module):
         out = attn.reshape(b, t, -1) @ self.o_proj[...]
         return out + self.o_bias[...] if self.cfg.attention_bias else out
 
-    def __call__(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
-        """Causal self-attention over x [B, T, H] at `positions` (a full pass or a prefill).
+    def __call__(
+        self, x: Array, positions: Array, state: LayerKV | None = None
+    ) -> tuple[Array, Any]:
+        """Self-attention of x [B, T, H] at `positions`; returns (out [B, T, H], the new state).
 
-        Returns (out [B, T, H], k and v [B, kv, T, hd], the cache layout).
+        state None: causal attention within x (a full pass or a prefill); the new state is the
+        context built, (k, v) [B, kv, T, hd] (the cache layout). state a `LayerKV`: one new token
+        per row (T = 1), stored in the cache first, then attending over what it holds for the row.
         """
-        t = x.shape[1]
         q, k, v = self.project_qkv(x, positions)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        causal = jnp.tril(jnp.ones((1, t, t), bool))
-        return self._out(attend(q, [(k, v, causal)])), k, v
-
-    def decode(
-        self, x: Array, positions: Array, kv: DecodeKV, layer: int
-    ) -> tuple[Array, DecodeKV]:
-        """One new token per row, x [B, 1, H]: store its k/v in `kv` (layer `layer`), then attend
-        over what kv holds for the row. Returns (out [B, 1, H], kv updated)."""
-        q, k, v = self.project_qkv(x, positions)
-        kv, segments = kv.store(layer, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-        return self._out(attend(q, segments)), kv
+        if state is None:
+            causal = jnp.tril(jnp.ones((1, x.shape[1], x.shape[1]), bool))
+            return self._out(attend(q, [(k, v, causal)])), (k, v)
+        state, segments = state.store(k, v)
+        return self._out(attend(q, segments)), state
 
 
 class MLP(nnx.Module):
@@ -226,22 +258,57 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(cfg, dtype, rngs)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def _mlp_residual(self, x: Array) -> Array:
-        return x + self.mlp(rms_norm(x, self.post_attention_layernorm[...], self.cfg.rms_norm_eps))
+    def __call__(
+        self,
+        x: Array,
+        positions: Array,
+        state: Any = None,
+        *,
+        index: int = 0,
+        hook: Hook | None = None,
+    ) -> tuple[Array, Any]:
+        """x [B, T, H] -> (x' [B, T, H], the attention's new state; see `Attention.__call__`).
 
-    def __call__(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
-        """Full causal pass: x [B, T, H] -> (x' [B, T, H], k and v [B, kv, T, hd])."""
-        h = rms_norm(x, self.input_layernorm[...], self.cfg.rms_norm_eps)
-        attn, k, v = self.self_attn(h, positions)
-        return self._mlp_residual(x + attn), k, v
+        `index` is this layer's place in the model, for the hook's "input", "attn", "mlp" sites.
+        """
+        eps = self.cfg.rms_norm_eps
+        x = _at(hook, index, "input", x)
+        attn, state = self.self_attn(rms_norm(x, self.input_layernorm[...], eps), positions, state)
+        x = x + _at(hook, index, "attn", attn)
+        mlp = self.mlp(rms_norm(x, self.post_attention_layernorm[...], eps))
+        return x + _at(hook, index, "mlp", mlp), state
 
-    def decode(
-        self, x: Array, positions: Array, kv: DecodeKV, layer: int
-    ) -> tuple[Array, DecodeKV]:
-        """One new token per row (see Attention.decode): x [B, 1, H] -> (x', kv updated)."""
-        h = rms_norm(x, self.input_layernorm[...], self.cfg.rms_norm_eps)
-        attn, kv = self.self_attn.decode(h, positions, kv, layer)
-        return self._mlp_residual(x + attn), kv
+
+@struct.dataclass
+class LayerKV:
+    """One attention layer's decode state: the cache a new token per row is stored in and reads.
+
+    prefix_k/v [1, kv, Pb, hd] (one prompt shared by every row) or [B, kv, Pb, hd];
+    prefix_mask bool [1 or B, 1, Pb]; k/v [B, kv, N, hd]; index int32 scalar or [B] (see DecodeKV).
+    """
+
+    prefix_k: Array
+    prefix_v: Array
+    prefix_mask: Array
+    k: Array
+    v: Array
+    index: Array
+
+    def store(self, k: Array, v: Array) -> tuple[LayerKV, list[tuple[Array, Array, Array]]]:
+        """Write the new tokens' k/v [B, kv, 1, hd]; return the updated state and the segments
+        the new tokens attend to (their own entry included)."""
+        n = self.k.shape[2]
+        if self.index.ndim == 0:
+            ck = jax.lax.dynamic_update_slice_in_dim(self.k, k, self.index, axis=2)
+            cv = jax.lax.dynamic_update_slice_in_dim(self.v, v, self.index, axis=2)
+            mask = (jnp.arange(n) <= self.index)[None, None]
+        else:
+            rows = jnp.arange(k.shape[0])
+            ck = self.k.at[rows, :, self.index].set(k[:, :, 0], mode="drop")
+            cv = self.v.at[rows, :, self.index].set(v[:, :, 0], mode="drop")
+            mask = (jnp.arange(n) <= self.index[:, None])[:, None]
+        prefix = (self.prefix_k, self.prefix_v, self.prefix_mask)
+        return self.replace(k=ck, v=cv), [prefix, (ck, cv, mask)]
 
 
 @struct.dataclass
@@ -262,27 +329,16 @@ class DecodeKV:
     v: tuple[Array, ...]
     index: Array
 
-    def store(
-        self, layer: int, k: Array, v: Array
-    ) -> tuple[DecodeKV, list[tuple[Array, Array, Array]]]:
-        """Write the new tokens' k/v [B, kv, 1, hd] of `layer`; return the updated cache and the
-        segments the new tokens attend to (their own entry included)."""
-        n = self.k[layer].shape[2]
-        if self.index.ndim == 0:
-            ck = jax.lax.dynamic_update_slice_in_dim(self.k[layer], k, self.index, axis=2)
-            cv = jax.lax.dynamic_update_slice_in_dim(self.v[layer], v, self.index, axis=2)
-            mask = (jnp.arange(n) <= self.index)[None, None]
-        else:
-            rows = jnp.arange(k.shape[0])
-            ck = self.k[layer].at[rows, :, self.index].set(k[:, :, 0], mode="drop")
-            cv = self.v[layer].at[rows, :, self.index].set(v[:, :, 0], mode="drop")
-            mask = (jnp.arange(n) <= self.index[:, None])[:, None]
-        new = self.replace(
-            k=self.k[:layer] + (ck,) + self.k[layer + 1 :],
-            v=self.v[:layer] + (cv,) + self.v[layer + 1 :],
+    def layers(self) -> tuple[LayerKV, ...]:
+        """Each layer's decode state (views of these arrays; nothing is copied)."""
+        return tuple(
+            LayerKV(pk, pv, self.prefix_mask, k, v, self.index)
+            for pk, pv, k, v in zip(self.prefix_k, self.prefix_v, self.k, self.v, strict=True)
         )
-        prefix = (self.prefix_k[layer], self.prefix_v[layer], self.prefix_mask)
-        return new, [prefix, (ck, cv, mask)]
+
+    def with_layers(self, layers: Sequence[LayerKV]) -> DecodeKV:
+        """This cache with every layer's k/v taken from `layers` (after a decode step)."""
+        return self.replace(k=tuple(s.k for s in layers), v=tuple(s.v for s in layers))
 
 
 @struct.dataclass
@@ -341,36 +397,66 @@ class Qwen3(nnx.Module):
         """Final norm and LM head: hidden [..., H] -> float32 logits [..., V]."""
         x = rms_norm(x, self.norm[...], self.cfg.rms_norm_eps)
         if self.cfg.tie_word_embeddings:
-            return jnp.einsum(
-                "...h,vh->...v", x, self.embed_tokens[...], preferred_element_type=jnp.float32
-            )
-        return jnp.einsum("...h,hv->...v", x, self.lm_head[...], preferred_element_type=jnp.float32)
+            return dot_f32("...h,vh->...v", x, self.embed_tokens[...])
+        return dot_f32("...h,hv->...v", x, self.lm_head[...])
 
-    def hidden_states(self, tokens: Array) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
+    def forward(
+        self,
+        tokens: Array,
+        positions: Array,
+        states: Sequence[Any] | None = None,
+        hook: Hook | None = None,
+    ) -> tuple[Array, tuple[Any, ...]]:
+        """The model loop: tokens, positions int [B, T] -> (hidden [B, T, H] in the param dtype,
+        before the final norm; each layer's new state).
+
+        states: one per layer, each None (a full causal pass over the tokens) or the state the
+        layer decodes against; None: a full pass in every layer. hook: see `Hook`.
+        """
+        x = _at(hook, 0, "embed", self.embed_tokens[...][tokens])
+        states = (None,) * len(self.layers) if states is None else tuple(states)
+        if len(states) != len(self.layers):
+            raise ValueError(f"{len(states)} layer states for {len(self.layers)} layers")
+        out = []
+        for i, (layer, state) in enumerate(zip(self.layers, states, strict=True)):
+            x, state = layer(x, positions, state, index=i, hook=hook)
+            out.append(state)
+        return x, tuple(out)
+
+    def hidden_states(
+        self, tokens: Array, hook: Hook | None = None
+    ) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
         """Full causal pass over tokens int [B, T], before the final norm and LM head.
 
         Returns (hidden [B, T, H] in the param dtype, keys and values per layer [B, kv, T, hd]).
         """
+        return self._full_pass(tokens, hook)
+
+    def _full_pass(
+        self, tokens: Array, hook: Hook | None
+    ) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
+        # Subclasses override the public passes with other arguments (DirectionalQwen3: alpha);
+        # the base passes call this, never each other.
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = self.embed_tokens[...][tokens]
-        ks, vs = [], []
-        for layer in self.layers:
-            x, k, v = layer(x, positions)
-            ks.append(k)
-            vs.append(v)
-        return x, tuple(ks), tuple(vs)
+        x, states = self.forward(tokens, positions, None, hook)
+        return x, tuple(k for k, _ in states), tuple(v for _, v in states)
 
-    def __call__(self, tokens: Array) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
+    def __call__(
+        self, tokens: Array, hook: Hook | None = None
+    ) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
         """Full causal pass over tokens int [B, T].
 
         Returns (logits f32 [B, T, V], keys and values per layer, each [B, kv, T, hd]).
         """
-        x, ks, vs = self.hidden_states(tokens)
+        x, ks, vs = self._full_pass(tokens, hook)
         return self.logits(x), ks, vs
 
     def prefill(
-        self, prompt_tokens: Array, length: Array | int | None = None
+        self,
+        prompt_tokens: Array,
+        length: Array | int | None = None,
+        hook: Hook | None = None,
     ) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
         """Run one prompt (int [Pb], right-padded) through the model.
 
@@ -379,18 +465,18 @@ class Qwen3(nnx.Module):
         token length-1, prompt keys and values per layer [1, kv, Pb, hd]). Only one row of logits
         is computed, so a long prompt does not materialise [Pb, V].
         """
-        x, ks, vs = self.hidden_states(prompt_tokens[None, :])
+        x, ks, vs = self._full_pass(prompt_tokens[None, :], hook)
         last = prompt_tokens.shape[0] - 1 if length is None else jnp.asarray(length) - 1
         h = jax.lax.dynamic_index_in_dim(x[0], last, axis=0, keepdims=False)
         return self.logits(h), ks, vs
 
-    def decode_step(self, tokens: Array, positions: Array, kv: DecodeKV) -> tuple[Array, DecodeKV]:
+    def decode_step(
+        self, tokens: Array, positions: Array, kv: DecodeKV, hook: Hook | None = None
+    ) -> tuple[Array, DecodeKV]:
         """One new token per row: tokens, positions int [B] -> (float32 logits [B, V], kv with the
         new keys/values stored at kv.index)."""
-        x = self.embed_tokens[...][tokens][:, None]
-        for i, layer in enumerate(self.layers):
-            x, kv = layer.decode(x, positions[:, None], kv, i)
-        return self.logits(x[:, 0]), kv
+        x, layers = self.forward(tokens[:, None], positions[:, None], kv.layers(), hook)
+        return self.logits(x[:, 0]), kv.with_layers(layers)
 
     def init_cache(
         self,

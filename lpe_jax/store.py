@@ -98,6 +98,11 @@ def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return [k for k in keys if old.get(k) != new.get(k)]
 
 
+def _holds_rows(root: Path) -> bool:
+    """Whether `root` holds any file besides its manifest (chunks, journals, results)."""
+    return any(f.is_file() and f != root / MANIFEST for f in root.rglob("*"))
+
+
 class RolloutStore:
     """A run directory. Open it with `RolloutStore.open(root, manifest)`."""
 
@@ -109,14 +114,16 @@ class RolloutStore:
     def open(cls, root: str | os.PathLike, manifest: Mapping[str, Any]) -> RolloutStore:
         """Create the run directory, or reopen it if it holds the same manifest.
 
-        Raises ValueError if the directory holds a different run, PermissionError/OSError (with the
-        directory named) if it cannot be written.
+        A directory whose only file is a manifest holds no rows (a run that failed before storing
+        anything): its manifest is replaced, so a failed run never blocks a rerun with other
+        settings. Raises ValueError if the directory holds rows of a different run,
+        PermissionError/OSError (with the directory named) if it cannot be written.
         """
         root = Path(root)
         manifest = _normalise(manifest)
         ensure_writable_dir(root)
         path = root / MANIFEST
-        if path.exists():
+        if path.exists() and _holds_rows(root):
             old = json.loads(path.read_text())
             changed = _diff(old, manifest)
             if changed:

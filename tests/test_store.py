@@ -39,9 +39,21 @@ def test_reopen_same_manifest_keeps_chunks(tmp_path):
 
 
 def test_other_run_is_refused_naming_the_fields(tmp_path):
-    RolloutStore.open(tmp_path, MANIFEST)
+    RolloutStore.open(tmp_path, MANIFEST).write_chunk("p", 0.0, _chunk(3, 0))
     with pytest.raises(ValueError, match="another run.*seed"):
         RolloutStore.open(tmp_path, {**MANIFEST, "seed": 1})
+
+
+def test_a_run_that_stored_nothing_does_not_block_a_rerun_with_other_settings(tmp_path):
+    """A run that failed before its first chunk (e.g. a bf16 crash) leaves only its manifest; a
+    rerun with other settings replaces it. Once a row is stored, the directory is that run's."""
+    RolloutStore.open(tmp_path, {**MANIFEST, "dtype": "bfloat16"})
+    (tmp_path / "chunks").mkdir()  # an empty folder is no row
+    store = RolloutStore.open(tmp_path, {**MANIFEST, "dtype": "float32"})
+    assert RolloutStore.load(tmp_path).manifest["dtype"] == "float32"
+    store.write_chunk("p", 0.5, _chunk(2, 0))
+    with pytest.raises(ValueError, match="another run.*dtype"):
+        RolloutStore.open(tmp_path, {**MANIFEST, "dtype": "bfloat16"})
 
 
 def test_verdicts_written_atomically_and_validated(tmp_path):
