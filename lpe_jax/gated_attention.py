@@ -11,7 +11,8 @@ Differences from Qwen3's attention, all read from transformers' code:
   dims of each head (rotate-half within them; inverse frequencies over rotary_dim); the rest pass
   unchanged. Qwen3.5's rotary is multimodal (`mrope_section`): its three position streams (time,
   height, width) are equal for text tokens, which makes it the ordinary 1-D rotary used here.
-K/V are cached exactly as for Qwen3 (`lpe_jax.qwen3.DecodeKV`), [B, kv, T, head_dim].
+K/V are cached exactly as for Qwen3 (`lpe_jax.qwen3.LayerKV`, one layer's share of `DecodeKV`),
+[B, kv, T, head_dim].
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lpe_jax.hf_keymap import HFParam, same, transposed
-from lpe_jax.qwen3 import DecodeKV, attend, rope
+from lpe_jax.qwen3 import LayerKV, attend, rope
 from lpe_jax.qwen35_norms import rms_norm_offset
 
 Array = jax.Array
@@ -153,13 +154,11 @@ class GatedAttention(nnx.Module):
         causal = jnp.tril(jnp.ones((1, t, t), bool))
         return self.output(attend(q, [(k, v, causal)]), gate), k, v
 
-    def decode(
-        self, x: Array, positions: Array, kv: DecodeKV, layer: int
-    ) -> tuple[Array, DecodeKV]:
-        """One new token per row, x [B, 1, H]: store its k/v in `kv` (layer `layer`), then attend
-        over what kv holds for the row. Returns (out [B, 1, H], kv updated)."""
+    def decode(self, x: Array, positions: Array, kv: LayerKV) -> tuple[Array, LayerKV]:
+        """One new token per row, x [B, 1, H]: store its k/v in this layer's cache `kv`, then
+        attend over what it holds for the row. Returns (out [B, 1, H], kv updated)."""
         q, k, v, gate = self.project_qkv(x, positions)
-        kv, segments = kv.store(layer, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+        kv, segments = kv.store(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
         return self.output(attend(q, segments), gate), kv
 
 

@@ -9,11 +9,11 @@ from hybrid_fixtures import qwen35_text_config, randomize, rel_err, state_dict_n
 
 from lpe_jax.gated_attention import GatedAttention, GatedAttentionConfig, hf_weight_table
 from lpe_jax.hf_keymap import assign_hf
-from lpe_jax.qwen3 import DecodeKV
+from lpe_jax.qwen3 import LayerKV
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
 _call = nnx.jit(lambda m, x, pos: m(x, pos))
-_decode = nnx.jit(lambda m, x, pos, kv: m.decode(x, pos, kv, 0))
+_decode = nnx.jit(lambda m, x, pos, kv: m.decode(x, pos, kv))
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +71,7 @@ def test_decode_equals_full_pass(hf_layer):
     full, _, _ = _call(ours, x, pos)
     _, pk, pv = _call(ours, x[:, :p], pos[:, :p])
     shape = (b, hf_cfg.num_key_value_heads, n, hf_cfg.head_dim)
-    kv = DecodeKV(
-        (pk,), (pv,), jnp.ones((b, 1, p), bool), (jnp.zeros(shape),), (jnp.zeros(shape),), 0
-    )
+    kv = LayerKV(pk, pv, jnp.ones((b, 1, p), bool), jnp.zeros(shape), jnp.zeros(shape), 0)
     for i in range(n):
         kv = kv.replace(index=jnp.asarray(i, jnp.int32))
         y, kv = _decode(ours, x[:, p + i : p + i + 1], pos[:, p + i : p + i + 1], kv)
