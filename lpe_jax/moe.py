@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lpe_jax.f32_einsum import einsum_f32, ragged_dot_f32
+from lpe_jax.f32_dot import einsum_f32, ragged_dot_f32
 from lpe_jax.hf_keymap import HFParam, transposed
 
 Array = jax.Array

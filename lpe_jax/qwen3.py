@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from lpe_jax.f32_dot import einsum_f32
+
 Array = jax.Array
 
 Hook = Callable[[int, str, Array], Array]
@@ -120,23 +122,6 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def dot_f32(spec: str, a: Array, b: Array) -> Array:
-    """`jnp.einsum(spec, a, b)` as float32: exact products summed in float32, for any dtype.
-
-    On GPU/TPU bf16 operands stay bf16 with float32 accumulation (what tensor cores and the MXU do
-    natively). XLA:CPU has no BF16 x BF16 -> F32 dot kernel ("Unsupported element type for
-    DotThunk::Execute", jax 0.10; whether a dot reaches it depends on its shape, so width 16 ran
-    and 256 crashed), so on CPU the operands are upcast first. Both sum the same exact products
-    in float32; only the order may differ. The backend is read at trace time
-    (`jax.default_backend()`); float32 operands give the plain float32 dot everywhere.
-    """
-    if a.dtype == b.dtype == jnp.float32:
-        return jnp.einsum(spec, a, b)
-    if jax.default_backend() == "cpu":
-        return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32))
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
-
-
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any, std: float = 0.02) -> nnx.Param:
     return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
 
@@ -161,9 +146,9 @@ def attend(q: Array, segments: Sequence[tuple[Array, Array, Array]]) -> Array:
     scores = []
     for k, _, mask in segments:
         if k.shape[0] == 1 and b > 1:
-            s = dot_f32("btkgd,ksd->bkgts", q, k[0])
+            s = einsum_f32("btkgd,ksd->bkgts", q, k[0])
         else:
-            s = dot_f32("btkgd,bksd->bkgts", q, k)
+            s = einsum_f32("btkgd,bksd->bkgts", q, k)
         scores.append(jnp.where(mask[:, None, None], s, -jnp.inf))
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1) / math.sqrt(hd), axis=-1)
     out = jnp.zeros((b, t, kv, heads // kv, hd), f32)
@@ -172,9 +157,9 @@ def attend(q: Array, segments: Sequence[tuple[Array, Array, Array]]) -> Array:
         p = probs[..., start : start + s.shape[-1]].astype(v.dtype)
         start += s.shape[-1]
         if v.shape[0] == 1 and b > 1:
-            out += dot_f32("bkgts,ksd->btkgd", p, v[0])
+            out += einsum_f32("bkgts,ksd->btkgd", p, v[0])
         else:
-            out += dot_f32("bkgts,bksd->btkgd", p, v)
+            out += einsum_f32("bkgts,bksd->btkgd", p, v)
     return out.astype(segments[-1][1].dtype).reshape(b, t, heads, hd)
 
 
@@ -397,8 +382,8 @@ class Qwen3(nnx.Module):
         """Final norm and LM head: hidden [..., H] -> float32 logits [..., V]."""
         x = rms_norm(x, self.norm[...], self.cfg.rms_norm_eps)
         if self.cfg.tie_word_embeddings:
-            return dot_f32("...h,vh->...v", x, self.embed_tokens[...])
-        return dot_f32("...h,hv->...v", x, self.lm_head[...])
+            return einsum_f32("...h,vh->...v", x, self.embed_tokens[...])
+        return einsum_f32("...h,hv->...v", x, self.lm_head[...])
 
     def forward(
         self,

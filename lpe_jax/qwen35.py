@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from lpe_jax import gated_attention, gated_deltanet, moe
-from lpe_jax.f32_einsum import einsum_f32
+from lpe_jax.f32_dot import einsum_f32
 from lpe_jax.gated_attention import GatedAttention, GatedAttentionConfig
 from lpe_jax.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig, GatedDeltaNetState
 from lpe_jax.hf_keymap import HFParam, nested, same, text_prefix, transposed

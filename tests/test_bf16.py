@@ -1,10 +1,10 @@
 """bfloat16 at a realistic width (hidden 256) on CPU: every pass runs, and agrees with float32.
 
 XLA:CPU has no BF16 x BF16 -> F32 dot kernel, and whether a dot reaches it depends on its shape:
-at hidden 16 everything ran, at 48 or 256 the sampler crashed. `qwen3.dot_f32` upcasts on CPU and
-keeps bf16 operands with float32 accumulation elsewhere (checked on the traced program here, since
-CI has no GPU). The models are untied with a scaled head (logit std ~2) so the sampled tokens
-depend on the logits; 2 layers and a small vocabulary keep the tests fast.
+at hidden 16 everything ran, at 48 or 256 the sampler crashed. `einsum_f32` (lpe_jax.f32_dot)
+upcasts on CPU and keeps bf16 operands with float32 accumulation elsewhere (checked on the traced
+program here, since CI has no GPU). The models are untied with a scaled head (logit std ~2) so the
+sampled tokens depend on the logits; 2 layers and a small vocabulary keep the tests fast.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from hf_fixtures import make_tokenizer
 from scipy import special
 
 from lpe_jax import abliterate as ab
-from lpe_jax import paths, qwen3
+from lpe_jax import f32_dot, paths, qwen3
 from lpe_jax.direction_path import DirectionalQwen3
 from lpe_jax.engine import RolloutEngine, RowBlock
 from lpe_jax.forward import model_logits
@@ -68,17 +68,17 @@ def _dot_eqns(fn, *args):
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu", "cpu"])
-def test_dot_f32_accumulates_in_f32_and_upcasts_only_on_cpu(monkeypatch, backend):
+def test_einsum_f32_accumulates_in_f32_and_upcasts_only_on_cpu(monkeypatch, backend):
     a = jnp.ones((2, 256), jnp.bfloat16)
     b = jnp.ones((64, 256), jnp.bfloat16)
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    (eqn,) = _dot_eqns(lambda x, y: qwen3.dot_f32("bh,vh->bv", x, y), a, b)
+    (eqn,) = _dot_eqns(lambda x, y: f32_dot.einsum_f32("bh,vh->bv", x, y), a, b)
     operand = jnp.float32 if backend == "cpu" else jnp.bfloat16
     assert [v.aval.dtype for v in eqn.invars] == [operand, operand]
     assert eqn.outvars[0].aval.dtype == jnp.float32
     # float32 operands: the plain float32 dot on every backend (f32 rows stay as they were)
     (eqn,) = _dot_eqns(
-        lambda x, y: qwen3.dot_f32("bh,vh->bv", x, y), a.astype("f4"), b.astype("f4")
+        lambda x, y: f32_dot.einsum_f32("bh,vh->bv", x, y), a.astype("f4"), b.astype("f4")
     )
     assert eqn.params["preferred_element_type"] in (None, jnp.float32)
 
