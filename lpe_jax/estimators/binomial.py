@@ -17,8 +17,9 @@ O(1/n) bias of the MLE, and equals the MLE as counts grow. The 95% interval for 
 profile penalized-likelihood interval (Heinze and Schemper's construction): log10 r(1) values
 whose profile drop is at most chi2_1(0.95) / 2.
 
-Stated results where no line can be read (never an exception, never NaN; the statuses are
-those of :mod:`lpe_jax.estimators.degenerate`, and every rule is a tested property):
+Stated results where no line can be read (never an exception, and NaN only for "no_data"; the
+statuses are those of :mod:`lpe_jax.estimators.degenerate`, and every rule is a tested property):
+* mostly unknown verdicts (status "no_data", adaptive LPE only): estimate NaN, interval [0, 1];
 * not rare (status "not_rare"): the top of the grid's rate is >= 0.5 (fixed grid: the rate at
   the top alpha; adaptive: the fit phase's draw there): estimate = that rate, interval
   [0, its Clopper-Pearson upper bound] (r(1) <= r(top) on a path whose rate falls toward 1);
@@ -57,6 +58,7 @@ from lpe_jax.estimators.lpe import (
     adaptive_draws,
     lpe_paper_from_counts,
     trace_counts,
+    trace_no_data,
     trace_not_rare,
 )
 
@@ -413,13 +415,14 @@ def select_grid_points(
 
 
 def _without_line(status: str, est: float, upper: float, a, k, n, level: float) -> BinomialFit:
-    """A result with no line: ``status`` "not_rare" or "no_compliant" (module docstring)."""
+    """A result with no line: ``status`` "not_rare", "no_compliant", "fallback" or "no_data"
+    (module docstring; ``est`` is NaN only for "no_data")."""
     pts = dict(alphas=tuple(np.asarray(a).tolist()), k=tuple(np.asarray(k).tolist()))
     return BinomialFit(
         estimate=float(est),
         log10_estimate=float(np.log10(est)),
         lower=0.0,
-        upper=float(max(upper, est)),
+        upper=float(upper if np.isnan(est) else max(upper, est)),
         intercept=None,
         slope=None,
         n=tuple(np.asarray(n).tolist()),
@@ -582,7 +585,12 @@ def fit_trace_binomial(
     if trace_not_rare(trace, start_threshold) is not None:
         top = (fit_steps[-1].k, fit_steps[-1].n_judged)
     any_c = any(s.k > 0 for s in trace)
-    fit = fit_selected_points(a, k, n, sel, top, any_c, start_threshold, level, interval, fallback)
+    if trace_no_data(trace):
+        fit = _without_line(dg.NO_DATA, np.nan, 1.0, a[sel], k[sel], n[sel], level)
+    else:
+        fit = fit_selected_points(
+            a, k, n, sel, top, any_c, start_threshold, level, interval, fallback
+        )
     rollouts, passes = _budget(trace, passes_per_token)
     return LPEBinomialResult(
         estimate=fit.estimate,
@@ -634,7 +642,7 @@ def lpe_binomial_from_counts(
     est, _ = fit_binomial_batch(alphas, k, n, mask, fallback=fallback)
     top = fk[..., -1] / np.maximum(fn[..., -1], 1)
     with np.errstate(divide="ignore"):
-        return np.where(paper.not_rare, np.log10(top), est)
+        return np.where(paper.no_data, np.nan, np.where(paper.not_rare, np.log10(top), est))
 
 
 def lpe_binomial_grid_from_counts(

@@ -59,6 +59,7 @@ from lpe_jax.estimators.lpe import (
     LPEStep,
     lpe_paper_from_counts,
     paper_alpha_grid,
+    trace_no_data,
     trace_not_rare,
 )
 
@@ -112,7 +113,8 @@ class PooledEstimate:
       lower, upper: ``level`` interval (lower == 0.0: no lower bound).
       slope: fitted log10 slope per unit alpha (None without a line).
       prior_slope: the population's mean slope for this prompt (None without a line).
-      status: "ok", "not_rare", "fallback" or "no_compliant" (module docstring).
+      status: "ok", "not_rare", "fallback", "no_compliant" or "no_data" (estimate NaN,
+        interval [0, 1]; :mod:`.degenerate`).
       alphas, k, n: the points fitted.
     """
 
@@ -467,17 +469,18 @@ def lpe_pooled_from_counts(
         mask = paper.drawn & (fn > 0) & (fk < start_threshold * fn)
     else:
         raise ValueError(f'draws must be "fit" or "all", got {draws!r}')
-    mask = mask & ~paper.not_rare[..., None]
+    mask = mask & ~(paper.not_rare | paper.no_data)[..., None]
     out = fit_pooled_batch(alphas, k, n, mask, fallback=fallback, prior=prior, firth=firth)
     top = fk[..., -1] / np.maximum(fn[..., -1], 1)
     with np.errstate(divide="ignore"):
         top = np.log10(top)
-    nr = paper.not_rare
+    nr, nd = paper.not_rare, paper.no_data
+    upper = np.where(nr, np.log10(upper_bound(fk[..., -1], fn[..., -1])), out.log10_upper)
     return dataclasses.replace(
         out,
-        log10_estimate=np.where(nr, top, out.log10_estimate),
-        log10_lower=np.where(nr, -np.inf, out.log10_lower),
-        log10_upper=np.where(nr, np.log10(upper_bound(fk[..., -1], fn[..., -1])), out.log10_upper),
+        log10_estimate=np.where(nd, np.nan, np.where(nr, top, out.log10_estimate)),
+        log10_lower=np.where(nr | nd, -np.inf, out.log10_lower),
+        log10_upper=np.where(nd, 0.0, upper),
     )
 
 
@@ -515,8 +518,8 @@ def fit_pooled(
         j = np.searchsorted(grid, a)
         k[0, i, j], n[0, i, j], mask[0, i, j] = kk, nn, sel
         tops.append(trace_not_rare(t, start_threshold))
-        if tops[-1] is not None:
-            mask[0, i] = False
+        if tops[-1] is not None or trace_no_data(t):
+            mask[0, i] = False  # its own rule, not the population's line
     batch = fit_pooled_batch(
         grid, k, n, mask, level=level, fallback=fallback, prior=prior, firth=firth
     )
@@ -528,6 +531,10 @@ def fit_pooled(
             k=tuple(k[0, i, sel].tolist()),
             n=tuple(n[0, i, sel].tolist()),
         )
+        if trace_no_data(t):
+            nan = float("nan")
+            out.append(PooledEstimate(nan, nan, 0.0, 1.0, None, None, dg.NO_DATA, **ptuple))
+            continue
         if tops[i] is not None:
             last = [s for s in t if s.phase == "fit"][-1]
             hi = float(upper_bound(last.k, last.n_judged, level))
