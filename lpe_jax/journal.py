@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lpe_jax.scheduler import Draw, Drawn, SavedRows
-from lpe_jax.store import _safe_id, atomic_write_bytes
+from lpe_jax.store import atomic_write_bytes, safe_id
 
 FIELDS = ("lengths", "logp_original", "logp_variant", "truncated", "nonfinite", "verdicts")
 ROW_FIELDS = ("tokens", *FIELDS[:-1])
@@ -36,7 +36,7 @@ class Journal:
         self._records: dict[Hashable, list[list[Drawn]]] = {}
 
     def path(self, key: str) -> Path:
-        return self.root / f"{_safe_id(str(key))}.npz"
+        return self.root / f"{safe_id(str(key))}.npz"
 
     def load(self, key: str) -> list[list[Drawn]]:
         """The job's completed yields in order (each a list of Drawn with tokens None); [] if
@@ -92,7 +92,7 @@ class Journal:
         self.rows_path(key).unlink(missing_ok=True)
 
     def rows_path(self, key: str) -> Path:
-        return self.root / f"{_safe_id(str(key))}.rows.npz"
+        return self.root / f"{safe_id(str(key))}.rows.npz"
 
     def save_rows(self, key: str, blocks: Sequence[SavedRows]) -> None:
         """Replace the job's drawn-but-unsent rows (``Scheduler.unjudged()``) atomically; [] removes

@@ -56,7 +56,7 @@ import numpy as np
 
 from lpe_jax.estimators.lpe import DrawRequest, DrawResult
 from lpe_jax.judges.base import Judge
-from lpe_jax.row_block import RowBlock
+from lpe_jax.row_block import ALPHA_QUANTUM, RowBlock
 
 __all__ = [
     "ALPHA_QUANTUM",
@@ -75,8 +75,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ALPHA_QUANTUM = 1e-6
-"""Alphas closer than this are one stream (equals sampler.ALPHA_QUANTUM, which keys the rows)."""
 
 UNKNOWN = -1
 

@@ -54,9 +54,9 @@ from lpe_jax.estimators.lpe import (
     DrawFn,
     LPECountsResult,
     LPEStep,
-    _budget,
     adaptive_draws,
     lpe_paper_from_counts,
+    trace_budget,
     trace_counts,
     trace_no_data,
     trace_not_rare,
@@ -591,7 +591,7 @@ def fit_trace_binomial(
         fit = fit_selected_points(
             a, k, n, sel, top, any_c, start_threshold, level, interval, fallback
         )
-    rollouts, passes = _budget(trace, passes_per_token)
+    rollouts, passes = trace_budget(trace, passes_per_token)
     return LPEBinomialResult(
         estimate=fit.estimate,
         lower=fit.lower,

@@ -69,6 +69,7 @@ __all__ = [
     "trace_counts",
     "trace_not_rare",
     "trace_no_data",
+    "trace_budget",
     "FALLBACK",
 ]
 
@@ -279,7 +280,9 @@ def ols_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(ym - slope * xm), slope
 
 
-def _budget(trace: Sequence[LPEStep], passes_per_token: int) -> tuple[int, int | None]:
+def trace_budget(trace: Sequence[LPEStep], passes_per_token: int) -> tuple[int, int | None]:
+    """(rollouts spent, forward passes) of a trace (point 7 of the module docstring); passes are
+    None when a draw did not report its generated tokens."""
     rollouts = sum(s.n for s in trace)
     if any(s.generated_tokens is None for s in trace):
         return rollouts, None
@@ -342,7 +345,7 @@ def fit_paper(
     if not fit:
         raise ValueError("the trace has no fit-phase step; build it with adaptive_draws")
     pts = [(s.alpha, s.rate) for s in fit if s.rate is not None and 0 < s.rate < start_threshold]
-    rollouts, passes = _budget(trace, passes_per_token)
+    rollouts, passes = trace_budget(trace, passes_per_token)
     xs = tuple(a for a, _ in pts)
     ys = tuple(float(np.log10(r)) for _, r in pts)
     common = dict(
