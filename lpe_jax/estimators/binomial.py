@@ -72,6 +72,7 @@ __all__ = [
     "lpe_binomial",
     "fit_trace_binomial",
     "trace_points",
+    "count_points",
     "fit_selected_points",
     "lpe_binomial_from_counts",
     "lpe_binomial_grid_from_counts",
@@ -605,6 +606,41 @@ def fit_trace_binomial(
     )
 
 
+def count_points(
+    search_k: np.ndarray,
+    search_n: np.ndarray,
+    fit_k: np.ndarray,
+    fit_n: np.ndarray,
+    alphas: np.ndarray,
+    n_fit: int,
+    *,
+    draws: str = "fit",
+    n_search: int = N_SEARCH,
+    start_threshold: float = START_THRESHOLD,
+    paper: LPECountsResult | None = None,
+) -> tuple[LPECountsResult, np.ndarray, np.ndarray, np.ndarray]:
+    """The points the binomial and pooled fits read from the counts of
+    :func:`lpe.lpe_paper_from_counts` (the counts twin of :func:`trace_points`).
+
+    Returns (paper, k, n, fitted): the paper's search result (``paper`` if given), compliant and
+    judged counts per alpha int [*B, A] over the draws of ``draws`` ("fit": the fit phase's;
+    "all": the search's too, on the alphas it scanned), and the alphas to fit bool [*B, A].
+    """
+    if draws not in ("fit", "all"):
+        raise ValueError(f'draws must be "fit" or "all", got {draws!r}')
+    sk, sn, fk, fn = (np.asarray(x) for x in (search_k, search_n, fit_k, fit_n))
+    if paper is None:
+        paper = lpe_paper_from_counts(
+            sk, sn, fk, fn, alphas, n_fit, n_search=n_search, start_threshold=start_threshold
+        )
+    k, n = fk * paper.drawn, fn * paper.drawn
+    if draws == "all":
+        scanned = np.arange(np.shape(alphas)[0]) >= paper.start_index[..., None]
+        k, n = k + sk * scanned, n + sn * scanned
+        return paper, k, n, select_grid_points(k, n, threshold=start_threshold)
+    return paper, k, n, paper.drawn & (fn > 0) & (fk < start_threshold * fn)
+
+
 def lpe_binomial_from_counts(
     search_k: np.ndarray,
     search_n: np.ndarray,
@@ -625,20 +661,19 @@ def lpe_binomial_from_counts(
     may be passed as ``paper`` to save recomputing the search); equal to
     ``fit_trace_binomial(trace, draws=draws).log10_estimate`` on the trace those counts make.
     """
-    if draws not in ("fit", "all"):
-        raise ValueError(f'draws must be "fit" or "all", got {draws!r}')
-    sk, sn, fk, fn = (np.asarray(x) for x in (search_k, search_n, fit_k, fit_n))
-    if paper is None:
-        paper = lpe_paper_from_counts(
-            sk, sn, fk, fn, alphas, n_fit, n_search=n_search, start_threshold=start_threshold
-        )
-    k, n = fk * paper.drawn, fn * paper.drawn
-    if draws == "all":
-        scanned = np.arange(np.shape(alphas)[0]) >= paper.start_index[..., None]
-        k, n = k + sk * scanned, n + sn * scanned
-        mask = select_grid_points(k, n, threshold=start_threshold)
-    else:
-        mask = paper.drawn & (fn > 0) & (fk < start_threshold * fn)
+    paper, k, n, mask = count_points(
+        search_k,
+        search_n,
+        fit_k,
+        fit_n,
+        alphas,
+        n_fit,
+        draws=draws,
+        n_search=n_search,
+        start_threshold=start_threshold,
+        paper=paper,
+    )
+    fk, fn = np.asarray(fit_k), np.asarray(fit_n)
     est, _ = fit_binomial_batch(alphas, k, n, mask, fallback=fallback)
     top = fk[..., -1] / np.maximum(fn[..., -1], 1)
     with np.errstate(divide="ignore"):

@@ -50,14 +50,13 @@ import numpy as np
 from scipy import stats
 
 from lpe_jax.estimators import degenerate as dg
-from lpe_jax.estimators.binomial import select_grid_points, trace_points
+from lpe_jax.estimators.binomial import count_points, trace_points
 from lpe_jax.estimators.degenerate import FALLBACK, fallback_log10, upper_bound
 from lpe_jax.estimators.lpe import (
     N_SEARCH,
     START_THRESHOLD,
     LPECountsResult,
     LPEStep,
-    lpe_paper_from_counts,
     paper_alpha_grid,
     trace_no_data,
     trace_not_rare,
@@ -455,20 +454,19 @@ def lpe_pooled_from_counts(
     The counts are those of :func:`lpe.lpe_paper_from_counts`; prompts along axis -2 are pooled.
     ``draws`` as in :func:`binomial.trace_points`. Not-rare prompts get the top's rate.
     """
-    sk, sn, fk, fn = (np.asarray(v) for v in (search_k, search_n, fit_k, fit_n))
-    if paper is None:
-        paper = lpe_paper_from_counts(
-            sk, sn, fk, fn, alphas, n_fit, n_search=n_search, start_threshold=start_threshold
-        )
-    k, n = fk * paper.drawn, fn * paper.drawn
-    if draws == "all":
-        scanned = np.arange(np.shape(alphas)[0]) >= paper.start_index[..., None]
-        k, n = k + sk * scanned, n + sn * scanned
-        mask = select_grid_points(k, n, threshold=start_threshold)
-    elif draws == "fit":
-        mask = paper.drawn & (fn > 0) & (fk < start_threshold * fn)
-    else:
-        raise ValueError(f'draws must be "fit" or "all", got {draws!r}')
+    paper, k, n, mask = count_points(
+        search_k,
+        search_n,
+        fit_k,
+        fit_n,
+        alphas,
+        n_fit,
+        draws=draws,
+        n_search=n_search,
+        start_threshold=start_threshold,
+        paper=paper,
+    )
+    fk, fn = np.asarray(fit_k), np.asarray(fit_n)
     mask = mask & ~(paper.not_rare | paper.no_data)[..., None]
     out = fit_pooled_batch(alphas, k, n, mask, fallback=fallback, prior=prior, firth=firth)
     top = fk[..., -1] / np.maximum(fn[..., -1], 1)
