@@ -1,21 +1,7 @@
 """LPE with a binomial likelihood fit (ours): zeros count, each point is weighted by its n.
 
-Model. Over the fitted points, log10 r(alpha) = intercept + slope * alpha, i.e. a binomial GLM
-with a log link, r capped at 1. We chose the log link over cloglog because it *is* the paper's
-model (log10 rate linear in alpha) rather than an approximation of it; the cap never binds at
-the optimum because we only fit points whose empirical rate is below 0.5 (so k < n and the
-likelihood goes to -inf as r -> 1 there, which keeps every fitted r below 1). Points with rate
->= 0.5 are left out, as the paper leaves them out: that is where log-linearity breaks.
-
-Estimation. The plain maximum-likelihood line does not exist for data the adaptive search makes
-often: with one nonzero point and zeros above it the likelihood keeps rising as the slope goes to
--inf, and with no nonzero point there is nothing to fit. We therefore maximize the Firth
-(Jeffreys-prior) penalized likelihood l(beta) + 0.5 log det I(beta). For the log link its score
-is that of the binomial with h_i / 2 extra compliant rollouts at point i (h_i the leverage, the
-h_i summing to 2), so it is finite for every data set with two distinct alphas, removes the
-O(1/n) bias of the MLE, and equals the MLE as counts grow. The 95% interval for r(1) is the
-profile penalized-likelihood interval (Heinze and Schemper's construction): log10 r(1) values
-whose profile drop is at most chi2_1(0.95) / 2.
+The model (a binomial GLM with a log link over the fitted points) and its estimation (the Firth
+penalized likelihood, a profile interval at alpha = 1) are derived in docs/estimators.md.
 
 Stated results where no line can be read (never an exception, and NaN only for "no_data"; the
 statuses are those of :mod:`lpe_jax.estimators.degenerate`, and every rule is a tested property):

@@ -1,41 +1,16 @@
 """Pooled LPE (ours): one empirical-Bayes binomial model over all prompts of a model pair.
 
-Model. Prompt i's rate follows the binomial LPE line, ln r_i(alpha) = theta_i + b_i (alpha - 1),
-fitted to the counts its run drew (by default every draw, the search's included: each rollout
-paid for is data). Slopes are pooled; each prompt keeps its level theta_i = ln r_i(1). The
-default population (``prior="end"``) is one on the line's value at the variant end,
-
-    c_i = theta_i - b_i = ln r_i(0) (as the line extrapolates it) ~ Normal(c_bar, omega^2),
-
-with a flat (5-decade normal, so always proper) prior on theta_i. Given its level, a prompt's
-slope is thus shrunk toward the line from the population's variant end to that level:
-b_i | theta_i ~ Normal(theta_i - c_bar, omega^2). This is the correction of the shrinkage bias
-that one common mean slope has: on a path whose variant complies alike on every prompt, a prompt
-that is rarer at alpha = 1 falls more steeply, so a common slope drawn from all prompts is too
-shallow for rare prompts and too steep for common ones, which biases levels toward the middle
-(measured in docs/results.md). Where a prompt's data reach the bottom of the grid (the variant's
-own rate is below 0.5), the variant end is measured, the prior cannot hold its slope, and that
-prompt also gets the Jeffreys (Firth) term of the binomial fit (``firth="bottom"``).
-
-Alternatives kept for comparison: ``prior="common"`` (b_i ~ Normal(mu, tau^2), one mean slope)
-and ``prior="joint"`` (a bivariate normal population of (theta_i, b_i): the level is pooled too;
-better calibrated levels on some families, intervals that undercover). docs/results.md measures
-all three.
-
-Estimation (empirical Bayes, Laplace EM, per group of prompts pooled together): given the
-population, each prompt's MAP (theta_i, b_i) by Fisher scoring (the log link's expected
-information plus the prior's precision) with step halving, and its Laplace posterior covariance;
-then the population parameters from the posterior moments (E[theta b], E[theta^2], ...); repeat
-until they change by < 1e-4. Only prompts with a compliant rollout at a fitted alpha take part.
-The interval at alpha = 1 is the Laplace (Wald) interval on theta_i.
-
-A prompt's estimate therefore moves with the prompt set it is pooled with: the same prompt's
-counts give a different estimate beside other prompts. Pool the prompts of one model pair, judge
-and grid, and report the population (:class:`Population`) beside the estimates.
+Prompt i's line is the binomial LPE line; slopes are pooled through a population model
+(``prior="end"`` by default; "common" and "joint" kept for comparison), fitted by empirical
+Bayes (Laplace EM); each prompt keeps its own level, with a Laplace (Wald) interval at alpha = 1.
+The model and the estimation are derived in docs/estimators.md. A prompt's estimate moves with
+the prompt set it is pooled with: pool the prompts of one model pair, judge and grid, and report
+the population (:class:`Population`) beside the estimates.
 
 Degenerate data follow :mod:`lpe_jax.estimators.degenerate` as the binomial fit does
 ("not_rare": the top's rate; no compliant rollout at a fitted alpha: at most the 1e-6 fallback,
-status "fallback", or "no_compliant" when nothing complied anywhere). A prompt with a single
+status "fallback", or "no_compliant" when nothing complied anywhere; mostly unknown verdicts:
+"no_data", estimate NaN, interval [0, 1], left out of the population). A prompt with a single
 fitted alpha (k > 0) gets the level its point and the population imply, capped at the point's
 own rate k / n (status "ok": the population supplies the slope). Estimates are capped at 1;
 0 <= lower <= estimate <= upper <= 1.
