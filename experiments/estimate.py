@@ -83,8 +83,9 @@ flags.DEFINE_float(
     "max_judge_failure_share",
     0.05,
     "Stop (exit 3, draws journaled) when the judge gives no verdict for more than this share of "
-    "the last --judge_failure_window rows it judged; below it, unknown verdicts are kept as "
-    "unknown (never refusals) and counted in the table.",
+    "the last --judge_failure_window rows it judged (before that many: for more than share x "
+    "window rows); below it, unknown verdicts are kept as unknown (never refusals) and counted "
+    "in the table.",
 )
 flags.DEFINE_integer(
     "judge_failure_window",

@@ -31,10 +31,10 @@ Guarantees:
 - A failing judge stops the run (``max_judge_failure_share``): rows with judge failures are held
   back from their jobs until the last ``judge_failure_window`` judged rows can say whether the
   judge works (or nothing else is in flight). Within the share they are delivered, and their
-  unknown verdicts are final; above it, ``run`` finishes every row already drawn, keeps the rows
-  no job was sent (``unjudged()``: tokens included, to journal) and raises
-  :class:`JudgeFailedError`. A rerun passes them back to ``add(rows=...)``: they are judged
-  again, not drawn again.
+  unknown verdicts are final; above it (before the window fills: more than share x window
+  failed rows), ``run`` finishes every row already drawn, keeps the rows no job was sent
+  (``unjudged()``: tokens included, to journal) and raises :class:`JudgeFailedError`. A rerun
+  passes them back to ``add(rows=...)``: they are judged again, not drawn again.
 
 Host only: NumPy and threads; the engine is passed in (duck-typed, see `Engine`).
 """
@@ -701,23 +701,21 @@ class Scheduler:
             self._deliver(tag, rows)
 
     def _release_held(self) -> None:
-        """Decide on the held rows once the window is full or nothing else can come back: stop
-        if the judge fails too often, else deliver them (their unknown verdicts are final)."""
+        """Decide on the held rows: stop once the judge failed on more than the share of a full
+        window (before it fills: more than share x window rows, so a judge that is down from
+        the start stops at once and one early failure does not); deliver them (their unknown
+        verdicts final) once the window is full or nothing else can come back."""
         if not self._held or self._unjudged is not None:
             return
-        full = len(self._window) == self._window.maxlen
-        if not (full or (not self._judging and self.engine.idle)):
-            return
         failed = sum(self._window)
-        if failed > self.max_judge_failure_share * len(self._window):
-            self._stop(
-                JudgeFailedError(
-                    failed, len(self._window), self.max_judge_failure_share, self._last_judge_error
-                )
-            )
-        held, self._held = self._held, []
-        for tag, rows in held:
-            self._deliver(tag, rows)
+        if failed > self.max_judge_failure_share * self._window.maxlen:
+            share, seen = self.max_judge_failure_share, len(self._window)
+            self._stop(JudgeFailedError(failed, seen, share, self._last_judge_error))
+        full = len(self._window) == self._window.maxlen
+        if full or (not self._judging and not self._to_judge and self.engine.idle):
+            held, self._held = self._held, []
+            for tag, rows in held:
+                self._deliver(tag, rows)
 
     def _stop(self, error: JudgeFailedError) -> None:
         """Finish every row already drawn (judging nothing more), keep the rows no job was sent

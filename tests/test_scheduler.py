@@ -456,3 +456,33 @@ def test_a_failing_judge_stops_the_run_and_the_rerun_judges_its_rows_again(tmp_p
         assert got[k][0] == trace, k
         for x, y in zip((va, logw, vb), got[k][1:], strict=True):
             np.testing.assert_array_equal(x, y)
+
+
+def test_a_judge_failure_within_the_share_is_kept_as_unknown():
+    """One failed judge call early on (8 rows) is within 5% of a 200-row window: the run goes on
+    and those rows stay unknown; the same call with a 20-row window stops it."""
+
+    def sched(window):
+        return Scheduler(
+            SyntheticEngine(slots=8, steps=2, max_new_tokens=T),
+            judge=SyntheticJudge(raise_on_call=(1,)),
+            decode=decode,
+            block_rows=8,
+            max_inflight_rows=16,
+            judge_batch_rows=8,
+            max_judge_failure_share=0.05,
+            judge_failure_window=window,
+        )
+
+    def fixed():
+        return (yield [Draw(0.0, 40, 9), Draw(0.3, 40, 9)])
+
+    ok = sched(200)
+    ok.add("j", prompt(0), fixed())
+    ((_, (a, b)),) = list(ok.run())
+    assert ok.stats.judge_errors == 1 and ok.stats.judge_failed_rows == 8
+    assert int((a.verdicts < 0).sum() + (b.verdicts < 0).sum()) == 8
+    strict = sched(20)
+    strict.add("j", prompt(0), fixed())
+    with pytest.raises(JudgeFailedError, match="ConnectionError: judge endpoint down"):
+        list(strict.run())
