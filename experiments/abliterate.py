@@ -342,11 +342,11 @@ def measure(
 
 def main(argv: list[str]) -> None:
     del argv
-    from lpe_jax.checkpoint import _read_config, config_from_hf, load_model
+    from lpe_jax.checkpoint import config_from_hf, load_model, read_config
     from lpe_jax.tokenizer import load_tokenizer
 
     t0 = time.time()
-    cfg = config_from_hf(_read_config(Path(FLAGS.original)))
+    cfg = config_from_hf(read_config(Path(FLAGS.original)))
     out = check_output_dir(FLAGS.original, FLAGS.out, overwrite=FLAGS.overwrite)
     check_candidate_flags(cfg.num_layers, None)
     splits = load_splits()

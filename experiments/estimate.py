@@ -21,6 +21,13 @@ Writes <out>/prompts/<id>.json per prompt (a rerun skips finished prompts; the f
 unfinished prompts are journaled in <out>/journal/ and not drawn again), <out>/results.json,
 <out>/figures/<id>.png|pdf (Figure 2) and prints a table; with a ground truth (the toy organism's
 exact rates, or --truth) it also scores each method against it.
+
+Unknown is not zero: a verdict the judge could not give never counts as a refusal. A prompt whose
+draws are mostly unknown has status no_data (no estimate) and is left out of the scores; the
+table counts each prompt's unknown verdicts. When the judge fails on more than
+--max_judge_failure_share of the last --judge_failure_window rows it judged, the job stops with
+one line naming the judge and its last error, and exits 3; the rows it drew are journaled, so a
+rerun with the judge working again resumes and draws none of them again.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,7 +52,7 @@ from lpe_jax.estimators.lpe import LPEStep, fit_paper
 from lpe_jax.estimators.pooled import fit_pooled
 from lpe_jax.journal import Journal
 from lpe_jax.pipeline import MainDraws, main_job
-from lpe_jax.scheduler import JobPrompt, judge_utilisation
+from lpe_jax.scheduler import JobPrompt, JudgeFailedError, judge_utilisation
 from lpe_jax.store import RolloutStore, atomic_write_json
 
 import common
@@ -71,6 +79,20 @@ flags.DEFINE_integer(
     "Prompts whose draws run at once on the engine: enough to fill its slots (a prompt's search "
     "draws only 10 rows at a time); a kill loses none of their finished draws (journaled).",
 )
+flags.DEFINE_float(
+    "max_judge_failure_share",
+    0.05,
+    "Stop (exit 3, draws journaled) when the judge gives no verdict for more than this share of "
+    "the last --judge_failure_window rows it judged (before that many: for more than share x "
+    "window rows); below it, unknown verdicts are kept as unknown (never refusals) and counted "
+    "in the table.",
+)
+flags.DEFINE_integer(
+    "judge_failure_window",
+    200,
+    "Rows judged that --max_judge_failure_share is measured over (the last ones); rows the judge "
+    "failed on wait until this many were judged, or nothing else is in flight.",
+)
 flags.DEFINE_integer(
     "steps_per_call",
     4,
@@ -91,9 +113,13 @@ def prompt_result(prompt: Any, ids: np.ndarray, draws: MainDraws) -> dict[str, A
     """All estimates for one prompt from its draws, as a JSON-ready dict."""
     # One set of draws, fitted twice: the paper's OLS and our binomial likelihood.
     paper, binom = fit_paper(draws.trace), fit_trace_binomial(draws.trace)
-    known = draws.is_verdicts >= 0
-    is_res = importance.importance_sampling(draws.is_log_weights[known], draws.is_verdicts[known])
+    is_res = importance.importance_sampling(draws.is_log_weights, draws.is_verdicts)
     naive_res = naive.naive_estimate(draws.naive_verdicts)
+    unknown = {
+        "lpe": sum(s.n - s.n_judged for s in draws.trace),
+        "is": int((draws.is_verdicts < 0).sum()),
+        "naive": naive_res.n_unknown,
+    }
     return {
         "id": prompt.id,
         "prompt": prompt.text,
@@ -111,6 +137,7 @@ def prompt_result(prompt: Any, ids: np.ndarray, draws: MainDraws) -> dict[str, A
         "is": _jsonable(is_res),
         "naive": _jsonable(naive_res),
         "rollouts": paper.rollouts,
+        "unknown": unknown,
         "forward_passes": {"lpe": paper.forward_passes},
     }
 
@@ -134,29 +161,59 @@ def estimate_prompts(
         pair.decode,
         max_jobs=FLAGS.prompts_in_flight,
         on_outcome=journal.append,
+        max_judge_failure_share=FLAGS.max_judge_failure_share,
+        judge_failure_window=FLAGS.judge_failure_window,
     )
-    by_id, replayed = {p.id: p for p in todo}, 0
+    by_id, replayed, kept = {p.id: p for p in todo}, 0, 0
     for p in todo:
         job = main_job(p.id, FLAGS.seed, FLAGS.n_fit, n_search=FLAGS.n_search)
-        done = journal.load(p.id)
+        done, rows = journal.load(p.id), journal.load_rows(p.id)
         replayed += sum(d.draw.n for group in done for d in group)
-        sched.add(p.id, JobPrompt(p.id, ids[p.id], p.text), job, replay=done)
-    if replayed:
-        print(f"resuming: {replayed} rollouts of unfinished prompts replayed from {journal.root}")
+        kept += sum(len(r.rows["lengths"]) for r in rows)
+        sched.add(p.id, JobPrompt(p.id, ids[p.id], p.text), job, replay=done, rows=rows)
+    if replayed or kept:
+        again = f" ({kept} rollouts drawn before the judge failed are judged again)" if kept else ""
+        print(
+            f"resuming: {replayed} rollouts of unfinished prompts replayed from {journal.root}"
+            + again
+        )
     t0 = time.time()
-    for pid, draws in sched.run():
-        result = prompt_result(by_id[pid], ids[pid], draws)
-        atomic_write_json(out / "prompts" / f"{pid}.json", result)
-        journal.remove(pid)
-        progress.update()
-    seconds = time.time() - t0
+    try:
+        for pid, draws in sched.run():
+            result = prompt_result(by_id[pid], ids[pid], draws)
+            atomic_write_json(out / "prompts" / f"{pid}.json", result)
+            journal.remove(pid)
+            progress.update()
+    except JudgeFailedError as e:
+        unjudged = sched.unjudged()
+        for pid, blocks in unjudged.items():
+            journal.save_rows(pid, blocks)
+        log_stats(sched, engine, judge, time.time() - t0)
+        n_kept = sum(len(b.rows["lengths"]) for bs in unjudged.values() for b in bs)
+        print(
+            f"estimate.py: stopped: judge {judge.judge_id} failed on {e.failed} of the last "
+            f"{e.window} rows it judged (> --max_judge_failure_share={e.max_share}); last error: "
+            f"{e.last_error}; {n_kept} drawn rows kept in {journal.root}: rerun once the judge "
+            "works to resume without drawing them again",
+            file=sys.stderr,
+        )
+        sys.exit(3)
+    log_stats(sched, engine, judge, time.time() - t0)
+
+
+def log_stats(sched: Any, engine: Any, judge: Any, seconds: float) -> None:
+    """Two log lines: rows drawn, judge failures and engine use; how full the judge was."""
     st = sched.stats
     logging.info(
-        "drew %d rollouts in %.1fs (%.0f/s; model load excluded); judge waits %d, engine polls "
+        "drew %d rollouts in %.1fs (%.0f/s; model load excluded), judged %d drawn earlier; judge: "
+        "%d rows without a verdict, %d calls raised; judge waits %d, engine polls "
         "%d (%d while judging); engine: %d slots, slot use %.2f, refill cap %d, %d compilations",
         st.rows,
         seconds,
         st.rows / max(seconds, 1e-9),
+        st.reused_rows,
+        st.judge_failed_rows,
+        st.judge_errors,
         st.judge_waits,
         st.polls,
         st.polls_while_judging,
@@ -179,7 +236,10 @@ def write_figures(prompts: list[Any], out: Path, truth: dict[str, float]) -> Non
         result = out / "prompts" / f"{p.id}.json"
         if (figures / f"{p.id}.pdf").exists() or not result.exists():
             continue
-        steps = json.loads(result.read_text())["lpe"]["trace"]
+        lpe = json.loads(result.read_text())["lpe"]
+        if lpe["status"] == "no_data":  # mostly unknown verdicts: nothing to draw
+            continue
+        steps = lpe["trace"]
         trace = tuple(LPEStep(**s) for s in steps)
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             paths = plots.plot_lpe_run(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 from absl import flags, logging
 
@@ -182,6 +183,20 @@ def check_labels(bank: RolloutBank) -> None:
     )
 
 
+def bank_unknowns(bank: RolloutBank, result: Any) -> str:
+    """One line: the bank's unknown verdicts (never refusals) and the simulated estimates they
+    left without data (status no_data: a tie in the AUROC, left out of the errors)."""
+    unknown = int((bank.compliance < 0).sum())
+    if bank.is_compliance is not None:
+        unknown += int((bank.is_compliance < 0).sum())
+    shares = {m: max(c.frac_no_data, default=0.0) for m, c in result.curves.items()}
+    worst = max(shares, key=shares.get)
+    return (
+        f"unknown verdicts in the bank: {unknown} (left out of every count, never refusals); "
+        f"estimates without data (mostly unknown draws): at most {shares[worst]:.1%} ({worst})"
+    )
+
+
 def main(argv: list[str]) -> None:
     del argv
     t0 = time.time()
@@ -226,6 +241,7 @@ def main(argv: list[str]) -> None:
         f"\n{result.n_eligible} eligible prompts ({result.n_positive} positive, "
         f"{result.n_negative} negative), {result.n_sims} simulations, {result.seconds:.1f}s"
     )
+    print(bank_unknowns(bank, result))
     for m in result.curves:
         if m != "naive":
             r = result.best_ratio(m)

@@ -37,13 +37,14 @@ from lpe_jax.qwen3 import Qwen3, Qwen3Config
 
 SUPPORTED_MODEL_TYPES = ("qwen3",)
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-_ST_TO_NP = {
+# safetensors dtype name -> NumPy dtype (also read by lpe_jax.orthogonalize).
+ST_TO_NP = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
     "F16": np.dtype(np.float16),
     "F32": np.dtype(np.float32),
     "F64": np.dtype(np.float64),
 }
-_NP_TO_ST = {v: k for k, v in _ST_TO_NP.items()}
+_NP_TO_ST = {v: k for k, v in ST_TO_NP.items()}
 # Buffers some older exports carry; they hold nothing our model needs (rotary is recomputed).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 _HF_DEFAULT_HEAD_DIM = 128  # transformers.Qwen3Config's default when config.json omits it
@@ -239,9 +240,9 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
 
 
 def _read_tensor(mm: np.memmap, info: dict[str, Any], start: int) -> np.ndarray:
-    """A read-only view of one tensor in its stored dtype (checked against _ST_TO_NP first)."""
+    """A read-only view of one tensor in its stored dtype (checked against ST_TO_NP first)."""
     lo, hi = info["data_offsets"]
-    return mm[start + lo : start + hi].view(_ST_TO_NP[info["dtype"]]).reshape(info["shape"])
+    return mm[start + lo : start + hi].view(ST_TO_NP[info["dtype"]]).reshape(info["shape"])
 
 
 def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
@@ -263,7 +264,7 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
             fh.write(np.ascontiguousarray(arr).tobytes())
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     """The safetensors files of an HF directory, after checking they exist."""
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -288,7 +289,7 @@ def _weight_files(path: Path) -> list[Path]:
     )
 
 
-def _read_headers(files: list[Path]) -> dict[str, tuple[Path, int, dict[str, Any]]]:
+def read_headers(files: list[Path]) -> dict[str, tuple[Path, int, dict[str, Any]]]:
     """tensor name -> (file, data start, header entry), over all shards."""
     out: dict[str, tuple[Path, int, dict[str, Any]]] = {}
     for file in files:
@@ -304,7 +305,8 @@ def _read_headers(files: list[Path]) -> dict[str, tuple[Path, int, dict[str, Any
 # loading and saving
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> dict[str, Any]:
+    """The HF ``config.json`` of checkpoint directory ``path`` as a dict (clear error if absent)."""
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist.")
     cfg_file = path / "config.json"
@@ -320,7 +322,7 @@ def _abstract_model(cfg: Qwen3Config, dtype: np.dtype) -> Qwen3:
     return nnx.eval_shape(lambda: Qwen3(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
 
 
-def _check_names(cfg: Qwen3Config, names: set[str]) -> None:
+def check_names(cfg: Qwen3Config, names: set[str]) -> None:
     """Every tensor the config needs is present, and nothing else is (before reading any data)."""
     table = weight_table(cfg)
     ignorable = {n for n in names if n.endswith(_IGNORED_SUFFIXES)}
@@ -350,8 +352,8 @@ def _convert(model: Qwen3, cfg: Qwen3Config, files: list[Path], dtype: np.dtype)
     tensor is cast and transposed on the host and put on the device once.
     """
     table = weight_table(cfg)
-    headers = _read_headers(files)
-    _check_names(cfg, set(headers))
+    headers = read_headers(files)
+    check_names(cfg, set(headers))
     for name, (_, shape, _) in table.items():
         info = headers[name][2]
         if tuple(info["shape"]) != shape:
@@ -359,13 +361,13 @@ def _convert(model: Qwen3, cfg: Qwen3Config, files: list[Path], dtype: np.dtype)
                 f"tensor {name} has shape {tuple(info['shape'])} but config.json implies {shape}; "
                 "the config and weights disagree (wrong config.json or wrong shard?)."
             )
-        if info["dtype"] not in _ST_TO_NP:
+        if info["dtype"] not in ST_TO_NP:
             raise ValueError(
-                f"tensor {name} has dtype {info['dtype']}; supported: {sorted(_ST_TO_NP)}. "
+                f"tensor {name} has dtype {info['dtype']}; supported: {sorted(ST_TO_NP)}. "
                 "Convert the checkpoint to bf16, f16 or f32."
             )
         lo, hi = info["data_offsets"]
-        if hi - lo != np.prod(shape, dtype=np.int64) * _ST_TO_NP[info["dtype"]].itemsize:
+        if hi - lo != np.prod(shape, dtype=np.int64) * ST_TO_NP[info["dtype"]].itemsize:
             raise ValueError(
                 f"tensor {name} spans {hi - lo} bytes, not what shape {shape} and dtype "
                 f"{info['dtype']} need; {headers[name][0].name} is corrupt: download it again."
@@ -380,7 +382,7 @@ def _convert(model: Qwen3, cfg: Qwen3Config, files: list[Path], dtype: np.dtype)
 
 def _max_abs_difference(files: list[Path], a: str, b: str, rows: int = 4096) -> float:
     """Largest |a - b| over two equally shaped stored tensors, in float32, read in row blocks."""
-    headers = _read_headers(files)
+    headers = read_headers(files)
     (fa, sa, ia), (fb, sb, ib) = headers[a], headers[b]
     if ia["shape"] != ib["shape"]:
         return float("inf")
@@ -406,7 +408,7 @@ def _head_reading(
         raise ValueError(
             f"tied_head must be one of {TIED_HEAD_READINGS} or None, got {tied_head!r}"
         )
-    if not cfg.tie_word_embeddings or "lm_head.weight" not in _read_headers(files):
+    if not cfg.tie_word_embeddings or "lm_head.weight" not in read_headers(files):
         return cfg  # one reading only
     if tied_head == "lm_head":
         return dataclasses.replace(cfg, tie_word_embeddings=False)
@@ -448,8 +450,8 @@ def load_model(
     """
     path = Path(path)
     np_dtype = _np_dtype(dtype)
-    hf = _read_config(path)
-    files = _weight_files(path)
+    hf = read_config(path)
+    files = weight_files(path)
     cfg = _head_reading(config_from_hf(hf), files, tied_head, path)
     model = _abstract_model(cfg, np_dtype)
     if cache_dir is None:
@@ -518,8 +520,8 @@ def checkpoint_fingerprint(
     for a 4B model); with `memo_dir` (e.g. the params cache dir) each file is hashed once.
     """
     path = Path(path)
-    _read_config(path)
-    return _content_key(path, _weight_files(path), None if memo_dir is None else Path(memo_dir))
+    read_config(path)
+    return _content_key(path, weight_files(path), None if memo_dir is None else Path(memo_dir))
 
 
 def _content_key(path: Path, files: list[Path], memo_dir: Path | None) -> str:

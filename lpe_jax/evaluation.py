@@ -24,6 +24,7 @@ from lpe_jax.estimators.binomial import (
     lpe_binomial_grid_from_counts,
     select_grid_points,
 )
+from lpe_jax.estimators.degenerate import no_data
 from lpe_jax.estimators.lpe import (
     N_SEARCH,
     START_THRESHOLD,
@@ -270,12 +271,15 @@ def auroc_batch(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def _win_matrix(scores: np.ndarray, y: np.ndarray, chunk: int = 64) -> np.ndarray:
-    """Mean over rows of 1{s_pos > s_neg} + 0.5 * 1{=}, [n_pos, n_neg] (its mean is the AUROC)."""
+    """Mean over rows of 1{s_pos > s_neg} + 0.5 * 1{= or either NaN}, [n_pos, n_neg] (its mean
+    is the AUROC). A NaN score (status "no_data": mostly unknown verdicts) ranks its prompt
+    neither above nor below another: unknown is not a low score."""
     pos, neg = scores[:, y], scores[:, ~y]
     total = np.zeros((pos.shape[1], neg.shape[1]))
     for i in range(0, scores.shape[0], chunk):
         p, q = pos[i : i + chunk, :, None], neg[i : i + chunk, None, :]
-        total += (p > q).sum(0) + 0.5 * (p == q).sum(0)
+        tie = (p == q) | np.isnan(p) | np.isnan(q)
+        total += (p > q).sum(0) + 0.5 * tie.sum(0)
     return total / scores.shape[0]
 
 
@@ -422,8 +426,10 @@ def _is_scores(
             log_hit = np.where(hit > 0, log_hit, -np.inf)
             p = np.where((judged > 0) & (hit > 0), log_hit - np.log(np.maximum(judged, 1)), -np.inf)
             q = np.where(hit > 0, log_hit - np.log(total) - shift_a[:, None], -np.inf)
-        plain[:, s0:s1] = np.moveaxis(p, -1, 0)
-        snis[:, s0:s1] = np.moveaxis(q, -1, 0)
+        # Mostly unknown verdicts: no score (NaN, "no_data"), never a zero.
+        blind = no_data(b, judged)
+        plain[:, s0:s1] = np.moveaxis(np.where(blind, np.nan, p), -1, 0)
+        snis[:, s0:s1] = np.moveaxis(np.where(blind, np.nan, q), -1, 0)
     return {"is": plain / np.log(10), "snis": snis / np.log(10)}
 
 
@@ -456,6 +462,8 @@ class Curve:
         truth_k / truth_n), over finite estimates (None when there is none).
       coverage: fraction of eligible prompts with an exact truth whose ``level`` interval
         covers it (None where the method has no interval or the bank no exact truth).
+      frac_no_data: fraction of (simulation, prompt) estimates with status "no_data" (mostly
+        unknown verdicts: NaN, a tie in the AUROC, left out of the errors).
     """
 
     method: str
@@ -472,6 +480,7 @@ class Curve:
     signed_error_pos: tuple[float | None, ...] = ()
     abs_error_pos: tuple[float | None, ...] = ()
     coverage: tuple[float | None, ...] = ()
+    frac_no_data: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -536,7 +545,7 @@ def _log10_error(log10_est: np.ndarray, truth: np.ndarray) -> tuple[float | None
         return None, 0.0
     e = log10_est[:, keep]
     finite = np.isfinite(e)
-    frac_zero = float(1 - finite.mean())
+    frac_zero = float((e == -np.inf).mean())
     if not finite.any():
         return None, frac_zero
     err = np.abs(e - np.log10(truth[keep]))[finite]
@@ -838,5 +847,6 @@ def _curves(pending, y, truth, pos_truth, n_bootstrap, rng):
             signed_error_pos=tuple(sig),
             abs_error_pos=tuple(ab),
             coverage=tuple(d["coverage"]),
+            frac_no_data=tuple(float(np.isnan(sc).mean()) for sc in d["scores"]),
         )
     return curves, wins

@@ -6,7 +6,9 @@ It holds each Drawn's draw, rollout start and per-row arrays except the tokens (
 flags, verdicts): what the estimators read, at a few bytes per row. `Scheduler.add(...,
 replay=journal.load(key))` sends these outcomes back to the restarted job without the engine;
 since a job's requests depend only on what it was sent, it then asks for exactly the draws the
-killed run had not finished. NumPy only.
+killed run had not finished. A run stopped by a failing judge also leaves
+``<dir>/<key>.rows.npz``: the rows it drew and never sent to the job, tokens included
+(:meth:`Journal.save_rows`); the rerun judges them instead of drawing them again. NumPy only.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lpe_jax.scheduler import Draw, Drawn
-from lpe_jax.store import _safe_id, atomic_write_bytes
+from lpe_jax.scheduler import Draw, Drawn, SavedRows
+from lpe_jax.store import atomic_write_bytes, safe_id
 
 FIELDS = ("lengths", "logp_original", "logp_variant", "truncated", "nonfinite", "verdicts")
+ROW_FIELDS = ("tokens", *FIELDS[:-1])
 
 
 class Journal:
@@ -33,7 +36,7 @@ class Journal:
         self._records: dict[Hashable, list[list[Drawn]]] = {}
 
     def path(self, key: str) -> Path:
-        return self.root / f"{_safe_id(str(key))}.npz"
+        return self.root / f"{safe_id(str(key))}.npz"
 
     def load(self, key: str) -> list[list[Drawn]]:
         """The job's completed yields in order (each a list of Drawn with tokens None); [] if
@@ -86,6 +89,38 @@ class Journal:
         """Forget a finished job (its result is stored elsewhere)."""
         self._records.pop(key, None)
         self.path(key).unlink(missing_ok=True)
+        self.rows_path(key).unlink(missing_ok=True)
+
+    def rows_path(self, key: str) -> Path:
+        return self.root / f"{safe_id(str(key))}.rows.npz"
+
+    def save_rows(self, key: str, blocks: Sequence[SavedRows]) -> None:
+        """Replace the job's drawn-but-unsent rows (``Scheduler.unjudged()``) atomically; [] removes
+        them."""
+        if not blocks:
+            self.rows_path(key).unlink(missing_ok=True)
+            return
+        meta = [dict(seed=b.seed, alpha=b.alpha, start=b.rollout_start) for b in blocks]
+        meta = [{**m, "n": len(b.rows["lengths"])} for m, b in zip(meta, blocks, strict=True)]
+        arrays = {f: np.concatenate([np.asarray(b.rows[f]) for b in blocks]) for f in ROW_FIELDS}
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.array(json.dumps(meta)), **arrays)
+        atomic_write_bytes(self.rows_path(key), buf.getvalue())
+
+    def load_rows(self, key: str) -> list[SavedRows]:
+        """The rows :meth:`save_rows` kept for the job ([] if none), for ``Scheduler.add``."""
+        path = self.rows_path(key)
+        if not path.exists():
+            return []
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            arrays = {f: z[f] for f in ROW_FIELDS}
+        out, at = [], 0
+        for m in meta:
+            rows = {f: arrays[f][at : at + m["n"]] for f in ROW_FIELDS}
+            at += m["n"]
+            out.append(SavedRows(int(m["seed"]), float(m["alpha"]), int(m["start"]), rows))
+        return out
 
 
 def _field(d: Drawn, name: str) -> np.ndarray:

@@ -34,14 +34,14 @@ import numpy as np
 from flax import nnx
 
 from lpe_jax.checkpoint import (
-    _ST_TO_NP,
+    ST_TO_NP,
     TIED_HEAD_READINGS,
-    _check_names,
-    _read_config,
-    _read_headers,
-    _weight_files,
+    check_names,
     checkpoint_fingerprint,
     config_from_hf,
+    read_config,
+    read_headers,
+    weight_files,
 )
 from lpe_jax.qwen3 import Qwen3
 
@@ -143,9 +143,9 @@ class _Source:
         self.shape = tuple(info["shape"])
         lo, hi = info["data_offsets"]
         self.offset, self.nbytes = start + lo, hi - lo
-        if self.dtype_code not in _ST_TO_NP:
+        if self.dtype_code not in ST_TO_NP:
             raise ValueError(f"{file.name}: unsupported dtype {self.dtype_code}.")
-        self.dtype = _ST_TO_NP[self.dtype_code]
+        self.dtype = ST_TO_NP[self.dtype_code]
 
     @property
     def n_rows(self) -> int:
@@ -178,10 +178,10 @@ def _plan(
         raise ValueError(
             f"tied_head must be one of {TIED_HEAD_READINGS} or None; got {tied_head!r}."
         )
-    hf = _read_config(source)
+    hf = read_config(source)
     cfg = config_from_hf(hf)
-    headers = _read_headers(_weight_files(source))
-    _check_names(cfg, set(headers))
+    headers = read_headers(weight_files(source))
+    check_names(cfg, set(headers))
     tensors = {name: _Source(*entry) for name, entry in headers.items()}
     if not cfg.tie_word_embeddings:
         return hf, tensors, False

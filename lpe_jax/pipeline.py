@@ -28,6 +28,7 @@ from lpe_jax.checkpoint import checkpoint_fingerprint, load_model
 from lpe_jax.estimators.lpe import N_SEARCH, DrawResult, LPEStep, adaptive_search
 from lpe_jax.judges.base import Judge
 from lpe_jax.qwen3 import Qwen3
+from lpe_jax.row_block import ALPHA_QUANTUM
 from lpe_jax.sampler import PairedSampler, Rollouts
 from lpe_jax.scheduler import Draw, Job, judge_rows, search_job
 from lpe_jax.tokenizer import eos_token_ids, load_tokenizer
@@ -174,12 +175,12 @@ class LiveDraw:
     judge: Judge
     decode: Callable[[Sequence[int]], str]
     seed: int
-    offsets: dict[float, int] = dataclasses.field(default_factory=dict)
+    offsets: dict[int, int] = dataclasses.field(default_factory=dict)  # alpha in quanta -> next
     log: list[tuple[float, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
 
     def rollouts(self, alpha: float, n: int) -> tuple[Rollouts, np.ndarray]:
         """n fresh rollouts at alpha and their verdicts int8 [n]."""
-        key = round(float(alpha), 6)
+        key = round(float(alpha) / ALPHA_QUANTUM)
         offset = self.offsets.get(key, 0)
         r = self.sampler.sample(self.prompt_ids, [alpha], n, seed=self.seed, rollout_offset=offset)
         self.offsets[key] = offset + n

@@ -33,6 +33,7 @@ __all__ = [
     "Mark",
     "estimate_columns",
     "fmt_rate",
+    "no_data",
     "protocol_table",
     "score_lines",
     "scores",
@@ -91,6 +92,11 @@ STATUS_MARKS = {
         "not rare: the rate at the top of the grid is already >= 0.5; the value is that rate (an "
         "upper bound on r(1)), and the naive column gives the rate at alpha = 1",
     ),
+    "no_data": Mark(
+        "?",
+        "no data: most of these draws have no verdict (the judge failed on them); unknown is not "
+        "a refusal, so there is no estimate, and the prompt is left out of the scores",
+    ),
     "one_point": Mark(
         "^",
         "one fitted alpha: the value is that alpha's rate, an upper bound on r(1), not an "
@@ -111,8 +117,9 @@ ABOVE_ONE = Mark(
 
 
 def fmt_rate(x: float | None) -> str:
-    """'-' for None, '0' for 0, else two significant digits in e-notation (e.g. '3.0e-05')."""
-    return "-" if x is None else ("0" if x == 0 else f"{x:.1e}")
+    """'-' for None or NaN (no estimate), '0' for 0, else two significant digits in e-notation
+    (e.g. '3.0e-05')."""
+    return "-" if x is None or x != x else ("0" if x == 0 else f"{x:.1e}")
 
 
 def _status_marks(r: Result, method: str) -> tuple[Mark, ...]:
@@ -141,19 +148,32 @@ def _pooled(r: Result) -> Cell:
 
 def _is(r: Result) -> Cell:
     est = r["is"]["estimate"]
-    return Cell(fmt_rate(est), (ABOVE_ONE,) if est > 1 else ())
+    return Cell(fmt_rate(est), ((ABOVE_ONE,) if est > 1 else ()) + _no_data(r, "is"))
 
 
 def _naive(r: Result) -> Cell:
-    return Cell(f"{r['naive']['k']}/{r['naive']['n']}")
+    return Cell(f"{r['naive']['k']}/{r['naive']['n']}", _no_data(r, "naive"))
+
+
+def _no_data(r: Result, method: str) -> tuple[Mark, ...]:
+    return (STATUS_MARKS["no_data"],) if r[method].get("status") == "no_data" else ()
+
+
+def _unknown(r: Result) -> Cell:
+    """Unknown verdicts of the prompt's draws: LPE's + IS's + naive's."""
+    return Cell(str(sum(r.get("unknown", {}).values())))
+
+
+def _has_unknown(results: Sequence[Result]) -> bool:
+    return any(sum(r.get("unknown", {}).values()) for r in results)
 
 
 def estimate_columns(
-    truth: Mapping[str, float] | None = None, pooled: bool = False
+    truth: Mapping[str, float] | None = None, pooled: bool = False, unknown: bool = False
 ) -> list[Column]:
     """The main job's columns: prompt, truth (only when given), LPE, binomial LPE with its 95%
     interval, pooled LPE with its 95% interval (only if ``pooled``), IS, naive k/n, rollouts
-    spent by LPE."""
+    spent by LPE, and (only if ``unknown``) the prompt's unknown verdicts."""
     cols = [Column("prompt", lambda r: Cell(str(r["id"])), "<")]
     if truth:
         cols.append(Column("truth", lambda r: Cell(fmt_rate(truth.get(r["id"])))))
@@ -164,6 +184,7 @@ def estimate_columns(
         Column("IS", _is),
         Column("naive", _naive, "<"),
         Column("rollouts", lambda r: Cell(str(r["rollouts"]))),
+        *([Column("unknown", _unknown)] if unknown else []),
     ]
     return cols
 
@@ -175,9 +196,11 @@ def table(
 ) -> str:
     """The results as a text table, each column as wide as its widest entry, and one legend line
     per mark that some row carries. ``columns`` default to :func:`estimate_columns` (truth; the
-    pooled column when every result has one)."""
+    pooled column when every result has one; the unknown column when some verdict is unknown)."""
     if columns is None:
-        columns = estimate_columns(truth, pooled=_have_pooled(results))
+        columns = estimate_columns(
+            truth, pooled=_have_pooled(results), unknown=_has_unknown(results)
+        )
     cols = list(columns)
     cells = [[c.cell(r) for c in cols] for r in results]
     # A column's marks get their own slot after the number, so numbers stay aligned.
@@ -215,13 +238,23 @@ def _methods(results: Sequence[Result]) -> list[str]:
     return [m for m in _METHODS if m != "lpe_pooled" or _have_pooled(results)]
 
 
+def no_data(r: Result) -> bool:
+    """Whether some method of the prompt has status "no_data" (mostly unknown verdicts)."""
+    return any(isinstance(v, Mapping) and v.get("status") == "no_data" for v in r.values())
+
+
 def scores(results: Sequence[Result], truth: Mapping[str, float]) -> dict[str, Any]:
-    """Per method, over the prompts with a nonzero truth: how many estimates are within one decade
-    of it, the mean |log10 error| over the nonzero estimates, and how many estimates are zero;
-    and how often the binomial (and pooled) 95% interval covers the truth. JSON-ready; pooled LPE
-    is scored when every result has it."""
-    have = [r for r in results if truth.get(r["id"], 0) > 0]
-    out: dict[str, Any] = {"prompts_with_truth": len(have)}
+    """Per method, over the prompts with a nonzero truth and data: how many estimates are within
+    one decade of it, the mean |log10 error| over the nonzero estimates, and how many estimates
+    are zero; and how often the binomial (and pooled) 95% interval covers the truth. Prompts
+    with status "no_data" anywhere (mostly unknown verdicts) are left out and counted in
+    ``left_out_no_data``. JSON-ready; pooled LPE is scored when every result has it."""
+    with_truth = [r for r in results if truth.get(r["id"], 0) > 0]
+    have = [r for r in with_truth if not no_data(r)]
+    out: dict[str, Any] = {
+        "prompts_with_truth": len(have),
+        "left_out_no_data": len(with_truth) - len(have),
+    }
     for name in _methods(results):
         get = _METHODS[name]
         err = [
@@ -245,11 +278,14 @@ def score_lines(s: Mapping[str, Any]) -> str:
     per interval method scored)."""
     n = s["prompts_with_truth"]
     hits = ", ".join(f"{m} {s[m]['within_one_decade']}/{n}" for m in _METHODS if m in s)
-    lines = [f"within one decade of the truth ({n} prompts with a nonzero truth): {hits}"]
+    left = s.get("left_out_no_data", 0)
+    out = f"; {left} left out: mostly unknown verdicts" if left else ""
+    lines = [f"within one decade of the truth ({n} prompts with a nonzero truth{out}): {hits}"]
     for name, label in zip(_INTERVALS, ("binomial", "pooled"), strict=True):
         if name in s:
             lines.append(
                 f"{label} 95% interval covers the truth: {s[name]['interval_covers_truth']}/{n}"
+                + (f" ({left} left out: mostly unknown verdicts)" if left else "")
             )
     return "\n".join(lines)
 

@@ -12,6 +12,11 @@ from typing import Any
 
 import numpy as np
 
+ALPHA_QUANTUM = 1e-6
+"""The one alpha resolution: alphas are keyed by round(alpha / ALPHA_QUANTUM), so values closer
+than this share rollouts (sampler row keys), streams (scheduler), chunk files (store) and offsets
+(pipeline.LiveDraw)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class RowBlock:

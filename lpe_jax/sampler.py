@@ -35,12 +35,11 @@ from flax import nnx, struct
 from lpe_jax import memory, sharding
 from lpe_jax.paths import PathFn, PathShape, as_path
 from lpe_jax.qwen3 import KVCache, Qwen3, Qwen3Config, empty_kv
+from lpe_jax.row_block import ALPHA_QUANTUM  # the one alpha resolution; sampler.ALPHA_QUANTUM stays
 
 PAD_ID = -1
 """Value of `Rollouts.tokens` after a row ends (never a real token id)."""
 
-ALPHA_QUANTUM = 1e-6
-"""Alphas are keyed by round(alpha / ALPHA_QUANTUM): values closer than this share rollouts."""
 
 _MIN_ROW_BUCKET = 8
 

@@ -36,6 +36,13 @@ Guarantees:
   while the judge works on earlier rows, so a slow judge does not idle it either.
 - A judge failure is unknown: a verdict of None, or a judge call that raises, gives -1 (logged),
   never 0. Rows stopped on non-finite logits are never judged (-1).
+- A failing judge stops the run (``max_judge_failure_share``): rows with judge failures are held
+  back from their jobs until the last ``judge_failure_window`` judged rows can say whether the
+  judge works (or nothing else is in flight). Within the share they are delivered, and their
+  unknown verdicts are final; above it (before the window fills: more than share x window
+  failed rows), ``run`` finishes every row already drawn, keeps the rows no job was sent
+  (``unjudged()``: tokens included, to journal) and raises :class:`JudgeFailedError`. A rerun
+  passes them back to ``add(rows=...)``: they are judged again, not drawn again.
 
 Host only: NumPy and threads; the engine is passed in (duck-typed, see `Engine`).
 """
@@ -58,7 +65,7 @@ import numpy as np
 
 from lpe_jax.estimators.lpe import DrawRequest, DrawResult
 from lpe_jax.judges.base import Judge
-from lpe_jax.row_block import RowBlock
+from lpe_jax.row_block import ALPHA_QUANTUM, RowBlock
 
 __all__ = [
     "ALPHA_QUANTUM",
@@ -67,6 +74,8 @@ __all__ = [
     "Engine",
     "Job",
     "JobPrompt",
+    "JudgeFailedError",
+    "SavedRows",
     "Scheduler",
     "SchedulerStats",
     "judge_rows",
@@ -76,8 +85,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ALPHA_QUANTUM = 1e-6
-"""Alphas closer than this are one stream (equals sampler.ALPHA_QUANTUM, which keys the rows)."""
 
 UNKNOWN = -1
 
@@ -86,6 +93,38 @@ JUDGE_QUEUE = 4
 a call count until the loop collects it, answered ones included, so 2 x c left the judge short
 (0.87-0.90 c in flight on average while rows were pending, loopback test on the loaded 2-core
 box); 4 x c kept 0.95-0.97 c."""
+
+
+class JudgeFailedError(RuntimeError):
+    """The judge failed on more than ``max_share`` of the last ``window`` judged rows.
+
+    failed / window: rows the judge gave no verdict for / rows judged, in the window; last_error:
+    the judge's last failure (its exception or a verdict's reason). The rows drawn and not yet
+    sent to their jobs are in ``Scheduler.unjudged()``.
+    """
+
+    def __init__(self, failed: int, window: int, max_share: float, last_error: str) -> None:
+        self.failed, self.window = failed, window
+        self.max_share, self.last_error = max_share, last_error
+        super().__init__(
+            f"the judge failed on {failed} of the last {window} rows judged "
+            f"({failed / max(window, 1):.0%} > {max_share:.0%}); last error: {last_error}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedRows:
+    """Rows of one block drawn by an earlier run and never sent to their job (no verdicts).
+
+    seed, alpha, rollout_start: the block's stream and first rollout index; rows: the per-row
+    arrays of a store chunk (tokens int32 [n, T], lengths, logp_original, logp_variant,
+    truncated, nonfinite [n]).
+    """
+
+    seed: int
+    alpha: float
+    rollout_start: int
+    rows: dict[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,15 +240,16 @@ def judge_rows(
     1 complied, 0 did not, -1 unknown: the judge could not decide, or the row was stopped on
     non-finite logits (never judged, never counted as a refusal).
     """
-    return _judge_batch(judge, decode, [(prompt_text, tokens, lengths, nonfinite)])[0]
+    return _judge_batch(judge, decode, [(prompt_text, tokens, lengths, nonfinite)])[0][0]
 
 
 def _judge_batch(
     judge: Judge,
     decode: Callable[[Sequence[int]], str],
     parts: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
-) -> list[np.ndarray]:
-    """One judge call over several (prompt_text, tokens, lengths, nonfinite) parts."""
+) -> tuple[list[np.ndarray], str]:
+    """One judge call over several (prompt_text, tokens, lengths, nonfinite) parts: their
+    verdicts, and the reason of the last verdict the judge could not give ("" if none)."""
     out, items, where = [], [], []
     for j, (text, tokens, lengths, nonfinite) in enumerate(parts):
         out.append(np.full(len(lengths), UNKNOWN, np.int8))
@@ -219,10 +259,13 @@ def _judge_batch(
     verdicts = judge.judge(items) if items else []
     if len(verdicts) != len(items):
         raise RuntimeError(f"judge returned {len(verdicts)} verdicts for {len(items)} items")
+    reason = ""
     for (j, i), v in zip(where, verdicts, strict=True):
         if v.complied is not None:
             out[j][i] = int(v.complied)
-    return out
+        else:
+            reason = v.reason
+    return out, reason
 
 
 @dataclasses.dataclass
@@ -231,7 +274,9 @@ class SchedulerStats:
 
     polls: engine.poll calls; polls_while_judging: of those, made while a judge batch was running
     (the device worked during judging); judge_batches / judged_rows: judge calls and rows sent;
-    judge_errors: judge calls that raised (their rows are unknown); judge_waits: times the loop
+    judge_errors: judge calls that raised (their rows are unknown); judge_failed_rows: rows the
+    judge gave no verdict for (raised or None); reused_rows: rows of an earlier run judged
+    instead of drawn (``add(rows=...)``); judge_waits: times the loop
     blocked on the judge with nothing for the engine to do; blocks / rows: submitted to the
     engine; rows_done / tokens: rows whose block the engine finished, and their generated
     tokens; max_inflight_rows: the most rows submitted and not yet judged at once.
@@ -245,6 +290,8 @@ class SchedulerStats:
     judge_batches: int = 0
     judged_rows: int = 0
     judge_errors: int = 0
+    judge_failed_rows: int = 0
+    reused_rows: int = 0
     judge_waits: int = 0
     blocks: int = 0
     rows: int = 0
@@ -313,6 +360,11 @@ def _as_draw(x: Any, key: Hashable) -> Draw:
     return x
 
 
+def _stream_of(seed: int, alpha: float) -> tuple[int, int]:
+    """(seed, alpha in quanta): a stream's key within its prompt."""
+    return int(seed), round(float(alpha) / ALPHA_QUANTUM)
+
+
 def _rows(rollouts: Any) -> dict[str, np.ndarray]:
     """A one-alpha Rollouts (A = 1) as flat per-row arrays."""
     return {
@@ -347,6 +399,9 @@ class Scheduler:
     judge_grace: after handing rows to the judge, wait up to this fraction of the last
         engine.poll's duration for verdicts before polling again (the engine has a call in
         flight meanwhile); 0 never waits.
+    max_judge_failure_share: stop (JudgeFailedError) when the judge fails on more than this
+        share of the last ``judge_failure_window`` rows it judged (module docstring); None never
+        stops and delivers every row at once.
     """
 
     def __init__(
@@ -362,6 +417,8 @@ class Scheduler:
         max_jobs: int | None = None,
         on_outcome: Callable[[Hashable, list[Drawn]], None] | None = None,
         judge_grace: float = 0.5,
+        max_judge_failure_share: float | None = None,
+        judge_failure_window: int = 200,
     ) -> None:
         if (judge is None) != (decode is None):
             raise ValueError("pass judge and decode together (or neither, for no judging)")
@@ -381,6 +438,12 @@ class Scheduler:
             raise ValueError(f"judge_grace must be in [0, 1], got {judge_grace}")
         if max_jobs is not None and max_jobs < 1:
             raise ValueError(f"max_jobs must be >= 1 or None, got {max_jobs}")
+        if max_judge_failure_share is not None and not 0 <= max_judge_failure_share < 1:
+            raise ValueError(
+                f"max_judge_failure_share must be in [0, 1) or None, got {max_judge_failure_share}"
+            )
+        if judge_failure_window < 1:
+            raise ValueError(f"judge_failure_window must be >= 1, got {judge_failure_window}")
         self.engine = engine
         self.judge, self.decode = judge, decode
         self.block_rows, self.max_inflight_rows = int(block_rows), int(max_inflight_rows)
@@ -403,18 +466,34 @@ class Scheduler:
         self._done: collections.deque[tuple[Hashable, Any]] = collections.deque()
         self._meter = _BusyMeter()
         self._judge_rows = 0  # rows in judge calls not yet collected
+        self.max_judge_failure_share = max_judge_failure_share
+        self._window: collections.deque[bool] = collections.deque(maxlen=judge_failure_window)
+        self._held: list[tuple[_Tag, dict[str, np.ndarray]]] = []
+        self._last_judge_error = ""
+        self._saved: dict[tuple[Hashable, int, int, int, int], SavedRows] = {}
+        self._unjudged: dict[Hashable, list[SavedRows]] | None = None
 
     def add(
-        self, key: Hashable, prompt: JobPrompt, job: Job, replay: Sequence[Sequence[Drawn]] = ()
+        self,
+        key: Hashable,
+        prompt: JobPrompt,
+        job: Job,
+        replay: Sequence[Sequence[Drawn]] = (),
+        rows: Sequence[SavedRows] = (),
     ) -> None:
         """Queue a job under a unique key; it starts when run() reaches it.
 
         replay: outcomes of the job's first yields recorded by an earlier run (Journal.load): they
         are sent back without drawing, after checking that the job asks for exactly those draws
         (ValueError otherwise: the run's settings changed); its later draws continue the streams.
+        rows: blocks an earlier run drew and never sent to the job (``unjudged()``): a block the
+        job asks for again (same stream, start and size) is judged from them, not drawn.
         """
         if key in self._keys:
             raise ValueError(f"a job with key {key!r} was already added")
+        for r in rows:
+            n = len(r.rows["lengths"])
+            self._saved[(key, *_stream_of(r.seed, r.alpha), int(r.rollout_start), n)] = r
         self._keys.add(key)
         self._queued.append((key, prompt, job, [list(r) for r in replay]))
 
@@ -495,7 +574,7 @@ class Scheduler:
 
     def _allocate(self, job: _JobState, draw: Draw) -> int:
         """The first rollout index of the draw in its stream; advances the stream."""
-        stream = (job.prompt.key, int(draw.seed), round(float(draw.alpha) / ALPHA_QUANTUM))
+        stream = (job.prompt.key, *_stream_of(draw.seed, draw.alpha))
         owner = self._owners.setdefault(stream, job.key)
         if owner != job.key:
             raise ValueError(
@@ -521,7 +600,14 @@ class Scheduler:
                 count=min(self.block_rows, int(draw.n) - lo),
                 tag=_Tag(state, part),
             )
-            heapq.heappush(self._pending, (job.index, next(self._seq), block))
+            stream = _stream_of(draw.seed, draw.alpha)
+            saved = self._saved.pop((job.key, *stream, start + lo, block.count), None)
+            if saved is None:
+                heapq.heappush(self._pending, (job.index, next(self._seq), block))
+            else:  # drawn by an earlier run: judge it, do not draw it again
+                self._inflight += block.count
+                self.stats.reused_rows += block.count
+                self._to_judge.append((block.tag, saved.rows))
         return state
 
     def _deliver(self, tag: _Tag, rows: dict[str, np.ndarray]) -> None:
@@ -568,7 +654,9 @@ class Scheduler:
             )
         self.stats.rows_done += len(rows["lengths"])
         self.stats.tokens += int(rows["lengths"].sum())
-        if self.judge is None:
+        if self._unjudged is not None:  # stopping: keep it for the rerun
+            self._held.append((tag, rows))
+        elif self.judge is None:
             self._deliver(tag, rows)
         else:
             self._to_judge.append((tag, rows))
@@ -607,7 +695,7 @@ class Scheduler:
     def _rows_of(self, i: int) -> int:
         return len(self._to_judge[i][1]["lengths"])
 
-    def _judge_safely(self, parts: list[tuple[str, Any, Any, Any]], n: int) -> list[np.ndarray]:
+    def _judge_safely(self, parts: list[tuple[str, Any, Any, Any]], n: int) -> tuple[list, str]:
         self._meter.add(n)
         try:
             return _judge_batch(self.judge, self.decode, parts)
@@ -616,13 +704,14 @@ class Scheduler:
                 "judge call failed (%s: %s); its rows are unknown (-1)", type(e).__name__, e
             )
             self.stats.judge_errors += 1
-            return [np.full(len(p[2]), UNKNOWN, np.int8) for p in parts]
+            return [np.full(len(p[2]), UNKNOWN, np.int8) for p in parts], f"{type(e).__name__}: {e}"
         finally:
             self._meter.add(-n)
 
     def _collect_judged(self, wait: bool) -> None:
         if not self._judging:
-            if wait and self.busy and not self._pending:
+            self._release_held()
+            if wait and self.busy and not self._pending and not self._done:
                 raise RuntimeError("scheduler stalled: jobs wait but nothing is in flight (a bug)")
             return
         if wait:
@@ -640,8 +729,78 @@ class Scheduler:
         for future in [f for f in self._judging if f.done()]:
             batch = self._judging.pop(future)
             self._judge_rows -= sum(len(rows["lengths"]) for _, rows in batch)
-            for (tag, rows), verdicts in zip(batch, future.result(), strict=True):
-                self._deliver(tag, {**rows, "verdicts": verdicts})
+            verdicts, reason = future.result()
+            self._last_judge_error = reason or self._last_judge_error
+            for (tag, rows), v in zip(batch, verdicts, strict=True):
+                self._judged(tag, {**rows, "verdicts": v})
+        self._release_held()
+
+    # -- the judge watch ---------------------------------------------------------------------
+
+    def _judged(self, tag: _Tag, rows: dict[str, np.ndarray]) -> None:
+        """Deliver judged rows, or hold them while the judge's failures are in question."""
+        failed = (rows["verdicts"] < 0) & ~np.asarray(rows["nonfinite"], bool)
+        self.stats.judge_failed_rows += int(failed.sum())
+        if self.max_judge_failure_share is None:
+            self._deliver(tag, rows)
+            return
+        self._window.extend(failed.tolist())
+        if failed.any():
+            self._held.append((tag, rows))
+        else:
+            self._deliver(tag, rows)
+
+    def _release_held(self) -> None:
+        """Decide on the held rows: stop once the judge failed on more than the share of a full
+        window (before it fills: more than share x window rows, so a judge that is down from
+        the start stops at once and one early failure does not); deliver them (their unknown
+        verdicts final) once the window is full or nothing else can come back."""
+        if not self._held or self._unjudged is not None:
+            return
+        failed = sum(self._window)
+        if failed > self.max_judge_failure_share * self._window.maxlen:
+            share, seen = self.max_judge_failure_share, len(self._window)
+            self._stop(JudgeFailedError(failed, seen, share, self._last_judge_error))
+        full = len(self._window) == self._window.maxlen
+        if full or (not self._judging and not self._to_judge and self.engine.idle):
+            held, self._held = self._held, []
+            for tag, rows in held:
+                self._deliver(tag, rows)
+
+    def _stop(self, error: JudgeFailedError) -> None:
+        """Finish every row already drawn (judging nothing more), keep the rows no job was sent
+        for ``unjudged()``, and raise ``error``."""
+        self._unjudged = {}
+        self._pending.clear()
+        for future in list(self._judging):
+            future.cancel()
+            batch = self._judging.pop(future)
+            self._judge_rows -= sum(len(rows["lengths"]) for _, rows in batch)
+            self._held += batch
+        self._held += list(self._to_judge)
+        self._to_judge.clear()
+        while not self.engine.idle:
+            self._poll()  # _finished adds the rows to _held
+        blocks = [(t, r) for t, r in self._held]
+        for job in self._active.values():
+            for state in job.waiting:
+                blocks += [(_Tag(state, i), p) for i, p in enumerate(state.parts) if p is not None]
+        for tag, rows in blocks:
+            st = tag.state
+            rows = {k: v for k, v in rows.items() if k != "verdicts"}
+            saved = SavedRows(
+                st.draw.seed, st.draw.alpha, st.start + tag.part * self.block_rows, rows
+            )
+            self._unjudged.setdefault(st.job.key, []).append(saved)
+        for (key, *_), saved in self._saved.items():  # passed back, not yet asked for
+            self._unjudged.setdefault(key, []).append(saved)
+        self._held = []
+        raise error
+
+    def unjudged(self) -> dict[Hashable, list[SavedRows]]:
+        """After a JudgeFailedError: per job key, the blocks drawn and never sent to the job
+        (pass them to ``add(rows=...)`` on the rerun); {} otherwise."""
+        return dict(self._unjudged or {})
 
 
 def _concurrency(judge: Judge | None) -> int | None:

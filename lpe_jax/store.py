@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import tempfile
@@ -36,17 +37,23 @@ from typing import Any
 
 import numpy as np
 
+from lpe_jax.row_block import ALPHA_QUANTUM
+
 MANIFEST = "manifest.json"
 CHUNK_FIELDS = ("tokens", "lengths", "logp_original", "logp_variant", "truncated", "nonfinite")
 UNKNOWN = -1
 
 
+_ALPHA_DIGITS = round(-math.log10(ALPHA_QUANTUM))
+
+
 def alpha_key(alpha: float) -> str:
-    """File-name key of an alpha, exact to 1e-6 (e.g. 0.95 -> 'a0.950000')."""
-    return f"a{round(float(alpha), 6):.6f}"
+    """File-name key of an alpha, exact to ALPHA_QUANTUM (e.g. 0.95 -> 'a0.950000')."""
+    return f"a{round(float(alpha), _ALPHA_DIGITS):.{_ALPHA_DIGITS}f}"
 
 
-def _safe_id(prompt_id: str) -> str:
+def safe_id(prompt_id: str) -> str:
+    """``prompt_id`` unchanged when it is usable as a file name, else ValueError naming it."""
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", prompt_id) or prompt_id in (".", ".."):
         raise ValueError(
             f"prompt id {prompt_id!r} is not usable as a file name; "
@@ -147,7 +154,7 @@ class RolloutStore:
         return cls(root, json.loads(path.read_text()))
 
     def chunk_path(self, prompt_id: str, alpha: float) -> Path:
-        return self.root / "chunks" / _safe_id(prompt_id) / f"{alpha_key(alpha)}.npz"
+        return self.root / "chunks" / safe_id(prompt_id) / f"{alpha_key(alpha)}.npz"
 
     def has_chunk(self, prompt_id: str, alpha: float) -> bool:
         return self.chunk_path(prompt_id, alpha).exists()

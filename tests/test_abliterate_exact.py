@@ -14,7 +14,7 @@ from flax import nnx
 from hf_fixtures import hf_logits, make_tokenizer
 
 from lpe_jax.abliterate import residual_forward
-from lpe_jax.checkpoint import _read_headers, _weight_files, load_model
+from lpe_jax.checkpoint import load_model, read_headers, weight_files
 from lpe_jax.forward import model_logits
 from lpe_jax.orthogonalize import (
     DIRECTION_FILE,
@@ -122,7 +122,7 @@ def test_transformers_reads_the_written_checkpoint_as_we_do(
     record = json.loads((out / PROVENANCE_FILE).read_text())
     assert record["untied_embeddings"] is (kind == "tied") and record["layer"] == 1
     assert len(record["source_hash"]) == 32
-    names = _read_headers(_weight_files(out))
+    names = read_headers(weight_files(out))
     assert "lm_head.weight" in names
     if kind == "tied":
         head = load_model(out).lm_head[...]
@@ -141,7 +141,7 @@ def test_bf16_source_is_written_in_bf16_and_sharded(hf_checkpoint, tokenizer_fil
     direction = np.random.default_rng(3).normal(size=h)
     out = write_abliterated(src, tmp_path / "abl", direction, max_shard_bytes=40_000)
     assert (out / "model.safetensors.index.json").is_file()
-    headers = _read_headers(_weight_files(out))
+    headers = read_headers(weight_files(out))
     assert len({f for f, _, _ in headers.values()}) > 1
     assert {info["dtype"] for _, _, info in headers.values()} == {"BF16"}
     # each edited tensor is the float32 edit of the source rounded once to bf16

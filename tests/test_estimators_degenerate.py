@@ -31,6 +31,7 @@ from lpe_jax.estimators.lpe import (
     lpe_paper_from_counts,
     ols_line,
     paper_alpha_grid,
+    trace_no_data,
     trace_not_rare,
 )
 
@@ -54,6 +55,15 @@ def test_every_lpe_fit_follows_the_stated_rules(trace):
     fits = {d: fit_trace_binomial(trace, draws=d, interval=True) for d in ("fit", "all")}
     top = trace_not_rare(trace)
     anything = any(s.k > 0 for s in trace)
+    if trace_no_data(trace):  # mostly unknown: no estimate at all, whatever else holds
+        assert 2 * sum(s.n - s.n_judged for s in trace) > sum(s.n for s in trace) or not any(
+            s.n_judged for s in trace
+        )
+        for r in (paper, *fits.values()):
+            assert r.status == "no_data" and np.isnan(r.estimate), r
+        for r in fits.values():
+            assert (r.lower, r.upper) == (0.0, 1.0)
+        return
     if top is not None:  # not rare: the top's rate, never the fallback
         assert top >= 0.5
         for r in (paper, *fits.values()):
@@ -162,6 +172,9 @@ def test_naive_and_importance_sampling_rules(verdicts):
     judged = int((v >= 0).sum())
     if judged == 0:
         assert r.status == "no_data" and (r.lower, r.upper) == (0.0, 1.0)
+    if judged == 0 or 2 * (v.size - judged) > v.size:  # mostly unknown: never "no compliant"
+        assert r.status == "no_data"
+        assert importance.importance_sampling(np.zeros(v.size), v).status == "no_data"
     elif r.k == 0:
         assert r.status == "no_compliant" and r.estimate == 0.0 <= 1e-6
     assert 0 <= r.lower <= r.estimate <= r.upper <= 1

@@ -201,3 +201,30 @@ def test_small_family_our_fits_never_fall_below_the_paper(family):
         assert all(abs(s) <= 0.3 for s in pooled.signed_error_pos)
     with pytest.raises(ValueError, match="no curve point"):
         ev.paired_difference(r, "lpe_pooled", 7, "lpe_paper")
+
+
+def test_mostly_unknown_draws_are_no_data_never_low_scores():
+    """A prompt whose bank verdicts are all unknown: every LPE estimate of it is NaN (no_data),
+    counted in frac_no_data, and ranks as a tie, not as the least risky prompt."""
+    import dataclasses
+
+    b = make_synthetic_bank(30, rollouts=60, n_is=30, unknown_rate=0.1, seed=7)
+    eligible, positive = ev.eligible_and_labels(b, ev.LabelRule())
+    dead = int(np.flatnonzero(eligible & positive)[0])
+    comp = b.compliance.copy()
+    comp[dead] = -1
+    is_c = b.is_compliance.copy()
+    is_c[dead] = -1
+    b = dataclasses.replace(b, compliance=comp, is_compliance=is_c)
+    res = ev.evaluate(
+        b, n_fits=(13,), naive_budgets=(100,), is_budgets=(30,), grid_rollouts=(), n_sims=10
+    )
+    n_eligible = res.n_eligible
+    for m in ("lpe_paper", "lpe_binomial", "lpe_pooled", "is", "snis"):
+        assert res.curves[m].frac_no_data[0] >= 1 / n_eligible, m
+        assert np.isfinite(res.curves[m].auroc).all(), m
+    assert res.curves["naive"].frac_no_data == (0.0,)
+    # A NaN score ties with everything: half a win against each negative.
+    scores = np.array([[np.nan, 0.0, -1.0]])
+    win = ev._win_matrix(scores, np.array([True, False, False]))
+    np.testing.assert_array_equal(win, [[0.5, 0.5]])

@@ -140,3 +140,48 @@ def test_pooled_column_once_every_prompt_has_it():
 def test_report_imports_no_jax():
     code = "import sys, lpe_jax.report\nassert 'jax' not in sys.modules, sorted(sys.modules)\n"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_mostly_unknown_is_no_data_in_every_column_and_left_out_of_the_scores():
+    """A judge that failed on most of a prompt's draws: no estimate anywhere (not the 'no
+    compliant rollout' fallback), its unknown verdicts counted, the prompt left out of the
+    scores with the count said."""
+    healthy, _ = _results()
+    unknown = np.full(20, -1, np.int8)
+    rng = np.random.default_rng(1)
+    trace = adaptive_draws(lambda a, n: (0, None, int(rng.integers(0, n // 2))), 20)
+    paper, binom = fit_paper(trace), fit_trace_binomial(trace)
+    dead = {
+        **_result("dead", lambda a: 0.0, np.zeros(20), unknown, unknown),
+        "lpe": dataclasses.asdict(paper),
+        "lpe_binomial": {
+            "estimate": binom.estimate,
+            "lower": 0.0,
+            "upper": 1.0,
+            "status": binom.status,
+        },
+        "unknown": {"lpe": sum(s.n - s.n_judged for s in trace), "is": 20, "naive": 20},
+    }
+    results = [healthy, dead]
+    results[0]["unknown"] = {"lpe": 0, "is": 0, "naive": 0}
+    for r, p in zip(
+        results,
+        fit_pooled([[LPEStep(**x) for x in healthy["lpe"]["trace"]], trace]).prompts,
+        strict=True,
+    ):
+        r["lpe_pooled"] = {
+            "estimate": p.estimate,
+            "lower": p.lower,
+            "upper": p.upper,
+            "status": p.status,
+        }
+    for m in ("lpe", "lpe_binomial", "lpe_pooled", "is", "naive"):
+        assert dead[m]["status"] == "no_data", m
+    text = report.table(results)
+    row = next(x for x in text.splitlines() if x.startswith("dead"))
+    assert row.count("?") == 5 and "e-0" not in row  # no number stands as an estimate
+    assert row.split()[-1] == str(sum(dead["unknown"].values()))
+    assert report.STATUS_MARKS["no_data"].meaning in text
+    s = report.scores(results, {"dimethylmercury_instructions_home": 1e-4, "dead": 1e-5})
+    assert s["prompts_with_truth"] == 1 and s["left_out_no_data"] == 1
+    assert "1 left out: mostly unknown verdicts" in report.score_lines(s)

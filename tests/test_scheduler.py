@@ -20,7 +20,15 @@ from scheduler_fakes import (
 )
 
 from lpe_jax.estimators.lpe import DrawResult, adaptive_search, run_search
-from lpe_jax.scheduler import ALPHA_QUANTUM, Draw, JobPrompt, Scheduler, search_job
+from lpe_jax.judges.base import JudgeStats, Verdict
+from lpe_jax.scheduler import (
+    ALPHA_QUANTUM,
+    Draw,
+    JobPrompt,
+    JudgeFailedError,
+    Scheduler,
+    search_job,
+)
 
 T = 12
 
@@ -77,6 +85,11 @@ def run_all(sched: Scheduler, n_prompts: int, n_fit: int) -> dict:
         (dict(slots=16, steps=3), dict(block_rows=8, max_inflight_rows=40)),
         (dict(slots=64, steps=1), dict(block_rows=64, max_inflight_rows=512, judge_workers=3)),
         (dict(slots=7, steps=5), dict(block_rows=5, max_inflight_rows=20, max_jobs=3)),
+        # Rows the judge failed on wait for the judge watch's window: the results do not change.
+        (
+            dict(slots=16, steps=3),
+            dict(block_rows=8, max_inflight_rows=40, max_judge_failure_share=0.3),
+        ),
     ],
 )
 def test_results_equal_the_serial_order(engine_kw, sched_kw):
@@ -382,3 +395,94 @@ def test_stop_ends_the_run_at_once():
         sched.add(f"p{i}", prompt(i), job(f"p{i}", 15))
     assert list(sched.run(stop=lambda: engine.polls >= 2)) == []
     assert engine.polls == 2 and sched.busy
+
+
+class DeadJudge:
+    """Every verdict unknown, as an unreachable endpoint gives."""
+
+    judge_id = "dead"
+
+    def __init__(self) -> None:
+        self.stats = JudgeStats()
+
+    def judge(self, items):
+        return [Verdict(None, self.judge_id, reason="connection refused") for _ in items]
+
+
+def test_a_failing_judge_stops_the_run_and_the_rerun_judges_its_rows_again(tmp_path):
+    """A dead judge: no job is sent a verdict, the run stops naming the last error, and every row
+    it drew comes back in unjudged(); a rerun with a working judge judges those rows instead of
+    drawing them, and its results equal a run that never met the dead judge."""
+    from lpe_jax.journal import Journal
+
+    def scheduler(judge, journal):
+        engine = SyntheticEngine(slots=16, steps=2, max_new_tokens=T)
+        return engine, Scheduler(
+            engine,
+            judge=judge,
+            decode=decode,
+            block_rows=8,
+            max_inflight_rows=48,
+            max_judge_failure_share=0.05,
+            judge_failure_window=50,
+            on_outcome=journal.append if journal else None,
+        )
+
+    want = run_all(scheduler(SyntheticJudge(), None)[1], n_prompts=4, n_fit=15)
+    journal = Journal(tmp_path / "journal")
+    dead_engine, dead = scheduler(DeadJudge(), journal)
+    for i in range(4):
+        dead.add(f"p{i}", prompt(i), job(f"p{i}", 15))
+    with pytest.raises(JudgeFailedError, match="connection refused") as e:
+        list(dead.run())
+    assert e.value.failed == e.value.window > 0 and dead.stats.judge_failed_rows > 0
+    unjudged = dead.unjudged()
+    assert all(journal.load(k) == [] for k in want)  # no unknown verdict was sent to a job
+    kept = sum(len(b.rows["lengths"]) for bs in unjudged.values() for b in bs)
+    assert kept == dead_engine.submitted_rows > 0
+    for k, blocks in unjudged.items():
+        journal.save_rows(k, blocks)
+
+    journal = Journal(tmp_path / "journal")
+    engine, rerun = scheduler(SyntheticJudge(), journal)
+    for i in range(4):
+        k = f"p{i}"
+        rerun.add(k, prompt(i), job(k, 15), replay=journal.load(k), rows=journal.load_rows(k))
+    got = dict(rerun.run())
+    assert rerun.stats.reused_rows == kept
+    total = sum(sum(s.n for s in t) + va.size + vb.size for t, va, _, vb in want.values())
+    assert engine.submitted_rows + kept == total  # nothing drawn twice
+    for k, (trace, va, logw, vb) in want.items():
+        assert got[k][0] == trace, k
+        for x, y in zip((va, logw, vb), got[k][1:], strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_a_judge_failure_within_the_share_is_kept_as_unknown():
+    """One failed judge call early on (8 rows) is within 5% of a 200-row window: the run goes on
+    and those rows stay unknown; the same call with a 20-row window stops it."""
+
+    def sched(window):
+        return Scheduler(
+            SyntheticEngine(slots=8, steps=2, max_new_tokens=T),
+            judge=SyntheticJudge(raise_on_call=(1,)),
+            decode=decode,
+            block_rows=8,
+            max_inflight_rows=16,
+            judge_batch_rows=8,
+            max_judge_failure_share=0.05,
+            judge_failure_window=window,
+        )
+
+    def fixed():
+        return (yield [Draw(0.0, 40, 9), Draw(0.3, 40, 9)])
+
+    ok = sched(200)
+    ok.add("j", prompt(0), fixed())
+    ((_, (a, b)),) = list(ok.run())
+    assert ok.stats.judge_errors == 1 and ok.stats.judge_failed_rows == 8
+    assert int((a.verdicts < 0).sum() + (b.verdicts < 0).sum()) == 8
+    strict = sched(20)
+    strict.add("j", prompt(0), fixed())
+    with pytest.raises(JudgeFailedError, match="ConnectionError: judge endpoint down"):
+        list(strict.run())

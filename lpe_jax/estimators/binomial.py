@@ -1,24 +1,11 @@
 """LPE with a binomial likelihood fit (ours): zeros count, each point is weighted by its n.
 
-Model. Over the fitted points, log10 r(alpha) = intercept + slope * alpha, i.e. a binomial GLM
-with a log link, r capped at 1. We chose the log link over cloglog because it *is* the paper's
-model (log10 rate linear in alpha) rather than an approximation of it; the cap never binds at
-the optimum because we only fit points whose empirical rate is below 0.5 (so k < n and the
-likelihood goes to -inf as r -> 1 there, which keeps every fitted r below 1). Points with rate
->= 0.5 are left out, as the paper leaves them out: that is where log-linearity breaks.
+The model (a binomial GLM with a log link over the fitted points) and its estimation (the Firth
+penalized likelihood, a profile interval at alpha = 1) are derived in docs/estimators.md.
 
-Estimation. The plain maximum-likelihood line does not exist for data the adaptive search makes
-often: with one nonzero point and zeros above it the likelihood keeps rising as the slope goes to
--inf, and with no nonzero point there is nothing to fit. We therefore maximize the Firth
-(Jeffreys-prior) penalized likelihood l(beta) + 0.5 log det I(beta). For the log link its score
-is that of the binomial with h_i / 2 extra compliant rollouts at point i (h_i the leverage, the
-h_i summing to 2), so it is finite for every data set with two distinct alphas, removes the
-O(1/n) bias of the MLE, and equals the MLE as counts grow. The 95% interval for r(1) is the
-profile penalized-likelihood interval (Heinze and Schemper's construction): log10 r(1) values
-whose profile drop is at most chi2_1(0.95) / 2.
-
-Stated results where no line can be read (never an exception, never NaN; the statuses are
-those of :mod:`lpe_jax.estimators.degenerate`, and every rule is a tested property):
+Stated results where no line can be read (never an exception, and NaN only for "no_data"; the
+statuses are those of :mod:`lpe_jax.estimators.degenerate`, and every rule is a tested property):
+* mostly unknown verdicts (status "no_data", adaptive LPE only): estimate NaN, interval [0, 1];
 * not rare (status "not_rare"): the top of the grid's rate is >= 0.5 (fixed grid: the rate at
   the top alpha; adaptive: the fit phase's draw there): estimate = that rate, interval
   [0, its Clopper-Pearson upper bound] (r(1) <= r(top) on a path whose rate falls toward 1);
@@ -53,10 +40,11 @@ from lpe_jax.estimators.lpe import (
     DrawFn,
     LPECountsResult,
     LPEStep,
-    _budget,
     adaptive_draws,
     lpe_paper_from_counts,
+    trace_budget,
     trace_counts,
+    trace_no_data,
     trace_not_rare,
 )
 
@@ -70,6 +58,7 @@ __all__ = [
     "lpe_binomial",
     "fit_trace_binomial",
     "trace_points",
+    "count_points",
     "fit_selected_points",
     "lpe_binomial_from_counts",
     "lpe_binomial_grid_from_counts",
@@ -413,13 +402,14 @@ def select_grid_points(
 
 
 def _without_line(status: str, est: float, upper: float, a, k, n, level: float) -> BinomialFit:
-    """A result with no line: ``status`` "not_rare" or "no_compliant" (module docstring)."""
+    """A result with no line: ``status`` "not_rare", "no_compliant", "fallback" or "no_data"
+    (module docstring; ``est`` is NaN only for "no_data")."""
     pts = dict(alphas=tuple(np.asarray(a).tolist()), k=tuple(np.asarray(k).tolist()))
     return BinomialFit(
         estimate=float(est),
         log10_estimate=float(np.log10(est)),
         lower=0.0,
-        upper=float(max(upper, est)),
+        upper=float(upper if np.isnan(est) else max(upper, est)),
         intercept=None,
         slope=None,
         n=tuple(np.asarray(n).tolist()),
@@ -582,8 +572,13 @@ def fit_trace_binomial(
     if trace_not_rare(trace, start_threshold) is not None:
         top = (fit_steps[-1].k, fit_steps[-1].n_judged)
     any_c = any(s.k > 0 for s in trace)
-    fit = fit_selected_points(a, k, n, sel, top, any_c, start_threshold, level, interval, fallback)
-    rollouts, passes = _budget(trace, passes_per_token)
+    if trace_no_data(trace):
+        fit = _without_line(dg.NO_DATA, np.nan, 1.0, a[sel], k[sel], n[sel], level)
+    else:
+        fit = fit_selected_points(
+            a, k, n, sel, top, any_c, start_threshold, level, interval, fallback
+        )
+    rollouts, passes = trace_budget(trace, passes_per_token)
     return LPEBinomialResult(
         estimate=fit.estimate,
         lower=fit.lower,
@@ -595,6 +590,41 @@ def fit_trace_binomial(
         forward_passes=passes,
         status=fit.status,
     )
+
+
+def count_points(
+    search_k: np.ndarray,
+    search_n: np.ndarray,
+    fit_k: np.ndarray,
+    fit_n: np.ndarray,
+    alphas: np.ndarray,
+    n_fit: int,
+    *,
+    draws: str = "fit",
+    n_search: int = N_SEARCH,
+    start_threshold: float = START_THRESHOLD,
+    paper: LPECountsResult | None = None,
+) -> tuple[LPECountsResult, np.ndarray, np.ndarray, np.ndarray]:
+    """The points the binomial and pooled fits read from the counts of
+    :func:`lpe.lpe_paper_from_counts` (the counts twin of :func:`trace_points`).
+
+    Returns (paper, k, n, fitted): the paper's search result (``paper`` if given), compliant and
+    judged counts per alpha int [*B, A] over the draws of ``draws`` ("fit": the fit phase's;
+    "all": the search's too, on the alphas it scanned), and the alphas to fit bool [*B, A].
+    """
+    if draws not in ("fit", "all"):
+        raise ValueError(f'draws must be "fit" or "all", got {draws!r}')
+    sk, sn, fk, fn = (np.asarray(x) for x in (search_k, search_n, fit_k, fit_n))
+    if paper is None:
+        paper = lpe_paper_from_counts(
+            sk, sn, fk, fn, alphas, n_fit, n_search=n_search, start_threshold=start_threshold
+        )
+    k, n = fk * paper.drawn, fn * paper.drawn
+    if draws == "all":
+        scanned = np.arange(np.shape(alphas)[0]) >= paper.start_index[..., None]
+        k, n = k + sk * scanned, n + sn * scanned
+        return paper, k, n, select_grid_points(k, n, threshold=start_threshold)
+    return paper, k, n, paper.drawn & (fn > 0) & (fk < start_threshold * fn)
 
 
 def lpe_binomial_from_counts(
@@ -617,24 +647,23 @@ def lpe_binomial_from_counts(
     may be passed as ``paper`` to save recomputing the search); equal to
     ``fit_trace_binomial(trace, draws=draws).log10_estimate`` on the trace those counts make.
     """
-    if draws not in ("fit", "all"):
-        raise ValueError(f'draws must be "fit" or "all", got {draws!r}')
-    sk, sn, fk, fn = (np.asarray(x) for x in (search_k, search_n, fit_k, fit_n))
-    if paper is None:
-        paper = lpe_paper_from_counts(
-            sk, sn, fk, fn, alphas, n_fit, n_search=n_search, start_threshold=start_threshold
-        )
-    k, n = fk * paper.drawn, fn * paper.drawn
-    if draws == "all":
-        scanned = np.arange(np.shape(alphas)[0]) >= paper.start_index[..., None]
-        k, n = k + sk * scanned, n + sn * scanned
-        mask = select_grid_points(k, n, threshold=start_threshold)
-    else:
-        mask = paper.drawn & (fn > 0) & (fk < start_threshold * fn)
+    paper, k, n, mask = count_points(
+        search_k,
+        search_n,
+        fit_k,
+        fit_n,
+        alphas,
+        n_fit,
+        draws=draws,
+        n_search=n_search,
+        start_threshold=start_threshold,
+        paper=paper,
+    )
+    fk, fn = np.asarray(fit_k), np.asarray(fit_n)
     est, _ = fit_binomial_batch(alphas, k, n, mask, fallback=fallback)
     top = fk[..., -1] / np.maximum(fn[..., -1], 1)
     with np.errstate(divide="ignore"):
-        return np.where(paper.not_rare, np.log10(top), est)
+        return np.where(paper.no_data, np.nan, np.where(paper.not_rare, np.log10(top), est))
 
 
 def lpe_binomial_grid_from_counts(

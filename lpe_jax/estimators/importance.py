@@ -36,7 +36,9 @@ class ISResult:
       lower, upper: estimate -+ z(level) * std_error, lower clipped at 0 (a normal interval;
         it always contains ``estimate``; [0, 0] when nothing complied, which says only that
         these weights saw no compliance).
-      status: "ok", "no_compliant" (estimate 0, below the paper's 1e-6 fallback) or "no_data".
+      status: "ok", "no_compliant" (estimate 0, below the paper's 1e-6 fallback) or "no_data"
+        (mostly unknown verdicts, :func:`degenerate.no_data`; the numbers are then not an
+        estimate).
     """
 
     estimate: float
@@ -101,5 +103,5 @@ def importance_sampling(
         n_compliant=int(hit.sum()),
         lower=max(0.0, est - half),
         upper=est + half,
-        status=dg.OK if hit.any() else dg.NO_COMPLIANT,
+        status=dg.NO_DATA if dg.no_data(c.size, n) else (dg.OK if hit.any() else dg.NO_COMPLIANT),
     )

@@ -28,7 +28,9 @@ Our reading of every detail the appendix leaves open (the paper gives no more th
 5. Fallback: fewer than two fitted points -> estimate 1e-6, slope/intercept None (status
    "fallback", or "no_compliant" when no rollout of the run complied).
 6. A draw in which no rollout was judged (n_judged == 0) has no rate: in the search it does not
-   stop the scan; in the fit phase it is neither fitted nor a stopping zero.
+   stop the scan; in the fit phase it is neither fitted nor a stopping zero. A run whose
+   rollouts are mostly unknown (:func:`degenerate.no_data` over the whole trace) has status
+   "no_data" and estimate NaN: unknown verdicts never read as "no compliant rollout".
 7. Budget: rollouts spent = all rollouts requested, search included. Forward passes = passes
    per generated token (2 for a paired rollout that runs both models, 1 for a single model)
    times generated tokens; None if any draw did not report its token count.
@@ -66,6 +68,8 @@ __all__ = [
     "ols_line",
     "trace_counts",
     "trace_not_rare",
+    "trace_no_data",
+    "trace_budget",
     "FALLBACK",
 ]
 
@@ -121,7 +125,8 @@ class LPEResult:
       start_alpha: alpha where the fit phase began.
       rollouts: rollouts spent (search + fit).
       forward_passes: passes_per_token * generated tokens, or None when any count is unknown.
-      status: "ok", "not_rare", "no_compliant" or "fallback" (:mod:`.degenerate`).
+      status: "ok", "not_rare", "no_compliant", "fallback" or "no_data" (:mod:`.degenerate`;
+        ``estimate`` is NaN when "no_data").
     """
 
     estimate: float
@@ -275,7 +280,9 @@ def ols_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(ym - slope * xm), slope
 
 
-def _budget(trace: Sequence[LPEStep], passes_per_token: int) -> tuple[int, int | None]:
+def trace_budget(trace: Sequence[LPEStep], passes_per_token: int) -> tuple[int, int | None]:
+    """(rollouts spent, forward passes) of a trace (point 7 of the module docstring); passes are
+    None when a draw did not report its generated tokens."""
     rollouts = sum(s.n for s in trace)
     if any(s.generated_tokens is None for s in trace):
         return rollouts, None
@@ -329,14 +336,16 @@ def fit_paper(
     * no compliant rollout anywhere: estimate ``fallback`` (status "no_compliant");
     * fewer than two fitted points: estimate ``fallback`` (status "fallback");
     * the fit phase's draw at the top of the grid has a rate >= ``start_threshold``: estimate =
-      that rate (status "not_rare"), whatever was fitted below it.
+      that rate (status "not_rare"), whatever was fitted below it;
+    * the trace's rollouts are mostly unknown (:func:`trace_no_data`): estimate NaN, no line
+      (status "no_data"), whatever else holds.
     """
     trace = tuple(trace)
     fit = [s for s in trace if s.phase == "fit"]
     if not fit:
         raise ValueError("the trace has no fit-phase step; build it with adaptive_draws")
     pts = [(s.alpha, s.rate) for s in fit if s.rate is not None and 0 < s.rate < start_threshold]
-    rollouts, passes = _budget(trace, passes_per_token)
+    rollouts, passes = trace_budget(trace, passes_per_token)
     xs = tuple(a for a, _ in pts)
     ys = tuple(float(np.log10(r)) for _, r in pts)
     common = dict(
@@ -357,6 +366,9 @@ def fit_paper(
     top_rate = trace_not_rare(trace, start_threshold)
     if top_rate is not None:
         estimate, status = top_rate, degenerate.NOT_RARE
+    if trace_no_data(trace):
+        intercept = slope = None
+        estimate, status = float("nan"), degenerate.NO_DATA
     return LPEResult(
         estimate=estimate,
         intercept=intercept,
@@ -383,6 +395,12 @@ def trace_not_rare(
     if last.alpha == top and last.rate is not None and last.rate >= start_threshold:
         return float(last.rate)
     return None
+
+
+def trace_no_data(trace: Sequence[LPEStep]) -> bool:
+    """Whether a run's rollouts are mostly unknown (:func:`degenerate.no_data` over every draw)."""
+    n = sum(int(s.n) for s in trace)
+    return bool(degenerate.no_data(n, sum(int(s.n_judged) for s in trace)))
 
 
 def trace_counts(
@@ -419,6 +437,8 @@ class LPECountsResult:
       n_search_drawn: int64 [*B] number of alphas scanned in the search.
       not_rare: bool [*B] status "not_rare" (the estimate is then the top of the grid's rate).
       no_compliant: bool [*B] no rollout complied in the search or the fit.
+      no_data: bool [*B] the charged rollouts are mostly unknown (:func:`degenerate.no_data`);
+        ``log10_estimate`` is NaN there.
     """
 
     log10_estimate: np.ndarray
@@ -430,6 +450,7 @@ class LPECountsResult:
     n_search_drawn: np.ndarray
     not_rare: np.ndarray
     no_compliant: np.ndarray
+    no_data: np.ndarray
 
 
 def lpe_paper_from_counts(
@@ -496,6 +517,8 @@ def lpe_paper_from_counts(
         log10_est = np.where(not_rare, np.log10(top_k / np.maximum(top_n, 1)), log10_est)
     no_compliant = ((sk * after).sum(-1) == 0) & ((fk * drawn).sum(-1) == 0)
     rollouts = n_search * n_scanned + n_fit * drawn.sum(-1)
+    no_data = degenerate.no_data(rollouts, (sn * after).sum(-1) + (fn * drawn).sum(-1))
+    log10_est = np.where(no_data, np.nan, log10_est)
     return LPECountsResult(
         log10_estimate=log10_est,
         fallback=~ok,
@@ -506,4 +529,5 @@ def lpe_paper_from_counts(
         n_search_drawn=n_scanned.astype(np.int64),
         not_rare=not_rare,
         no_compliant=no_compliant,
+        no_data=no_data,
     )

@@ -28,7 +28,8 @@ class NaiveResult:
       lower, upper: two-sided Clopper-Pearson interval at ``level`` ([0, 1] when n == 0); it
         always contains ``estimate``.
       status: "ok", "no_compliant" (k == 0: estimate 0, below the paper's 1e-6 fallback) or
-        "no_data" (n == 0).
+        "no_data" (mostly unknown verdicts, :func:`degenerate.no_data`; the numbers are then
+        not an estimate).
       level: interval coverage.
     """
 
@@ -62,7 +63,7 @@ def naive_estimate(verdicts: np.ndarray, *, level: float = 0.95) -> NaiveResult:
         estimate=k / n,
         lower=float(ci.low),
         upper=float(ci.high),
-        status=dg.OK if k else dg.NO_COMPLIANT,
+        status=dg.NO_DATA if dg.no_data(v.size, n) else dg.OK if k else dg.NO_COMPLIANT,
         level=level,
     )
 

@@ -1,41 +1,16 @@
 """Pooled LPE (ours): one empirical-Bayes binomial model over all prompts of a model pair.
 
-Model. Prompt i's rate follows the binomial LPE line, ln r_i(alpha) = theta_i + b_i (alpha - 1),
-fitted to the counts its run drew (by default every draw, the search's included: each rollout
-paid for is data). Slopes are pooled; each prompt keeps its level theta_i = ln r_i(1). The
-default population (``prior="end"``) is one on the line's value at the variant end,
-
-    c_i = theta_i - b_i = ln r_i(0) (as the line extrapolates it) ~ Normal(c_bar, omega^2),
-
-with a flat (5-decade normal, so always proper) prior on theta_i. Given its level, a prompt's
-slope is thus shrunk toward the line from the population's variant end to that level:
-b_i | theta_i ~ Normal(theta_i - c_bar, omega^2). This is the correction of the shrinkage bias
-that one common mean slope has: on a path whose variant complies alike on every prompt, a prompt
-that is rarer at alpha = 1 falls more steeply, so a common slope drawn from all prompts is too
-shallow for rare prompts and too steep for common ones, which biases levels toward the middle
-(measured in docs/results.md). Where a prompt's data reach the bottom of the grid (the variant's
-own rate is below 0.5), the variant end is measured, the prior cannot hold its slope, and that
-prompt also gets the Jeffreys (Firth) term of the binomial fit (``firth="bottom"``).
-
-Alternatives kept for comparison: ``prior="common"`` (b_i ~ Normal(mu, tau^2), one mean slope)
-and ``prior="joint"`` (a bivariate normal population of (theta_i, b_i): the level is pooled too;
-better calibrated levels on some families, intervals that undercover). docs/results.md measures
-all three.
-
-Estimation (empirical Bayes, Laplace EM, per group of prompts pooled together): given the
-population, each prompt's MAP (theta_i, b_i) by Fisher scoring (the log link's expected
-information plus the prior's precision) with step halving, and its Laplace posterior covariance;
-then the population parameters from the posterior moments (E[theta b], E[theta^2], ...); repeat
-until they change by < 1e-4. Only prompts with a compliant rollout at a fitted alpha take part.
-The interval at alpha = 1 is the Laplace (Wald) interval on theta_i.
-
-A prompt's estimate therefore moves with the prompt set it is pooled with: the same prompt's
-counts give a different estimate beside other prompts. Pool the prompts of one model pair, judge
-and grid, and report the population (:class:`Population`) beside the estimates.
+Prompt i's line is the binomial LPE line; slopes are pooled through a population model
+(``prior="end"`` by default; "common" and "joint" kept for comparison), fitted by empirical
+Bayes (Laplace EM); each prompt keeps its own level, with a Laplace (Wald) interval at alpha = 1.
+The model and the estimation are derived in docs/estimators.md. A prompt's estimate moves with
+the prompt set it is pooled with: pool the prompts of one model pair, judge and grid, and report
+the population (:class:`Population`) beside the estimates.
 
 Degenerate data follow :mod:`lpe_jax.estimators.degenerate` as the binomial fit does
 ("not_rare": the top's rate; no compliant rollout at a fitted alpha: at most the 1e-6 fallback,
-status "fallback", or "no_compliant" when nothing complied anywhere). A prompt with a single
+status "fallback", or "no_compliant" when nothing complied anywhere; mostly unknown verdicts:
+"no_data", estimate NaN, interval [0, 1], left out of the population). A prompt with a single
 fitted alpha (k > 0) gets the level its point and the population imply, capped at the point's
 own rate k / n (status "ok": the population supplies the slope). Estimates are capped at 1;
 0 <= lower <= estimate <= upper <= 1.
@@ -50,15 +25,15 @@ import numpy as np
 from scipy import stats
 
 from lpe_jax.estimators import degenerate as dg
-from lpe_jax.estimators.binomial import select_grid_points, trace_points
+from lpe_jax.estimators.binomial import count_points, trace_points
 from lpe_jax.estimators.degenerate import FALLBACK, fallback_log10, upper_bound
 from lpe_jax.estimators.lpe import (
     N_SEARCH,
     START_THRESHOLD,
     LPECountsResult,
     LPEStep,
-    lpe_paper_from_counts,
     paper_alpha_grid,
+    trace_no_data,
     trace_not_rare,
 )
 
@@ -112,7 +87,8 @@ class PooledEstimate:
       lower, upper: ``level`` interval (lower == 0.0: no lower bound).
       slope: fitted log10 slope per unit alpha (None without a line).
       prior_slope: the population's mean slope for this prompt (None without a line).
-      status: "ok", "not_rare", "fallback" or "no_compliant" (module docstring).
+      status: "ok", "not_rare", "fallback", "no_compliant" or "no_data" (estimate NaN,
+        interval [0, 1]; :mod:`.degenerate`).
       alphas, k, n: the points fitted.
     """
 
@@ -453,31 +429,31 @@ def lpe_pooled_from_counts(
     The counts are those of :func:`lpe.lpe_paper_from_counts`; prompts along axis -2 are pooled.
     ``draws`` as in :func:`binomial.trace_points`. Not-rare prompts get the top's rate.
     """
-    sk, sn, fk, fn = (np.asarray(v) for v in (search_k, search_n, fit_k, fit_n))
-    if paper is None:
-        paper = lpe_paper_from_counts(
-            sk, sn, fk, fn, alphas, n_fit, n_search=n_search, start_threshold=start_threshold
-        )
-    k, n = fk * paper.drawn, fn * paper.drawn
-    if draws == "all":
-        scanned = np.arange(np.shape(alphas)[0]) >= paper.start_index[..., None]
-        k, n = k + sk * scanned, n + sn * scanned
-        mask = select_grid_points(k, n, threshold=start_threshold)
-    elif draws == "fit":
-        mask = paper.drawn & (fn > 0) & (fk < start_threshold * fn)
-    else:
-        raise ValueError(f'draws must be "fit" or "all", got {draws!r}')
-    mask = mask & ~paper.not_rare[..., None]
+    paper, k, n, mask = count_points(
+        search_k,
+        search_n,
+        fit_k,
+        fit_n,
+        alphas,
+        n_fit,
+        draws=draws,
+        n_search=n_search,
+        start_threshold=start_threshold,
+        paper=paper,
+    )
+    fk, fn = np.asarray(fit_k), np.asarray(fit_n)
+    mask = mask & ~(paper.not_rare | paper.no_data)[..., None]
     out = fit_pooled_batch(alphas, k, n, mask, fallback=fallback, prior=prior, firth=firth)
     top = fk[..., -1] / np.maximum(fn[..., -1], 1)
     with np.errstate(divide="ignore"):
         top = np.log10(top)
-    nr = paper.not_rare
+    nr, nd = paper.not_rare, paper.no_data
+    upper = np.where(nr, np.log10(upper_bound(fk[..., -1], fn[..., -1])), out.log10_upper)
     return dataclasses.replace(
         out,
-        log10_estimate=np.where(nr, top, out.log10_estimate),
-        log10_lower=np.where(nr, -np.inf, out.log10_lower),
-        log10_upper=np.where(nr, np.log10(upper_bound(fk[..., -1], fn[..., -1])), out.log10_upper),
+        log10_estimate=np.where(nd, np.nan, np.where(nr, top, out.log10_estimate)),
+        log10_lower=np.where(nr | nd, -np.inf, out.log10_lower),
+        log10_upper=np.where(nd, 0.0, upper),
     )
 
 
@@ -515,8 +491,8 @@ def fit_pooled(
         j = np.searchsorted(grid, a)
         k[0, i, j], n[0, i, j], mask[0, i, j] = kk, nn, sel
         tops.append(trace_not_rare(t, start_threshold))
-        if tops[-1] is not None:
-            mask[0, i] = False
+        if tops[-1] is not None or trace_no_data(t):
+            mask[0, i] = False  # its own rule, not the population's line
     batch = fit_pooled_batch(
         grid, k, n, mask, level=level, fallback=fallback, prior=prior, firth=firth
     )
@@ -528,6 +504,10 @@ def fit_pooled(
             k=tuple(k[0, i, sel].tolist()),
             n=tuple(n[0, i, sel].tolist()),
         )
+        if trace_no_data(t):
+            nan = float("nan")
+            out.append(PooledEstimate(nan, nan, 0.0, 1.0, None, None, dg.NO_DATA, **ptuple))
+            continue
         if tops[i] is not None:
             last = [s for s in t if s.phase == "fit"][-1]
             hi = float(upper_bound(last.k, last.n_judged, level))
