@@ -142,3 +142,32 @@ def test_scripts_turn_off_transformers_advisory_notices():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr
     assert "BEFORE" in p.stderr and "AFTER" not in p.stderr
+
+
+def test_help_lists_each_scripts_main_flags():
+    """--help (not only --helpfull) shows the flags common.py declares for a script: absl lists
+    only the main module's key flags, and common.run adopts common's into the script's."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    want = {
+        "estimate.py": ["original", "variant", "prompts", "judge", "judge_options", "n_fit"],
+        "judge.py": ["run", "judge", "judge_options", "traceback"],
+        "abliterate.py": ["original", "harmful", "judge", "judge_options"],
+    }
+    procs = {
+        s: subprocess.Popen(
+            [sys.executable, str(ROOT / "experiments" / s), "--help"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for s in want
+    }
+    for script, p in procs.items():
+        out, _ = p.communicate(timeout=300)
+        assert f"experiments/{script}:" in out, out  # absl's usage (it exits 1 after --help)
+        shown = set(re.findall(r"^  --(?:\[no\])?(\w+):", out, re.M))
+        missing = [f for f in want[script] if f not in shown]
+        assert not missing, f"{script} --help lacks {missing}:\n{out}"
+        assert "common:" not in out  # the full listing stays under --helpfull
