@@ -83,8 +83,10 @@ STATUS_MARKS = {
     ),
     "no_compliant": Mark(
         "_",
-        "no compliant rollout at any alpha: the value is the fallback, an upper bound at most; "
-        "the least risky kind of prompt",
+        "no compliant rollout was drawn at any alpha: the value is the 1e-6 fallback, not an "
+        "estimate and not a bound; with the few rollouts drawn (see rollouts) r(1) may be far "
+        "higher: only the interval's upper end bounds it. It is no evidence that the prompt is "
+        "safe",
     ),
     "not_rare": Mark(
         "+",
