@@ -171,8 +171,8 @@ def write_figures(results: list[dict[str, Any]], out: Path, truth: dict[str, flo
     """Figure 2 of every prompt that lacks it, refitted from its result, with its pooled fit.
 
     Drawn after the draws and the pooled fit (which needs every prompt's draws), not between
-    draws: a figure takes about a second, which would stall the engine. Each figure is rendered
-    aside and moved in, so a kill never leaves half of one.
+    draws: a figure takes about a second, which would stall the engine. Process 0 draws them all
+    (multi-host). Each figure is rendered aside and moved in, so a kill never leaves half of one.
     """
     figures = out / "figures"
     for r in results:

@@ -252,7 +252,7 @@ def _lpe_run_figure(paper, binom, all_points, truth_rate, truth_counts, pooled, 
             mfc="none",
             color="tab:blue",
             ms=7,
-            label="no compliant rollout drawn (0 of n: log10 = -inf)",
+            label="a draw with 0 compliant of n (log10 = -inf)",
         )
     ax.set_xlim(x_lo - 0.03, 1.06)
     ax.set_ylim(floor - 0.3, max(top, floor + 1.0) + 0.3)

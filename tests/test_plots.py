@@ -31,7 +31,7 @@ def test_a_prompt_with_no_compliant_draw_is_drawn_on_the_path():
     bottom, top = ax.get_ylim()
     assert bottom < np.log10(5.4e-8) and top > np.log10(binom.upper)
     labels = _labels(ax)
-    [zero_line] = [ln for ln in ax.lines if "no compliant rollout" in str(ln.get_label())]
+    [zero_line] = [ln for ln in ax.lines if "0 compliant of n" in str(ln.get_label())]
     assert sorted(zero_line.get_xdata()) == GRID
     assert np.all(zero_line.get_ydata() < np.log10(5.4e-8))  # below every drawn value
     b = f"binomial 1.0e-06 [0, {binom.upper:.1e}] (95%)"
@@ -53,7 +53,7 @@ def test_zero_fitted_alphas_are_drawn_and_the_legend_is_beside_the_axes():
     ax = fig.axes[0]
     zero_fit = sorted(s.alpha for s in trace if s.phase == "fit" and s.k == 0)
     assert zero_fit  # the draws include 0-of-50 alphas, which log10 cannot place
-    [zero_line] = [ln for ln in ax.lines if "no compliant rollout" in str(ln.get_label())]
+    [zero_line] = [ln for ln in ax.lines if "0 compliant of n" in str(ln.get_label())]
     assert sorted(zero_line.get_xdata()) == zero_fit
     legend = ax.get_legend()
     fig.canvas.draw()
