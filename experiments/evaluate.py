@@ -24,6 +24,7 @@ one rollout of its ground truth does; AUROC needs an eligible prompt of each lab
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -144,10 +145,7 @@ def check_screen(store: RolloutStore) -> None:
 def load_bank(out: Path) -> RolloutBank:
     chosen = [f for f in ("run", "bank", "synthetic") if FLAGS[f].value is not None]
     if not chosen and not (FLAGS.truth or FLAGS.truth_run):
-        print(
-            f"evaluating the toy organism's bank {toy.TOY_BANK} (--run, --bank or --synthetic "
-            "evaluate another)"
-        )
+        print(f"evaluating the toy organism's bank, {os.path.relpath(toy.TOY_BANK)}")
         return RolloutBank.load(toy.TOY_BANK)
     if len(chosen) != 1:
         raise ValueError(f"pass exactly one of --run, --bank, --synthetic (got {chosen or 'none'})")
