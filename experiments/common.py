@@ -11,6 +11,7 @@ one line naming the problem and the fix, with the traceback only under ``--trace
 from __future__ import annotations
 
 import json
+import logging as pylogging
 import os
 import sys
 import time
@@ -62,8 +63,24 @@ def check_input_paths() -> None:
             raise ValueError(f"--{name}={path} has no config.json; point --{name} at {what}")
 
 
+class _NoTpuProbeNotice(pylogging.Filter):
+    """Drops JAX's "Unable to initialize backend 'tpu'" record: absl shows INFO records, and on
+    every machine without a TPU jax logs that line while probing backends (not an error)."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unable to initialize backend 'tpu'")
+
+
 def run(main: Callable[[list[str]], Any]) -> None:
-    """``app.run(main)`` that checks input paths first and reports input errors in one line."""
+    """``app.run(main)`` that checks input paths first and reports input errors in one line.
+
+    The flags this module declared for the script (--original, --variant, --prompts, --judge,
+    ... as the script asked for them) become key flags of the script, so its ``--help`` lists
+    them beside its own (absl lists only the main module's flags there).
+    """
+    for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__]):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    pylogging.getLogger("jax._src.xla_bridge").addFilter(_NoTpuProbeNotice())
 
     def checked(argv: list[str]) -> Any:
         try:

@@ -225,29 +225,29 @@ def log_stats(sched: Any, engine: Any, judge: Any, seconds: float) -> None:
     logging.info("%s", judge_utilisation(st, judge))
 
 
-def write_figures(prompts: list[Any], out: Path, truth: dict[str, float]) -> None:
-    """Figure 2 of every finished prompt that lacks it, refitted from its result file.
+def write_figures(results: list[dict[str, Any]], out: Path, truth: dict[str, float]) -> None:
+    """Figure 2 of every prompt that lacks it, refitted from its result, with its pooled fit.
 
-    Drawn after the draws, not between them: a figure takes about a second, which would stall
-    the engine. Each figure is rendered aside and moved in, so a kill never leaves half of one.
+    Drawn after the draws and the pooled fit (which needs every prompt's draws), not between
+    draws: a figure takes about a second, which would stall the engine. Process 0 draws them all
+    (multi-host). Each figure is rendered aside and moved in, so a kill never leaves half of one.
     """
     figures = out / "figures"
-    for p in prompts:
-        result = out / "prompts" / f"{p.id}.json"
-        if (figures / f"{p.id}.pdf").exists() or not result.exists():
+    for r in results:
+        if (figures / f"{r['id']}.pdf").exists():
             continue
-        lpe = json.loads(result.read_text())["lpe"]
-        if lpe["status"] == "no_data":  # mostly unknown verdicts: nothing to draw
+        if r["lpe"]["status"] == "no_data":  # mostly unknown verdicts: nothing to draw
             continue
-        steps = lpe["trace"]
-        trace = tuple(LPEStep(**s) for s in steps)
+        trace = tuple(LPEStep(**s) for s in r["lpe"]["trace"])
+        pooled = r["lpe_pooled"]
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             paths = plots.plot_lpe_run(
                 fit_paper(trace),
                 fit_trace_binomial(trace),
-                str(Path(tmp) / p.id),
-                truth_rate=truth.get(p.id),
-                title=p.id,
+                str(Path(tmp) / r["id"]),
+                truth_rate=truth.get(r["id"]),
+                pooled=(pooled["estimate"], pooled["lower"], pooled["upper"]),
+                title=r["id"],
             )
             figures.mkdir(exist_ok=True)
             for path in sorted(paths, key=lambda q: q.endswith(".pdf")):  # the .pdf marks done
@@ -317,12 +317,12 @@ def main(argv: list[str]) -> None:
     }
     out = RolloutStore.open(FLAGS.out, manifest).root  # refuses a directory of another run
     estimate_prompts(pair, judge, prompts[process::n_proc], out, truth)
-    if FLAGS.figures:
-        write_figures(prompts[process::n_proc], out, truth)
     if process != 0:
         return
     results = gather(out, [p.id for p in prompts])
     population = add_pooled(results)
+    if FLAGS.figures:
+        write_figures(results, out, truth)
     summary = {
         "manifest": manifest,
         "pooled_population": population,

@@ -1,13 +1,19 @@
 """AUROC against rollout budget for naive, importance sampling and LPE (the paper's Figure 1).
 
+    python experiments/evaluate.py                              # the toy organism's bank
     python experiments/evaluate.py --run=runs/toy_bank          # a judged sample.py run
     python experiments/evaluate.py --run=runs/hb --truth_run=runs/truth   # + a judged alpha=1 run
     python experiments/evaluate.py --bank=bank.npz              # a saved RolloutBank
     python experiments/evaluate.py --synthetic=200              # a synthetic bank, known rates
 
+The toy's bank (lpe_jax/assets/toy_pair/bank.npz, the default) was made by sample.py, judge.py
+and this script's --save_bank: the commands are in the README (The toy model organism).
+
 Prints the AUROC table (with 95% bootstrap intervals over prompts, budgets in rollouts and in
-forward passes, and the naive-matching budget ratio), writes <out>/evaluation.json, the table as
-Markdown, and Figure 1 as PNG and PDF (default --out: results/evaluation). No JAX is imported.
+forward passes, and the naive-matching budget ratio) and a note for every budget the bank cannot
+serve (left out) or that is simulated rather than drawn (naive), writes <out>/evaluation.json,
+the table as Markdown (evaluation.md, every column spelled out), and Figure 1 as PNG and PDF
+(default --out: results/evaluation). No JAX is imported.
 
 The protocol (the paper's): the bank's run needs alpha = 0 and alpha = 1 in its grid, at least
 n_fit + 10 rollouts per alpha for each n_fit evaluated and --screen_n at alpha = 1. A prompt is
@@ -18,6 +24,7 @@ one rollout of its ground truth does; AUROC needs an eligible prompt of each lab
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,7 @@ import common  # first: puts the checkout on sys.path  # isort: skip
 
 from lpe_jax import plots, report, synthetic, toy  # noqa: E402
 from lpe_jax.bank import bank_from_store, read_truth_file  # noqa: E402
+from lpe_jax.estimators.lpe import N_SEARCH  # noqa: E402
 from lpe_jax.evaluation import (  # noqa: E402
     LabelRule,
     RolloutBank,
@@ -38,7 +46,9 @@ from lpe_jax.store import RolloutStore, atomic_write_json, ensure_writable_dir  
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run", None, "A judged run directory (sample.py then judge.py).")
-flags.DEFINE_string("bank", None, "A RolloutBank .npz.")
+flags.DEFINE_string(
+    "bank", None, "A RolloutBank .npz (with none of --run/--bank/--synthetic: the toy's bank)."
+)
 flags.DEFINE_integer("synthetic", None, "Evaluate a synthetic bank with this many prompts.")
 flags.DEFINE_string(
     "truth",
@@ -66,6 +76,16 @@ flags.DEFINE_integer("n_sims", 500, "Monte Carlo simulations (paper: 500).")
 flags.DEFINE_list("n_fits", ["13", "20", "30", "50", "100"], "LPE fit-phase rollouts per alpha.")
 flags.DEFINE_integer("seed", 0, "Seed of the simulations (and of the synthetic bank).")
 flags.DEFINE_string("out", "results/evaluation", "Output directory.")
+flags.DEFINE_string(
+    "save_bank",
+    None,
+    "Also write the evaluated bank (with its ground truth) to this .npz, for --bank and "
+    "evaluate_families.py --banks (how lpe_jax/assets/toy_pair/bank.npz was made from a run).",
+)
+
+NAIVE_BUDGETS = (100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000)
+IS_BUDGETS = (50, 100, 200, 500, 1_000)
+GRID_ROLLOUTS = (5, 10, 20, 50)
 
 # What decides the original's rollouts at alpha = 1: a truth run must match the bank on these.
 _TRUTH_RUN_MUST_MATCH = (
@@ -125,6 +145,9 @@ def check_screen(store: RolloutStore) -> None:
 
 def load_bank(out: Path) -> RolloutBank:
     chosen = [f for f in ("run", "bank", "synthetic") if FLAGS[f].value is not None]
+    if not chosen and not (FLAGS.truth or FLAGS.truth_run):
+        print(f"evaluating the toy organism's bank, {os.path.relpath(toy.TOY_BANK)}")
+        return RolloutBank.load(toy.TOY_BANK)
     if len(chosen) != 1:
         raise ValueError(f"pass exactly one of --run, --bank, --synthetic (got {chosen or 'none'})")
     if (FLAGS.truth or FLAGS.truth_run) and not FLAGS.run:
@@ -197,31 +220,54 @@ def bank_unknowns(bank: RolloutBank, result: Any) -> str:
     )
 
 
+def budgets_for(bank: RolloutBank) -> tuple[dict[str, list[int]], list[str]]:
+    """The budgets of every method that this bank supports, and a note for each budget left out
+    or simulated rather than drawn from the bank (ValueError when LPE has none left)."""
+    n_r = bank.compliance.shape[-1]
+    wanted = sorted({int(n) for n in FLAGS.n_fits})
+    n_fits = [n for n in wanted if n + N_SEARCH <= n_r]
+    if not n_fits:
+        raise ValueError(
+            f"the bank has {n_r} rollouts per alpha and LPE at n_fit needs n_fit + {N_SEARCH} (for "
+            f"the search); pass --n_fits of at most {n_r - N_SEARCH}, or sample the bank with "
+            f"sample.py --rollouts >= {wanted[0] + N_SEARCH}"
+        )
+    notes = []
+    if len(n_fits) < len(wanted):
+        dropped = ", ".join(str(n) for n in wanted if n not in n_fits)
+        notes.append(
+            f"--n_fits {dropped} left out: LPE at n_fit draws n_fit + {N_SEARCH} rollouts per "
+            f"alpha and the bank has {n_r} (sample.py --rollouts sets it)"
+        )
+    n_is = 0 if bank.is_log_weights is None else bank.is_log_weights.shape[1]
+    is_budgets = [b for b in IS_BUDGETS if b <= n_is]
+    if n_is and len(is_budgets) < len(IS_BUDGETS):
+        upto = f"evaluated up to {is_budgets[-1]}" if is_budgets else "left out: it needs 50"
+        notes.append(f"importance sampling {upto} rollouts; the bank has {n_is} at alpha = 0")
+    truth_n = int(bank.truth_n.min())
+    naive = [b for b in NAIVE_BUDGETS if b <= truth_n] or [truth_n]
+    notes.append(
+        f"naive at k rollouts is simulated as Binomial(k, ground truth k / n) (the paper's "
+        f"simulation), not drawn from the bank, so its budgets ({naive[0]:,}-{naive[-1]:,}) may "
+        f"exceed the bank's rollouts; they stop at the ground truth's n ({truth_n:,})"
+    )
+    budgets = {
+        "n_fits": n_fits,
+        "is_budgets": is_budgets,
+        "naive_budgets": naive,
+        "grid_rollouts": [r for r in GRID_ROLLOUTS if r <= n_r],
+    }
+    return budgets, notes
+
+
 def main(argv: list[str]) -> None:
     del argv
     t0 = time.time()
     out = ensure_writable_dir(FLAGS.out)
     bank = load_bank(out)
     check_labels(bank)
-    n_r = bank.compliance.shape[-1]
-    n_fits = [int(n) for n in FLAGS.n_fits if int(n) + 10 <= n_r]
-    if not n_fits:
-        raise ValueError(
-            f"the bank has {n_r} rollouts per alpha and LPE at n_fit needs n_fit + 10 (10 for the "
-            f"search); pass --n_fits of at most {n_r - 10}, or sample the bank with sample.py "
-            f"--rollouts >= {min(int(n) for n in FLAGS.n_fits) + 10}"
-        )
-    result = evaluate(
-        bank,
-        n_fits=n_fits,
-        is_budgets=[b for b in (50, 100, 200, 500, 1_000) if b <= bank.is_log_weights.shape[1]]
-        if bank.is_log_weights is not None
-        else (),
-        grid_rollouts=[r for r in (5, 10, 20, 50) if r <= n_r],
-        n_sims=FLAGS.n_sims,
-        labels=LabelRule(),
-        seed=FLAGS.seed,
-    )
+    budgets, notes = budgets_for(bank)
+    result = evaluate(bank, n_sims=FLAGS.n_sims, labels=LabelRule(), seed=FLAGS.seed, **budgets)
     table = result.table_markdown()
     (out / "evaluation.md").write_text(table + "\n")
     atomic_write_json(
@@ -235,8 +281,11 @@ def main(argv: list[str]) -> None:
             "seconds": result.seconds,
         },
     )
+    if FLAGS.save_bank:
+        bank.save(FLAGS.save_bank)
     files = plots.plot_auroc(result, str(out / "fig1_auroc"))
-    print(table)
+    print(report.auroc_table(result))
+    print("".join(f"\nnote: {n}" for n in notes))
     print(
         f"\n{result.n_eligible} eligible prompts ({result.n_positive} positive, "
         f"{result.n_negative} negative), {result.n_sims} simulations, {result.seconds:.1f}s"
@@ -246,7 +295,7 @@ def main(argv: list[str]) -> None:
         if m != "naive":
             r = result.best_ratio(m)
             print(f"{m}: best naive-matching budget ratio {r:.1f}x" if r else f"{m}: no match")
-    print(f"figure: {files[0]}; total {time.time() - t0:.0f}s")
+    print(f"table: {out / 'evaluation.md'}; figure: {files[0]}; total {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 from lpe_jax.estimators.binomial import LPEBinomialResult, fit_trace_binomial  # noqa: E402
 from lpe_jax.estimators.lpe import LPEResult, adaptive_draws, fit_paper  # noqa: E402
 from lpe_jax.evaluation import BankDraw, EvaluationResult, RolloutBank  # noqa: E402
+from lpe_jax.report import fmt_rate  # noqa: E402
 
 __all__ = ["plot_auroc", "plot_extrapolation", "plot_lpe_run"]
 
@@ -50,8 +51,14 @@ def plot_auroc(
 ) -> list[str]:
     """Figure 1: AUROC against mean rollouts per prompt (and forward passes, when known).
 
-    Bands are the 95% bootstrap intervals over prompts. Returns the written paths.
+    Bands are the 95% bootstrap intervals over prompts; the legend sits beneath the axes.
+    Returns the written paths.
     """
+    return _save(_auroc_figure(result, methods, title), path_stem, formats)
+
+
+def _auroc_figure(result: EvaluationResult, methods: Sequence[str] | None, title: str | None):
+    """The Figure 1 of :func:`plot_auroc`, unsaved (tests inspect it)."""
     names = list(result.curves) if methods is None else list(methods)
     unknown = [m for m in names if m not in result.curves]
     if unknown:
@@ -70,13 +77,15 @@ def plot_auroc(
         ax.set_xlabel(f"{unit} per prompt (mean spent)")
         ax.set_ylabel("AUROC")
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8, loc="lower right")
+    # Beneath the axes, not on them: inside, it covered the naive curve's low-budget end.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="upper center", ncol=4, bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(
         title
         or f"{result.n_eligible} prompts ({result.n_positive} positive), "
         f"{result.n_sims} simulations"
     )
-    return _save(fig, path_stem, formats)
+    return fig
 
 
 def plot_extrapolation(
@@ -118,17 +127,29 @@ def plot_lpe_run(
     all_points: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     truth_rate: float | None = None,
     truth_counts: tuple[int, int] | None = None,
+    pooled: tuple[float, float, float] | None = None,
     title: str = "",
     formats: Sequence[str] = ("png", "pdf"),
 ) -> list[str]:
     """Figure 2: log10 compliance rate against alpha for one LPE run.
 
     Light points: ``all_points`` (alphas, k, n) if given, else every draw of the run's trace that
-    was not fitted; dark points: the points the paper's OLS used; dashed line and star: that fit
-    and its extrapolation to alpha = 1; orange: the binomial fit on the same draws with its 95%
-    interval at alpha = 1; red diamond: the ground truth, from an exact ``truth_rate`` or from
-    ``truth_counts`` (k, n) (a triangle at 1 / n when k = 0). Returns the files written.
+    was not fitted; dark points: the points the paper's OLS used; open triangles on the bottom
+    edge: alphas where no drawn rollout complied (0 of n, whose log10 is -inf); dashed line and
+    star: the OLS fit and its extrapolation to alpha = 1 (the 1e-6 fallback when there is no
+    fit); orange: the binomial fit on the same draws and its 95% interval at alpha = 1; purple:
+    ``pooled`` (estimate, lower, upper) of the pooled fit, when given; red diamond: the ground
+    truth, from an exact ``truth_rate`` or from ``truth_counts`` (k, n) (a triangle at 1 / n when
+    k = 0). An interval whose lower end is 0 runs to the bottom edge and ends in an arrow. The
+    axis spans alpha from 0 (or the lowest drawn alpha) to 1, and the legend sits beside it.
+    Returns the files written.
     """
+    fig = _lpe_run_figure(paper, binom, all_points, truth_rate, truth_counts, pooled, title)
+    return _save(fig, path_stem, formats)
+
+
+def _lpe_run_figure(paper, binom, all_points, truth_rate, truth_counts, pooled, title):
+    """The Figure 2 of :func:`plot_lpe_run`, unsaved (tests inspect its axes)."""
     if all_points is None:
         fitted = set(paper.fit_alphas)
         rest = [
@@ -139,10 +160,20 @@ def plot_lpe_run(
             np.array([s.k for s in rest]),
             np.array([s.n_judged for s in rest]),
         )
-    alphas, k_all, n_all = (np.asarray(x) for x in all_points)
+    alphas, k_all, n_all = (np.asarray(x, dtype=np.float64) for x in all_points)
+    zero_alphas = sorted(
+        {float(a) for a, k, n in zip(alphas, k_all, n_all, strict=True) if k == 0 and n > 0}
+        | {s.alpha for s in paper.trace if s.phase == "fit" and s.n_judged and s.k == 0}
+    )
     fig, ax = plt.subplots(figsize=(6, 4.2))
+    shown: list[float] = []  # every finite log10 value drawn: sets the axis' floor
+
+    def point(x, y, *args, **kw):
+        shown.extend(np.atleast_1d(y).tolist())
+        ax.plot(x, y, *args, **kw)
+
     pos = k_all > 0
-    ax.plot(
+    point(
         alphas[pos],
         np.log10(k_all[pos] / n_all[pos]),
         "o",
@@ -151,45 +182,35 @@ def plot_lpe_run(
         label="not fitted",
     )
     n_fit = max((s.n for s in paper.trace if s.phase == "fit"), default=0)
-    ax.plot(
-        paper.fit_alphas,
-        paper.fit_log10_rates,
+    point(
+        list(paper.fit_alphas),
+        list(paper.fit_log10_rates),
         "o",
         color="tab:blue",
         label=f"fitted (n_fit={n_fit})",
     )
-    xs = np.linspace(min(paper.fit_alphas or (0.0,)), 1.0, 50)
+    x_lo = min([0.0, *alphas.tolist(), *paper.fit_alphas])
+    xs = np.linspace(min(paper.fit_alphas or (x_lo,)), 1.0, 50)
     if not paper.fallback:
-        ax.plot(xs, paper.intercept + paper.slope * xs, "--", color="tab:blue", label="OLS fit")
-    ax.plot(
-        [1.0],
-        [np.log10(paper.estimate)],
-        "*",
-        ms=14,
-        color="tab:blue",
-        label="LPE estimate" + (" (fallback)" if paper.fallback else ""),
-    )
+        point(xs, paper.intercept + paper.slope * xs, "--", color="tab:blue", label="OLS fit")
+    star = "LPE estimate" + (" (the 1e-6 fallback: no fit)" if paper.fallback else "")
+    point([1.0], [np.log10(paper.estimate)], "*", ms=14, color="tab:blue", label=star)
+    intervals = []  # (x, estimate, lower, upper, color, label)
     if binom is not None:
         f = binom.fit
         if f.slope is not None:
-            ax.plot(xs, f.intercept + f.slope * xs, ":", color="tab:orange", label="binomial fit")
-        lo = np.log10(max(f.lower, 1e-12))
-        ax.errorbar(
-            [1.01],
-            [f.log10_estimate],
-            yerr=[[f.log10_estimate - lo], [np.log10(f.upper) - f.log10_estimate]],
-            fmt="s",
-            color="tab:orange",
-            capsize=3,
-            ms=5,
-            label="binomial 95% interval",
-        )
+            point(xs, f.intercept + f.slope * xs, ":", color="tab:orange", label="binomial fit")
+        intervals.append((1.015, binom.estimate, f.lower, f.upper, "tab:orange", "binomial"))
+    if pooled is not None:
+        intervals.append((1.03, *pooled, "tab:purple", "pooled"))
+    for _, est, lo, hi, _, _ in intervals:
+        shown.extend(np.log10([v for v in (est, lo, hi) if v > 0]).tolist())
     if truth_rate is not None and truth_rate > 0:
-        ax.plot([1.0], [np.log10(truth_rate)], "D", color="red", ms=8, label="ground truth")
+        point([1.0], [np.log10(truth_rate)], "D", color="red", ms=8, label="ground truth")
     elif truth_counts is not None:
         tk, tn = truth_counts
         if tk > 0:
-            ax.plot(
+            point(
                 [1.0],
                 [np.log10(tk / tn)],
                 "D",
@@ -198,7 +219,7 @@ def plot_lpe_run(
                 label=f"ground truth ({tk}/{tn})",
             )
         else:
-            ax.plot(
+            point(
                 [1.0],
                 [np.log10(1 / tn)],
                 "v",
@@ -206,9 +227,38 @@ def plot_lpe_run(
                 ms=8,
                 label=f"ground truth 0/{tn} (below)",
             )
+    finite = [y for y in shown if np.isfinite(y)]
+    top = max(finite, default=0.0)
+    floor = min(finite, default=-6.0) - 1.0
+    for x, est, lo, hi, color, name in intervals:
+        y, y_lo = np.log10(est), np.log10(lo) if lo > 0 else floor
+        ax.errorbar(
+            [x],
+            [y],
+            yerr=[[y - y_lo], [np.log10(hi) - y]],
+            fmt="s",
+            color=color,
+            capsize=3,
+            ms=5,
+            label=f"{name} {fmt_rate(est)} [{fmt_rate(lo)}, {fmt_rate(hi)}] (95%)",
+        )
+        if lo <= 0:  # the interval reaches 0: an arrow off the bottom edge
+            ax.plot([x], [floor], "v", color=color, ms=6)
+    if zero_alphas:
+        ax.plot(
+            zero_alphas,
+            np.full(len(zero_alphas), floor),
+            "v",
+            mfc="none",
+            color="tab:blue",
+            ms=7,
+            label="a draw with 0 compliant of n (log10 = -inf)",
+        )
+    ax.set_xlim(x_lo - 0.03, 1.06)
+    ax.set_ylim(floor - 0.3, max(top, floor + 1.0) + 0.3)
     ax.set_xlabel("alpha (0 = variant, 1 = original)")
     ax.set_ylabel("log10 compliance rate")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
-    return _save(fig, path_stem, formats)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    return fig

@@ -15,6 +15,7 @@ not an estimate (the paper's 1e-6 fallback, a placeholder from a degenerate fit,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -31,6 +32,7 @@ __all__ = [
     "Cell",
     "Column",
     "Mark",
+    "auroc_table",
     "estimate_columns",
     "fmt_rate",
     "no_data",
@@ -84,8 +86,10 @@ STATUS_MARKS = {
     ),
     "no_compliant": Mark(
         "_",
-        "no compliant rollout at any alpha: the value is the fallback, an upper bound at most; "
-        "the least risky kind of prompt",
+        "no compliant rollout was drawn at any alpha: the value is the 1e-6 fallback, not an "
+        "estimate and not a bound; with the few rollouts drawn (see rollouts) r(1) may be far "
+        "higher: only the interval's upper end bounds it. It is no evidence that the prompt is "
+        "safe",
     ),
     "not_rare": Mark(
         "+",
@@ -326,3 +330,57 @@ def protocol_table(
         Column("label", lambda r: Cell(r["label"]), "<"),
     ]
     return table(rows, columns=cols)
+
+
+def _cell(row: Mapping[str, str], key: str) -> Cell:
+    return Cell(row[key])
+
+
+def auroc_table(result: Any) -> str:
+    """An ``EvaluationResult`` (lpe_jax.evaluation) as a text table about 110 characters wide,
+    one row per (method, setting): the Markdown table's columns, abbreviated and explained in one
+    line beneath (the Markdown table, ``result.table_markdown()``, spells them out)."""
+
+    def f(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    rows = []
+    for c in result.curves.values():
+        for i, s in enumerate(c.setting):
+            sig, ab, cov = (
+                xs[i] if xs else None for xs in (c.signed_error_pos, c.abs_error_pos, c.coverage)
+            )
+            rows.append(
+                {
+                    "method": c.method,
+                    "setting": str(s),
+                    "rollouts": f"{c.rollouts[i]:.0f}",
+                    "fwd": f(None if c.forward_passes is None else c.forward_passes[i], ".3g"),
+                    "auroc": f"{c.auroc[i]:.3f} [{c.auroc_lo[i]:.3f}, {c.auroc_hi[i]:.3f}]",
+                    "mae": f(c.log10_mae[i], ".2f"),
+                    "err": f"{f(sig, '+.2f')}/{f(ab, '.2f')}",
+                    "cover": f(cov, ".2f"),
+                    "x_r": f(c.ratio_rollouts[i], ".1f"),
+                    "x_f": f(c.ratio_forward[i], ".1f"),
+                }
+            )
+    names = [
+        ("method", "method", "<"),
+        ("setting", "n", ">"),
+        ("rollouts", "rollouts", ">"),
+        ("fwd", "fwd", ">"),
+        ("auroc", "AUROC [95%]", "<"),
+        ("mae", "MAE", ">"),
+        ("err", "err+/|err|", ">"),
+        ("cover", "cover", ">"),
+        ("x_r", "x naive", ">"),
+        ("x_f", "x naive fwd", ">"),
+    ]
+    cols = [Column(h, functools.partial(_cell, key=k), a) for k, h, a in names]
+    return (
+        table(rows, columns=cols)
+        + "\n  n: naive k, IS N, LPE n_fit, grid R; rollouts, fwd: mean rollouts and forward "
+        "passes per prompt\n  MAE: mean |log10 error|; err+/|err|: signed / absolute log10 error"
+        " on positives; cover: 95% interval coverage\n  x naive (fwd): the naive budget reaching"
+        " the same AUROC over this one, in rollouts (forward passes)"
+    )

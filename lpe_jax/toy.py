@@ -377,6 +377,9 @@ def exact_rate(
 TOY_DIR = Path(__file__).resolve().parent / "assets" / "toy_pair"
 """The committed organism: original/, variant/, prompts.jsonl, ground_truth.json, README.md."""
 GROUND_TRUTH_ALPHAS = tuple(round(0.05 * i, 2) for i in range(21))
+TOY_BANK = TOY_DIR / "bank.npz"
+"""A judged RolloutBank of the organism, experiments/evaluate.py's default input (the README's
+toy organism section gives the commands that made it; remake it after retraining the pair)."""
 
 
 _REGENERATE = (

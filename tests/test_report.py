@@ -69,6 +69,11 @@ def test_statuses_and_is_above_one_are_marked():
     legend = [line.split()[0] for line in text.splitlines()[-3:]]
     assert legend == ["+", "!", "_"]
     assert "not rare" in text and "not a probability" in text and "upper bound" in text
+    # No compliant rollout among a few hundred says nothing about safety at 1e-6: the legend
+    # calls the value the fallback, neither an estimate nor a bound.
+    [none] = [line for line in text.splitlines() if line.lstrip().startswith("_ ")]
+    assert "not an estimate and not a bound" in none and "no evidence" in none
+    assert "risky" not in none
     # Only the marks some row carries are explained.
     assert report.STATUS_MARKS["one_point"].meaning not in text
     assert report.FALLBACK.meaning not in report.table([healthy])

@@ -142,3 +142,53 @@ def test_scripts_turn_off_transformers_advisory_notices():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr
     assert "BEFORE" in p.stderr and "AFTER" not in p.stderr
+
+
+def test_help_lists_each_scripts_main_flags():
+    """--help (not only --helpfull) shows the flags common.py declares for a script: absl lists
+    only the main module's key flags, and common.run adopts common's into the script's."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    want = {
+        "estimate.py": ["original", "variant", "prompts", "judge", "judge_options", "n_fit"],
+        "judge.py": ["run", "judge", "judge_options", "traceback"],
+        "abliterate.py": ["original", "harmful", "judge", "judge_options"],
+    }
+    procs = {
+        s: subprocess.Popen(
+            [sys.executable, str(ROOT / "experiments" / s), "--help"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for s in want
+    }
+    for script, p in procs.items():
+        out, _ = p.communicate(timeout=300)
+        assert f"experiments/{script}:" in out, out  # absl's usage (it exits 1 after --help)
+        shown = set(re.findall(r"^  --(?:\[no\])?(\w+):", out, re.M))
+        missing = [f for f in want[script] if f not in shown]
+        assert not missing, f"{script} --help lacks {missing}:\n{out}"
+        assert "common:" not in out  # the full listing stays under --helpfull
+
+
+def test_evaluate_notes_every_budget_it_cannot_draw(tmp_path):
+    """A bank of 24 rollouts per alpha: --n_fits=20 (30 needed) and importance sampling are left
+    out with a note each, naive's simulated budgets are explained, and the printed table stays
+    readable (at most 120 characters a line)."""
+    run_dir = _judged_run(tmp_path / "bank", {"p0": [0] * 24, "p1": [0] * 24})
+    truth = tmp_path / "truth.json"
+    truth.write_text('{"p0": [0, 1000], "p1": [5, 1000]}')
+    ev = ["--n_sims=5", "--n_fits=13,20", "--screen_n=4", f"--out={tmp_path / 'ev'}"]
+    p = run("evaluate.py", f"--run={run_dir}", f"--truth={truth}", *ev)
+    assert p.returncode == 0, p.stderr
+    notes = [ln for ln in p.stdout.splitlines() if ln.startswith("note: ")]
+    assert any("--n_fits 20 left out" in n and "the bank has 24" in n for n in notes), notes
+    assert any("importance sampling left out" in n for n in notes), notes
+    assert any("naive" in n and "Binomial" in n and "(1,000)" in n for n in notes), notes
+    table = p.stdout.split("\nnote: ")[0]
+    assert max(len(ln) for ln in table.splitlines()) <= 120, table
+    rows = [ln.split()[:2] for ln in table.splitlines() if ln.startswith(("naive ", "lpe_"))]
+    assert ["naive", "1000"] in rows and ["naive", "2000"] not in rows  # stops at truth's n
+    assert ["lpe_paper", "13"] in rows and ["lpe_paper", "20"] not in rows

@@ -87,3 +87,26 @@ def test_bad_inputs(tmp_path):
 
 def test_alpha_key_is_exact():
     assert alpha_key(0.1 + 0.2) == alpha_key(0.3) == "a0.300000"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_written_files_honour_the_umask(tmp_path, umask, mode):
+    """manifest.json, chunks and JSON results (atomic writes) get 0666 less the umask, as a plain
+    open() would, not mkstemp's 0600; no temp file is left behind."""
+    import os
+    import stat
+
+    from lpe_jax.store import atomic_write_json
+
+    old = os.umask(umask)
+    try:
+        store = RolloutStore.open(tmp_path / "run", MANIFEST)
+        store.write_chunk("p0", 0.5, _chunk(3, 0))
+        atomic_write_json(tmp_path / "run" / "results.json", {"a": 1})
+    finally:
+        os.umask(old)
+    root = tmp_path / "run"
+    files = [root / "manifest.json", store.chunk_path("p0", 0.5), root / "results.json"]
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == mode, f
+    assert not [p for p in root.rglob("*.tmp")]
