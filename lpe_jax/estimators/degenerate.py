@@ -10,7 +10,8 @@ The statuses (a result's ``status`` field; the main job's table shows them):
   original on the path, it bounds r(1) from above. The main job shows its naive rate at alpha = 1
   (drawn anyway) beside it.
 * ``"no_compliant"``: no rollout of the run complied, at any alpha. The estimate is
-  :func:`fallback_log10` (at most the paper's 1e-6): the least risky prompt there is.
+  :func:`fallback_log10` (at most the paper's 1e-6), which ranks the prompt below every fitted
+  one. It is a ranking convention, not a bound: after few draws r(1) may be far higher.
 * ``"fallback"``: compliant rollouts exist, but none at a point the fit may use (e.g. a rate
   >= 0.5 followed by a zero, or the paper's fewer than two nonzero points). A lone zero, or only
   zeros, support an upper bound on r(1) and no level, so the estimate is :func:`fallback_log10`.
