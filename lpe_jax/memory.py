@@ -109,6 +109,8 @@ def bytes_per_slot(
 
     = bytes_per_row (generated-token K/V, logits, activations, row state)
     + the slot's copy of its prompt's K/V (prompt_slots positions, both models)
+    + the refill temporaries: a step gathers up to one prompt per slot from the table (the
+      refill cap is at most S) before scattering them into the slots, another prompt's K/V
     + both models' first-token logits read from the table (2 float32 [V])
     + its share of the row queue and of one generate call's output stream.
     """
@@ -118,7 +120,7 @@ def bytes_per_slot(
     prompt = prompt_bytes(original, variant, original_dtype, variant_dtype, prompt_slots)
     first_logits = 2 * original.vocab_size * 4
     stream = steps_per_call * 40 + QUEUE_ROWS_PER_SLOT * 28
-    return row + prompt + first_logits + stream
+    return row + 2 * prompt + first_logits + stream
 
 
 def bytes_per_prompt(
