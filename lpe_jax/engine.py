@@ -89,6 +89,7 @@ class _OpenBlock:
     lengths: np.ndarray  # int32 [R]
     logp_o: np.ndarray  # f32 [R]
     logp_v: np.ndarray  # f32 [R]
+    logp_p: np.ndarray  # f32 [R]: under the distribution sampled
     nonfinite: np.ndarray  # bool [R]
     tok_lp: np.ndarray | None  # f32 [3, R, T]
     bid: int  # the engine's id for the block
@@ -348,6 +349,7 @@ class RolloutEngine:
             lengths=np.zeros(count, np.int32),
             logp_o=np.zeros(count, np.float32),
             logp_v=np.zeros(count, np.float32),
+            logp_p=np.zeros(count, np.float32),
             nonfinite=np.zeros(count, bool),
             tok_lp=np.zeros((3, count, t_n), np.float32) if self.per_token else None,
             bid=self._next_block,
@@ -507,6 +509,7 @@ class RolloutEngine:
         ob.logp_o[r], ob.logp_v[r] = (
             (np.nan, np.nan) if self.single else (o.sum_o[k, s], o.sum_v[k, s])
         )
+        ob.logp_p[r] = o.sum_p[k, s]
         ob.nonfinite[r] = o.nonfinite[k, s]
         if hs.logp is not None:
             ob.tok_lp[:, r] = hs.logp[hd].T
@@ -527,6 +530,7 @@ class RolloutEngine:
             lengths=ob.lengths[None],
             logp_o=ob.logp_o[None],
             logp_v=ob.logp_v[None],
+            logp_p=ob.logp_p[None],
             nonfinite=ob.nonfinite[None],
             alphas=np.array([ob.alpha]),
             rollout_offset=ob.block.rollout_start,

@@ -91,6 +91,7 @@ class Slots:
     last: Array  # int32 [S]: the latest token, fed to the models next
     logp_o: Array  # f32 [S]: running sums over kept tokens
     logp_v: Array  # f32 [S]
+    logp_p: Array  # f32 [S]: under the distribution sampled (path, temperature applied)
     poisoned: Array  # bool [S]: a non-finite row left its cache; zeroed before reuse
     kv_o: SlotKV
     kv_v: SlotKV
@@ -117,6 +118,7 @@ class StepOut:
     nonfinite: Array  # bool: the row's logits were non-finite at this step
     sum_o: Array  # f32: running sums after this step (the row's totals where ended)
     sum_v: Array
+    sum_p: Array  # f32: of log p_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +212,7 @@ def init_state(
         last=z,
         logp_o=z.astype(jnp.float32),
         logp_v=z.astype(jnp.float32),
+        logp_p=z.astype(jnp.float32),
         poisoned=z.astype(bool),
         kv_o=kvs[0],
         kv_v=kvs[1],
@@ -301,6 +304,7 @@ def _refill(state: EngineState, refills: int) -> EngineState:
         count=put(s.count, 0),
         logp_o=put(s.logp_o, 0.0),
         logp_v=put(s.logp_v, 0.0),
+        logp_p=put(s.logp_p, 0.0),
         kv_o=copy_prompt(s.kv_o, p.original),
         kv_v=copy_prompt(s.kv_v, p.variant),
     )
@@ -355,6 +359,7 @@ def _step(
     ended = busy & (x.bad | eos | (count >= spec.max_new_tokens))
     logp_o = s.logp_o + jnp.where(kept, x.logp_o, 0.0)
     logp_v = s.logp_v + jnp.where(kept, x.logp_v, 0.0)
+    logp_p = s.logp_p + jnp.where(kept, x.logp_path, 0.0)
     out = StepOut(
         handle=jnp.where(busy, s.handle, -1),
         index=s.count,
@@ -364,6 +369,7 @@ def _step(
         nonfinite=busy & x.bad,
         sum_o=logp_o,
         sum_v=logp_v,
+        sum_p=logp_p,
     )
     slots = s.replace(
         handle=jnp.where(ended, -1, s.handle),
@@ -371,6 +377,7 @@ def _step(
         last=jnp.where(kept, x.token, s.last),
         logp_o=logp_o,
         logp_v=logp_v,
+        logp_p=logp_p,
         poisoned=s.poisoned | (busy & x.bad),
     )
     return state.replace(slots=_slot_sharded(spec, slots)), out

@@ -40,6 +40,10 @@ class Rollouts:
     logp_original, logp_variant: float32 [A, R], sum over the kept tokens of each endpoint model's
         float32 log-softmax (temperature 1, untruncated vocabulary) at the sampled token. NaN for
         `nonfinite` rows.
+    logp_sampled: float32 [A, R], sum over the kept tokens of the float32 log-softmax of the
+        distribution each token was drawn from (the path at the row's alpha, temperature applied):
+        the row's log-probability under its own sampler, for path importance sampling. NaN for
+        `nonfinite` rows.
     truncated: bool [A, R], rows cut at max_new_tokens without EOS.
     nonfinite: bool [A, R], rows stopped because the path or model logits were NaN/+inf (or all
         -inf); the offending step's token is not kept. Drop these rows.
@@ -52,6 +56,7 @@ class Rollouts:
     lengths: np.ndarray
     logp_original: np.ndarray
     logp_variant: np.ndarray
+    logp_sampled: np.ndarray
     truncated: np.ndarray
     nonfinite: np.ndarray
     alphas: np.ndarray
@@ -80,6 +85,7 @@ def make_rollouts(
     lengths: np.ndarray,
     logp_o: np.ndarray,
     logp_v: np.ndarray,
+    logp_p: np.ndarray,
     nonfinite: np.ndarray,
     alphas: np.ndarray,
     rollout_offset: int,
@@ -98,6 +104,7 @@ def make_rollouts(
         lengths=lengths,
         logp_original=np.where(nonfinite, np.nan, logp_o).astype(np.float32),
         logp_variant=np.where(nonfinite, np.nan, logp_v).astype(np.float32),
+        logp_sampled=np.where(nonfinite, np.nan, logp_p).astype(np.float32),
         truncated=truncated,
         nonfinite=nonfinite,
         alphas=alphas,

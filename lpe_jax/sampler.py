@@ -40,7 +40,15 @@ from lpe_jax.row_block import RowBlock
 
 __all__ = ["ALPHA_QUANTUM", "PAD_ID", "PairedSampler", "Rollouts", "prompt_bucket"]
 
-_ROW_FIELDS = ("tokens", "lengths", "logp_original", "logp_variant", "truncated", "nonfinite")
+_ROW_FIELDS = (
+    "tokens",
+    "lengths",
+    "logp_original",
+    "logp_variant",
+    "logp_sampled",
+    "truncated",
+    "nonfinite",
+)
 _TOKEN_FIELDS = ("token_logp_original", "token_logp_variant", "token_logp_path")
 
 

@@ -268,6 +268,7 @@ class LockstepSampler:
             lengths=cat["lengths"].reshape(a_n, r_n),
             logp_o=cat["logp_o"].reshape(a_n, r_n),
             logp_v=cat["logp_v"].reshape(a_n, r_n),
+            logp_p=cat["logp_p"].reshape(a_n, r_n),
             nonfinite=cat["nonfinite"].reshape(a_n, r_n),
             alphas=alphas_f,
             rollout_offset=offset,
@@ -295,6 +296,7 @@ class _LoopState:
     lengths: jax.Array  # int32 [B]
     logp_o: jax.Array  # f32 [B]
     logp_v: jax.Array  # f32 [B]
+    logp_p: jax.Array  # f32 [B]
     nonfinite: jax.Array  # bool [B]
     tok_lp: jax.Array | None  # f32 [B, 3, T] (original, variant, path) when per-token is on
     cache_o: KVCache
@@ -352,6 +354,7 @@ def _take(
         lengths=state.lengths + active,
         logp_o=state.logp_o + jnp.where(active, s.logp_o, 0.0),
         logp_v=state.logp_v + jnp.where(active, s.logp_v, 0.0),
+        logp_p=state.logp_p + jnp.where(active, s.logp_path, 0.0),
         nonfinite=state.nonfinite | (~state.done & s.bad),
         tok_lp=tok_lp,
     )
@@ -395,6 +398,7 @@ def _decode_loop(
         lengths=constrain(jnp.zeros((b,), jnp.int32)),
         logp_o=constrain(jnp.zeros((b,), jnp.float32)),
         logp_v=constrain(jnp.zeros((b,), jnp.float32)),
+        logp_p=constrain(jnp.zeros((b,), jnp.float32)),
         nonfinite=constrain(jnp.zeros((b,), bool)),
         tok_lp=constrain(jnp.zeros((b, 3, t_n), jnp.float32)) if per_token else None,
         cache_o=KVCache(pk_o, pv_o, n_o, *rows_o),
@@ -420,6 +424,7 @@ def _decode_loop(
         lengths=state.lengths,
         logp_o=state.logp_o,
         logp_v=state.logp_v,
+        logp_p=state.logp_p,
         nonfinite=state.nonfinite,
     )
     if per_token:

@@ -111,7 +111,7 @@ def _assert_same(ref, got, logp_tol: float = 1e-5) -> None:
     engine's attention sums the same terms in another order (other shapes, gathered prefix)."""
     for f in EXACT:
         np.testing.assert_array_equal(getattr(got, f), getattr(ref, f), err_msg=f)
-    for f in ("logp_original", "logp_variant"):
+    for f in ("logp_original", "logp_variant", "logp_sampled"):
         np.testing.assert_allclose(getattr(got, f), getattr(ref, f), rtol=logp_tol, atol=logp_tol)
     assert got.tokens.dtype == ref.tokens.dtype and got.lengths.dtype == ref.lengths.dtype
     assert got.alphas.dtype == ref.alphas.dtype and got.rollout_offset == ref.rollout_offset
@@ -163,6 +163,7 @@ def test_paired_sampler_is_the_engine(models, sampler):
     np.testing.assert_array_equal(r1.tokens, r2.tokens)
     np.testing.assert_array_equal(r1.lengths, r2.lengths)
     assert np.isnan(r1.logp_original).all() and np.isfinite(r2.logp_original).all()
+    np.testing.assert_allclose(r1.logp_sampled, r2.logp_sampled, rtol=1e-6)  # its own log p
     assert one._rt.engine._spec.gd_v is None  # one forward pass per token
 
 
