@@ -62,7 +62,7 @@ class RowQueue:
     prompt: Array  # int32 [Q]: prompt table entry
     alpha: Array  # f32 [Q]
     seed: Array  # uint32 [Q]
-    alpha_q: Array  # uint32 [Q]: the alpha's key word (sampler.alpha_keys)
+    alpha_q: Array  # uint32 [Q]: the alpha's key word (rollouts.alpha_keys)
     rollout: Array  # uint32 [Q]
     head: Array  # int32 scalar: rows taken by slots so far
     tail: Array  # int32 scalar: rows queued so far
@@ -86,7 +86,7 @@ class Slots:
     handle: Array  # int32 [S]
     prompt: Array  # int32 [S]
     alpha: Array  # f32 [S]
-    key: Array  # uint32 [S, key words]: the row's key data (sampler.row_keys)
+    key: Array  # uint32 [S, key words]: the row's key data (rollouts.row_keys)
     count: Array  # int32 [S]: tokens drawn so far = index of the next token
     last: Array  # int32 [S]: the latest token, fed to the models next
     logp_o: Array  # f32 [S]: running sums over kept tokens

@@ -1,8 +1,9 @@
-"""How many paired-decode rows fit in device memory, computed from the model configs.
+"""How many engine slots and prompt-table entries fit in device memory, from the model configs.
 
-A row holds its own generated-token K/V cache in both models, both models' float32 logits and the
-temporaries of one sampling step. The prompt's K/V are stored once (shared) and params are already
-resident, so neither scales with rows.
+A slot holds its own generated-token K/V in both models, a copy of its prompt's K/V, both models'
+float32 logits and the temporaries of one step (refills included: `bytes_per_slot`). A prompt is
+prefilled once into the table (`bytes_per_prompt`); params are already resident.
+`lpe_jax.engine.RolloutEngine.compiled_bytes` checks the plan against XLA's memory analysis.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from lpe_jax.qwen3 import Qwen3Config
 # [B, V] float32 buffers alive at once in one step: both models' logits, the path logits, the
 # sampler's Gumbel noise, and the log-softmax inputs of each model that XLA may not fuse.
 LOGIT_BUFFERS = 6
-# Auto-sized chunks stop here: beyond it throughput no longer grows and one step's logits get huge.
+# Auto-sized slot counts stop here: beyond, throughput no longer grows and a step's logits get huge.
 MAX_AUTO_ROWS = 2048
-# On backends without memory_stats (CPU) the sampler uses this many rows per chunk.
+# On backends without memory_stats (CPU) the engine decodes this many slots.
 DEFAULT_CPU_ROWS = 256
 # Share of free device memory the rows may take (XLA needs slack for fragmentation and workspaces).
 MEMORY_FRACTION = 0.8
