@@ -297,8 +297,8 @@ def compliance(model: Any, tokenizer: Any, prompts: list, ids: list, judge: Any)
     from lpe_jax.sampler import PairedSampler
     from lpe_jax.tokenizer import eos_token_ids
 
-    # One model sampled alone: the same model at both ends of the path, at alpha = 1.
-    sampler = PairedSampler(model, model, "linear", FLAGS.max_new_tokens, eos_token_ids(tokenizer))
+    # One model sampled alone (variant=None): its own logits, one forward pass per token.
+    sampler = PairedSampler(model, None, "linear", FLAGS.max_new_tokens, eos_token_ids(tokenizer))
     bar = progress(len(prompts), "judged prompts")
     rates = {}
     for prompt, pid in zip(prompts, ids, strict=True):

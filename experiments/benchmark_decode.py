@@ -139,7 +139,7 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"need 1 <= --alphas <= --rows; got {FLAGS.alphas}, {FLAGS.rows}.")
     alphas = np.linspace(0.0, 1.0, FLAGS.alphas)
     r = FLAGS.rows // FLAGS.alphas
-    live = r * FLAGS.alphas  # padded up to the --rows bucket inside the sampler
+    live = r * FLAGS.alphas  # rows decoded in the engine's --rows slots
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, FLAGS.prompt_len)
     steps = FLAGS.new_tokens
     print(

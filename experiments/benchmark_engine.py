@@ -1,15 +1,16 @@
-"""Slot use and rollouts/s of RolloutEngine vs chunked PairedSampler on a length-skewed workload.
+"""Slot use and rollouts/s of RolloutEngine, all blocks at once vs one PairedSampler call per block.
 
 Random weights; every prompt gets its own alpha, and a path shape `eos_skew` (the linear path with
 the EOS logit set so that P(EOS) per token falls from 1/--short_len at alpha = 0 to 1/--long_len at
-alpha = 1) makes row lengths differ by prompt (and, geometrically, within one). The sampler runs
-one `sample` call per block (today's chunked loop, chunks of --slots rows); the engine takes
-every block at once. Both draw the same rows (checked: tokens must match).
+alpha = 1) makes row lengths differ by prompt (and, geometrically, within one). The sampler (a
+thin API over the engine, --slots slots) runs one `sample` call per block, so its slots drain at
+the end of every call; the engine takes every block at once. Both draw the same rows (checked:
+tokens must match).
 
-slot use = generated tokens / (slots x steps), draining steps included; for the sampler "slots" is
-each chunk's row bucket and "steps" its longest row. rollouts/s excludes compilation (both run a
-warm-up of the same shapes first). The memory line compares memory.plan_engine's model with the
-device's peak (GPU) or the compiled generate step's memory analysis (CPU).
+slot use = generated tokens / (slots x steps), draining steps included. rollouts/s excludes
+compilation (both run a warm-up of the same shapes first). The memory line compares
+memory.plan_engine's model with the device's peak (GPU) or the compiled generate step's memory
+analysis (CPU).
 
   .venv/bin/python experiments/benchmark_engine.py --preset=tiny --dtype=float32
 """
@@ -75,21 +76,15 @@ def _workload(cfg: qwen3.Qwen3Config) -> list[RowBlock]:
 
 
 def _run_sampler(s: PairedSampler, blocks: list[RowBlock]) -> tuple[float, list, float]:
+    before = (0, 0) if s.stats is None else (s.stats.tokens, s.stats.steps)
     t0 = time.perf_counter()
     out = [
         s.sample(b.prompt_ids, [b.alpha], b.count, b.seed, rollout_offset=b.rollout_start)
         for b in blocks
     ]
     wall = time.perf_counter() - t0
-    used = total = 0
-    for r in out:  # the chunks sample() ran: FLAGS.slots rows each, padded to a row bucket
-        lengths = r.lengths[0]
-        for c in range(0, lengths.size, FLAGS.slots):
-            chunk = lengths[c : c + FLAGS.slots]
-            bucket = min(FLAGS.slots, max(8, 1 << (chunk.size - 1).bit_length()))
-            used += chunk.sum()
-            total += bucket * chunk.max()
-    return wall, out, used / total
+    tokens, steps = s.stats.tokens - before[0], s.stats.steps - before[1]
+    return wall, out, tokens / max(1, s.stats.slots * steps)
 
 
 def _run_engine(
@@ -150,7 +145,7 @@ def main(argv: list[str]) -> None:
         eos_token_ids=[EOS],
         max_rows=FLAGS.slots,
     )
-    # Warm-up on the same shapes: the whole workload for the engine (its insert sizes and table
+    # Warm-up on the same shapes: the whole workload for the engine (its insert sizes and the
     # growth follow the workload), one block per prompt bucket for the sampler.
     t0 = time.perf_counter()
     _run_engine(make, blocks)
@@ -189,7 +184,7 @@ def main(argv: list[str]) -> None:
         f"{min(means):.1f}..{max(means):.1f} ({max(means) / min(means):.1f}x)"
     )
     print(
-        f"sampler (chunks of {FLAGS.slots}): slot use {s_use:.3f}, {s_wall:.2f} s, "
+        f"sampler (one call per block, {FLAGS.slots} slots): slot use {s_use:.3f}, {s_wall:.2f} s, "
         f"{rows / s_wall:.1f} rollouts/s, {lengths.sum() / s_wall:.0f} pair-tokens/s "
         f"(warm-up/compile {sampler_compile:.1f} s)"
     )

@@ -11,7 +11,8 @@ Two workloads:
 Parts (--parts; draws only, model load and compilation excluded; the sampler runs last, after the
 engine has freed its memory):
 - ``ideal``: one PairedSampler.sample call of as many rows as the LPE part drew (toy; one prompt,
-  20 alphas) or of --max_rows rows (random weights): the sampler's own throughput.
+  20 alphas) or of --max_rows rows (random weights). PairedSampler is a thin API over the engine
+  (since issue 18), so this is the engine on one prompt's rows, submitted at once.
 - ``engine``: the same rows as ``ideal`` as one job on the scheduler and engine (every draw
   submitted at once, no judge): the engine's throughput with no waiting on verdicts.
 - ``lpe``: adaptive LPE of every prompt at once on the scheduler; rollouts/s and its ratio to

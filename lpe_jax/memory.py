@@ -1,8 +1,9 @@
-"""How many paired-decode rows fit in device memory, computed from the model configs.
+"""How many engine slots and prompt-table entries fit in device memory, from the model configs.
 
-A row holds its own generated-token K/V cache in both models, both models' float32 logits and the
-temporaries of one sampling step. The prompt's K/V are stored once (shared) and params are already
-resident, so neither scales with rows.
+A slot holds its own generated-token K/V in both models, a copy of its prompt's K/V, both models'
+float32 logits and the temporaries of one step (refills included: `bytes_per_slot`). A prompt is
+prefilled once into the table (`bytes_per_prompt`); params are already resident.
+`lpe_jax.engine.RolloutEngine.compiled_bytes` checks the plan against XLA's memory analysis.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from lpe_jax.qwen3 import Qwen3Config
 # [B, V] float32 buffers alive at once in one step: both models' logits, the path logits, the
 # sampler's Gumbel noise, and the log-softmax inputs of each model that XLA may not fuse.
 LOGIT_BUFFERS = 6
-# Auto-sized chunks stop here: beyond it throughput no longer grows and one step's logits get huge.
+# Auto-sized slot counts stop here: beyond, throughput no longer grows and a step's logits get huge.
 MAX_AUTO_ROWS = 2048
-# On backends without memory_stats (CPU) the sampler uses this many rows per chunk.
+# On backends without memory_stats (CPU) the engine decodes this many slots.
 DEFAULT_CPU_ROWS = 256
 # Share of free device memory the rows may take (XLA needs slack for fragmentation and workspaces).
 MEMORY_FRACTION = 0.8
@@ -109,6 +110,8 @@ def bytes_per_slot(
 
     = bytes_per_row (generated-token K/V, logits, activations, row state)
     + the slot's copy of its prompt's K/V (prompt_slots positions, both models)
+    + the refill temporaries: a step gathers up to one prompt per slot from the table (the
+      refill cap is at most S) before scattering them into the slots, another prompt's K/V
     + both models' first-token logits read from the table (2 float32 [V])
     + its share of the row queue and of one generate call's output stream.
     """
@@ -118,7 +121,7 @@ def bytes_per_slot(
     prompt = prompt_bytes(original, variant, original_dtype, variant_dtype, prompt_slots)
     first_logits = 2 * original.vocab_size * 4
     stream = steps_per_call * 40 + QUEUE_ROWS_PER_SLOT * 28
-    return row + prompt + first_logits + stream
+    return row + 2 * prompt + first_logits + stream
 
 
 def bytes_per_prompt(

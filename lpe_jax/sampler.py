@@ -1,345 +1,83 @@
-"""PairedSampler: rollouts at many alphas along a logit path, both models on every row's context.
+"""PairedSampler: rollouts of one prompt at many alphas along a logit path, on the rollout engine.
 
 For one prompt and alphas a_1..a_A it draws R rollouts per alpha. At every step both models see the
 row's own context; the next token is sampled from softmax(path(l_original, l_variant, alpha) / T),
 and each endpoint's float32 log-probability of that token (at temperature 1) is accumulated, which
 is what importance sampling and LPE need.
 
-Data flow (one `sample` call):
-1. Validate inputs; plan row chunks (memory budget) and buckets (row count, prompt length).
-2. Prefill the prompt once per model (jit #1); its K/V are shared by every row of every chunk.
-3. Per chunk: one jit (#2) around a `lax.while_loop` whose carry is `_LoopState`; both models'
-   params are arguments, the per-row caches are donated and updated in place. The loop exits as
-   soon as every row has hit EOS, max_new_tokens, or a non-finite step.
-
-Randomness (`row_keys`, `token_keys`): row (alpha, r) uses key
-fold_in(fold_in(key(seed), round(alpha * 1e6)), offset + r) and fold_in(row_key, t) for its token t,
-so a row's tokens do not depend on chunking, sharding, batch-mates, or call order; `rollout_offset`
-continues a stream without reusing keys. `lpe_jax.engine` uses the same keys and `sample_step`, so
-it reproduces this sampler row for row while decoding many prompts with refilled slots.
+This is a thin API over `lpe_jax.engine.RolloutEngine`, the one decoder: a `sample` call submits
+one request (RowBlock) per alpha and runs the engine until they finish. Rows therefore equal the
+engine's rows for the same (seed, alpha, rollout index) (keys: `lpe_jax.rollouts.row_keys`): they
+do not depend on the slot count, batch-mates, call order or `rollout_offset` splits.
+With `variant=None` one model is sampled from its own logits at one forward pass per token.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
 
-from lpe_jax import memory, sharding
+from lpe_jax import sharding
+from lpe_jax.engine import EngineStats, RolloutEngine
 from lpe_jax.paths import PathFn, PathShape, as_path
-from lpe_jax.qwen3 import KVCache, Qwen3, Qwen3Config, empty_kv
-from lpe_jax.row_block import ALPHA_QUANTUM  # the one alpha resolution; sampler.ALPHA_QUANTUM stays
+from lpe_jax.qwen3 import Qwen3
+from lpe_jax.rollouts import (
+    ALPHA_QUANTUM,
+    PAD_ID,
+    Rollouts,
+    alpha_keys,
+    as_int,
+    check_pair,
+    check_prompt,
+    compilations,
+    prompt_bucket,
+)
+from lpe_jax.row_block import RowBlock
 
-PAD_ID = -1
-"""Value of `Rollouts.tokens` after a row ends (never a real token id)."""
+__all__ = ["ALPHA_QUANTUM", "PAD_ID", "PairedSampler", "Rollouts", "prompt_bucket"]
 
-
-_MIN_ROW_BUCKET = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class Rollouts:
-    """Rollouts of one prompt: A alphas x R rollouts x T = max_new_tokens.
-
-    tokens: int32 [A, R, T], generated ids, PAD_ID (-1) after the row ends.
-    lengths: int32 [A, R], generated tokens kept, EOS included.
-    logp_original, logp_variant: float32 [A, R], sum over the kept tokens of each endpoint model's
-        float32 log-softmax (temperature 1, untruncated vocabulary) at the sampled token. NaN for
-        `nonfinite` rows.
-    truncated: bool [A, R], rows cut at max_new_tokens without EOS.
-    nonfinite: bool [A, R], rows stopped because the path or model logits were NaN/+inf (or all
-        -inf); the offending step's token is not kept. Drop these rows.
-    alphas: float64 [A]; rollout_offset: the rollout index of r = 0.
-    token_logp_original/variant/path: float32 [A, R, T] per-token log-probs when requested (0 after
-        the row ends); `path` is under the distribution actually sampled (temperature applied).
-    """
-
-    tokens: np.ndarray
-    lengths: np.ndarray
-    logp_original: np.ndarray
-    logp_variant: np.ndarray
-    truncated: np.ndarray
-    nonfinite: np.ndarray
-    alphas: np.ndarray
-    rollout_offset: int = 0
-    token_logp_original: np.ndarray | None = None
-    token_logp_variant: np.ndarray | None = None
-    token_logp_path: np.ndarray | None = None
-
-    def generated_ids(self, a: int, r: int) -> list[int]:
-        """Row (a, r)'s kept token ids (EOS included), for detokenizing."""
-        return self.tokens[a, r, : self.lengths[a, r]].tolist()
-
-    def token_lists(self) -> list[list[list[int]]]:
-        """generated_ids for every row, nested [A][R]."""
-        a_n, r_n = self.lengths.shape
-        return [[self.generated_ids(a, r) for r in range(r_n)] for a in range(a_n)]
-
-    @property
-    def forward_passes(self) -> int:
-        """Model forward passes spent on kept tokens (two models per token), prefill excluded."""
-        return int(2 * self.lengths.sum())
-
-
-def make_rollouts(
-    tokens: np.ndarray,
-    lengths: np.ndarray,
-    logp_o: np.ndarray,
-    logp_v: np.ndarray,
-    nonfinite: np.ndarray,
-    alphas: np.ndarray,
-    rollout_offset: int,
-    eos: Sequence[int],
-    tok_lp: np.ndarray | None = None,
-) -> Rollouts:
-    """Rollouts from raw row arrays [A, R(, T)]: derives `truncated` and NaNs nonfinite log-probs.
-
-    tok_lp: optional float32 [3, A, R, T] (original, variant, path) per-token log-probs.
-    """
-    t_n = tokens.shape[-1]
-    truncated = (lengths == t_n) & ~nonfinite & ~np.isin(tokens[..., t_n - 1], list(eos))
-    tok = [None] * 3 if tok_lp is None else list(tok_lp)
-    return Rollouts(
-        tokens=tokens,
-        lengths=lengths,
-        logp_original=np.where(nonfinite, np.nan, logp_o).astype(np.float32),
-        logp_variant=np.where(nonfinite, np.nan, logp_v).astype(np.float32),
-        truncated=truncated,
-        nonfinite=nonfinite,
-        alphas=alphas,
-        rollout_offset=rollout_offset,
-        token_logp_original=tok[0],
-        token_logp_variant=tok[1],
-        token_logp_path=tok[2],
-    )
-
-
-# --- validation shared with lpe_jax.engine ---
-
-
-def check_same_tokenizer(original_id: str, variant_id: str) -> None:
-    """Raise ValueError unless the two tokenizer identities (names or hashes) are equal."""
-    if original_id != variant_id:
-        raise ValueError(
-            f"original and variant tokenizers differ ({original_id!r} vs {variant_id!r}); the "
-            "logit path needs both models to share one tokenizer."
-        )
-
-
-def as_int(name: str, value: Any, lo: int, hi: float = math.inf) -> int:
-    """value as an int in [lo, hi], or a ValueError naming `name` (bools are not integers)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer; got {value!r}.")
-    if not lo <= value <= hi:
-        raise ValueError(f"{name} must lie in [{lo}, {hi}]; got {value}.")
-    return int(value)
-
-
-def check_pair(
-    original: Any,
-    variant: Any,
-    max_new_tokens: Any,
-    eos_token_ids: Sequence[int],
-    temperature: float,
-    tokenizer_ids: tuple[str, str] | None,
-) -> tuple[int, ...]:
-    """Validate the setup shared by PairedSampler and RolloutEngine; returns the EOS ids."""
-    for name, model in (("original", original), ("variant", variant)):
-        if not isinstance(model, Qwen3):
-            raise TypeError(f"{name} must be a lpe_jax.qwen3.Qwen3 model.")
-    v_o, v_v = original.cfg.vocab_size, variant.cfg.vocab_size
-    if v_o != v_v:
-        raise ValueError(
-            f"vocab sizes differ: original {v_o}, variant {v_v}; the path mixes logits token "
-            "by token, so both models must share one tokenizer and vocabulary."
-        )
-    if tokenizer_ids is not None:
-        check_same_tokenizer(*tokenizer_ids)
-    as_int("max_new_tokens", max_new_tokens, 1)
-    eos = tuple(int(e) for e in eos_token_ids)
-    if any(not 0 <= e < v_o for e in eos):
-        raise ValueError(f"eos_token_ids must lie in [0, {v_o}); got {list(eos)}.")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0; got {temperature}.")
-    return eos
-
-
-def check_prompt(prompt_ids: Any, cfgs: Sequence[Qwen3Config], max_new_tokens: int) -> np.ndarray:
-    """prompt_ids as int32 [P]; raises ValueError if not 1-D integer ids in the vocabulary, or if
-    P + max_new_tokens exceeds either model's max_position_embeddings."""
-    ids = np.asarray(prompt_ids)
-    if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
-        raise ValueError(f"prompt_ids must be a 1-D integer array; got {ids.dtype} {ids.shape}.")
-    if ids.size == 0:
-        raise ValueError("prompt_ids is empty; the models need at least one prompt token.")
-    vocab = cfgs[0].vocab_size
-    if ids.min() < 0 or ids.max() >= vocab:
-        raise ValueError(
-            f"prompt ids must lie in [0, {vocab}); got range [{ids.min()}, {ids.max()}]."
-        )
-    limit = min(c.max_position_embeddings for c in cfgs)
-    if ids.size + max_new_tokens > limit:
-        raise ValueError(
-            f"prompt length {ids.size} + max_new_tokens {max_new_tokens} exceeds "
-            f"max_position_embeddings {limit}; shorten the prompt or max_new_tokens."
-        )
-    return ids.astype(np.int32)
-
-
-def alpha_keys(path: PathShape, alphas: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(alphas float64 [A], their key words uint32 [A]); raises ValueError for alphas outside the
-    path's domain, non-finite, too large, or equal at ALPHA_QUANTUM resolution."""
-    a = path.check_alphas(alphas)
-    q = np.round(a / ALPHA_QUANTUM)
-    if np.any(np.abs(q) >= 2**31):
-        raise ValueError(f"|alpha| must be < {2**31 * ALPHA_QUANTUM:g}; got {a.tolist()}.")
-    q = q.astype(np.int64)
-    if np.unique(q).size != q.size:
-        raise ValueError(
-            f"alphas must be distinct at resolution {ALPHA_QUANTUM} (equal alphas would share "
-            f"random keys); got {a.tolist()}. For more rollouts at one alpha raise "
-            "rollouts_per_alpha or call again with rollout_offset."
-        )
-    return a, (q % 2**32).astype(np.uint32)
-
-
-# --- the sampling rule shared with lpe_jax.engine ---
-
-
-def row_keys(seed: jax.Array, alpha_q: jax.Array, rollout: jax.Array) -> jax.Array:
-    """Typed PRNG keys [B]: fold_in(fold_in(key(seed), alpha_q), rollout) per row.
-
-    seed, alpha_q, rollout: uint32, each [B] or scalar (broadcast).
-    """
-    seed, alpha_q, rollout = jnp.broadcast_arrays(seed, alpha_q, rollout)
-
-    def one(s: jax.Array, q: jax.Array, r: jax.Array) -> jax.Array:
-        return jax.random.fold_in(jax.random.fold_in(jax.random.key(s), q), r)
-
-    return jax.vmap(one)(seed, alpha_q, rollout)
-
-
-@struct.dataclass
-class Sampled:
-    """One sampling step for B rows (see `sample_step`)."""
-
-    token: jax.Array  # int32 [B]
-    logp_o: jax.Array  # f32 [B], log p_original(token) at temperature 1
-    logp_v: jax.Array  # f32 [B]
-    logp_path: jax.Array  # f32 [B], under the distribution sampled (temperature applied)
-    bad: jax.Array  # bool [B]: NaN/+inf/all -inf logits; `token` is meaningless there
-
-
-def _invalid(logits: jax.Array) -> jax.Array:
-    """bool [B]: any NaN or +inf, or no finite entry (nothing to sample)."""
-    bad = jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1)
-    return bad | jnp.all(logits == -jnp.inf, axis=-1)
-
-
-def _token_logp(logits: jax.Array, tok: jax.Array) -> jax.Array:
-    """float32 log-softmax(logits)[b, tok[b]] without materialising the log-softmax."""
-    picked = jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
-
-
-def sample_step(
-    path_fn: PathFn,
-    temperature: float,
-    l_o: jax.Array,
-    l_v: jax.Array,
-    alpha: jax.Array,
-    row_key: jax.Array,
-    token_index: jax.Array,
-) -> Sampled:
-    """Sample token `token_index` ([B] or scalar) of each row from the path at alpha f32 [B].
-
-    l_o, l_v: float32 logits [B, V] of both models on each row's context. The key is
-    fold_in(row_key, token_index), so the draw depends only on the row and its own token index.
-    """
-    l_path = path_fn(l_o, l_v, alpha[:, None]).astype(jnp.float32)
-    if temperature != 1.0:
-        l_path = l_path / temperature
-    bad = _invalid(l_path) | _invalid(l_o) | _invalid(l_v)
-    index = jnp.broadcast_to(token_index, alpha.shape)
-    keys = jax.vmap(jax.random.fold_in)(row_key, index)
-    safe = jnp.where(bad[:, None], 0.0, l_path)
-    tok = jax.vmap(jax.random.categorical)(keys, safe).astype(jnp.int32)
-    return Sampled(tok, _token_logp(l_o, tok), _token_logp(l_v, tok), _token_logp(safe, tok), bad)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-def prompt_bucket(length: int) -> int:
-    """Static prompt slots for a prompt of `length`: powers of two (>= 16) up to 256, then
-    multiples of 256; prompts in one bucket share a compiled prefill and decode loop."""
-    if length <= 256:
-        return max(16, _next_pow2(length))
-    return -(-length // 256) * 256
-
-
-def row_bucket(rows: int, chunk: int, num_devices: int) -> int:
-    """Static row count for a chunk of `rows`: next power of two (>= 8), a multiple of the device
-    count, at most `chunk` (itself a multiple of the device count)."""
-    b = max(_MIN_ROW_BUCKET, _next_pow2(rows))
-    b = -(-b // num_devices) * num_devices
-    return min(b, chunk)
-
-
-# --- PairedSampler ---
-
-
-@dataclasses.dataclass(frozen=True)
-class _LoopSpec:
-    """Everything static about a decode loop; hashable, so it keys jax's compilation cache."""
-
-    gd_o: nnx.GraphDef
-    gd_v: nnx.GraphDef
-    path_fn: PathFn
-    max_new_tokens: int
-    eos: tuple[int, ...]
-    temperature: float
-    mesh: jax.sharding.Mesh
-    kv_shapes: tuple[tuple[Qwen3Config, Any], tuple[Qwen3Config, Any]]  # (config, dtype) per model
+_ROW_FIELDS = (
+    "tokens",
+    "lengths",
+    "logp_original",
+    "logp_variant",
+    "logp_sampled",
+    "truncated",
+    "nonfinite",
+)
+_TOKEN_FIELDS = ("token_logp_original", "token_logp_variant", "token_logp_path")
 
 
 @dataclasses.dataclass
 class _Runtime:
-    """A sampler's device-side pieces, built once in __post_init__."""
+    """The sampler's engine (built for the longest prompt bucket seen) and compile count."""
 
-    spec: _LoopSpec
-    params: tuple[nnx.State, nnx.State]  # replicated over the mesh
-    auto_chunk: dict[tuple[int, bool], int]
-    compiles: dict[str, int]
+    engine: RolloutEngine | None = None
+    compiles: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class PairedSampler:
     """Sample rollouts along `path` between `original` (alpha = 1) and `variant` (alpha = 0).
 
-    original, variant: Qwen3 models with the same vocabulary (params are snapshotted here).
+    original, variant: Qwen3 models with the same vocabulary (params are snapshotted when the
+        first prompt is sampled). variant=None: `original` alone, sampled from its own logits
+        (one forward pass per token; logp_original/logp_variant are then NaN).
     path: a PathShape, a registered name, or a callable (l_o, l_v, alpha) -> logits.
     max_new_tokens: generated tokens per row at most. eos_token_ids: ids that end a row (kept).
     temperature: divides the path logits before sampling (> 0); log-probs stay at temperature 1.
-    max_rows: rows per compiled chunk (rounded down to a multiple of the device count); None sizes
-        it from free device memory (`memory.bytes_per_row`), or memory.DEFAULT_CPU_ROWS on CPU.
+    max_rows: rows decoded at once (the engine's slots, rounded down to a multiple of the device
+        count); None sizes it from free device memory, memory.DEFAULT_CPU_ROWS on CPU.
     devices: devices to shard rows over (default all local devices).
     tokenizer_ids: optional (original, variant) tokenizer names/hashes; must be equal.
-
-    For many prompts at once, with finished rows refilled, use `lpe_jax.engine.RolloutEngine`:
-    it draws the same rows (same keys) as this sampler.
     """
 
     original: Qwen3
-    variant: Qwen3
+    variant: Qwen3 | None
     path: PathShape | PathFn | str
     max_new_tokens: int
     eos_token_ids: Sequence[int]
@@ -350,9 +88,10 @@ class PairedSampler:
     _rt: _Runtime = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        eos = check_pair(
+        variant = self.original if self.variant is None else self.variant
+        check_pair(
             self.original,
-            self.variant,
+            variant,
             self.max_new_tokens,
             self.eos_token_ids,
             self.temperature,
@@ -360,80 +99,47 @@ class PairedSampler:
         )
         if self.max_rows is not None:
             as_int("max_rows", self.max_rows, 1)
-        path = as_path(self.path)
-        mesh = sharding.row_mesh(self.devices)
-        rep = sharding.replicated(mesh)
-        gd_o, st_o = nnx.split(self.original)
-        gd_v, st_v = nnx.split(self.variant)
-        kv_shapes = (
-            (self.original.cfg, self.original.dtype),
-            (self.variant.cfg, self.variant.dtype),
-        )
-        spec = _LoopSpec(
-            gd_o, gd_v, path.fn, self.max_new_tokens, eos, float(self.temperature), mesh, kv_shapes
-        )
-        params = (jax.device_put(st_o, rep), jax.device_put(st_v, rep))
-        object.__setattr__(self, "path", path)
-        object.__setattr__(self, "_rt", _Runtime(spec, params, {}, {"loop": 0, "prefill": 0}))
+        sharding.row_mesh(self.devices)  # an empty device list fails here, not at sample time
+        object.__setattr__(self, "path", as_path(self.path))
+        object.__setattr__(self, "_rt", _Runtime())
 
     @property
     def num_devices(self) -> int:
-        return self._rt.spec.mesh.size
+        return len(jax.local_devices() if self.devices is None else self.devices)
 
     @property
     def num_compilations(self) -> int:
-        """Decode loops compiled by this sampler's calls: one per (row bucket, prompt bucket,
-        per_token). Samplers of identical shape share jax's cache, so a reused loop counts 0."""
-        return self._rt.compiles["loop"]
+        """XLA compilations during this sampler's calls. Prompts of one bucket (`prompt_bucket`)
+        share one engine and its compiled steps; a longer bucket builds a new engine."""
+        return self._rt.compiles
 
     @property
-    def num_prefill_compilations(self) -> int:
-        """Prefills compiled by this sampler's calls: one per prompt bucket."""
-        return self._rt.compiles["prefill"]
+    def stats(self) -> EngineStats | None:
+        """The engine's counters since it was built (a longer prompt bucket builds a new one);
+        None before the first call."""
+        return None if self._rt.engine is None else self._rt.engine.stats
 
-    def _counted(self, name: str, fn: Any, **kwargs: Any) -> Any:
-        before = fn._cache_size()
-        out = fn(**kwargs)
-        self._rt.compiles[name] += fn._cache_size() - before
-        return out
-
-    def bytes_per_row(self, prompt_slots: int, per_token: bool = False) -> int:
-        """Device bytes one row needs (see memory.bytes_per_row)."""
-        return memory.bytes_per_row(
-            self.original.cfg,
-            self.variant.cfg,
-            self.original.dtype,
-            self.variant.dtype,
-            self.max_new_tokens,
-            prompt_slots,
-            per_token,
-        )
-
-    def chunk_rows(self, prompt_slots: int, per_token: bool = False) -> int:
-        """Rows per compiled chunk (max_rows or the memory budget), a multiple of the devices."""
-        n_dev = self.num_devices
-        if self.max_rows is not None:
-            return sharding.round_to_devices(self.max_rows, n_dev)
-        key = (prompt_slots, per_token)
-        cache = self._rt.auto_chunk
-        if key not in cache:  # sized once, so later calls reuse the same compiled chunk shape
-            free = memory.device_free_bytes(self._rt.spec.mesh.devices.flat[0])
-            if free is None:
-                rows = memory.DEFAULT_CPU_ROWS
-            else:
-                fixed = memory.prompt_bytes(
-                    self.original.cfg,
-                    self.variant.cfg,
-                    self.original.dtype,
-                    self.variant.dtype,
-                    prompt_slots,
-                )
-                per_dev = memory.rows_that_fit(
-                    free, self.bytes_per_row(prompt_slots, per_token), fixed
-                )
-                rows = per_dev * n_dev
-            cache[key] = sharding.round_to_devices(rows, n_dev)
-        return cache[key]
+    def _engine(self, prompt_len: int) -> RolloutEngine:
+        """The engine for prompts up to `prompt_len` tokens: the current one if its prompt buffers
+        are long enough, else a new one (the old one's device state is released first)."""
+        rt = self._rt
+        if rt.engine is None or rt.engine.max_prompt_len < prompt_len:
+            rt.engine = None
+            rt.engine = RolloutEngine(
+                self.original,
+                self.variant,
+                self.path,
+                self.max_new_tokens,
+                self.eos_token_ids,
+                temperature=self.temperature,
+                slots=self.max_rows,
+                max_prompts=1,
+                devices=self.devices,
+                tokenizer_ids=self.tokenizer_ids,
+                max_prompt_len=prompt_bucket(prompt_len),
+                per_token=True,
+            )
+        return rt.engine
 
     def sample(
         self,
@@ -449,226 +155,20 @@ class PairedSampler:
         Row (a, r) uses rollout index rollout_offset + r: drawing r = 0..4 then (offset 5) 5..9
         equals drawing 0..9 at once. Returns Rollouts with arrays [A, R(, T)].
         """
-        cfgs = (self.original.cfg, self.variant.cfg)
-        ids = check_prompt(prompt_ids, cfgs, self.max_new_tokens)
-        alphas_f, alphas_q = alpha_keys(self.path, alphas)
+        variant = self.original if self.variant is None else self.variant
+        ids = check_prompt(prompt_ids, (self.original.cfg, variant.cfg), self.max_new_tokens)
+        alphas_f, _ = alpha_keys(self.path, alphas)
         r_n = as_int("rollouts_per_alpha", rollouts_per_alpha, 1)
         offset = as_int("rollout_offset", rollout_offset, 0, 2**32 - r_n)
         seed = as_int("seed", seed, 0, 2**32 - 1)
         if not isinstance(per_token, bool):
             raise ValueError(f"per_token must be a bool; got {per_token!r}.")
-
-        spec = self._rt.spec
-        rep, rows_sh = sharding.replicated(spec.mesh), sharding.rows_sharding(spec.mesh)
-        st_o, st_v = self._rt.params
-        slots = prompt_bucket(ids.size)
-        padded = np.zeros(slots, np.int32)
-        padded[: ids.size] = ids
-        prompt, length = jax.device_put((padded, np.int32(ids.size)), rep)
-        prefix_o, prefix_v = self._counted(
-            "prefill", _prefill, spec=spec, st_o=st_o, st_v=st_v, prompt=prompt, length=length
-        )
-
-        a_n, t_n = alphas_f.size, self.max_new_tokens
-        n_rows = a_n * r_n
-        row_alpha = np.repeat(alphas_f.astype(np.float32), r_n)
-        row_q = np.repeat(alphas_q, r_n)
-        row_r = np.tile(np.arange(r_n, dtype=np.uint32) + np.uint32(offset), a_n)
-        chunk = self.chunk_rows(slots, per_token)
-        outs = []
-        for start in range(0, n_rows, chunk):
-            n = min(chunk, n_rows - start)
-            b = row_bucket(n, chunk, self.num_devices)
-            sl = slice(start, start + n)
-            pad = b - n
-            rows = _Rows(
-                alpha=np.pad(row_alpha[sl], (0, pad), mode="edge"),
-                alpha_q=np.pad(row_q[sl], (0, pad), mode="edge"),
-                rollout=np.pad(row_r[sl], (0, pad)),
-                pad_done=np.arange(b) >= n,  # padding rows start done
-            )
-            rows = jax.device_put(rows, rows_sh)
-            cache_o, cache_v = empty_rows(
-                kv_shapes=spec.kv_shapes, batch=b, capacity=t_n, mesh=spec.mesh
-            )
-            res, _, _ = self._counted(
-                "loop",
-                _decode_loop,
-                spec=spec,
-                per_token=per_token,
-                st_o=st_o,
-                st_v=st_v,
-                prefix_o=prefix_o,
-                prefix_v=prefix_v,
-                rows_o=cache_o,
-                rows_v=cache_v,
-                rows=rows,
-                seed=np.uint32(seed),
-            )
-            outs.append({k: np.asarray(v)[:n] for k, v in res.items()})
-        cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-        tok_lp = None
-        if per_token:
-            tok_lp = cat["tok_lp"].reshape(a_n, r_n, 3, t_n).transpose(2, 0, 1, 3)
-        return make_rollouts(
-            tokens=cat["tokens"].reshape(a_n, r_n, t_n),
-            lengths=cat["lengths"].reshape(a_n, r_n),
-            logp_o=cat["logp_o"].reshape(a_n, r_n),
-            logp_v=cat["logp_v"].reshape(a_n, r_n),
-            nonfinite=cat["nonfinite"].reshape(a_n, r_n),
-            alphas=alphas_f,
-            rollout_offset=offset,
-            eos=spec.eos,
-            tok_lp=tok_lp,
-        )
-
-
-@struct.dataclass
-class _Rows:
-    """Per-row inputs of one chunk, [B] each."""
-
-    alpha: jax.Array  # f32
-    alpha_q: jax.Array  # uint32 key word of the alpha
-    rollout: jax.Array  # uint32 rollout index
-    pad_done: jax.Array  # bool: padding rows start done
-
-
-@struct.dataclass
-class _LoopState:
-    step: jax.Array  # int32 scalar: index of the token sampled next
-    tokens: jax.Array  # int32 [B, T]
-    last: jax.Array  # int32 [B]: the token decode consumes next
-    done: jax.Array  # bool [B]
-    lengths: jax.Array  # int32 [B]
-    logp_o: jax.Array  # f32 [B]
-    logp_v: jax.Array  # f32 [B]
-    nonfinite: jax.Array  # bool [B]
-    tok_lp: jax.Array | None  # f32 [B, 3, T] (original, variant, path) when per-token is on
-    cache_o: KVCache
-    cache_v: KVCache
-
-
-@functools.partial(jax.jit, static_argnames=("kv_shapes", "batch", "capacity", "mesh"))
-def empty_rows(
-    kv_shapes: tuple[tuple[Qwen3Config, Any], ...],
-    batch: int,
-    capacity: int,
-    mesh: jax.sharding.Mesh,
-) -> tuple[tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]], ...]:
-    """Zeroed per-row (k, v) caches [batch, kv, capacity, hd] per layer for each (config, dtype)
-    in kv_shapes, created on device already split over the mesh's rows (one buffer each)."""
-    rows_sh = sharding.rows_sharding(mesh)
-    return tuple(
-        jax.lax.with_sharding_constraint(empty_kv(cfg, dtype, batch, capacity), rows_sh)
-        for cfg, dtype in kv_shapes
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("spec",))
-def _prefill(spec: _LoopSpec, st_o: nnx.State, st_v: nnx.State, prompt, length):
-    """(params, prompt int [Pb], true length) -> per model (logits [V], ks, vs, length)."""
-    out = []
-    for gd, st in ((spec.gd_o, st_o), (spec.gd_v, st_v)):
-        logits, ks, vs = nnx.merge(gd, st).prefill(prompt, length)
-        out.append((logits, ks, vs, length))
-    return tuple(out)
-
-
-def _take(
-    spec: _LoopSpec, state: _LoopState, l_o, l_v, alpha: jax.Array, keys: jax.Array
-) -> _LoopState:
-    """Sample token `state.step` of every row from the path logits and record it.
-
-    A row whose path or model logits are invalid (NaN/+inf/all -inf) is flagged `nonfinite` and
-    stopped; its token is neither sampled from those logits nor kept.
-    """
-    step = state.step
-    s = sample_step(spec.path_fn, spec.temperature, l_o, l_v, alpha, keys, step)
-    active = ~state.done & ~s.bad
-    tok_lp = state.tok_lp
-    if tok_lp is not None:
-        col = jnp.stack([s.logp_o, s.logp_v, s.logp_path], axis=1) * active[:, None]
-        tok_lp = jax.lax.dynamic_update_slice_in_dim(tok_lp, col[..., None], step, axis=2)
-    ends = jnp.isin(s.token, np.asarray(spec.eos, np.int32)) if spec.eos else False
-    kept = jnp.where(active, s.token, PAD_ID)[:, None]
-    return state.replace(
-        step=step + 1,
-        tokens=jax.lax.dynamic_update_slice_in_dim(state.tokens, kept, step, axis=1),
-        last=jnp.where(active, s.token, 0),
-        done=state.done | s.bad | ends,
-        lengths=state.lengths + active,
-        logp_o=state.logp_o + jnp.where(active, s.logp_o, 0.0),
-        logp_v=state.logp_v + jnp.where(active, s.logp_v, 0.0),
-        nonfinite=state.nonfinite | (~state.done & s.bad),
-        tok_lp=tok_lp,
-    )
-
-
-@functools.partial(
-    jax.jit, static_argnames=("spec", "per_token"), donate_argnames=("rows_o", "rows_v")
-)
-def _decode_loop(
-    spec: _LoopSpec,
-    per_token: bool,
-    st_o: nnx.State,
-    st_v: nnx.State,
-    prefix_o: tuple,
-    prefix_v: tuple,
-    rows_o: tuple,
-    rows_v: tuple,
-    rows: _Rows,
-    seed: jax.Array,
-) -> tuple[dict[str, jax.Array], tuple, tuple]:
-    """Decode every row of one chunk until all are done; rows_o/rows_v (per-row K/V) are donated.
-
-    Returns (row outputs [B] or [B, T] each, final rows_o, final rows_v); returning the caches
-    lets XLA alias the donated buffers and update them in place.
-    """
-    t_n = spec.max_new_tokens
-    rows_sh = sharding.rows_sharding(spec.mesh)
-
-    def constrain(x: jax.Array) -> jax.Array:
-        return jax.lax.with_sharding_constraint(x, rows_sh)
-
-    m_o, m_v = nnx.merge(spec.gd_o, st_o), nnx.merge(spec.gd_v, st_v)
-    b = rows.alpha.shape[0]
-    keys = row_keys(seed, rows.alpha_q, rows.rollout)
-    (lo0, pk_o, pv_o, n_o), (lv0, pk_v, pv_v, n_v) = prefix_o, prefix_v
-    state = _LoopState(
-        step=jnp.int32(0),
-        tokens=constrain(jnp.full((b, t_n), PAD_ID, jnp.int32)),
-        last=constrain(jnp.zeros((b,), jnp.int32)),
-        done=rows.pad_done,
-        lengths=constrain(jnp.zeros((b,), jnp.int32)),
-        logp_o=constrain(jnp.zeros((b,), jnp.float32)),
-        logp_v=constrain(jnp.zeros((b,), jnp.float32)),
-        nonfinite=constrain(jnp.zeros((b,), bool)),
-        tok_lp=constrain(jnp.zeros((b, 3, t_n), jnp.float32)) if per_token else None,
-        cache_o=KVCache(pk_o, pv_o, n_o, *rows_o),
-        cache_v=KVCache(pk_v, pv_v, n_v, *rows_v),
-    )
-    # Token 0 comes from the prompt's logits, shared by every row: no decode needed.
-    l_o0 = jnp.broadcast_to(lo0, (b, lo0.shape[-1]))
-    l_v0 = jnp.broadcast_to(lv0, (b, lv0.shape[-1]))
-    state = _take(spec, state, l_o0, l_v0, rows.alpha, keys)
-
-    def cond(s: _LoopState) -> jax.Array:
-        return (s.step < t_n) & ~jnp.all(s.done)
-
-    def body(s: _LoopState) -> _LoopState:
-        # Feed token step-1 into generated slot step-1, then sample token `step`.
-        l_o, cache_o = m_o.decode(s.last, s.step - 1, s.cache_o)
-        l_v, cache_v = m_v.decode(s.last, s.step - 1, s.cache_v)
-        return _take(spec, s.replace(cache_o=cache_o, cache_v=cache_v), l_o, l_v, rows.alpha, keys)
-
-    state = jax.lax.while_loop(cond, body, state)
-    res = dict(
-        tokens=state.tokens,
-        lengths=state.lengths,
-        logp_o=state.logp_o,
-        logp_v=state.logp_v,
-        nonfinite=state.nonfinite,
-    )
-    if per_token:
-        res["tok_lp"] = state.tok_lp
-    return res, (state.cache_o.k, state.cache_o.v), (state.cache_v.k, state.cache_v.v)
+        before = compilations()
+        engine = self._engine(ids.size)
+        for a, alpha in enumerate(alphas_f):
+            engine.submit(RowBlock(ids.tobytes(), ids, float(alpha), seed, offset, r_n, tag=a))
+        parts = sorted(engine.run(), key=lambda res: res.block.tag)
+        self._rt.compiles += compilations() - before
+        fields = _ROW_FIELDS + (_TOKEN_FIELDS if per_token else ())
+        cat = {f: np.concatenate([getattr(p.rollouts, f) for p in parts]) for f in fields}
+        return Rollouts(**cat, alphas=alphas_f, rollout_offset=offset)

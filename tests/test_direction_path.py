@@ -19,7 +19,6 @@ from lpe_jax.direction_path import DirectionalQwen3
 from lpe_jax.engine import RolloutEngine, RowBlock
 from lpe_jax.forward import model_logits
 from lpe_jax.orthogonalize import orthogonalize_model, unit_direction
-from lpe_jax.sampler import prompt_bucket
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
 
@@ -84,7 +83,16 @@ def test_in_memory_abliteration_is_run_time_ablation_with_the_original_head():
 
 def _engine(model, blocks, per_token=False):
     engine = RolloutEngine(
-        model, None, "linear", T, EOS, slots=8, max_prompts=4, steps_per_call=4, per_token=per_token
+        model,
+        None,
+        "linear",
+        T,
+        EOS,
+        slots=8,
+        max_prompts=4,
+        steps_per_call=4,
+        per_token=per_token,
+        max_prompt_len=PROMPT.size,
     )
     for block in blocks:
         engine.submit(block)
@@ -119,9 +127,10 @@ def test_engine_samples_each_row_from_its_own_m_alpha(setup, mixed_run):
     for r in got.values():
         assert np.isnan(r.logp_original).all() and np.isnan(r.logp_variant).all()
     # memory is planned for one model's K/V: a two-model slot holds (T + prompt slots) more tokens
-    f32, pb = np.float32, prompt_bucket(PROMPT.size)
+    # and one more prompt copy (refill temporaries)
+    f32, pb = np.float32, engine.prompt_slots
     two = memory.bytes_per_slot(CFG, CFG, f32, f32, T, pb, 4)
-    assert two - engine.planned_bytes()["slot"] == (T + pb) * CFG.kv_bytes_per_token(f32)
+    assert two - engine.planned_bytes()["slot"] == (T + 2 * pb) * CFG.kv_bytes_per_token(f32)
 
 
 def test_engine_rows_do_not_depend_on_blocks_or_order(setup, mixed_run):

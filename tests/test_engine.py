@@ -1,4 +1,6 @@
-"""RolloutEngine draws exactly PairedSampler's rows, whatever the slots, order or refills.
+"""RolloutEngine draws exactly the lockstep oracle's rows (tests/sampler_oracle.py, the decoder
+PairedSampler used before it became a thin API over the engine), whatever the slots, order or
+refills; PairedSampler, now on the engine, draws them too.
 
 The models are tiny with a scaled LM head (logit std ~2), so tokens depend on the prompt and the
 alpha: a bug that mixed up prompts, alphas or rows between slots would change tokens.
@@ -16,13 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sampler_oracle import LockstepSampler
 from scipy import stats
 
 from lpe_jax import paths, qwen3
 from lpe_jax.engine import BlockResult, RolloutEngine, RowBlock
 from lpe_jax.forward import model_logits
 from lpe_jax.paths import PathShape
-from lpe_jax.sampler import PAD_ID, PairedSampler
+from lpe_jax.rollouts import PAD_ID
+from lpe_jax.sampler import PairedSampler
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -36,7 +40,7 @@ PROMPTS = {
     "p2": np.array([7], np.int32),
     "p3": np.array([1, 2, 3, 4], np.int32),
     "p4": np.array([90, 80, 70, 60, 50, 40], np.int32),
-    "long": (np.arange(20, dtype=np.int32) * 7) % 96,  # a longer bucket: the table grows
+    "long": (np.arange(20, dtype=np.int32) * 7) % 96,  # a longer bucket (32 positions)
 }
 
 
@@ -61,8 +65,8 @@ def models():
 
 @pytest.fixture(scope="module")
 def sampler(models):
-    # 8-row chunks: one compiled loop per prompt bucket serves every block.
-    return PairedSampler(
+    # The oracle. 8-row chunks: one compiled loop per prompt bucket serves every block.
+    return LockstepSampler(
         original=models[0],
         variant=models[1],
         path=FORCED,
@@ -73,7 +77,7 @@ def sampler(models):
 
 
 def _engine(models, **kw) -> RolloutEngine:
-    kw = {"slots": 8, "max_prompts": 4, "steps_per_call": 4, **kw}
+    kw = {"slots": 8, "max_prompts": 4, "steps_per_call": 4, "max_prompt_len": 20, **kw}
     return RolloutEngine(models[0], models[1], FORCED, T, EOS, **kw)
 
 
@@ -96,7 +100,7 @@ def _key(b: RowBlock) -> tuple:
     return (b.prompt_key, b.alpha, b.seed, b.rollout_start, b.count)
 
 
-def _reference(sampler: PairedSampler, b: RowBlock):
+def _reference(sampler: LockstepSampler | PairedSampler, b: RowBlock):
     return sampler.sample(
         b.prompt_ids, [b.alpha], b.count, b.seed, rollout_offset=b.rollout_start, per_token=True
     )
@@ -107,7 +111,7 @@ def _assert_same(ref, got, logp_tol: float = 1e-5) -> None:
     engine's attention sums the same terms in another order (other shapes, gathered prefix)."""
     for f in EXACT:
         np.testing.assert_array_equal(getattr(got, f), getattr(ref, f), err_msg=f)
-    for f in ("logp_original", "logp_variant"):
+    for f in ("logp_original", "logp_variant", "logp_sampled"):
         np.testing.assert_allclose(getattr(got, f), getattr(ref, f), rtol=logp_tol, atol=logp_tol)
     assert got.tokens.dtype == ref.tokens.dtype and got.lengths.dtype == ref.lengths.dtype
     assert got.alphas.dtype == ref.alphas.dtype and got.rollout_offset == ref.rollout_offset
@@ -137,6 +141,30 @@ def test_engine_reproduces_sampler_rows(engine_results, sampler):
     # 6 prompts through 4 table entries: some were evicted, and each prefilled when resident.
     assert e.stats.prefills >= 6 and e.stats.evictions >= 2
     assert e.stats.rows == sum(b.count for b in BLOCKS) and e.stats.blocks == len(BLOCKS)
+
+
+def test_paired_sampler_is_the_engine(models, sampler):
+    """PairedSampler, a thin API over the engine, draws the oracle's rows (all alphas of a prompt
+    in one call, per-token log-probs included); one model (variant=None) draws the two-model
+    rows at alpha = 1, where the linear path is the original's logits."""
+    s = PairedSampler(models[0], models[1], FORCED, T, EOS, max_rows=8)
+    for ids in (PROMPTS["p1"], PROMPTS["long"]):  # the second needs a longer prompt bucket
+        call = dict(alphas=[0.2, 0.5, 0.8], rollouts_per_alpha=5, seed=3, rollout_offset=5)
+        got = s.sample(ids, per_token=True, **call)
+        ref = sampler.sample(ids, per_token=True, **call)
+        assert got.tokens.shape == (3, 5, T)
+        _assert_same(ref, got)
+        for f in ("token_logp_original", "token_logp_variant", "token_logp_path"):
+            np.testing.assert_allclose(getattr(got, f), getattr(ref, f), atol=1e-5)
+    assert s.sample(PROMPTS["p1"], [0.5], 2, seed=3).token_logp_path is None
+    one = PairedSampler(models[0], None, "linear", T, EOS, max_rows=8)
+    two = PairedSampler(models[0], models[0], "linear", T, EOS, max_rows=8)
+    r1, r2 = (x.sample(PROMPTS["p0"], [1.0], 6, seed=4) for x in (one, two))
+    np.testing.assert_array_equal(r1.tokens, r2.tokens)
+    np.testing.assert_array_equal(r1.lengths, r2.lengths)
+    assert np.isnan(r1.logp_original).all() and np.isfinite(r2.logp_original).all()
+    np.testing.assert_allclose(r1.logp_sampled, r2.logp_sampled, rtol=1e-6)  # its own log p
+    assert one._rt.engine._spec.gd_v is None  # one forward pass per token
 
 
 def test_rows_that_end_at_once_or_never(engine_results):
@@ -221,7 +249,7 @@ def test_nonfinite_rows_flagged_and_slots_reused_cleanly():
     for b in blocks:
         e.submit(b)
     out = {r.block.prompt_key: r.rollouts for r in e.run()}
-    s = PairedSampler(
+    s = LockstepSampler(
         original=m_o, variant=m_v, path=FORCED, max_new_tokens=T, eos_token_ids=EOS, max_rows=8
     )
     flagged = 0
@@ -365,7 +393,7 @@ _FOUR_DEVICES = textwrap.dedent(
     for m in models:
         m.lm_head[...] = m.lm_head[...] * 20.0
     e = RolloutEngine(*models, PathShape("forced_eos", forced, (0.0, 1.0)), 8, EOS, slots=4,
-                      max_prompts=4, steps_per_call=4)
+                      max_prompts=4, steps_per_call=4, max_prompt_len=16)
     assert e.slots == 4 and e._spec.mesh.size == 4
     blocks = [RowBlock(k, np.array(ids, np.int32), a, seed, start, n)
               for k, ids, a, seed, start, n in eval(sys.argv[2])]

@@ -1,5 +1,5 @@
-"""Rows depend only on (seed, alpha, rollout index): not on chunking, batch-mates, call order or
-device count. Buckets keep compilations to one per shape class."""
+"""Rows depend only on (seed, alpha, rollout index): not on the slot count, batch-mates, call order
+or device count. Prompts of one bucket reuse the compiled engine."""
 
 import os
 import subprocess
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lpe_jax import paths, qwen3
-from lpe_jax.sampler import PairedSampler, prompt_bucket, row_bucket
+from lpe_jax.sampler import PairedSampler, prompt_bucket
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -71,8 +71,8 @@ def test_chunking_offset_and_batch_mates_do_not_change_rows(models):
     _same(big, alone, np.s_[1:2])
 
 
-def test_buckets_reuse_one_compiled_loop(models):
-    # max_new_tokens=7 is used by no other test, so this sampler's loop starts uncompiled.
+def test_buckets_reuse_one_compiled_engine(models):
+    # max_new_tokens=7 is used by no other test, so this sampler's engine starts uncompiled.
     s = PairedSampler(
         original=models[0],
         variant=models[1],
@@ -81,14 +81,17 @@ def test_buckets_reuse_one_compiled_loop(models):
         eos_token_ids=[1],
         max_rows=64,
     )
-    s.sample(PROMPT, ALPHAS[:2], rollouts_per_alpha=5, seed=0)  # 10 rows -> bucket 16
-    s.sample(PROMPT[:4], ALPHAS[:2], rollouts_per_alpha=6, seed=1)  # other prompt, R, 12 rows
+    s.sample(PROMPT, ALPHAS[:2], rollouts_per_alpha=5, seed=0)
+    first = s.num_compilations
+    assert first >= 1  # the counter sees compilations at all
+    s.sample(PROMPT[:4], ALPHAS[:2], rollouts_per_alpha=6, seed=1)  # other prompt, R, rows
     s.sample(np.arange(9, dtype=np.int32), ALPHAS[:1], rollouts_per_alpha=13, seed=2)
-    assert prompt_bucket(4) == prompt_bucket(9) == 16 and row_bucket(12, 64, 1) == 16
-    # Prefill is keyed by the models alone, so other tests may have compiled it already.
-    assert s.num_compilations == 1 and s.num_prefill_compilations <= 1
+    assert prompt_bucket(4) == prompt_bucket(9) == 16
+    # Same bucket: nothing more compiles but insert sizes not met before (powers of two).
+    assert s.num_compilations - first <= 1, (first, s.num_compilations)
+    before = s.num_compilations
     s.sample(np.arange(20, dtype=np.int32), ALPHAS[:1], rollouts_per_alpha=13, seed=0)
-    assert s.num_compilations == 2 and s.num_prefill_compilations <= 2  # prompt bucket 32
+    assert s.num_compilations > before  # prompt bucket 32: a new engine
 
 
 _MULTI_DEVICE = textwrap.dedent(
@@ -103,7 +106,7 @@ _MULTI_DEVICE = textwrap.dedent(
     m_o, m_v = qwen3.init_random(cfg, seed=0), qwen3.init_random(cfg, seed=1)
     s = PairedSampler(original=m_o, variant=m_v, path=paths.linear, max_new_tokens=6,
                       eos_token_ids=[1, 2, 3], max_rows=20)
-    assert s.num_devices == 8 and s.chunk_rows(16) == 16
+    assert s.num_devices == 8
     r = s.sample(np.array([4, 8, 15, 16, 23, 42]), np.array([0.0, 0.3, 0.7]),
                  rollouts_per_alpha=9, seed=5)
     np.savez(sys.argv[1], **{f: getattr(r, f) for f in

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from lpe_jax import paths, qwen3
-from lpe_jax.sampler import PAD_ID, PairedSampler, check_same_tokenizer
+from lpe_jax.rollouts import PAD_ID, check_same_tokenizer
+from lpe_jax.sampler import PairedSampler
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -51,16 +51,34 @@ def test_logp_matches_teacher_forcing(rollouts):
     np.testing.assert_allclose(r.token_logp_variant, tf_v, atol=1e-5, rtol=0)
 
 
-def test_path_token_logp_is_the_sampling_distribution(rollouts):
-    m_o, m_v, r = rollouts
+def _sampled_logp(m_o, m_v, r, temperature: float = 1.0) -> np.ndarray:
+    """Per-token float64 log-probs [A, R, T] of every row's kept tokens under the distribution
+    it was drawn from (the linear path at its alpha, temperature applied), teacher forced."""
     _, lo = _teacher_forced(m_o, r)
     _, lv = _teacher_forced(m_v, r)
     alpha = r.alphas.astype(np.float32)[:, None, None, None]
-    lp = np.asarray(paths.linear(lo, lv, alpha), np.float64)
+    lp = np.asarray(paths.linear(lo, lv, alpha), np.float64) / temperature
     lp = lp - np.logaddexp.reduce(lp, axis=-1, keepdims=True)
     picked = np.take_along_axis(lp, np.maximum(r.tokens, 0)[..., None], axis=-1)[..., 0]
-    kept = np.arange(r.tokens.shape[-1]) < r.lengths[..., None]
-    np.testing.assert_allclose(r.token_logp_path, picked * kept, atol=1e-5, rtol=0)
+    return picked * (np.arange(r.tokens.shape[-1]) < r.lengths[..., None])
+
+
+def test_path_token_logp_is_the_sampling_distribution(rollouts):
+    m_o, m_v, r = rollouts
+    want = _sampled_logp(m_o, m_v, r)
+    np.testing.assert_allclose(r.token_logp_path, want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(r.logp_sampled, want.sum(-1), atol=1e-4, rtol=0)
+    assert r.logp_sampled.dtype == np.float32
+
+
+def test_logp_sampled_is_under_the_tempered_path(rollouts):
+    m_o, m_v, _ = rollouts
+    s = PairedSampler(m_o, m_v, paths.linear, 10, EOS, temperature=0.5, max_rows=8)
+    r = s.sample(PROMPT, alphas=np.array([0.3, 0.9]), rollouts_per_alpha=4, seed=1)
+    want = _sampled_logp(m_o, m_v, r, temperature=0.5).sum(-1)
+    np.testing.assert_allclose(r.logp_sampled, want, atol=1e-4, rtol=0)
+    # the test has power: at temperature 1 the same rows have other log-probs
+    assert np.abs(_sampled_logp(m_o, m_v, r).sum(-1) - want).max() > 0.1
 
 
 def test_eos_ends_rows_and_padding_follows(rollouts):

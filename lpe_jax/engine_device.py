@@ -1,0 +1,456 @@
+"""The rollout engine's device part: its state, static config and three pure jitted functions.
+
+- `prefill`: a prompt's K/V and first-token logits (both models) into an entry of the prompt
+  table (donated and updated in place).
+- `insert`: pending rows into a ring queue on the device (donated).
+- `generate`: `steps` decode steps over all S slots in one `lax.while_loop` (the state donated).
+  At the start of each step, free slots take the next queued rows and copy their prompt's K/V from
+  the table (refill inside the loop: a row that ends frees its slot for the very next step). A
+  step then reads only per-slot buffers, and emits per slot the token it drew (`StepOut`).
+
+`DeviceSpec` is everything static apart from tunables: the refill cap (`refills`) is a static
+argument of `generate` alone, so changing it compiles one more step and never a prefill. Shapes
+(slots S, prompt entries P, prompt positions Pb, queue Q) come from the state `init_state` builds.
+The host part (slots' owners, handles, prompt-table eviction, harvesting) is `lpe_jax.engine`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from lpe_jax import sharding
+from lpe_jax.paths import PathFn
+from lpe_jax.qwen3 import DecodeKV, Qwen3, Qwen3Config, empty_kv
+from lpe_jax.rollouts import PAD_ID, row_keys, sample_step
+
+Array = jax.Array
+
+
+@struct.dataclass
+class PromptKV:
+    """One model's prefilled prompts: P entries of Pb positions."""
+
+    k: tuple[Array, ...]  # per layer [P, kv, Pb, hd]
+    v: tuple[Array, ...]
+    logits: Array  # f32 [P, V]: next-token logits after each prompt
+
+
+@struct.dataclass
+class PromptTable:
+    """The prompts the device holds, both models; slots point into it by entry."""
+
+    length: Array  # int32 [P]: true prompt lengths (positions >= length are padding)
+    original: PromptKV
+    variant: PromptKV
+
+
+@struct.dataclass
+class RowQueue:
+    """Rows waiting for a slot: a ring of Q entries; positions head..tail-1 (mod Q) are pending.
+
+    head/tail count rows since construction in int32: an engine serves < 2**31 rows.
+    """
+
+    handle: Array  # int32 [Q]: the host's id for the row
+    prompt: Array  # int32 [Q]: prompt table entry
+    alpha: Array  # f32 [Q]
+    seed: Array  # uint32 [Q]
+    alpha_q: Array  # uint32 [Q]: the alpha's key word (rollouts.alpha_keys)
+    rollout: Array  # uint32 [Q]
+    head: Array  # int32 scalar: rows taken by slots so far
+    tail: Array  # int32 scalar: rows queued so far
+
+
+@struct.dataclass
+class SlotKV:
+    """One model's keys/values of every slot: its prompt, copied from the table when the slot takes
+    a row (so a decode step reads only per-slot buffers), and the row's own tokens."""
+
+    prefix_k: tuple[Array, ...]  # per layer [S, kv, Pb, hd]
+    prefix_v: tuple[Array, ...]
+    k: tuple[Array, ...]  # per layer [S, kv, T, hd]; slot n holds the row's token n
+    v: tuple[Array, ...]
+
+
+@struct.dataclass
+class Slots:
+    """The rows being decoded, S of them; handle < 0 marks a free slot."""
+
+    handle: Array  # int32 [S]
+    prompt: Array  # int32 [S]
+    alpha: Array  # f32 [S]
+    key: Array  # uint32 [S, key words]: the row's key data (rollouts.row_keys)
+    count: Array  # int32 [S]: tokens drawn so far = index of the next token
+    last: Array  # int32 [S]: the latest token, fed to the models next
+    logp_o: Array  # f32 [S]: running sums over kept tokens
+    logp_v: Array  # f32 [S]
+    logp_p: Array  # f32 [S]: under the distribution sampled (path, temperature applied)
+    poisoned: Array  # bool [S]: a non-finite row left its cache; zeroed before reuse
+    kv_o: SlotKV
+    kv_v: SlotKV
+
+
+@struct.dataclass
+class EngineState:
+    """Everything the device keeps between calls; each device function donates what it updates."""
+
+    prompts: PromptTable
+    queue: RowQueue
+    slots: Slots
+
+
+@struct.dataclass
+class StepOut:
+    """What every slot did at each step of one generate call: [K, S] per field."""
+
+    handle: Array  # int32: the row's handle, -1 where the slot was free
+    index: Array  # int32: the row's own token index
+    token: Array  # int32: the token kept, PAD_ID where none was (non-finite step)
+    logp: Array  # f32 [K, S, 3]: log p_original, log p_variant, log p_path of the token
+    ended: Array  # bool: the row ended (EOS, max_new_tokens or non-finite) at this step
+    nonfinite: Array  # bool: the row's logits were non-finite at this step
+    sum_o: Array  # f32: running sums after this step (the row's totals where ended)
+    sum_v: Array
+    sum_p: Array  # f32: of log p_path
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSpec:
+    """Everything static about the engine's device functions; hashable (jax's compile key)."""
+
+    gd_o: nnx.GraphDef
+    gd_v: nnx.GraphDef | None  # None: one model (variant=None), sampled from its own logits
+    path_fn: PathFn
+    max_new_tokens: int
+    eos: tuple[int, ...]
+    temperature: float
+    mesh: jax.sharding.Mesh
+    kv_shapes: tuple[tuple[Qwen3Config, Any], tuple[Qwen3Config, Any]]  # (config, dtype)
+    conditioned: bool = False  # the model takes each row's alpha (see RolloutEngine)
+
+    @classmethod
+    def build(
+        cls,
+        original: Qwen3,
+        variant: Qwen3 | None,
+        path_fn: PathFn,
+        max_new_tokens: int,
+        eos: tuple[int, ...],
+        temperature: float,
+        mesh: jax.sharding.Mesh,
+    ) -> tuple[DeviceSpec, tuple[nnx.State, nnx.State | None]]:
+        """(spec, params replicated over the mesh). variant=None: `original` alone, sampled from
+        its own logits; no second K/V (planned and allocated as a model of no layers)."""
+        single = variant is None
+        cfg_v = dataclasses.replace(original.cfg, num_layers=0) if single else variant.cfg
+        dt_v = original.dtype if single else variant.dtype
+        gd_o, st_o = nnx.split(original)
+        gd_v, st_v = (None, None) if single else nnx.split(variant)
+        rep = sharding.replicated(mesh)
+        params = (jax.device_put(st_o, rep), None if single else jax.device_put(st_v, rep))
+        spec = cls(
+            gd_o=gd_o,
+            gd_v=gd_v,
+            path_fn=_own_logits if single else path_fn,
+            max_new_tokens=max_new_tokens,
+            eos=eos,
+            temperature=temperature,
+            mesh=mesh,
+            kv_shapes=((original.cfg, original.dtype), (cfg_v, dt_v)),
+            conditioned=bool(getattr(original, "conditioned_on_alpha", False)),
+        )
+        return spec, params
+
+
+def _own_logits(l_o: Array, l_v: Array, alpha: Array) -> Array:
+    """One model's sampling 'path': its own logits (l_v is the same array)."""
+    del l_v, alpha
+    return l_o
+
+
+def _slot_sharded(spec: DeviceSpec, tree: Any) -> Any:
+    return jax.lax.with_sharding_constraint(tree, sharding.rows_sharding(spec.mesh))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("spec", "slots", "prompts", "prompt_slots", "queue_rows")
+)
+def init_state(
+    spec: DeviceSpec, slots: int, prompts: int, prompt_slots: int, queue_rows: int
+) -> EngineState:
+    """An empty engine: zeroed prompt table, empty queue, all slots free."""
+
+    def table(cfg: Qwen3Config, dtype: Any) -> PromptKV:
+        k, v = empty_kv(cfg, dtype, prompts, prompt_slots)
+        return PromptKV(k, v, jnp.zeros((prompts, cfg.vocab_size), jnp.float32))
+
+    q = jnp.zeros((queue_rows,), jnp.int32)
+    u = jnp.zeros((queue_rows,), jnp.uint32)
+    queue = RowQueue(q, q, q.astype(jnp.float32), u, u, u, jnp.int32(0), jnp.int32(0))
+    z = jnp.zeros((slots,), jnp.int32)
+    key_data = jax.random.key_data(row_keys(jnp.zeros((slots,), jnp.uint32), 0, 0))
+    kvs = [
+        SlotKV(
+            *empty_kv(cfg, dtype, slots, prompt_slots),
+            *empty_kv(cfg, dtype, slots, spec.max_new_tokens),
+        )
+        for cfg, dtype in spec.kv_shapes
+    ]
+    slot_state = Slots(
+        handle=z - 1,
+        prompt=z,
+        alpha=z.astype(jnp.float32),
+        key=key_data,
+        count=z,
+        last=z,
+        logp_o=z.astype(jnp.float32),
+        logp_v=z.astype(jnp.float32),
+        logp_p=z.astype(jnp.float32),
+        poisoned=z.astype(bool),
+        kv_o=kvs[0],
+        kv_v=kvs[1],
+    )
+    (cfg_o, dt_o), (cfg_v, dt_v) = spec.kv_shapes
+    no_table = PromptKV((), (), jnp.zeros((prompts, 0), jnp.float32))
+    return EngineState(
+        prompts=PromptTable(
+            jnp.ones((prompts,), jnp.int32),
+            table(cfg_o, dt_o),
+            table(cfg_v, dt_v) if spec.gd_v is not None else no_table,
+        ),
+        queue=queue,
+        slots=_slot_sharded(spec, slot_state),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("table",))
+def prefill(
+    spec: DeviceSpec,
+    params: tuple[nnx.State, nnx.State],
+    table: PromptTable,
+    entry: Array,
+    tokens: Array,
+    length: Array,
+    alpha: Array,
+) -> PromptTable:
+    """Both models' K/V and first-token logits of one prompt (int [Pb], true length) into table
+    entry `entry`, in place. A conditioned model prefills at `alpha` (f32 scalar)."""
+    cond = {"alpha": alpha} if spec.conditioned else {}
+
+    def fill(gd: nnx.GraphDef, st: nnx.State, kv: PromptKV) -> PromptKV:
+        logits, ks, vs = nnx.merge(gd, st).prefill(tokens, length, **cond)
+        return PromptKV(
+            k=tuple(t.at[entry].set(k[0]) for t, k in zip(kv.k, ks, strict=True)),
+            v=tuple(t.at[entry].set(v[0]) for t, v in zip(kv.v, vs, strict=True)),
+            logits=kv.logits.at[entry].set(logits),
+        )
+
+    return PromptTable(
+        length=table.length.at[entry].set(length),
+        original=fill(spec.gd_o, params[0], table.original),
+        variant=table.variant if spec.gd_v is None else fill(spec.gd_v, params[1], table.variant),
+    )
+
+
+@functools.partial(jax.jit, donate_argnames=("queue",))
+def insert(queue: RowQueue, rows: dict[str, Array], n: Array) -> RowQueue:
+    """Append the first n of `rows` (arrays [Nb], Nb a bucket >= n) to the device queue."""
+    size = queue.handle.shape[0]
+    i = jnp.arange(rows["handle"].shape[0])
+    at = jnp.where(i < n, (queue.tail + i) % size, size)  # padding lands out of range: dropped
+    fields = {f: getattr(queue, f).at[at].set(rows[f], mode="drop") for f in rows}
+    return queue.replace(**fields, tail=queue.tail + n)
+
+
+def _refill(state: EngineState, refills: int) -> EngineState:
+    """Free, clean slots take the next queued rows, in slot order, and copy in their prompt.
+
+    At most `refills` slots are refilled per step, the rest wait a step: every step pays for that
+    many prompt copies (and row keys) whether or not they happen, and rows end far less often
+    than that once they are a few tokens long.
+    """
+    s, q, p = state.slots, state.queue, state.prompts
+    n_slots = s.handle.shape[0]
+    limit = min(n_slots, refills)
+    free = (s.handle < 0) & ~s.poisoned
+    rank = jnp.cumsum(free) - 1
+    take = free & (rank < jnp.minimum(q.tail - q.head, limit))
+    dst = jnp.nonzero(take, size=limit, fill_value=n_slots)[0]  # n_slots: nothing, dropped
+    src = (q.head + jnp.arange(limit)) % q.handle.shape[0]  # queue entries, in order
+
+    def put(old: Array, new: Array | float) -> Array:
+        return old.at[dst].set(new, mode="drop")
+
+    def copy_prompt(kv: SlotKV, table: PromptKV) -> SlotKV:
+        entry = q.prompt[src]
+        return kv.replace(
+            prefix_k=tuple(put(a, b[entry]) for a, b in zip(kv.prefix_k, table.k, strict=True)),
+            prefix_v=tuple(put(a, b[entry]) for a, b in zip(kv.prefix_v, table.v, strict=True)),
+        )
+
+    keys = jax.random.key_data(row_keys(q.seed[src], q.alpha_q[src], q.rollout[src]))
+    slots = s.replace(
+        handle=put(s.handle, q.handle[src]),
+        prompt=put(s.prompt, q.prompt[src]),
+        alpha=put(s.alpha, q.alpha[src]),
+        key=put(s.key, keys),
+        count=put(s.count, 0),
+        logp_o=put(s.logp_o, 0.0),
+        logp_v=put(s.logp_v, 0.0),
+        logp_p=put(s.logp_p, 0.0),
+        kv_o=copy_prompt(s.kv_o, p.original),
+        kv_v=copy_prompt(s.kv_v, p.variant),
+    )
+    return state.replace(slots=slots, queue=q.replace(head=q.head + jnp.sum(take)))
+
+
+def _model_logits(
+    spec: DeviceSpec, models: tuple[Qwen3, Qwen3 | None], state: EngineState
+) -> tuple[Array, Array, EngineState]:
+    """Both models' float32 logits [S, V] for every slot's next token; stores the fed token's K/V.
+
+    A slot with count > 0 feeds its last token (generated token count - 1, at position
+    prompt_len + count - 1), storing its K/V in slot position count - 1, and attends to its prompt
+    and its own tokens. A fresh slot (count == 0) takes its prompt's logits from the table; its
+    model pass is wasted work and its K/V write falls out of range (dropped).
+    """
+    s = state.slots
+    plen = state.prompts.length[s.prompt]
+    fed = s.count - 1
+    write = jnp.where((s.handle >= 0) & (fed >= 0), fed, spec.max_new_tokens)
+    tables = (state.prompts.original, state.prompts.variant)
+    cond = {"alpha": s.alpha} if spec.conditioned else {}
+    logits, kvs = [], [s.kv_o, s.kv_v]
+    for i, (model, table, skv) in enumerate(zip(models, tables, kvs, strict=True)):
+        if model is None:  # one model: its logits serve as both
+            logits.append(logits[0])
+            continue
+        in_prompt = jnp.arange(skv.prefix_k[0].shape[2]) < plen[:, None]
+        kv = DecodeKV(skv.prefix_k, skv.prefix_v, in_prompt[:, None], skv.k, skv.v, write)
+        decoded, kv = model.decode_step(s.last, plen + fed, kv, **cond)
+        fresh = (s.count == 0)[:, None]
+        logits.append(jnp.where(fresh, table.logits[s.prompt], decoded))
+        kvs[i] = skv.replace(k=kv.k, v=kv.v)
+    slots = s.replace(kv_o=kvs[0], kv_v=kvs[1])
+    return logits[0], logits[1], state.replace(slots=slots)
+
+
+def _step(
+    spec: DeviceSpec, refills: int, models: tuple[Qwen3, Qwen3 | None], state: EngineState
+) -> tuple[EngineState, StepOut]:
+    """One decode step of every slot: refill, both models, sample, record; rows that end free
+    their slot at once. Returns the new state and this step's StepOut row ([S] per field)."""
+    state = _refill(state, refills)
+    l_o, l_v, state = _model_logits(spec, models, state)
+    s = state.slots
+    keys = jax.random.wrap_key_data(s.key)
+    x = sample_step(spec.path_fn, spec.temperature, l_o, l_v, s.alpha, keys, s.count)
+    busy = s.handle >= 0
+    kept = busy & ~x.bad
+    count = s.count + kept
+    eos = jnp.isin(x.token, np.asarray(spec.eos, np.int32)) if spec.eos else False
+    ended = busy & (x.bad | eos | (count >= spec.max_new_tokens))
+    logp_o = s.logp_o + jnp.where(kept, x.logp_o, 0.0)
+    logp_v = s.logp_v + jnp.where(kept, x.logp_v, 0.0)
+    logp_p = s.logp_p + jnp.where(kept, x.logp_path, 0.0)
+    out = StepOut(
+        handle=jnp.where(busy, s.handle, -1),
+        index=s.count,
+        token=jnp.where(kept, x.token, PAD_ID),
+        logp=jnp.stack([x.logp_o, x.logp_v, x.logp_path], axis=-1) * kept[:, None],
+        ended=ended,
+        nonfinite=busy & x.bad,
+        sum_o=logp_o,
+        sum_v=logp_v,
+        sum_p=logp_p,
+    )
+    slots = s.replace(
+        handle=jnp.where(ended, -1, s.handle),
+        count=count,
+        last=jnp.where(kept, x.token, s.last),
+        logp_o=logp_o,
+        logp_v=logp_v,
+        logp_p=logp_p,
+        poisoned=s.poisoned | (busy & x.bad),
+    )
+    return state.replace(slots=_slot_sharded(spec, slots)), out
+
+
+def _clear_poisoned(state: EngineState) -> EngineState:
+    """Zero the token caches of slots a non-finite row used (masked attention still multiplies
+    their values by 0, and 0 * NaN = NaN), so the next row there starts clean."""
+
+    def clear(st: EngineState) -> EngineState:
+        s = st.slots
+        mask = s.poisoned[:, None, None, None]
+
+        def zero(kv: SlotKV) -> SlotKV:
+            return kv.replace(
+                k=tuple(jnp.where(mask, 0, x) for x in kv.k),
+                v=tuple(jnp.where(mask, 0, x) for x in kv.v),
+            )
+
+        clean = jnp.zeros_like(s.poisoned)
+        return st.replace(slots=s.replace(kv_o=zero(s.kv_o), kv_v=zero(s.kv_v), poisoned=clean))
+
+    return jax.lax.cond(jnp.any(state.slots.poisoned), clear, lambda st: st, state)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("spec", "steps", "refills"), donate_argnames=("state",)
+)
+def generate(
+    spec: DeviceSpec,
+    params: tuple[nnx.State, nnx.State | None],
+    state: EngineState,
+    steps: int,
+    refills: int,
+) -> tuple[EngineState, StepOut, Array, Array]:
+    """Up to `steps` decode steps; stops early once no slot is busy and none can be refilled. At
+    most `refills` (1..S) free slots take a queued row per step.
+
+    Returns (state, StepOut [steps, S] per field (rows >= steps_run are junk), steps_run, queue
+    head after the call).
+    """
+    variant = None if spec.gd_v is None else nnx.merge(spec.gd_v, params[1])
+    models = (nnx.merge(spec.gd_o, params[0]), variant)
+    state = _clear_poisoned(state)
+    shapes = jax.eval_shape(lambda st: _step(spec, refills, models, st)[1], state)
+    outs = jax.tree.map(lambda a: jnp.zeros((steps, *a.shape), a.dtype), shapes)
+
+    def cond(carry: tuple[Array, EngineState, StepOut]) -> Array:
+        k, st, _ = carry
+        s, q = st.slots, st.queue
+        can_refill = (q.head < q.tail) & jnp.any((s.handle < 0) & ~s.poisoned)
+        return (k < steps) & (jnp.any(s.handle >= 0) | can_refill)
+
+    def body(carry: tuple[Array, EngineState, StepOut]) -> tuple[Array, EngineState, StepOut]:
+        k, st, buf = carry
+        st, out = _step(spec, refills, models, st)
+        buf = jax.tree.map(lambda b, o: jax.lax.dynamic_update_index_in_dim(b, o, k, 0), buf, out)
+        return k + 1, st, buf
+
+    k, state, outs = jax.lax.while_loop(cond, body, (jnp.int32(0), state, outs))
+    return state, outs, k, state.queue.head
+
+
+def generate_bytes(
+    spec: DeviceSpec,
+    params: tuple[nnx.State, nnx.State | None],
+    state: EngineState,
+    steps: int,
+    refills: int,
+) -> int:
+    """Device bytes XLA's memory analysis gives for one generate call at these shapes:
+    arguments + outputs - donated aliases + temporaries (compiles the call once more)."""
+    lowered = generate.lower(spec=spec, params=params, state=state, steps=steps, refills=refills)
+    ma = lowered.compile().memory_analysis()
+    out = ma.output_size_in_bytes - ma.alias_size_in_bytes
+    return int(ma.argument_size_in_bytes + out + ma.temp_size_in_bytes)
