@@ -39,14 +39,14 @@ from typing import Any
 import numpy as np
 from absl import flags, logging
 
-from lpe_jax import abliterate as ab
-from lpe_jax import data
-from lpe_jax.orthogonalize import (
+from lpe_jax.abliteration import abliterate as ab
+from lpe_jax.abliteration.orthogonalize import (
     PROVENANCE_FILE,
     check_output_dir,
     output_bytes,
     write_abliterated,
 )
+from lpe_jax.runs import data
 
 import common
 
@@ -293,9 +293,9 @@ def load_direction_file(hidden: int) -> dict[str, Any]:
 
 def compliance(model: Any, tokenizer: Any, prompts: list, ids: list, judge: Any) -> dict:
     """Judged compliance of n_rollouts samples per held-out harmful prompt (temperature 1)."""
-    from lpe_jax.pipeline import derive_seed, judge_rows
-    from lpe_jax.sampler import PairedSampler
-    from lpe_jax.tokenizer import eos_token_ids
+    from lpe_jax.decoding.sampler import PairedSampler
+    from lpe_jax.model.tokenizer import eos_token_ids
+    from lpe_jax.runs.pipeline import derive_seed, judge_rows
 
     # One model sampled alone (variant=None): its own logits, one forward pass per token.
     sampler = PairedSampler(model, None, "linear", FLAGS.max_new_tokens, eos_token_ids(tokenizer))
@@ -342,8 +342,8 @@ def measure(
 
 def main(argv: list[str]) -> None:
     del argv
-    from lpe_jax.checkpoint import config_from_hf, load_model, read_config
-    from lpe_jax.tokenizer import load_tokenizer
+    from lpe_jax.model.checkpoint import config_from_hf, load_model, read_config
+    from lpe_jax.model.tokenizer import load_tokenizer
 
     t0 = time.time()
     cfg = config_from_hf(read_config(Path(FLAGS.original)))

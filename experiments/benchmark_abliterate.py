@@ -28,8 +28,8 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lpe_jax import qwen3  # noqa: E402
-from lpe_jax.checkpoint import config_to_hf, weight_table  # noqa: E402
+from lpe_jax.model import qwen3  # noqa: E402
+from lpe_jax.model.checkpoint import config_to_hf, weight_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

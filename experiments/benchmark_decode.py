@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from lpe_jax import paths, qwen3
-from lpe_jax.checkpoint import config_to_hf
-from lpe_jax.sampler import PairedSampler
+from lpe_jax.decoding import paths
+from lpe_jax.decoding.sampler import PairedSampler
+from lpe_jax.model import qwen3
+from lpe_jax.model.checkpoint import config_to_hf
 
 # Presets only this benchmark needs: ~20M params, to measure CPU scaling beyond "tiny".
 EXTRA_PRESETS = {"small_20m": qwen3.Qwen3Config(32000, 384, 6, 6, 2, 64, 1024)}

@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from lpe_jax import model_logits, qwen3
+from lpe_jax import model_logits
 from lpe_jax.judges.device import answer_scores
+from lpe_jax.model import qwen3
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "tiny", "qwen3 preset of the judge model (random weights).")

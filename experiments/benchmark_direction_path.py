@@ -18,10 +18,10 @@ import time
 import numpy as np
 from absl import app, flags
 
-from lpe_jax import qwen3
-from lpe_jax.direction_path import DirectionalQwen3
-from lpe_jax.engine import RolloutEngine, RowBlock
-from lpe_jax.orthogonalize import orthogonalize_model
+from lpe_jax.abliteration.direction_path import DirectionalQwen3
+from lpe_jax.abliteration.orthogonalize import orthogonalize_model
+from lpe_jax.decoding.engine import RolloutEngine, RowBlock
+from lpe_jax.model import qwen3
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "tiny", sorted(qwen3.PRESETS), "Model shape (random weights).")

@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from lpe_jax import qwen3
-from lpe_jax.engine import RolloutEngine, RowBlock
-from lpe_jax.paths import PathShape
-from lpe_jax.sampler import PairedSampler, prompt_bucket
+from lpe_jax.decoding.engine import RolloutEngine, RowBlock
+from lpe_jax.decoding.paths import PathShape
+from lpe_jax.decoding.sampler import PairedSampler, prompt_bucket
+from lpe_jax.model import qwen3
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "tiny", sorted(qwen3.PRESETS), "Model shape (random weights).")

@@ -14,8 +14,8 @@ import time
 import numpy as np
 from absl import app, flags
 
-from lpe_jax.evaluation import RolloutBank, eligible_and_labels, evaluate
-from lpe_jax.synthetic import FAMILIES, make_synthetic_bank
+from lpe_jax.evaluation.evaluation import RolloutBank, eligible_and_labels, evaluate
+from lpe_jax.evaluation.synthetic import FAMILIES, make_synthetic_bank
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("bank", None, "A saved RolloutBank (.npz); default: a synthetic one.")
@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
             fs = "—" if f is None else f"{f:.1f}x"
             print(f"best naive-matching ratio, {m}: {rs} in rollouts, {fs} in forward passes")
     if FLAGS.figures_dir:
-        from lpe_jax.plots import plot_auroc, plot_extrapolation
+        from lpe_jax.evaluation.plots import plot_auroc, plot_extrapolation
 
         fig1 = "fig1_auroc_bank" if FLAGS.bank else f"fig1_auroc_{FLAGS.family}"
         stem = os.path.join(FLAGS.figures_dir, fig1)

@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags
 
 from lpe_jax.judges import JudgeStats, RubricJudge, Verdict
-from lpe_jax.scheduler import Scheduler, judge_utilisation
+from lpe_jax.runs.scheduler import Scheduler, judge_utilisation
 
 FLAGS = flags.FLAGS
 flags.DEFINE_float("latency_s", 0.2, "The loopback server's fixed latency per request (s).")
@@ -125,7 +125,7 @@ def same_results(a: dict, b: dict) -> bool:
 
 def main(argv: list[str]) -> None:
     del argv
-    from lpe_jax.engine import RolloutEngine
+    from lpe_jax.decoding.engine import RolloutEngine
 
     if FLAGS.model != "toy":
         raise ValueError("--model: this benchmark runs the toy organism only (--model=toy)")

@@ -40,11 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from lpe_jax import qwen3, toy
 from lpe_jax.estimators.lpe import DrawResult, adaptive_search
 from lpe_jax.judges import make_judge
-from lpe_jax.pipeline import load_pair, main_job, method_seed
-from lpe_jax.scheduler import Draw, Job, JobPrompt, Scheduler, search_job
+from lpe_jax.model import qwen3
+from lpe_jax.organisms import toy
+from lpe_jax.runs.pipeline import load_pair, main_job, method_seed
+from lpe_jax.runs.scheduler import Draw, Job, JobPrompt, Scheduler, search_job
 
 # Deciles of the 200 HarmBench standard behaviours' lengths in tokens under Qwen3's chat template
 # (harmbench_behaviors_text_all.csv, FunctionalCategory == standard, chat_prompt_ids with the
@@ -225,7 +226,7 @@ def engine_one_job(engine: Any, work: Workload, rows: int) -> dict:
 
 def ideal(work: Workload, rows: int) -> dict:
     """One PairedSampler.sample call of `rows` rows on the first prompt, 20 alphas (timed warm)."""
-    from lpe_jax.sampler import PairedSampler
+    from lpe_jax.decoding.sampler import PairedSampler
 
     s = PairedSampler(
         original=work.original,
@@ -263,7 +264,7 @@ def main(argv: list[str]) -> None:
     del argv
     import jax
 
-    from lpe_jax.engine import RolloutEngine
+    from lpe_jax.decoding.engine import RolloutEngine
 
     unknown = set(FLAGS.parts) - set(PARTS)
     if unknown:

@@ -27,7 +27,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from lpe_jax import data, toy  # noqa: E402
+from lpe_jax.organisms import toy
+from lpe_jax.runs import data
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool(
@@ -105,7 +106,7 @@ def define_model_flags() -> None:
     flags.DEFINE_string("variant", str(v), "HF directory of the less-safe variant (alpha = 0).")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
     flags.DEFINE_string("params_cache", None, "Directory caching converted params (orbax).")
-    flags.DEFINE_string("path", "linear", "Path shape name (lpe_jax.paths registry).")
+    flags.DEFINE_string("path", "linear", "Path shape name (lpe_jax.decoding.paths registry).")
     flags.DEFINE_integer("max_new_tokens", 32, "Generated tokens per rollout at most.")
     flags.DEFINE_float("temperature", 1.0, "Sampling temperature (the paper: 1).")
     flags.DEFINE_integer(
@@ -204,7 +205,7 @@ def make_judge(original_dir: str) -> Any:
 
 
 def load_pair() -> Any:
-    from lpe_jax.pipeline import load_pair as _load
+    from lpe_jax.runs.pipeline import load_pair as _load
 
     return _load(
         FLAGS.original,
@@ -219,7 +220,7 @@ def make_engine(pair: Any, max_prompt_len: int, **kw: Any) -> Any:
     """The rollout engine on both models (--path, --max_new_tokens, --temperature, --max_rows,
     --refills_per_step), memory planned for prompts of up to max_prompt_len tokens (kw:
     RolloutEngine's)."""
-    from lpe_jax.engine import RolloutEngine
+    from lpe_jax.decoding.engine import RolloutEngine
 
     return RolloutEngine(
         pair.original,
@@ -236,12 +237,12 @@ def make_engine(pair: Any, max_prompt_len: int, **kw: Any) -> Any:
 
 
 def make_scheduler(engine: Any, judge: Any = None, decode: Any = None, **kw: Any) -> Any:
-    """A Scheduler on `engine` (kw: max_jobs, on_outcome, ... of lpe_jax.scheduler.Scheduler).
+    """A Scheduler on `engine` (kw: max_jobs, on_outcome, ... of lpe_jax.runs.scheduler.Scheduler).
 
     Rows in flight (submitted, not yet judged) are bounded by four times the engine's slots:
     enough that the device keeps decoding while the judge works through earlier rows.
     """
-    from lpe_jax.scheduler import Scheduler
+    from lpe_jax.runs.scheduler import Scheduler
 
     block = min(64, engine.slots)
     return Scheduler(
@@ -255,7 +256,7 @@ def make_scheduler(engine: Any, judge: Any = None, decode: Any = None, **kw: Any
 
 
 def prompt_ids(pair: Any, text: str) -> list[int]:
-    from lpe_jax.tokenizer import chat_prompt_ids
+    from lpe_jax.model.tokenizer import chat_prompt_ids
 
     return chat_prompt_ids(pair.tokenizer, text, enable_thinking=FLAGS.enable_thinking)
 

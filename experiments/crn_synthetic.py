@@ -21,8 +21,8 @@ import common  # first: puts the checkout on sys.path  # isort: skip
 from lpe_jax.estimators.binomial import lpe_binomial_from_counts  # noqa: E402
 from lpe_jax.estimators.lpe import lpe_paper_from_counts, paper_alpha_grid  # noqa: E402
 from lpe_jax.estimators.pooled import lpe_pooled_from_counts  # noqa: E402
-from lpe_jax.evaluation import auroc  # noqa: E402
-from lpe_jax.synthetic import FAMILIES, synthetic_rates  # noqa: E402
+from lpe_jax.evaluation.evaluation import auroc  # noqa: E402
+from lpe_jax.evaluation.synthetic import FAMILIES, synthetic_rates  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("family", "loglinear", list(FAMILIES), "Synthetic family.")

@@ -14,7 +14,7 @@ Per prompt, live on the model pair with the judge:
 - importance sampling from the variant and naive sampling from the original, each with as many
   rollouts as LPE spent.
 Every prompt's draws run at once (--prompts_in_flight at a time) on one rollout engine, through
-lpe_jax.scheduler: rows of many prompts decode side by side, and the judge scores finished rows
+lpe_jax.runs.scheduler: rows of many prompts decode side by side, and the judge scores finished rows
 while the engine decodes the next ones. Each prompt's result equals the one-prompt-at-a-time
 order's for the same seed.
 Writes <out>/prompts/<id>.json per prompt (a rerun skips finished prompts; the finished draws of
@@ -44,16 +44,17 @@ from typing import Any
 import numpy as np
 from absl import flags, logging
 
-from lpe_jax import plots, report, toy
-from lpe_jax.bank import read_truth_file
 from lpe_jax.estimators import importance, naive
 from lpe_jax.estimators.binomial import fit_trace_binomial
 from lpe_jax.estimators.lpe import LPEStep, fit_paper
 from lpe_jax.estimators.pooled import fit_pooled
-from lpe_jax.journal import Journal
-from lpe_jax.pipeline import MainDraws, main_job
-from lpe_jax.scheduler import JobPrompt, JudgeFailedError, judge_utilisation
-from lpe_jax.store import RolloutStore, atomic_write_json
+from lpe_jax.evaluation import plots, report
+from lpe_jax.organisms import toy
+from lpe_jax.runs.bank import read_truth_file
+from lpe_jax.runs.journal import Journal
+from lpe_jax.runs.pipeline import MainDraws, main_job
+from lpe_jax.runs.scheduler import JobPrompt, JudgeFailedError, judge_utilisation
+from lpe_jax.runs.store import RolloutStore, atomic_write_json
 
 import common
 

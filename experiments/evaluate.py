@@ -33,16 +33,17 @@ from absl import flags, logging
 
 import common  # first: puts the checkout on sys.path  # isort: skip
 
-from lpe_jax import plots, report, synthetic, toy  # noqa: E402
-from lpe_jax.bank import bank_from_store, read_truth_file  # noqa: E402
 from lpe_jax.estimators.lpe import N_SEARCH  # noqa: E402
-from lpe_jax.evaluation import (  # noqa: E402
+from lpe_jax.evaluation import plots, report, synthetic
+from lpe_jax.evaluation.evaluation import (  # noqa: E402
     LabelRule,
     RolloutBank,
     eligible_and_labels,
     evaluate,
 )
-from lpe_jax.store import RolloutStore, atomic_write_json, ensure_writable_dir  # noqa: E402
+from lpe_jax.organisms import toy
+from lpe_jax.runs.bank import bank_from_store, read_truth_file  # noqa: E402
+from lpe_jax.runs.store import RolloutStore, atomic_write_json, ensure_writable_dir  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run", None, "A judged run directory (sample.py then judge.py).")

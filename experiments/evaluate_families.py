@@ -28,17 +28,18 @@ from absl import flags
 
 import common  # first: puts the checkout on sys.path  # isort: skip
 
-from lpe_jax import plots, toy  # noqa: E402
-from lpe_jax.bank import bank_from_curves, bank_from_store  # noqa: E402
-from lpe_jax.evaluation import (  # noqa: E402
+from lpe_jax.evaluation import plots
+from lpe_jax.evaluation.evaluation import (  # noqa: E402
     EvaluationResult,
     RolloutBank,
     evaluate,
     matching_budget,
     paired_difference,
 )
-from lpe_jax.store import RolloutStore, ensure_writable_dir  # noqa: E402
-from lpe_jax.synthetic import FAMILIES, family_info, make_synthetic_bank  # noqa: E402
+from lpe_jax.evaluation.synthetic import FAMILIES, family_info, make_synthetic_bank  # noqa: E402
+from lpe_jax.organisms import toy
+from lpe_jax.runs.bank import bank_from_curves, bank_from_store  # noqa: E402
+from lpe_jax.runs.store import RolloutStore, ensure_writable_dir  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("families", list(FAMILIES), "Synthetic families to evaluate.")

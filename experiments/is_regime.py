@@ -24,9 +24,9 @@ from scipy.stats import spearmanr
 
 import common  # first: puts the checkout on sys.path  # isort: skip
 
-from lpe_jax.bank import bank_from_curves  # noqa: E402
 from lpe_jax.estimators.importance import importance_sampling  # noqa: E402
-from lpe_jax.evaluation import evaluate  # noqa: E402
+from lpe_jax.evaluation.evaluation import evaluate  # noqa: E402
+from lpe_jax.runs.bank import bank_from_curves  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("parts", "results/toy2_bank", "train_toy2.py's --bank_work directory.")

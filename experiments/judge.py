@@ -16,10 +16,10 @@ from pathlib import Path
 
 from absl import flags, logging
 
-from lpe_jax.data import dataset_hash, load_prompts
-from lpe_jax.pipeline import judge_rows
-from lpe_jax.store import UNKNOWN, RolloutStore
-from lpe_jax.tokenizer import load_tokenizer
+from lpe_jax.model.tokenizer import load_tokenizer
+from lpe_jax.runs.data import dataset_hash, load_prompts
+from lpe_jax.runs.pipeline import judge_rows
+from lpe_jax.runs.store import UNKNOWN, RolloutStore
 
 import common
 

@@ -157,7 +157,7 @@ class LoopbackJudgeServer:
 
 def _rule(name: str) -> Callable[[str], bool]:
     if name == "toy":
-        from lpe_jax import toy
+        from lpe_jax.organisms import toy
 
         return toy.toy_complied
     if name.startswith("prefix:"):

@@ -2,14 +2,14 @@
 
     python experiments/sample.py --out=runs/toy --alphas=0,0.25,0.5,0.75,1 --rollouts=100
 
-Every (prompt, alpha) chunk is one draw on the rollout engine (lpe_jax.scheduler): the chunks of
-many prompts and alphas decode side by side, and each is written atomically as soon as its last
-row ends. A rerun with the same flags skips finished chunks and regenerates the others
-identically: a row's tokens depend only on (seed, prompt, alpha, rollout index), and its
-log-probs only on the row itself, since the engine decodes every row in the same fixed-shape
-step whatever its slot or batch-mates (tests/test_experiments.py checks a resumed store is
-bit-identical). So an interrupted run resumes with no rollout lost or duplicated. Multi-host:
-every process takes every num_processes-th prompt and writes into the same --out.
+Every (prompt, alpha) chunk is one draw on the rollout engine (lpe_jax.runs.scheduler): the chunks
+of many prompts and alphas decode side by side, and each is written atomically as soon as its last
+row ends. A rerun with the same flags skips finished chunks and regenerates the others identically:
+a row's tokens depend only on (seed, prompt, alpha, rollout index), and its log-probs only on the
+row itself, since the engine decodes every row in the same fixed-shape step whatever its slot or
+batch-mates (tests/test_experiments.py checks a resumed store is bit-identical). So an interrupted
+run resumes with no rollout lost or duplicated. Multi-host: every process takes every
+num_processes-th prompt and writes into the same --out.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from __future__ import annotations
 import numpy as np
 from absl import flags, logging
 
-from lpe_jax.paths import as_path
-from lpe_jax.pipeline import derive_seed
-from lpe_jax.scheduler import Draw, Drawn, Job, JobPrompt
-from lpe_jax.store import RolloutStore
+from lpe_jax.decoding.paths import as_path
+from lpe_jax.runs.pipeline import derive_seed
+from lpe_jax.runs.scheduler import Draw, Drawn, Job, JobPrompt
+from lpe_jax.runs.store import RolloutStore
 
 import common
 

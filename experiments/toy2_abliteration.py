@@ -4,14 +4,14 @@
         --out=results/toy2_abliterated ...            # the README's organism recipe
     python experiments/toy2_abliteration.py --abliterated=results/toy2_abliterated
 
-Prints, from exact enumeration (`lpe_jax.toy2.exact_rates`, no sampling): the abliterated model's
-compliance on the 120 harmful and 50 harmless requests beside the original's and the trained
+Prints, from exact enumeration (`lpe_jax.organisms.toy2.exact_rates`, no sampling): the abliterated
+model's compliance on the 120 harmful and 50 harmless requests beside the original's and the trained
 variant's (ground_truth.json), and the logit path between the original and its abliteration at
 --alphas. Also the geometry that decides whether ablation can work: the mean harmful and harmless
-activations' components along the direction at the chosen (layer, position), and the refusal
-score when the harmful activations are moved to the harmless mean there instead (activation
-addition of minus the difference, at run time), at every post-instruction position of the chosen
-layer. Writes the numbers to --out as JSON.
+activations' components along the direction at the chosen (layer, position), and the refusal score
+when the harmful activations are moved to the harmless mean there instead (activation addition of
+minus the difference, at run time), at every post-instruction position of the chosen layer. Writes
+the numbers to --out as JSON.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 from absl import flags
 
-from lpe_jax import abliterate as ab
-from lpe_jax import toy2
-from lpe_jax.checkpoint import load_model
-from lpe_jax.orthogonalize import PROVENANCE_FILE
+from lpe_jax.abliteration import abliterate as ab
+from lpe_jax.abliteration.orthogonalize import PROVENANCE_FILE
+from lpe_jax.model.checkpoint import load_model
+from lpe_jax.organisms import toy2
 
 import common
 

@@ -6,7 +6,7 @@
 Both paths join the organism's original (alpha = 1) and its abliteration along `--direction`
 (alpha = 0): the logit path mixes the two models' logits, alpha l_o + (1 - alpha) l_a; the
 direction path is one model, the original with a fraction 1 - alpha of the direction projected out
-of its residual stream (`lpe_jax.direction_path`). Prints, per prompt:
+of its residual stream (`lpe_jax.abliteration.direction_path`). Prints, per prompt:
 - both exact compliance curves r(alpha) (enumeration, no sampling: M(alpha) is the original
   orthogonalized at strength 1 - alpha, tested equal), and where a line through log10 r at alpha
   0 and 0.5 lands at alpha = 1 against the truth r(1) (how straight each curve is);
@@ -27,10 +27,10 @@ import numpy as np
 from absl import flags
 from scipy import stats
 
-from lpe_jax import toy2
-from lpe_jax.direction_path import DirectionalQwen3
-from lpe_jax.engine import RolloutEngine, RowBlock
-from lpe_jax.orthogonalize import orthogonalize_model
+from lpe_jax.abliteration.direction_path import DirectionalQwen3
+from lpe_jax.abliteration.orthogonalize import orthogonalize_model
+from lpe_jax.decoding.engine import RolloutEngine, RowBlock
+from lpe_jax.organisms import toy2
 
 import common
 

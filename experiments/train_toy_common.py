@@ -24,12 +24,12 @@ import optax
 from absl import logging
 from flax import nnx
 
-from lpe_jax import toy
-from lpe_jax.checkpoint import save_model
+from lpe_jax.decoding.sampler import PairedSampler
 from lpe_jax.estimators.lpe import lpe_paper
-from lpe_jax.qwen3 import Qwen3
-from lpe_jax.sampler import PairedSampler
-from lpe_jax.toy import PrefixRule
+from lpe_jax.model.checkpoint import save_model
+from lpe_jax.model.qwen3 import Qwen3
+from lpe_jax.organisms import toy
+from lpe_jax.organisms.toy import PrefixRule
 
 Grammar = dict[str, list[tuple[str, str, float]]]
 

@@ -12,11 +12,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_model": ("lpe_jax.checkpoint", "load_model"),
-    "model_logits": ("lpe_jax.forward", "model_logits"),
-    "PairedSampler": ("lpe_jax.sampler", "PairedSampler"),
-    "Rollouts": ("lpe_jax.sampler", "Rollouts"),
-    "paths": ("lpe_jax.paths", None),
+    "load_model": ("lpe_jax.model.checkpoint", "load_model"),
+    "model_logits": ("lpe_jax.model.forward", "model_logits"),
+    "PairedSampler": ("lpe_jax.decoding.sampler", "PairedSampler"),
+    "Rollouts": ("lpe_jax.decoding.sampler", "Rollouts"),
+    "paths": ("lpe_jax.decoding.paths", None),
 }
 
 __all__ = ["__version__", *_LAZY]

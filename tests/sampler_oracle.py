@@ -17,10 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from lpe_jax import memory, sharding
-from lpe_jax.paths import PathFn, PathShape, as_path
-from lpe_jax.qwen3 import KVCache, Qwen3, Qwen3Config, empty_kv
-from lpe_jax.rollouts import (
+from lpe_jax.decoding import memory, sharding
+from lpe_jax.decoding.paths import PathFn, PathShape, as_path
+from lpe_jax.decoding.rollouts import (
     PAD_ID,
     Rollouts,
     alpha_keys,
@@ -32,6 +31,7 @@ from lpe_jax.rollouts import (
     row_keys,
     sample_step,
 )
+from lpe_jax.model.qwen3 import KVCache, Qwen3, Qwen3Config, empty_kv
 
 _MIN_ROW_BUCKET = 8
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from lpe_jax.decoding.row_block import RowBlock
 from lpe_jax.judges.base import JudgeStats, Verdict
-from lpe_jax.row_block import RowBlock
 
 
 @dataclasses.dataclass(frozen=True)

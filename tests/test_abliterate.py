@@ -11,9 +11,9 @@ import pytest
 from flax import nnx
 from scipy.special import rel_entr, softmax
 
-from lpe_jax import abliterate as ab
-from lpe_jax import qwen3
-from lpe_jax.tokenizer import load_tokenizer
+from lpe_jax.abliteration import abliterate as ab
+from lpe_jax.model import qwen3
+from lpe_jax.model.tokenizer import load_tokenizer
 
 # CI and the dev machine keep shared data beside the repository: <repo>/../shared.
 QWEN3_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "qwen3_tokenizer"

@@ -13,15 +13,15 @@ import pytest
 from flax import nnx
 from hf_fixtures import hf_logits, make_tokenizer
 
-from lpe_jax.abliterate import residual_forward
-from lpe_jax.checkpoint import load_model, read_headers, weight_files
-from lpe_jax.forward import model_logits
-from lpe_jax.orthogonalize import (
+from lpe_jax.abliteration.abliterate import residual_forward
+from lpe_jax.abliteration.orthogonalize import (
     DIRECTION_FILE,
     PROVENANCE_FILE,
     orthogonalize,
     write_abliterated,
 )
+from lpe_jax.model.checkpoint import load_model, read_headers, weight_files
+from lpe_jax.model.forward import model_logits
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
 

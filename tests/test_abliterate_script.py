@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 from hf_fixtures import make_tokenizer
 
-from lpe_jax import abliterate as ab
-from lpe_jax import data
-from lpe_jax.checkpoint import checkpoint_fingerprint, load_model
-from lpe_jax.orthogonalize import (
+from lpe_jax.abliteration import abliterate as ab
+from lpe_jax.abliteration.orthogonalize import (
     DIRECTION_FILE,
     PROVENANCE_FILE,
     check_output_dir,
     write_abliterated,
 )
+from lpe_jax.model.checkpoint import checkpoint_fingerprint, load_model
+from lpe_jax.runs import data
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from lpe_jax.bank import bank_from_store
-from lpe_jax.store import RolloutStore
+from lpe_jax.runs.bank import bank_from_store
+from lpe_jax.runs.store import RolloutStore
 
 ALPHAS = [0.0, 0.5, 1.0]
 
@@ -75,7 +75,7 @@ def test_bad_runs_are_named(tmp_path):
 
 
 def test_truth_file_is_counts_or_rates_never_a_mix(tmp_path):
-    from lpe_jax.bank import read_truth_file
+    from lpe_jax.runs.bank import read_truth_file
 
     f = tmp_path / "t.json"
     f.write_text('{"a": [3, 100000], "b": [0, 100000]}')
@@ -89,7 +89,7 @@ def test_truth_file_is_counts_or_rates_never_a_mix(tmp_path):
 
 
 def test_toy_truth_only_for_the_toy_original(tmp_path):
-    from lpe_jax import toy
+    from lpe_jax.organisms import toy
 
     truth = toy.toy_truth_for(toy.TOY_DIR / "original")
     assert len(truth) == len(toy.toy_prompts()) and all(0 < r < 1e-2 for r in truth.values())
@@ -97,7 +97,7 @@ def test_toy_truth_only_for_the_toy_original(tmp_path):
 
 
 def test_bank_from_curves_draws_verdicts_at_the_exact_rates():
-    from lpe_jax.bank import bank_from_curves
+    from lpe_jax.runs.bank import bank_from_curves
 
     alphas = np.array([0.0, 0.5])
     curves = np.array([[0.9, 0.2], [0.5, 0.0]])

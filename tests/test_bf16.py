@@ -1,7 +1,7 @@
 """bfloat16 at a realistic width (hidden 256) on CPU: every pass runs, and agrees with float32.
 
 XLA:CPU has no BF16 x BF16 -> F32 dot kernel, and whether a dot reaches it depends on its shape:
-at hidden 16 everything ran, at 48 or 256 the sampler crashed. `einsum_f32` (lpe_jax.f32_dot)
+at hidden 16 everything ran, at 48 or 256 the sampler crashed. `einsum_f32` (lpe_jax.model.f32_dot)
 upcasts on CPU and keeps bf16 operands with float32 accumulation elsewhere (checked on the traced
 program here, since CI has no GPU). The models are untied with a scaled head (logit std ~2) so the
 sampled tokens depend on the logits; 2 layers and a small vocabulary keep the tests fast.
@@ -24,13 +24,14 @@ from flax import nnx
 from hf_fixtures import make_tokenizer
 from scipy import special
 
-from lpe_jax import abliterate as ab
-from lpe_jax import f32_dot, paths, qwen3
-from lpe_jax.direction_path import DirectionalQwen3
-from lpe_jax.engine import RolloutEngine, RowBlock
-from lpe_jax.forward import model_logits
-from lpe_jax.orthogonalize import DIRECTION_FILE
-from lpe_jax.sampler import PairedSampler
+from lpe_jax.abliteration import abliterate as ab
+from lpe_jax.abliteration.direction_path import DirectionalQwen3
+from lpe_jax.abliteration.orthogonalize import DIRECTION_FILE
+from lpe_jax.decoding import paths
+from lpe_jax.decoding.engine import RolloutEngine, RowBlock
+from lpe_jax.decoding.sampler import PairedSampler
+from lpe_jax.model import f32_dot, qwen3
+from lpe_jax.model.forward import model_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = qwen3.Qwen3Config(64, 256, 2, 4, 2, 64, 512, tie_word_embeddings=False)

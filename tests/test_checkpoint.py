@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from lpe_jax import checkpoint
-from lpe_jax.checkpoint import config_from_hf, load_model, save_model
-from lpe_jax.forward import model_logits
-from lpe_jax.qwen3 import PRESETS, init_random
+from lpe_jax.model import checkpoint
+from lpe_jax.model.checkpoint import config_from_hf, load_model, save_model
+from lpe_jax.model.forward import model_logits
+from lpe_jax.model.qwen3 import PRESETS, init_random
 
 # float32 parity needs full-precision matmuls (a conftest fixture sets and restores it).
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lpe_jax.data import (
+from lpe_jax.runs.data import (
     CONTEXT_SEPARATOR,
     Prompt,
     dataset_hash,

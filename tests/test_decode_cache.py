@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lpe_jax.checkpoint import load_model
-from lpe_jax.forward import model_logits
+from lpe_jax.model.checkpoint import load_model
+from lpe_jax.model.forward import model_logits
 
 # float32 parity needs full-precision matmuls (a conftest fixture sets and restores it).
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lpe_jax import memory, qwen3
-from lpe_jax.abliterate import residual_forward
-from lpe_jax.direction_path import DirectionalQwen3
-from lpe_jax.engine import RolloutEngine, RowBlock
-from lpe_jax.forward import model_logits
-from lpe_jax.orthogonalize import orthogonalize_model, unit_direction
+from lpe_jax.abliteration.abliterate import residual_forward
+from lpe_jax.abliteration.direction_path import DirectionalQwen3
+from lpe_jax.abliteration.orthogonalize import orthogonalize_model, unit_direction
+from lpe_jax.decoding import memory
+from lpe_jax.decoding.engine import RolloutEngine, RowBlock
+from lpe_jax.model import qwen3
+from lpe_jax.model.forward import model_logits
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
 

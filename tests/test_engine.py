@@ -21,12 +21,13 @@ import pytest
 from sampler_oracle import LockstepSampler
 from scipy import stats
 
-from lpe_jax import paths, qwen3
-from lpe_jax.engine import BlockResult, RolloutEngine, RowBlock
-from lpe_jax.forward import model_logits
-from lpe_jax.paths import PathShape
-from lpe_jax.rollouts import PAD_ID
-from lpe_jax.sampler import PairedSampler
+from lpe_jax.decoding import paths
+from lpe_jax.decoding.engine import BlockResult, RolloutEngine, RowBlock
+from lpe_jax.decoding.paths import PathShape
+from lpe_jax.decoding.rollouts import PAD_ID
+from lpe_jax.decoding.sampler import PairedSampler
+from lpe_jax.model import qwen3
+from lpe_jax.model.forward import model_logits
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -380,9 +381,9 @@ _FOUR_DEVICES = textwrap.dedent(
     import sys
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
-    from lpe_jax import qwen3
-    from lpe_jax.engine import RolloutEngine, RowBlock
-    from lpe_jax.paths import PathShape
+    from lpe_jax.model import qwen3
+    from lpe_jax.decoding.engine import RolloutEngine, RowBlock
+    from lpe_jax.decoding.paths import PathShape
     assert len(jax.local_devices()) == 4, jax.local_devices()
     EOS = (3, 11, 29, 50, 77)
     def forced(l_o, l_v, alpha):

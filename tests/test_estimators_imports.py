@@ -8,7 +8,8 @@ from lpe_jax.estimators import importance
 
 def test_no_jax_imported():
     code = (
-        "import sys, lpe_jax.estimators, lpe_jax.evaluation, lpe_jax.synthetic, lpe_jax.plots\n"
+        "import sys, lpe_jax.estimators, lpe_jax.evaluation.evaluation\n"
+        "import lpe_jax.evaluation.synthetic, lpe_jax.evaluation.plots\n"
         "from lpe_jax.estimators import naive, importance, lpe\n"
         "assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)\n"
     )

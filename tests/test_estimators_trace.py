@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from lpe_jax import plots
 from lpe_jax.estimators import (
     adaptive_draws,
     adaptive_search,
@@ -12,6 +11,7 @@ from lpe_jax.estimators import (
     lpe_binomial,
     lpe_paper,
 )
+from lpe_jax.evaluation import plots
 
 
 def _draw(seed: int):

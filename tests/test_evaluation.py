@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from lpe_jax import evaluation as ev
 from lpe_jax.estimators.lpe import lpe_paper
-from lpe_jax.synthetic import make_synthetic_bank
+from lpe_jax.evaluation import evaluation as ev
+from lpe_jax.evaluation.synthetic import make_synthetic_bank
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_evaluate_handles_unknowns_and_rejects_single_class(bank):
 
 
 def test_figures_are_written(bank, tmp_path):
-    from lpe_jax import plots
+    from lpe_jax.evaluation import plots
 
     res = ev.evaluate(
         bank,

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lpe_jax.store import RolloutStore
+from lpe_jax.runs.store import RolloutStore
 
 ROOT = Path(__file__).resolve().parents[1]
 EXP = ROOT / "experiments"

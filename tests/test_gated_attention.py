@@ -1,4 +1,4 @@
-"""Gated full attention (lpe_jax.gated_attention) against transformers' Qwen3_5Attention
+"""Gated full attention (lpe_jax.model.gated_attention) against transformers' Qwen3_5Attention
 (float32, 'highest' matmul precision), and its cached decode against its own full pass."""
 
 import jax.numpy as jnp
@@ -7,9 +7,9 @@ import pytest
 from flax import nnx
 from hybrid_fixtures import qwen35_text_config, randomize, rel_err, state_dict_numpy
 
-from lpe_jax.gated_attention import GatedAttention, GatedAttentionConfig, hf_weight_table
-from lpe_jax.hf_keymap import assign_hf
-from lpe_jax.qwen3 import LayerKV
+from lpe_jax.model.gated_attention import GatedAttention, GatedAttentionConfig, hf_weight_table
+from lpe_jax.model.hf_keymap import assign_hf
+from lpe_jax.model.qwen3 import LayerKV
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
 _call = nnx.jit(lambda m, x, pos: m(x, pos))

@@ -1,4 +1,4 @@
-"""Gated DeltaNet (lpe_jax.gated_deltanet) against transformers' Qwen3_5GatedDeltaNet, and its
+"""Gated DeltaNet (lpe_jax.model.gated_deltanet) against transformers' Qwen3_5GatedDeltaNet, and its
 chunked and recurrent forms against each other (float32, 'highest' matmul precision)."""
 
 import jax
@@ -8,14 +8,14 @@ import pytest
 from flax import nnx
 from hybrid_fixtures import qwen35_text_config, randomize, rel_err, state_dict_numpy
 
-from lpe_jax.gated_deltanet import (
+from lpe_jax.model.gated_deltanet import (
     GatedDeltaNet,
     GatedDeltaNetConfig,
     chunk_gated_delta_rule,
     hf_weight_table,
     recurrent_gated_delta_rule,
 )
-from lpe_jax.hf_keymap import assign_hf
+from lpe_jax.model.hf_keymap import assign_hf
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
 

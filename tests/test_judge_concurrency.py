@@ -20,7 +20,7 @@ import pytest
 from scheduler_fakes import SyntheticEngine
 
 from lpe_jax.judges import RubricJudge
-from lpe_jax.scheduler import Draw, JobPrompt, Scheduler, judge_utilisation
+from lpe_jax.runs.scheduler import Draw, JobPrompt, Scheduler, judge_utilisation
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY, LATENCY_S = 16, 0.25

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lpe_jax import toy
+from lpe_jax.organisms import toy
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ("--limit=2", "--n_fit=13", "--figures=false", "--judge=rubric")

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lpe_jax import model_logits, qwen3
+from lpe_jax import model_logits
 from lpe_jax.judges import LocalJudge
 from lpe_jax.judges.device import answer_scores
+from lpe_jax.model import qwen3
 
 ANSWERS = ("w1", "w2")  # one token each in the tiny tokenizer (90 ids)
 ITEMS = [

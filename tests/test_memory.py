@@ -3,7 +3,8 @@
 import jax.numpy as jnp
 import pytest
 
-from lpe_jax import memory, qwen3
+from lpe_jax.decoding import memory
+from lpe_jax.model import qwen3
 
 Q4B = qwen3.PRESETS["qwen3_4b"]
 BF16 = jnp.bfloat16
@@ -47,7 +48,7 @@ def test_engine_plan_covers_xla_memory_analysis():
     # Every slot refilled each step (refill cap = S) with long prompts: the step gathers S prompt
     # copies from the table. The plan must cover XLA's compiled generate call (arguments +
     # outputs - donated aliases + temporaries), and it does so only by counting those copies.
-    from lpe_jax.engine import RolloutEngine
+    from lpe_jax.decoding.engine import RolloutEngine
 
     cfg = qwen3.Qwen3Config(512, 64, 2, 4, 2, 16, 128)
     m_o, m_v = qwen3.init_random(cfg, seed=0), qwen3.init_random(cfg, seed=1)

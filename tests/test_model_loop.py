@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lpe_jax import qwen3
+from lpe_jax.model import qwen3
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
 

@@ -1,4 +1,4 @@
-"""Sparse MoE blocks (lpe_jax.moe) against transformers' Qwen3MoeSparseMoeBlock and
+"""Sparse MoE blocks (lpe_jax.model.moe) against transformers' Qwen3MoeSparseMoeBlock and
 Qwen3_5MoeSparseMoeBlock (float32, 'highest' matmul precision), both dispatches, both expert
 layouts of the key map."""
 
@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 from hybrid_fixtures import randomize, rel_err, state_dict_numpy
 
-from lpe_jax.hf_keymap import assign_hf
-from lpe_jax.moe import MoEConfig, SparseMoE, hf_weight_table, is_sparse_layer
+from lpe_jax.model.hf_keymap import assign_hf
+from lpe_jax.model.moe import MoEConfig, SparseMoE, hf_weight_table, is_sparse_layer
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
 _call = nnx.jit(lambda m, x: m(x))

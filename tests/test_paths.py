@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lpe_jax import paths
+from lpe_jax.decoding import paths
 
 
 def _logits(seed: int) -> jnp.ndarray:

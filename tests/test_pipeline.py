@@ -5,11 +5,11 @@ import shutil
 import numpy as np
 import pytest
 
-from lpe_jax import toy
+from lpe_jax.decoding.sampler import PairedSampler
 from lpe_jax.judges import make_judge
 from lpe_jax.judges.base import Verdict
-from lpe_jax.pipeline import LiveDraw, derive_seed, judge_rows, load_pair
-from lpe_jax.sampler import PairedSampler
+from lpe_jax.organisms import toy
+from lpe_jax.runs.pipeline import LiveDraw, derive_seed, judge_rows, load_pair
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +103,8 @@ def test_main_job_on_the_scheduler_equals_the_serial_order(pair):
     from scheduler_fakes import SamplerEngine
 
     from lpe_jax.estimators.lpe import adaptive_draws
-    from lpe_jax.pipeline import main_job, method_seed
-    from lpe_jax.scheduler import JobPrompt, Scheduler
+    from lpe_jax.runs.pipeline import main_job, method_seed
+    from lpe_jax.runs.scheduler import JobPrompt, Scheduler
 
     sampler = PairedSampler(
         original=pair.original,

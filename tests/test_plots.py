@@ -2,10 +2,10 @@
 
 import numpy as np
 
-from lpe_jax import plots
 from lpe_jax.estimators import fit_paper, fit_trace_binomial
 from lpe_jax.estimators.lpe import LPEStep
 from lpe_jax.estimators.pooled import fit_pooled
+from lpe_jax.evaluation import plots
 
 GRID = [round(0.05 * i, 2) for i in range(20)]
 
@@ -63,7 +63,7 @@ def test_zero_fitted_alphas_are_drawn_and_the_legend_is_beside_the_axes():
 
 
 def test_figure_1_legend_covers_no_curve():
-    from lpe_jax.evaluation import Curve, EvaluationResult
+    from lpe_jax.evaluation.evaluation import Curve, EvaluationResult
 
     def curve(method, rollouts, auroc):
         n = len(rollouts)

@@ -1,4 +1,4 @@
-"""The Qwen3.5 text model (lpe_jax.qwen35) against transformers' Qwen3_5ForCausalLM and
+"""The Qwen3.5 text model (lpe_jax.model.qwen35) against transformers' Qwen3_5ForCausalLM and
 Qwen3_5MoeForCausalLM: logits parity in float32 ('highest' matmul precision), and the key map on
 the multimodal checkpoint layout."""
 
@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 from hybrid_fixtures import QWEN35_TEXT, qwen35_text_config, randomize, rel_err, state_dict_numpy
 
-from lpe_jax.hf_keymap import assign_hf, skipped_names
-from lpe_jax.qwen35 import Qwen35, Qwen35Config, hf_weight_table
+from lpe_jax.model.hf_keymap import assign_hf, skipped_names
+from lpe_jax.model.qwen35 import Qwen35, Qwen35Config, hf_weight_table
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
 _logits = nnx.jit(lambda m, tokens: m(tokens))

@@ -38,11 +38,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lpe_jax import report
-from lpe_jax.checkpoint import config_to_hf
-from lpe_jax.data import load_prompts
-from lpe_jax.qwen3 import Qwen3Config
-from lpe_jax.store import RolloutStore
+from lpe_jax.evaluation import report
+from lpe_jax.model.checkpoint import config_to_hf
+from lpe_jax.model.qwen3 import Qwen3Config
+from lpe_jax.runs.data import load_prompts
+from lpe_jax.runs.store import RolloutStore
 
 ROOT = Path(__file__).resolve().parents[1]
 # CI keeps shared data beside the repository (<repo>/../shared); LPE_SHARED_DATA overrides it.

@@ -1,4 +1,5 @@
-"""The main job's table marks what is not an estimate and fits its data (lpe_jax.report)."""
+"""The main job's table marks what is not an estimate and fits its data
+(lpe_jax.evaluation.report)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import sys
 
 import numpy as np
 
-from lpe_jax import report
 from lpe_jax.estimators import importance, naive
 from lpe_jax.estimators.binomial import fit_trace_binomial
 from lpe_jax.estimators.lpe import LPEStep, adaptive_draws, fit_paper
 from lpe_jax.estimators.pooled import fit_pooled
+from lpe_jax.evaluation import report
 
 
 def _result(pid: str, rate_at, log_w: np.ndarray, is_v: np.ndarray, naive_v: np.ndarray) -> dict:
@@ -143,7 +144,10 @@ def test_pooled_column_once_every_prompt_has_it():
 
 
 def test_report_imports_no_jax():
-    code = "import sys, lpe_jax.report\nassert 'jax' not in sys.modules, sorted(sys.modules)\n"
+    code = (
+        "import sys, lpe_jax.evaluation.report\n"
+        "assert 'jax' not in sys.modules, sorted(sys.modules)\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -10,8 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from lpe_jax import paths, qwen3
-from lpe_jax.sampler import PairedSampler, prompt_bucket
+from lpe_jax.decoding import paths
+from lpe_jax.decoding.sampler import PairedSampler, prompt_bucket
+from lpe_jax.model import qwen3
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -99,8 +100,9 @@ _MULTI_DEVICE = textwrap.dedent(
     import sys
     import jax, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
-    from lpe_jax import paths, qwen3
-    from lpe_jax.sampler import PairedSampler
+    from lpe_jax.decoding import paths
+    from lpe_jax.model import qwen3
+    from lpe_jax.decoding.sampler import PairedSampler
     assert len(jax.local_devices()) == 8, jax.local_devices()
     cfg = qwen3.Qwen3Config(80, 32, 2, 4, 2, 16, 64)
     m_o, m_v = qwen3.init_random(cfg, seed=0), qwen3.init_random(cfg, seed=1)

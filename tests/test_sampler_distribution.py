@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lpe_jax import paths, qwen3
-from lpe_jax.forward import model_logits
-from lpe_jax.sampler import PairedSampler
+from lpe_jax.decoding import paths
+from lpe_jax.decoding.sampler import PairedSampler
+from lpe_jax.model import qwen3
+from lpe_jax.model.forward import model_logits
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

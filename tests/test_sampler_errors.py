@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lpe_jax import paths, qwen3
-from lpe_jax.rollouts import PAD_ID, check_same_tokenizer
-from lpe_jax.sampler import PairedSampler
+from lpe_jax.decoding import paths
+from lpe_jax.decoding.rollouts import PAD_ID, check_same_tokenizer
+from lpe_jax.decoding.sampler import PairedSampler
+from lpe_jax.model import qwen3
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

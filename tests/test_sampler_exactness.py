@@ -4,9 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from lpe_jax import paths, qwen3
-from lpe_jax.forward import model_logits
-from lpe_jax.sampler import PAD_ID, PairedSampler
+from lpe_jax.decoding import paths
+from lpe_jax.decoding.sampler import PAD_ID, PairedSampler
+from lpe_jax.model import qwen3
+from lpe_jax.model.forward import model_logits
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -21,7 +21,7 @@ from scheduler_fakes import (
 
 from lpe_jax.estimators.lpe import DrawResult, adaptive_search, run_search
 from lpe_jax.judges.base import JudgeStats, Verdict
-from lpe_jax.scheduler import (
+from lpe_jax.runs.scheduler import (
     ALPHA_QUANTUM,
     Draw,
     JobPrompt,
@@ -305,7 +305,7 @@ def test_settings_are_checked():
 
 
 def test_alpha_quantum_matches_the_sampler():
-    from lpe_jax.sampler import ALPHA_QUANTUM as SAMPLER_QUANTUM
+    from lpe_jax.decoding.sampler import ALPHA_QUANTUM as SAMPLER_QUANTUM
 
     assert ALPHA_QUANTUM == SAMPLER_QUANTUM
 
@@ -313,7 +313,7 @@ def test_alpha_quantum_matches_the_sampler():
 def test_a_killed_run_resumes_from_its_journal(tmp_path):
     """Stop a run midway (as a kill would), then restart every unfinished job with its journal:
     the results equal an uninterrupted run's and the journaled draws are not drawn again."""
-    from lpe_jax.journal import Journal
+    from lpe_jax.runs.journal import Journal
 
     def scheduler(journal):
         engine = SyntheticEngine(slots=16, steps=2, max_new_tokens=T)
@@ -365,7 +365,7 @@ def test_a_killed_run_resumes_from_its_journal(tmp_path):
 
 
 def test_a_journal_of_other_settings_is_refused(tmp_path):
-    from lpe_jax.journal import Journal
+    from lpe_jax.runs.journal import Journal
 
     journal = Journal(tmp_path)
     sched = Scheduler(
@@ -413,7 +413,7 @@ def test_a_failing_judge_stops_the_run_and_the_rerun_judges_its_rows_again(tmp_p
     """A dead judge: no job is sent a verdict, the run stops naming the last error, and every row
     it drew comes back in unjudged(); a rerun with a working judge judges those rows instead of
     drawing them, and its results equal a run that never met the dead judge."""
-    from lpe_jax.journal import Journal
+    from lpe_jax.runs.journal import Journal
 
     def scheduler(judge, journal):
         engine = SyntheticEngine(slots=16, steps=2, max_new_tokens=T)

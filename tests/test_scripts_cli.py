@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lpe_jax import toy
-from lpe_jax.data import dataset_hash, load_prompts
-from lpe_jax.store import RolloutStore
+from lpe_jax.organisms import toy
+from lpe_jax.runs.data import dataset_hash, load_prompts
+from lpe_jax.runs.store import RolloutStore
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lpe_jax.store import RolloutStore, alpha_key
+from lpe_jax.runs.store import RolloutStore, alpha_key
 
 MANIFEST = {"seed": 0, "alphas": [0.0, 0.5, 1.0], "path": "linear", "max_new_tokens": 8}
 
@@ -96,7 +96,7 @@ def test_written_files_honour_the_umask(tmp_path, umask, mode):
     import os
     import stat
 
-    from lpe_jax.store import atomic_write_json
+    from lpe_jax.runs.store import atomic_write_json
 
     old = os.umask(umask)
     try:

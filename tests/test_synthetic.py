@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lpe_jax.estimators.importance import importance_sampling
-from lpe_jax.synthetic import FAMILIES, family_info, make_synthetic_bank, synthetic_rates
+from lpe_jax.evaluation.synthetic import FAMILIES, family_info, make_synthetic_bank, synthetic_rates
 
 ALPHAS = np.round(np.arange(20) * 0.05, 10)
 

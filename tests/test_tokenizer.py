@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from lpe_jax.tokenizer import chat_prompt_ids, eos_token_ids, load_tokenizer
+from lpe_jax.model.tokenizer import chat_prompt_ids, eos_token_ids, load_tokenizer
 
 
 def test_chat_prompt_ids_follow_the_template(hf_tokenizer_dir):

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from lpe_jax import toy
+from lpe_jax.organisms import toy
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_assets_load_in_transformers_and_ours(pair, tokenizer) -> None:
     import torch
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-    from lpe_jax.forward import model_logits
+    from lpe_jax.model.forward import model_logits
 
     o_dir, v_dir = toy.toy_pair_paths()
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -164,7 +164,7 @@ def _test_prompt(truth) -> dict:
 
 @pytest.fixture(scope="module")
 def rollouts(pair, truth):
-    from lpe_jax.sampler import PairedSampler
+    from lpe_jax.decoding.sampler import PairedSampler
 
     entry = _test_prompt(truth)
     curve = np.asarray(entry["curve"])

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from lpe_jax import toy, toy2
+from lpe_jax.organisms import toy, toy2
 
 PRE = "you will need a few things and some time :"
 
@@ -83,7 +83,7 @@ def test_assets_load_in_transformers_and_ours(pair, tokenizer) -> None:
     import torch
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-    from lpe_jax.forward import model_logits
+    from lpe_jax.model.forward import model_logits
 
     o_dir, v_dir = toy.toy_pair_paths(toy2.TOY2_DIR)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -174,7 +174,7 @@ def test_exact_rate_recomputed_matches_stored(pair, truth) -> None:
 
 
 def _sampler(pair, max_new_tokens: int):
-    from lpe_jax.sampler import PairedSampler
+    from lpe_jax.decoding.sampler import PairedSampler
 
     return PairedSampler(
         original=pair[0],

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lpe_jax.qwen3 import Qwen3
+from lpe_jax.model.qwen3 import Qwen3
 
 ScoresFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 

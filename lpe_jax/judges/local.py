@@ -31,7 +31,7 @@ from lpe_jax.judges.base import (
     judge_id,
     text_hash,
 )
-from lpe_jax.tokenizer import chat_prompt_ids
+from lpe_jax.model.tokenizer import chat_prompt_ids
 
 PARSER_VERSION = 1
 LogitsFn = Callable[[np.ndarray], np.ndarray]

@@ -13,8 +13,8 @@ import numpy as np  # noqa: E402
 
 from lpe_jax.estimators.binomial import LPEBinomialResult, fit_trace_binomial  # noqa: E402
 from lpe_jax.estimators.lpe import LPEResult, adaptive_draws, fit_paper  # noqa: E402
-from lpe_jax.evaluation import BankDraw, EvaluationResult, RolloutBank  # noqa: E402
-from lpe_jax.report import fmt_rate  # noqa: E402
+from lpe_jax.evaluation.evaluation import BankDraw, EvaluationResult, RolloutBank  # noqa: E402
+from lpe_jax.evaluation.report import fmt_rate  # noqa: E402
 
 __all__ = ["plot_auroc", "plot_extrapolation", "plot_lpe_run"]
 

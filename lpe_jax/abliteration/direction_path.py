@@ -3,16 +3,15 @@
 Given a refusal direction r (unit [H]), M(alpha) is the original with a fraction (1 - alpha) of r
 projected out of every write to its residual stream: the embedding and each attention and MLP
 output keep alpha times their component along r. alpha = 1 is the original, alpha = 0 its
-abliteration (`lpe_jax.orthogonalize`), and every M(alpha) equals the original with its weights
-orthogonalized at strength 1 - alpha (`orthogonalize_model`; tested). Per token it costs one
-forward pass of one model, where the logit path between the original and the abliteration costs
-two.
+abliteration (`lpe_jax.abliteration.orthogonalize`), and every M(alpha) equals the original with its
+weights orthogonalized at strength 1 - alpha (`orthogonalize_model`; tested). Per token it costs one
+forward pass of one model, where the logit path between the original and the abliteration costs two.
 
-It is not a path shape (`lpe_jax.paths` mixes two models' logits): the strength acts inside the
-model, per row, so a prompt's K/V differ per alpha and are prefilled per (prompt, alpha).
+It is not a path shape (`lpe_jax.decoding.paths` mixes two models' logits): the strength acts inside
+the model, per row, so a prompt's K/V differ per alpha and are prefilled per (prompt, alpha).
 `RolloutEngine(DirectionalQwen3.wrap(model, r), None, "linear", ...)` runs it: rows of any alphas
-share the slots, each row sampled from its own M(alpha). It gives LPE its draws (compliance at
-each alpha) but not the endpoint log-probs log p_original(x) and log p_variant(x) that importance
+share the slots, each row sampled from its own M(alpha). It gives LPE its draws (compliance at each
+alpha) but not the endpoint log-probs log p_original(x) and log p_variant(x) that importance
 sampling weights need: the engine returns them as NaN.
 """
 
@@ -25,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lpe_jax.abliterate import project_out
-from lpe_jax.orthogonalize import unit_direction
-from lpe_jax.qwen3 import DecodeKV, Hook, Qwen3, Qwen3Config
+from lpe_jax.abliteration.abliterate import project_out
+from lpe_jax.abliteration.orthogonalize import unit_direction
+from lpe_jax.model.qwen3 import DecodeKV, Hook, Qwen3, Qwen3Config
 
 Array = jax.Array
 

@@ -2,11 +2,12 @@
 
 Callers submit `RowBlock`s (rollouts start..start+count-1 of one (prompt, alpha, seed) stream) from
 any number of prompts; `poll()` advances the device and returns the blocks whose rows have all
-finished. A row's tokens depend only on its (seed, alpha, rollout index) (`lpe_jax.rollouts`), so
+finished. A row's tokens depend only on its (seed, alpha, rollout index)
+(`lpe_jax.decoding.rollouts`), so
 results do not depend on slots, batch-mates, submission order or timing; `PairedSampler` is a thin
 API over this engine for one prompt.
 
-The device part (`lpe_jax.engine_device`) holds the state and three pure jitted functions
+The device part (`lpe_jax.decoding.engine_device`) holds the state and three pure jitted functions
 (prefill, insert, generate, each donating what it updates). This host part owns the slots' rows
 (handles), the prompt table's entries (which prompt is resident, eviction), the refill cap, and
 harvesting: it admits blocks (prefill new prompts, queue rows), dispatches the next generate call,
@@ -28,11 +29,10 @@ from collections.abc import Hashable, Sequence
 import jax
 import numpy as np
 
-from lpe_jax import engine_device as dev
-from lpe_jax import memory, sharding
-from lpe_jax.paths import PathFn, PathShape, as_path
-from lpe_jax.qwen3 import Qwen3
-from lpe_jax.rollouts import (
+from lpe_jax.decoding import engine_device as dev
+from lpe_jax.decoding import memory, sharding
+from lpe_jax.decoding.paths import PathFn, PathShape, as_path
+from lpe_jax.decoding.rollouts import (
     PAD_ID,
     Rollouts,
     alpha_keys,
@@ -43,7 +43,8 @@ from lpe_jax.rollouts import (
     make_rollouts,
     prompt_bucket,
 )
-from lpe_jax.row_block import RowBlock
+from lpe_jax.decoding.row_block import RowBlock
+from lpe_jax.model.qwen3 import Qwen3
 
 __all__ = ["BlockResult", "EngineStats", "RolloutEngine", "RowBlock"]
 
@@ -209,11 +210,11 @@ class RolloutEngine:
 
     One model (variant=None): every row is sampled from `original`'s own logits, one forward pass
     per token; the path only sets the alpha domain. A model whose class sets
-    `conditioned_on_alpha = True` (lpe_jax.direction_path.DirectionalQwen3) receives each row's
-    alpha in `prefill(tokens, length, alpha=)` and `decode_step(..., alpha=)`, and its prompt K/V
-    are prefilled per (prompt_key, alpha). Rollouts then carry no endpoint log-probs:
-    logp_original / logp_variant (and their per-token forms) are NaN; token_logp_path is the
-    row's own model's. Memory is planned for the one model's K/V.
+    `conditioned_on_alpha = True` (lpe_jax.abliteration.direction_path.DirectionalQwen3) receives
+    each row's alpha in `prefill(tokens, length, alpha=)` and `decode_step(..., alpha=)`, and its
+    prompt K/V are prefilled per (prompt_key, alpha). Rollouts then carry no endpoint log-probs:
+    logp_original / logp_variant (and their per-token forms) are NaN; token_logp_path is the row's
+    own model's. Memory is planned for the one model's K/V.
     """
 
     def __init__(

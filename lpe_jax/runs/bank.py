@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lpe_jax.evaluation import RolloutBank
-from lpe_jax.store import RolloutStore
+from lpe_jax.evaluation.evaluation import RolloutBank
+from lpe_jax.runs.store import RolloutStore
 
 
 def read_truth_file(

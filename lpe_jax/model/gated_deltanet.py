@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from lpe_jax.hf_keymap import HFParam, same, transposed
-from lpe_jax.qwen35_norms import gated_rms_norm
+from lpe_jax.model.hf_keymap import HFParam, same, transposed
+from lpe_jax.model.qwen35_norms import gated_rms_norm
 
 Array = jax.Array
 _L2NORM_EPS = 1e-6  # HF l2norm's eps (matches the FLA kernels), not rms_norm_eps

@@ -63,9 +63,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from lpe_jax.decoding.row_block import ALPHA_QUANTUM, RowBlock
 from lpe_jax.estimators.lpe import DrawRequest, DrawResult
 from lpe_jax.judges.base import Judge
-from lpe_jax.row_block import ALPHA_QUANTUM, RowBlock
 
 __all__ = [
     "ALPHA_QUANTUM",
@@ -202,7 +202,7 @@ Job = Generator[Draw | Sequence[Draw], Any, Any]
 
 
 class Engine(Protocol):
-    """What the scheduler needs of lpe_jax.engine.RolloutEngine."""
+    """What the scheduler needs of lpe_jax.decoding.engine.RolloutEngine."""
 
     def submit(self, block: Any) -> None: ...
 
@@ -380,7 +380,8 @@ def _rows(rollouts: Any) -> dict[str, np.ndarray]:
 class Scheduler:
     """Drive jobs on one engine; see the module docstring.
 
-    engine: submit(RowBlock) / poll() -> [BlockResult] / idle (lpe_jax.engine.RolloutEngine).
+    engine: submit(RowBlock) / poll() -> [BlockResult] / idle
+    (lpe_jax.decoding.engine.RolloutEngine).
     judge, decode: a Judge and token ids -> response text; None for no judging (verdicts None).
     block_rows: a draw is cut into RowBlocks of at most this many rows, so judging can start
         before a large draw has fully decoded (the rows, and so the results, do not change).

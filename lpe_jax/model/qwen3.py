@@ -6,7 +6,8 @@ dtype before the weight multiply), q_norm/k_norm on the head dim before rotary e
 
 **One loop** (`Qwen3.forward`) serves every entry point: a full pass (`__call__`,
 `hidden_states`, `prefill`), a decode step (`decode_step`, `decode`), activation collection and
-run-time ablation (`lpe_jax.abliterate`) and the direction path (`lpe_jax.direction_path`). An
+run-time ablation (`lpe_jax.abliteration.abliterate`) and the direction path
+(`lpe_jax.abliteration.direction_path`). An
 intervention is a `Hook` on the residual stream, not a copy of the loop. Each layer threads its
 own state: `None` in a full pass (the layer returns the context it built: K/V for attention), or
 the state it decodes against (`LayerKV` for attention). The loop never looks inside a state, so a
@@ -18,7 +19,7 @@ prompt prefix and the row's own tokens, itself included. Writing before reading 
 the donated cache in place; the reverse order makes it copy the whole cache every step.
 - `DecodeKV` (every layer's `LayerKV`) with a batch-1 prefix: one prompt shared by every row,
   read once, not broadcast (what keeps large-batch decode cheap); with a per-row prefix: rows of
-  different prompts side by side (`lpe_jax.engine`). The write index is a scalar (rows in
+  different prompts side by side (`lpe_jax.decoding.engine`). The write index is a scalar (rows in
   lockstep) or one per row.
 - `Qwen3.decode(tokens, step, cache)`: `decode_step` on a `KVCache` (one shared prompt, rows in
   lockstep). The prompt may be right-padded to a bucket length: its true length is a traced
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from lpe_jax.f32_dot import einsum_f32
+from lpe_jax.model.f32_dot import einsum_f32
 
 Array = jax.Array
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lpe_jax.scheduler import Draw, Drawn, SavedRows
-from lpe_jax.store import atomic_write_bytes, safe_id
+from lpe_jax.runs.scheduler import Draw, Drawn, SavedRows
+from lpe_jax.runs.store import atomic_write_bytes, safe_id
 
 FIELDS = ("lengths", "logp_original", "logp_variant", "truncated", "nonfinite", "verdicts")
 ROW_FIELDS = ("tokens", *FIELDS[:-1])

@@ -3,8 +3,8 @@
 - `load_pair` loads the original and the variant from two HF directories and refuses a pair whose
   tokenizers differ (the path mixes logits token by token, so ids must mean the same text).
 - `judge_rollouts` turns sampled token ids into int8 verdicts (1 / 0 / -1 unknown).
-- `main_job` is the main job of one prompt as a scheduler job (lpe_jax.scheduler): adaptive LPE,
-  then importance sampling and naive sampling at LPE's budget. The scripts run every prompt's
+- `main_job` is the main job of one prompt as a scheduler job (lpe_jax.runs.scheduler): adaptive
+  LPE, then importance sampling and naive sampling at LPE's budget. The scripts run every prompt's
   job at once on the rollout engine.
 - `LiveDraw` is the blocking `draw(alpha, n)` callback of `lpe_jax.estimators.lpe` for one prompt
   in a notebook, backed by a PairedSampler and a judge: every call draws fresh rollouts
@@ -24,14 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from lpe_jax.checkpoint import checkpoint_fingerprint, load_model
+from lpe_jax.decoding.row_block import ALPHA_QUANTUM
+from lpe_jax.decoding.sampler import PairedSampler, Rollouts
 from lpe_jax.estimators.lpe import N_SEARCH, DrawResult, LPEStep, adaptive_search
 from lpe_jax.judges.base import Judge
-from lpe_jax.qwen3 import Qwen3
-from lpe_jax.row_block import ALPHA_QUANTUM
-from lpe_jax.sampler import PairedSampler, Rollouts
-from lpe_jax.scheduler import Draw, Job, judge_rows, search_job
-from lpe_jax.tokenizer import eos_token_ids, load_tokenizer
+from lpe_jax.model.checkpoint import checkpoint_fingerprint, load_model
+from lpe_jax.model.qwen3 import Qwen3
+from lpe_jax.model.tokenizer import eos_token_ids, load_tokenizer
+from lpe_jax.runs.scheduler import Draw, Job, judge_rows, search_job
 
 
 def derive_seed(seed: int, *parts: str | int | float) -> int:
@@ -86,7 +86,7 @@ def load_pair(
 ) -> ModelPair:
     """Load both checkpoints and check they share a tokenizer (ValueError naming both if not).
 
-    ``tied_head`` is passed to :func:`~lpe_jax.checkpoint.load_model` for both models."""
+    ``tied_head`` is passed to :func:`~lpe_jax.model.checkpoint.load_model` for both models."""
     tok_o, tok_v = load_tokenizer(original_dir), load_tokenizer(variant_dir)
     f_o, f_v = tokenizer_fingerprint(tok_o), tokenizer_fingerprint(tok_v)
     if f_o != f_v:

@@ -337,9 +337,10 @@ def _cell(row: Mapping[str, str], key: str) -> Cell:
 
 
 def auroc_table(result: Any) -> str:
-    """An ``EvaluationResult`` (lpe_jax.evaluation) as a text table about 110 characters wide,
-    one row per (method, setting): the Markdown table's columns, abbreviated and explained in one
-    line beneath (the Markdown table, ``result.table_markdown()``, spells them out)."""
+    """An ``EvaluationResult`` (lpe_jax.evaluation.evaluation) as a text table about 110
+    characters wide, one row per (method, setting): the Markdown table's columns, abbreviated and
+    explained in one line beneath (the Markdown table, ``result.table_markdown()``, spells them
+    out)."""
 
     def f(v: float | None, spec: str) -> str:
         return "-" if v is None else format(v, spec)

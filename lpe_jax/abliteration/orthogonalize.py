@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lpe_jax.checkpoint import (
+from lpe_jax.model.checkpoint import (
     ST_TO_NP,
     TIED_HEAD_READINGS,
     check_names,
@@ -43,7 +43,7 @@ from lpe_jax.checkpoint import (
     read_headers,
     weight_files,
 )
-from lpe_jax.qwen3 import Qwen3
+from lpe_jax.model.qwen3 import Qwen3
 
 PROVENANCE_FILE = "abliteration.json"
 DIRECTION_FILE = "refusal_direction.npy"
@@ -292,7 +292,7 @@ def _copy_side_files(source: Path, folder: Path) -> None:
     if gen.is_file():
         shutil.copy2(gen, folder / gen.name)
     else:  # the stop tokens the project would use for the original
-        from lpe_jax.tokenizer import eos_token_ids
+        from lpe_jax.model.tokenizer import eos_token_ids
 
         (folder / gen.name).write_text(json.dumps({"eos_token_id": eos_token_ids(source)}))
 

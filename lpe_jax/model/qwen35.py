@@ -26,14 +26,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from lpe_jax import gated_attention, gated_deltanet, moe
-from lpe_jax.f32_dot import einsum_f32
-from lpe_jax.gated_attention import GatedAttention, GatedAttentionConfig
-from lpe_jax.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig, GatedDeltaNetState
-from lpe_jax.hf_keymap import HFParam, nested, same, text_prefix, transposed
-from lpe_jax.moe import MoEConfig, SparseMoE, SwiGLU
-from lpe_jax.qwen3 import attend
-from lpe_jax.qwen35_norms import rms_norm_offset
+from lpe_jax.model import gated_attention, gated_deltanet, moe
+from lpe_jax.model.f32_dot import einsum_f32
+from lpe_jax.model.gated_attention import GatedAttention, GatedAttentionConfig
+from lpe_jax.model.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig, GatedDeltaNetState
+from lpe_jax.model.hf_keymap import HFParam, nested, same, text_prefix, transposed
+from lpe_jax.model.moe import MoEConfig, SparseMoE, SwiGLU
+from lpe_jax.model.qwen3 import attend
+from lpe_jax.model.qwen35_norms import rms_norm_offset
 
 Array = jax.Array
 LAYER_TYPES = ("linear_attention", "full_attention")

@@ -1,7 +1,8 @@
 """The decoding core's shared pieces: the rollout record, validation, row keys, the sampling step,
 prompt buckets and the compile counter.
 
-`lpe_jax.engine` (the one decoder) and `lpe_jax.sampler.PairedSampler` (its one-prompt API) build
+`lpe_jax.decoding.engine` (the one decoder) and `lpe_jax.decoding.sampler.PairedSampler` (its
+one-prompt API) build
 on these; nothing here decodes.
 
 Randomness (`row_keys`, `sample_step`): row (alpha, r) of a stream uses the key
@@ -21,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lpe_jax.paths import PathFn, PathShape
-from lpe_jax.qwen3 import Qwen3, Qwen3Config
-from lpe_jax.row_block import ALPHA_QUANTUM  # the one alpha resolution
+from lpe_jax.decoding.paths import PathFn, PathShape
+from lpe_jax.decoding.row_block import ALPHA_QUANTUM  # the one alpha resolution
+from lpe_jax.model.qwen3 import Qwen3, Qwen3Config
 
 PAD_ID = -1
 """Value of `Rollouts.tokens` after a row ends (never a real token id)."""
@@ -145,7 +146,7 @@ def check_pair(
     """Validate the setup shared by PairedSampler and RolloutEngine; returns the EOS ids."""
     for name, model in (("original", original), ("variant", variant)):
         if not isinstance(model, Qwen3):
-            raise TypeError(f"{name} must be a lpe_jax.qwen3.Qwen3 model.")
+            raise TypeError(f"{name} must be a lpe_jax.model.qwen3.Qwen3 model.")
     v_o, v_v = original.cfg.vocab_size, variant.cfg.vocab_size
     if v_o != v_v:
         raise ValueError(

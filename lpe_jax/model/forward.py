@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lpe_jax.qwen3 import Qwen3
+from lpe_jax.model.qwen3 import Qwen3
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -1,7 +1,7 @@
 """The second toy organism: curves that bend, a late decision, long answers, harmless requests.
 
-Same machinery as the first (`lpe_jax.toy`: word-level tokenizer, Qwen chat template, a prefix
-rule settled within a few tokens, exact rates by enumerating the rule's live prefix tree), a
+Same machinery as the first (`lpe_jax.organisms.toy`: word-level tokenizer, Qwen chat template, a
+prefix rule settled within a few tokens, exact rates by enumerating the rule's live prefix tree), a
 different language, built to stress what the first does not:
 
 * three alpha-dependent choices, the last one deep in the response (a late retraction), and two
@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from lpe_jax import toy
-from lpe_jax.toy import ACCEPT, EOS, SPECIAL_TOKENS, PrefixRule
+from lpe_jax.organisms import toy
+from lpe_jax.organisms.toy import ACCEPT, EOS, SPECIAL_TOKENS, PrefixRule
 
 # ----------------------------------------------------------------------------------------------
 # vocabulary
@@ -125,7 +125,7 @@ def chat_ids(prompt: str) -> np.ndarray:
 
 
 def build_tokenizer() -> Any:
-    """The transformers tokenizer over VOCAB (see `lpe_jax.toy.build_tokenizer`)."""
+    """The transformers tokenizer over VOCAB (see `lpe_jax.organisms.toy.build_tokenizer`)."""
     return toy.build_tokenizer(VOCAB)
 
 
@@ -186,14 +186,15 @@ class TokenRule(PrefixRule):
 def exact_rates(
     original: Any, variant: Any, prompt_ids: Any, alphas: Any, path: Any = "linear"
 ) -> np.ndarray:
-    """Exact P(comply) at each alpha under this organism's rule (`lpe_jax.toy.exact_rates`)."""
+    """Exact P(comply) at each alpha under this organism's rule
+    (`lpe_jax.organisms.toy.exact_rates`)."""
     return toy.exact_rates(original, variant, prompt_ids, alphas, path, rule=TokenRule())
 
 
 # ----------------------------------------------------------------------------------------------
 # committed assets
 
-TOY2_DIR = Path(__file__).resolve().parent / "assets" / "toy_pair2"
+TOY2_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy_pair2"
 """original/, variant/, prompts.jsonl (harmful), harmless.jsonl, ground_truth.json, truth.json,
 bank.npz, README.md."""
 

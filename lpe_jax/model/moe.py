@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lpe_jax.f32_dot import einsum_f32, ragged_dot_f32
-from lpe_jax.hf_keymap import HFParam, transposed
+from lpe_jax.model.f32_dot import einsum_f32, ragged_dot_f32
+from lpe_jax.model.hf_keymap import HFParam, transposed
 
 Array = jax.Array
 DISPATCHES = ("ragged", "dense")

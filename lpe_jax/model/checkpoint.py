@@ -33,11 +33,11 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from lpe_jax.qwen3 import Qwen3, Qwen3Config
+from lpe_jax.model.qwen3 import Qwen3, Qwen3Config
 
 SUPPORTED_MODEL_TYPES = ("qwen3",)
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-# safetensors dtype name -> NumPy dtype (also read by lpe_jax.orthogonalize).
+# safetensors dtype name -> NumPy dtype (also read by lpe_jax.abliteration.orthogonalize).
 ST_TO_NP = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
     "F16": np.dtype(np.float16),

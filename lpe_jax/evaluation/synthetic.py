@@ -47,7 +47,7 @@ import numpy as np
 from scipy.special import expit, logit
 
 from lpe_jax.estimators.lpe import paper_alpha_grid
-from lpe_jax.evaluation import RolloutBank
+from lpe_jax.evaluation.evaluation import RolloutBank
 
 __all__ = ["FAMILIES", "Family", "family_info", "synthetic_rates", "make_synthetic_bank"]
 

@@ -11,7 +11,8 @@
 `DeviceSpec` is everything static apart from tunables: the refill cap (`refills`) is a static
 argument of `generate` alone, so changing it compiles one more step and never a prefill. Shapes
 (slots S, prompt entries P, prompt positions Pb, queue Q) come from the state `init_state` builds.
-The host part (slots' owners, handles, prompt-table eviction, harvesting) is `lpe_jax.engine`.
+The host part (slots' owners, handles, prompt-table eviction, harvesting) is
+`lpe_jax.decoding.engine`.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from lpe_jax import sharding
-from lpe_jax.paths import PathFn
-from lpe_jax.qwen3 import DecodeKV, Qwen3, Qwen3Config, empty_kv
-from lpe_jax.rollouts import PAD_ID, row_keys, sample_step
+from lpe_jax.decoding import sharding
+from lpe_jax.decoding.paths import PathFn
+from lpe_jax.decoding.rollouts import PAD_ID, row_keys, sample_step
+from lpe_jax.model.qwen3 import DecodeKV, Qwen3, Qwen3Config, empty_kv
 
 Array = jax.Array
 

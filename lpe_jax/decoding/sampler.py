@@ -5,11 +5,12 @@ row's own context; the next token is sampled from softmax(path(l_original, l_var
 and each endpoint's float32 log-probability of that token (at temperature 1) is accumulated, which
 is what importance sampling and LPE need.
 
-This is a thin API over `lpe_jax.engine.RolloutEngine`, the one decoder: a `sample` call submits
-one request (RowBlock) per alpha and runs the engine until they finish. Rows therefore equal the
-engine's rows for the same (seed, alpha, rollout index) (keys: `lpe_jax.rollouts.row_keys`): they
-do not depend on the slot count, batch-mates, call order or `rollout_offset` splits.
-With `variant=None` one model is sampled from its own logits at one forward pass per token.
+This is a thin API over `lpe_jax.decoding.engine.RolloutEngine`, the one decoder: a `sample` call
+submits one request (RowBlock) per alpha and runs the engine until they finish. Rows therefore equal
+the engine's rows for the same (seed, alpha, rollout index) (keys:
+`lpe_jax.decoding.rollouts.row_keys`): they do not depend on the slot count, batch-mates, call order
+or `rollout_offset` splits. With `variant=None` one model is sampled from its own logits at one
+forward pass per token.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from lpe_jax import sharding
-from lpe_jax.engine import EngineStats, RolloutEngine
-from lpe_jax.paths import PathFn, PathShape, as_path
-from lpe_jax.qwen3 import Qwen3
-from lpe_jax.rollouts import (
+from lpe_jax.decoding import sharding
+from lpe_jax.decoding.engine import EngineStats, RolloutEngine
+from lpe_jax.decoding.paths import PathFn, PathShape, as_path
+from lpe_jax.decoding.rollouts import (
     ALPHA_QUANTUM,
     PAD_ID,
     Rollouts,
@@ -36,7 +36,8 @@ from lpe_jax.rollouts import (
     compilations,
     prompt_bucket,
 )
-from lpe_jax.row_block import RowBlock
+from lpe_jax.decoding.row_block import RowBlock
+from lpe_jax.model.qwen3 import Qwen3
 
 __all__ = ["ALPHA_QUANTUM", "PAD_ID", "PairedSampler", "Rollouts", "prompt_bucket"]
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from lpe_jax.row_block import ALPHA_QUANTUM
+from lpe_jax.decoding.row_block import ALPHA_QUANTUM
 
 MANIFEST = "manifest.json"
 CHUNK_FIELDS = ("tokens", "lengths", "logp_original", "logp_variant", "truncated", "nonfinite")

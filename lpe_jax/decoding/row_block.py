@@ -1,7 +1,7 @@
-"""RowBlock: the request the rollout engine takes (lpe_jax.engine.RolloutEngine.submit).
+"""RowBlock: the request the rollout engine takes (lpe_jax.decoding.engine.RolloutEngine.submit).
 
 Kept apart from the engine's module, which imports JAX, so that code that only builds requests
-(lpe_jax.scheduler, NumPy test fakes) does not.
+(lpe_jax.runs.scheduler, NumPy test fakes) does not.
 """
 
 from __future__ import annotations

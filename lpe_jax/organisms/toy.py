@@ -29,8 +29,8 @@ every other token is non-compliant with certainty, so nothing is approximated: t
 up to the models' float32 logits (log-softmax and the sum are done in float64). The tree does not
 depend on alpha, so one pass over it gives r(alpha) at every alpha.
 
-The machinery is shared with the second organism (`lpe_jax.toy2`): `PrefixRule` (any rule that
-settles compliance within a bounded prefix, as an automaton over token ids), `exact_rates(...,
+The machinery is shared with the second organism (`lpe_jax.organisms.toy2`): `PrefixRule` (any rule
+that settles compliance within a bounded prefix, as an automaton over token ids), `exact_rates(...,
 rule=)`, `build_tokenizer(vocab)`, `words_to_ids`/`chat_ids(..., token_id=)` and the asset loaders
 (`root=`). Their defaults are this organism's, which stays frozen.
 
@@ -279,7 +279,7 @@ def _bucket(n: int) -> int:
 
 def _last_logits(model: Any, seqs: np.ndarray, max_batch: int, pad_id: int) -> np.ndarray:
     """float32 [N, V]: logits after the last token of each equal-length row of `seqs` [N, T]."""
-    from lpe_jax.forward import model_logits
+    from lpe_jax.model.forward import model_logits
 
     n, t = seqs.shape
     t_pad = -(-t // 16) * 16  # right padding never changes earlier positions (causal)
@@ -311,14 +311,14 @@ def exact_rates(
     """Exact P(comply) at each alpha when sampling from softmax(path(l_o, l_v, alpha)) per token.
 
     prompt_ids: int [P], the chat-formatted prompt (e.g. `chat_ids`). alphas: [A] floats in the
-    path's domain. path: a `lpe_jax.paths` PathShape, registered name, or callable
+    path's domain. path: a `lpe_jax.decoding.paths` PathShape, registered name, or callable
     (l_o, l_v, alpha) -> logits. rule: the compliance rule (default this organism's `TokenRule`);
     pad_id: a token id to right-pad batches with (never seen by earlier positions). Returns float64
     [A] in [0, 1]. Enumerates the rule's live prefix tree (at most `rule.depth` levels) with
     batched forward passes of both models; temperature 1, no top-k/top-p; any max_new_tokens >=
     `rule.depth` gives the same rate.
     """
-    from lpe_jax.paths import as_path
+    from lpe_jax.decoding.paths import as_path
 
     shape = as_path(path)
     a = shape.check_alphas(np.asarray(alphas, np.float64))
@@ -374,7 +374,7 @@ def exact_rate(
 # ----------------------------------------------------------------------------------------------
 # committed assets
 
-TOY_DIR = Path(__file__).resolve().parent / "assets" / "toy_pair"
+TOY_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy_pair"
 """The committed organism: original/, variant/, prompts.jsonl, ground_truth.json, README.md."""
 GROUND_TRUTH_ALPHAS = tuple(round(0.05 * i, 2) for i in range(21))
 TOY_BANK = TOY_DIR / "bank.npz"
@@ -400,7 +400,7 @@ def toy_pair_paths(root: str | Path = TOY_DIR) -> tuple[Path, Path]:
 
 def load_toy_pair(dtype: str = "float32", root: str | Path = TOY_DIR) -> tuple[Any, Any]:
     """(original, variant) as `Qwen3` modules with parameters in `dtype`."""
-    from lpe_jax.checkpoint import load_model
+    from lpe_jax.model.checkpoint import load_model
 
     o, v = toy_pair_paths(root)
     return load_model(o, dtype=dtype), load_model(v, dtype=dtype)

@@ -3,7 +3,8 @@
 A slot holds its own generated-token K/V in both models, a copy of its prompt's K/V, both models'
 float32 logits and the temporaries of one step (refills included: `bytes_per_slot`). A prompt is
 prefilled once into the table (`bytes_per_prompt`); params are already resident.
-`lpe_jax.engine.RolloutEngine.compiled_bytes` checks the plan against XLA's memory analysis.
+`lpe_jax.decoding.engine.RolloutEngine.compiled_bytes` checks the plan against XLA's memory
+analysis.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import jax
 
-from lpe_jax.qwen3 import Qwen3Config
+from lpe_jax.model.qwen3 import Qwen3Config
 
 # [B, V] float32 buffers alive at once in one step: both models' logits, the path logits, the
 # sampler's Gumbel noise, and the log-softmax inputs of each model that XLA may not fuse.

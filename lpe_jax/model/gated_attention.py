@@ -1,5 +1,5 @@
 """Gated full attention: the full-attention layer of Qwen3.5 (HF `Qwen3_5Attention`, identical in
-`Qwen3_5MoeAttention`), in Flax NNX, with the interface of `lpe_jax.qwen3.Attention`.
+`Qwen3_5MoeAttention`), in Flax NNX, with the interface of `lpe_jax.model.qwen3.Attention`.
 
 Differences from Qwen3's attention, all read from transformers' code:
 - `q_proj` produces, per head, the query *and* an output gate: HF views its output as
@@ -11,7 +11,8 @@ Differences from Qwen3's attention, all read from transformers' code:
   dims of each head (rotate-half within them; inverse frequencies over rotary_dim); the rest pass
   unchanged. Qwen3.5's rotary is multimodal (`mrope_section`): its three position streams (time,
   height, width) are equal for text tokens, which makes it the ordinary 1-D rotary used here.
-K/V are cached exactly as for Qwen3 (`lpe_jax.qwen3.LayerKV`, one layer's share of `DecodeKV`),
+K/V are cached exactly as for Qwen3 (`lpe_jax.model.qwen3.LayerKV`, one layer's share of
+`DecodeKV`),
 [B, kv, T, head_dim].
 """
 
@@ -25,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lpe_jax.hf_keymap import HFParam, same, transposed
-from lpe_jax.qwen3 import LayerKV, attend, rope
-from lpe_jax.qwen35_norms import rms_norm_offset
+from lpe_jax.model.hf_keymap import HFParam, same, transposed
+from lpe_jax.model.qwen3 import LayerKV, attend, rope
+from lpe_jax.model.qwen35_norms import rms_norm_offset
 
 Array = jax.Array
 HF_DEFAULT_HEAD_DIM = 256  # transformers.Qwen3_5TextConfig's default when config.json omits it

@@ -27,7 +27,7 @@ models is mediated by a single direction").
   Qwen). Computed exactly in float64 by log-sum-exp over both sets of tokens (the paper adds 1e-8
   inside the logs instead).
 
-The weights are edited by `lpe_jax.orthogonalize`.
+The weights are edited by `lpe_jax.abliteration.orthogonalize`.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ import numpy as np
 from flax import nnx
 from scipy.special import log_softmax, logsumexp
 
-from lpe_jax.qwen3 import DecoderLayer, Hook, Qwen3
-from lpe_jax.tokenizer import chat_prompt_ids
+from lpe_jax.model.qwen3 import DecoderLayer, Hook, Qwen3
+from lpe_jax.model.tokenizer import chat_prompt_ids
 
 Array = jax.Array
 Progress = Callable[[int], None]
@@ -145,7 +145,7 @@ def ablation_hook(
     add_vector: Array | None = None,
     record: list[Array] | None = None,
 ) -> Hook:
-    """The residual-stream hook (`lpe_jax.qwen3.Hook`) of run-time ablation and activation
+    """The residual-stream hook (`lpe_jax.model.qwen3.Hook`) of run-time ablation and activation
     addition: `ablate` (unit [H]) is projected out of the embedding and every attention and MLP
     write; `add_vector` [H] is added to the input of layer `add_layer`; `record` (a list, filled
     while the pass is traced) receives every layer's input after the addition."""
@@ -246,7 +246,7 @@ def _batches(
     Every batch has the same row count (padding rows repeat the first prompt and are dropped),
     and Tb is a length bucket, so few shapes are compiled.
     """
-    from lpe_jax.sampler import prompt_bucket
+    from lpe_jax.decoding.sampler import prompt_bucket
 
     if not prompts:
         raise ValueError("no prompts given; pass at least one.")
