@@ -1,7 +1,14 @@
 """lpe_jax: estimate rare behaviours of a language model by Logit Path Extrapolation.
 
-The model-side API (``load_model``, ``model_logits``, ``PairedSampler``, ``paths``) imports JAX;
-it is loaded lazily so that ``lpe_jax.estimators`` and ``lpe_jax.evaluation`` stay JAX-free.
+The package is laid out by concern (the README's "Layout" section is the map): ``model`` (the Qwen
+ports and checkpoints), ``decoding`` (the rollout engine and path shapes), ``runs`` (scheduler,
+journal, run directory), ``judges``, ``estimators`` and ``evaluation`` (NumPy only),
+``organisms`` (the toy pairs) and ``abliteration``.
+
+The public API (``load_model``, ``model_logits``, ``PairedSampler``, ``Rollouts``, ``paths``) is
+re-exported here, and so is every module under its old flat name (``from lpe_jax import toy``
+keeps working). All are loaded lazily, so that ``lpe_jax.estimators`` and ``lpe_jax.evaluation``
+stay JAX-free.
 """
 
 from __future__ import annotations
@@ -18,6 +25,17 @@ _LAZY = {
     "Rollouts": ("lpe_jax.decoding.sampler", "Rollouts"),
     "paths": ("lpe_jax.decoding.paths", None),
 }
+
+# Modules by the flat names they had before the subpackages (lpe_jax.toy -> organisms.toy).
+_MODULES = {
+    "model": "checkpoint forward qwen3 tokenizer",
+    "decoding": "engine memory row_block sampler sharding",
+    "runs": "bank data journal pipeline scheduler store",
+    "evaluation": "plots report synthetic",
+    "organisms": "toy toy2",
+    "abliteration": "abliterate direction_path orthogonalize",
+}
+_LAZY |= {m: (f"lpe_jax.{sub}.{m}", None) for sub, ms in _MODULES.items() for m in ms.split()}
 
 __all__ = ["__version__", *_LAZY]
 
