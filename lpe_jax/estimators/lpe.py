@@ -344,7 +344,10 @@ def fit_paper(
     fitted = res.fitted
     ys = np.log10(tc.fit_k[fitted] / tc.fit_n[fitted])
     ok = not bool(res.fallback) and not bool(res.no_data)
-    estimate, status = float(10.0**res.log10_estimate), degenerate.OK
+    status = degenerate.OK
+    # The line at alpha = 1 summed as intercept + slope, bit for bit the scalar fit's value (the
+    # counts' log10_estimate sums it in another order: within an ulp, and evaluate()'s numbers).
+    estimate = float(10.0 ** (res.intercept + res.slope)) if ok else float("nan")
     if res.no_data:
         status = degenerate.NO_DATA
     elif res.not_rare:  # the measured rate itself, not 10 ** log10 of it
@@ -583,7 +586,7 @@ def lpe_paper_from_counts(
     ok = cnt >= 2
     slope = np.where(ok, sxy / np.where(ok, sxx, 1.0), 0.0)
     intercept = ym - slope * xm
-    log10_est = np.where(ok, intercept + slope, np.log10(fallback))
+    log10_est = np.where(ok, ym + slope * (1.0 - xm), np.log10(fallback))
     top_k, top_n = fk[..., -1], fn[..., -1]
     not_rare = drawn[..., -1] & (top_n > 0) & (top_k >= start_threshold * top_n)
     with np.errstate(divide="ignore"):
