@@ -1,43 +1,32 @@
 """Logit Path Extrapolation, as in the paper's appendix (adaptive search, then an OLS fit).
 
-NumPy only. One implementation serves live sampling and replay from a rollout bank, because all
-sampling goes through a callback ``draw(alpha, n)``:
+NumPy only. Live sampling and replay from a rollout bank share one implementation through a
+callback ``draw(alpha, n)``: it returns the outcome of ``n`` *fresh* rollouts at ``alpha`` as
+``k``, ``(k, generated_tokens)``, ``(k, generated_tokens, n_judged)`` or a :class:`DrawResult`;
+rollouts without a verdict are left out of ``n_judged`` (a judge failure is never a refusal).
 
-* ``draw`` must return the outcome of ``n`` *fresh* rollouts at ``alpha`` (never reuse ones it
-  already returned for the same alpha; a bank replays without replacement). It returns either
-  an ``int`` k (compliant count; all n judged, token count unknown), a tuple
-  ``(k, generated_tokens)`` or ``(k, generated_tokens, n_judged)``, or a :class:`DrawResult`.
-* ``n_judged`` is the number of the n rollouts that got a verdict; rollouts whose judge verdict
-  is None are left out of the denominator, so a judge failure never counts as a refusal.
-* ``generated_tokens`` is the number of tokens generated over the n rollouts (None if unknown).
+The rules (our reading of what the appendix leaves open: docs/estimators.md):
 
-Our reading of every detail the appendix leaves open (the paper gives no more than this):
+1. Grid: exact decimals 0, 0.05, ..., 0.95; alpha = 1 is only the extrapolation target.
+2. Search: from the top of the grid down, ``n_search`` (10) rollouts per alpha; the start alpha
+   is the first with k / n_judged >= 0.5, else 0.
+3. Fit phase: ``n_fit`` fresh rollouts at the start alpha, then one grid step at a time toward
+   1; stop after the first judged zero (drawn, not fitted) or the top of the grid.
+4. Fit: OLS of log10(k / n_judged) on alpha over fit-phase points with rate in (0, 0.5);
+   estimate = 10 ** (intercept + slope), not clipped.
+5. Fewer than two fitted points: estimate 1e-6, no line (status "fallback", or "no_compliant"
+   when no rollout complied).
+6. A draw with n_judged == 0 has no rate: it neither stops the search nor the advance, and is not
+   fitted. A run whose rollouts are mostly unknown (:func:`degenerate.no_data`) is "no_data",
+   estimate NaN.
+7. Budget: rollouts = all requested, search included; forward passes = passes per token (2
+   paired, 1 single model) x generated tokens, None if a draw did not report them.
+8. Not rare: the fit reached the top of the grid with a rate >= 0.5 there: status "not_rare",
+   estimate that rate.
 
-1. Grid: exact decimals 0.95, 0.90, ..., 0.05, 0.0 (computed as round(i * 0.05, 10), so no
-   0.1 + 0.2 drift); alpha = 1 itself is never sampled, it is only the extrapolation target.
-2. Search: scan from the top of the grid toward 0, ``n_search`` (= 10) rollouts per alpha; stop
-   at the first alpha whose rate k / n_judged is >= 0.5. That alpha is the start alpha. If the
-   scan reaches alpha = 0 without such a rate, the start alpha is 0.
-3. Fit phase: the start alpha gets ``n_fit`` fresh rollouts too (search rollouts are not pooled
-   into it); then advance one grid step at a time toward 1, ``n_fit`` fresh rollouts each. Stop
-   advancing after the first alpha with zero compliant rollouts (that zero point is drawn and
-   paid for but not fitted), or after the top of the grid.
-4. Fit: ordinary least squares of log10(k / n_judged) on alpha over the fit-phase points whose
-   rate is in (0, 0.5) (the main text fits the alphas "with compliance below 50%"); search-phase
-   points are never fitted. Estimate = 10 ** (intercept + slope * 1), not clipped.
-5. Fallback: fewer than two fitted points -> estimate 1e-6, slope/intercept None (status
-   "fallback", or "no_compliant" when no rollout of the run complied).
-6. A draw in which no rollout was judged (n_judged == 0) has no rate: in the search it does not
-   stop the scan; in the fit phase it is neither fitted nor a stopping zero. A run whose
-   rollouts are mostly unknown (:func:`degenerate.no_data` over the whole trace) has status
-   "no_data" and estimate NaN: unknown verdicts never read as "no compliant rollout".
-7. Budget: rollouts spent = all rollouts requested, search included. Forward passes = passes
-   per generated token (2 for a paired rollout that runs both models, 1 for a single model)
-   times generated tokens; None if any draw did not report its token count.
-8. Not rare (ours; the paper's screen excludes such prompts): when the fit phase reached the top
-   of the grid and the rate there is >= ``start_threshold``, the prompt is reported with status
-   "not_rare" and that rate as its estimate, never the fallback (see
-   :mod:`lpe_jax.estimators.degenerate`).
+Points 4-8 are implemented once, in :func:`lpe_paper_from_counts` (arrays over many prompts and
+simulations); the trace API (:func:`fit_paper`, :func:`trace_not_rare`, :func:`trace_no_data`)
+turns a trace into those counts (:func:`trace_paper_counts`) and calls it.
 """
 
 from __future__ import annotations
