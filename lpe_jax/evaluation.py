@@ -14,7 +14,6 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 from scipy.stats import rankdata
@@ -632,16 +631,24 @@ class SimulatedDraws:
     methods run in order, so the same seed gives the same draws).
     """
 
-    def __init__(self, bank: RolloutBank, rng: np.random.Generator, **options: Any) -> None:
+    def __init__(
+        self,
+        bank: RolloutBank,
+        rng: np.random.Generator,
+        *,
+        n_sims: int,
+        n_search: int,
+        subset_size: int,
+        seed: int,
+        coverage_pairs: int,
+        pooled_prior: str,
+        settings: dict[str, tuple[int, ...]],
+    ) -> None:
         self.bank, self.rng = bank, rng
         self.truth = bank.truth_k / np.maximum(bank.truth_n, 1)
-        self.n_sims: int = options["n_sims"]
-        self.n_search: int = options["n_search"]
-        self.subset_size: int = options["subset_size"]
-        self.seed: int = options["seed"]
-        self.coverage_pairs: int = options["coverage_pairs"]
-        self.pooled_prior: str = options["pooled_prior"]
-        self.settings: dict[str, tuple[int, ...]] = options["settings"]
+        self.n_sims, self.n_search, self.subset_size = n_sims, n_search, subset_size
+        self.seed, self.coverage_pairs, self.pooled_prior = seed, coverage_pairs, pooled_prior
+        self.settings = settings
         self._is: dict[str, np.ndarray] | None = None
         self._counts: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
         self._adaptive: dict[int, AdaptiveDraws] = {}
