@@ -1,5 +1,7 @@
 """Evaluation: AUROC, bank schema, Monte Carlo protocol, figures."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -206,8 +208,6 @@ def test_small_family_our_fits_never_fall_below_the_paper(family):
 def test_mostly_unknown_draws_are_no_data_never_low_scores():
     """A prompt whose bank verdicts are all unknown: every LPE estimate of it is NaN (no_data),
     counted in frac_no_data, and ranks as a tie, not as the least risky prompt."""
-    import dataclasses
-
     b = make_synthetic_bank(30, rollouts=60, n_is=30, unknown_rate=0.1, seed=7)
     eligible, positive = ev.eligible_and_labels(b, ev.LabelRule())
     dead = int(np.flatnonzero(eligible & positive)[0])
@@ -228,3 +228,42 @@ def test_mostly_unknown_draws_are_no_data_never_low_scores():
     scores = np.array([[np.nan, 0.0, -1.0]])
     win = ev._win_matrix(scores, np.array([True, False, False]))
     np.testing.assert_array_equal(win, [[0.5, 0.5]])
+
+
+def test_a_registered_method_is_scored_and_leaves_the_built_ins_unchanged(bank):
+    """A user's estimator runs through evaluate() without editing it; appending one changes no
+    built-in curve; names are unique."""
+
+    def top_rate(draws, r):
+        k, n = (x[..., -1] for x in draws.counts()[r])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return ev.MethodPoint(np.log10(k / np.maximum(n, 1)), rollouts=r)
+
+    mine = ev.Method("top_rate", "grid_rollouts", top_rate)
+    kw = dict(n_fits=(13,), naive_budgets=(100,), is_budgets=(50,), grid_rollouts=(5, 20))
+    kw.update(n_sims=3, n_bootstrap=20, seed=1)
+    base = ev.evaluate(bank, **kw)
+    assert list(base.curves) == list(ev.METHODS)  # every built-in, in registration order
+    ev.register_method(mine)
+    try:
+        with_mine = ev.evaluate(bank, **kw)
+        with pytest.raises(ValueError, match="is registered"):
+            ev.register_method(mine)
+    finally:
+        del ev.METHODS["top_rate"]
+    assert list(with_mine.curves) == [*base.curves, "top_rate"]
+    for name, curve in base.curves.items():
+        assert with_mine.curves[name] == curve
+    c = with_mine.curves["top_rate"]
+    assert c.setting == (5, 20) and c.rollouts == (5.0, 20.0) and c.forward_passes is None
+    assert 0.0 <= min(c.auroc) and max(c.auroc) <= 1.0
+    only = ev.evaluate(bank, **kw, methods=[ev.METHODS["naive"], mine])
+    assert list(only.curves) == ["naive", "top_rate"]
+    fixed = ev.Method("fixed", (3, 7), lambda d, r: top_rate(d, 20))
+    with pytest.raises(ValueError, match="'fixed'"):
+        ev.evaluate(bank, **kw, methods=[dataclasses.replace(fixed, settings=(7, 3))])
+    with pytest.raises(ValueError, match="unique"):
+        ev.evaluate(bank, **kw, methods=[mine, mine])
+    with pytest.raises(ValueError, match="one of"):
+        ev.evaluate(bank, **kw, methods=[dataclasses.replace(mine, settings="budgets")])
+    assert ev.evaluate(bank, **kw, methods=[fixed]).curves["fixed"].setting == (3, 7)

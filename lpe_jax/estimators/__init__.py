@@ -39,6 +39,7 @@ from lpe_jax.estimators.lpe import (
     run_search,
     trace_counts,
     trace_not_rare,
+    trace_paper_counts,
 )
 from lpe_jax.estimators.naive import NaiveResult, naive_estimate, simulate_naive_counts
 from lpe_jax.estimators.pooled import (
@@ -86,6 +87,7 @@ __all__ = [
     "run_search",
     "trace_counts",
     "trace_not_rare",
+    "trace_paper_counts",
     "NaiveResult",
     "naive_estimate",
     "simulate_naive_counts",

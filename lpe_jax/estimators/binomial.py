@@ -40,12 +40,11 @@ from lpe_jax.estimators.lpe import (
     DrawFn,
     LPECountsResult,
     LPEStep,
+    TracePaperCounts,
     adaptive_draws,
     lpe_paper_from_counts,
     trace_budget,
-    trace_counts,
-    trace_no_data,
-    trace_not_rare,
+    trace_paper_counts,
 )
 
 __all__ = [
@@ -58,6 +57,7 @@ __all__ = [
     "lpe_binomial",
     "fit_trace_binomial",
     "trace_points",
+    "trace_count_points",
     "count_points",
     "fit_selected_points",
     "lpe_binomial_from_counts",
@@ -532,18 +532,39 @@ def trace_points(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Counts a trace gives the binomial fit: (alphas [A'], k [A'], n [A'], fitted bool [A']).
 
-    ``draws="fit"``: the fit-phase draws (one per alpha); fitted = judged with rate below
-    ``start_threshold`` (the zero that stopped the advance included). ``draws="all"``: every draw,
-    search included, pooled per alpha (:func:`lpe.trace_counts`); fitted = the alphas above the
-    last one whose pooled rate is >= ``start_threshold`` (:func:`select_grid_points`).
+    :func:`count_points` on the trace's counts (:func:`lpe.trace_paper_counts`), over the alphas
+    the trace drew: ``draws="fit"``: the fit-phase draws; fitted = judged with rate below
+    ``start_threshold`` (the zero that stopped the advance included). ``draws="all"``: every
+    draw, search included, pooled per alpha; fitted = the alphas above the last one whose
+    pooled rate is >= ``start_threshold`` (:func:`select_grid_points`).
     """
-    if draws not in ("fit", "all"):
-        raise ValueError(f'draws must be "fit" or "all", got {draws!r}')
-    if draws == "all":
-        a, k, n = trace_counts(trace)
-        return a, k, n, select_grid_points(k, n, threshold=start_threshold)
-    a, k, n = trace_counts(trace, phases=("fit",))
-    return a, k, n, (n > 0) & (k < start_threshold * n)
+    tc, k, n, sel = trace_count_points(trace, draws, start_threshold)
+    return tc.alphas, k, n, sel
+
+
+def trace_count_points(
+    trace: Sequence[LPEStep],
+    draws: str = "fit",
+    start_threshold: float = START_THRESHOLD,
+    fallback: float = FALLBACK,
+) -> tuple[TracePaperCounts, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`trace_points` with the trace's counts and paper flags: (counts, k, n, fitted),
+    arrays [A'] over ``counts.alphas``; the trace APIs read not rare / no data from
+    ``counts.paper``."""
+    tc = trace_paper_counts(trace, start_threshold=start_threshold, fallback=fallback)
+    _, k, n, sel = count_points(
+        tc.search_k,
+        tc.search_n,
+        tc.fit_k,
+        tc.fit_n,
+        tc.alphas,
+        tc.n_fit,
+        draws=draws,
+        n_search=tc.n_search,
+        start_threshold=start_threshold,
+        paper=tc.paper,
+    )
+    return tc, k, n, sel
 
 
 def fit_trace_binomial(
@@ -560,33 +581,29 @@ def fit_trace_binomial(
 
     ``draws="fit"`` fits the fit-phase points with a judged rate below ``start_threshold`` (the
     zero that stopped the advance included); ``draws="all"`` also uses the search's draws, every
-    rollout paid for (:func:`trace_points`). Not rare / no compliant / one point / zeros only
-    follow the module docstring; "no_compliant" looks at every draw of the trace.
+    rollout paid for (:func:`trace_points`). Not rare / no compliant / no data are
+    :func:`lpe.lpe_paper_from_counts`'s flags on the trace's counts; the fit's rules are
+    :func:`fit_selected_points`'s (module docstring).
     """
-    trace = tuple(trace)
-    fit_steps = [s for s in trace if s.phase == "fit"]
-    if not fit_steps:
-        raise ValueError("the trace has no fit-phase step; build it with adaptive_draws")
-    a, k, n, sel = trace_points(trace, draws, start_threshold)
-    top = None
-    if trace_not_rare(trace, start_threshold) is not None:
-        top = (fit_steps[-1].k, fit_steps[-1].n_judged)
-    any_c = any(s.k > 0 for s in trace)
-    if trace_no_data(trace):
+    tc, k, n, sel = trace_count_points(trace, draws, start_threshold, fallback)
+    paper, a = tc.paper, tc.alphas
+    top = (int(tc.fit_k[-1]), int(tc.fit_n[-1])) if paper.not_rare else None
+    if paper.no_data:
         fit = _without_line(dg.NO_DATA, np.nan, 1.0, a[sel], k[sel], n[sel], level)
     else:
+        any_c = not bool(paper.no_compliant)
         fit = fit_selected_points(
             a, k, n, sel, top, any_c, start_threshold, level, interval, fallback
         )
-    rollouts, passes = trace_budget(trace, passes_per_token)
+    _, passes = trace_budget(tc.trace, passes_per_token)
     return LPEBinomialResult(
         estimate=fit.estimate,
         lower=fit.lower,
         upper=fit.upper,
         fit=fit,
-        trace=trace,
-        start_alpha=fit_steps[0].alpha,
-        rollouts=rollouts,
+        trace=tc.trace,
+        start_alpha=float(a[int(paper.start_index)]),
+        rollouts=int(paper.rollouts),
         forward_passes=passes,
         status=fit.status,
     )

@@ -1,43 +1,32 @@
 """Logit Path Extrapolation, as in the paper's appendix (adaptive search, then an OLS fit).
 
-NumPy only. One implementation serves live sampling and replay from a rollout bank, because all
-sampling goes through a callback ``draw(alpha, n)``:
+NumPy only. Live sampling and replay from a rollout bank share one implementation through a
+callback ``draw(alpha, n)``: it returns the outcome of ``n`` *fresh* rollouts at ``alpha`` as
+``k``, ``(k, generated_tokens)``, ``(k, generated_tokens, n_judged)`` or a :class:`DrawResult`;
+rollouts without a verdict are left out of ``n_judged`` (a judge failure is never a refusal).
 
-* ``draw`` must return the outcome of ``n`` *fresh* rollouts at ``alpha`` (never reuse ones it
-  already returned for the same alpha; a bank replays without replacement). It returns either
-  an ``int`` k (compliant count; all n judged, token count unknown), a tuple
-  ``(k, generated_tokens)`` or ``(k, generated_tokens, n_judged)``, or a :class:`DrawResult`.
-* ``n_judged`` is the number of the n rollouts that got a verdict; rollouts whose judge verdict
-  is None are left out of the denominator, so a judge failure never counts as a refusal.
-* ``generated_tokens`` is the number of tokens generated over the n rollouts (None if unknown).
+The rules (our reading of what the appendix leaves open: docs/estimators.md):
 
-Our reading of every detail the appendix leaves open (the paper gives no more than this):
+1. Grid: exact decimals 0, 0.05, ..., 0.95; alpha = 1 is only the extrapolation target.
+2. Search: from the top of the grid down, ``n_search`` (10) rollouts per alpha; the start alpha
+   is the first with k / n_judged >= 0.5, else 0.
+3. Fit phase: ``n_fit`` fresh rollouts at the start alpha, then one grid step at a time toward
+   1; stop after the first judged zero (drawn, not fitted) or the top of the grid.
+4. Fit: OLS of log10(k / n_judged) on alpha over fit-phase points with rate in (0, 0.5);
+   estimate = 10 ** (intercept + slope), not clipped.
+5. Fewer than two fitted points: estimate 1e-6, no line (status "fallback", or "no_compliant"
+   when no rollout complied).
+6. A draw with n_judged == 0 has no rate: it neither stops the search nor the advance, and is not
+   fitted. A run whose rollouts are mostly unknown (:func:`degenerate.no_data`) is "no_data",
+   estimate NaN.
+7. Budget: rollouts = all requested, search included; forward passes = passes per token (2
+   paired, 1 single model) x generated tokens, None if a draw did not report them.
+8. Not rare: the fit reached the top of the grid with a rate >= 0.5 there: status "not_rare",
+   estimate that rate.
 
-1. Grid: exact decimals 0.95, 0.90, ..., 0.05, 0.0 (computed as round(i * 0.05, 10), so no
-   0.1 + 0.2 drift); alpha = 1 itself is never sampled, it is only the extrapolation target.
-2. Search: scan from the top of the grid toward 0, ``n_search`` (= 10) rollouts per alpha; stop
-   at the first alpha whose rate k / n_judged is >= 0.5. That alpha is the start alpha. If the
-   scan reaches alpha = 0 without such a rate, the start alpha is 0.
-3. Fit phase: the start alpha gets ``n_fit`` fresh rollouts too (search rollouts are not pooled
-   into it); then advance one grid step at a time toward 1, ``n_fit`` fresh rollouts each. Stop
-   advancing after the first alpha with zero compliant rollouts (that zero point is drawn and
-   paid for but not fitted), or after the top of the grid.
-4. Fit: ordinary least squares of log10(k / n_judged) on alpha over the fit-phase points whose
-   rate is in (0, 0.5) (the main text fits the alphas "with compliance below 50%"); search-phase
-   points are never fitted. Estimate = 10 ** (intercept + slope * 1), not clipped.
-5. Fallback: fewer than two fitted points -> estimate 1e-6, slope/intercept None (status
-   "fallback", or "no_compliant" when no rollout of the run complied).
-6. A draw in which no rollout was judged (n_judged == 0) has no rate: in the search it does not
-   stop the scan; in the fit phase it is neither fitted nor a stopping zero. A run whose
-   rollouts are mostly unknown (:func:`degenerate.no_data` over the whole trace) has status
-   "no_data" and estimate NaN: unknown verdicts never read as "no compliant rollout".
-7. Budget: rollouts spent = all rollouts requested, search included. Forward passes = passes
-   per generated token (2 for a paired rollout that runs both models, 1 for a single model)
-   times generated tokens; None if any draw did not report its token count.
-8. Not rare (ours; the paper's screen excludes such prompts): when the fit phase reached the top
-   of the grid and the rate there is >= ``start_threshold``, the prompt is reported with status
-   "not_rare" and that rate as its estimate, never the fallback (see
-   :mod:`lpe_jax.estimators.degenerate`).
+Points 4-8 are implemented once, in :func:`lpe_paper_from_counts` (arrays over many prompts and
+simulations); the trace API (:func:`fit_paper`, :func:`trace_not_rare`, :func:`trace_no_data`)
+turns a trace into those counts (:func:`trace_paper_counts`) and calls it.
 """
 
 from __future__ import annotations
@@ -67,6 +56,8 @@ __all__ = [
     "lpe_paper_from_counts",
     "ols_line",
     "trace_counts",
+    "trace_paper_counts",
+    "TracePaperCounts",
     "trace_not_rare",
     "trace_no_data",
     "trace_budget",
@@ -332,75 +323,144 @@ def fit_paper(
     """The paper's OLS fit (points 4-5, 8) on a trace from :func:`adaptive_draws`.
 
     Lets one set of draws be fitted several ways (e.g. here and by the binomial fit) without
-    drawing twice. Rules where no line can be read (every one is tested):
-    * no compliant rollout anywhere: estimate ``fallback`` (status "no_compliant");
-    * fewer than two fitted points: estimate ``fallback`` (status "fallback");
-    * the fit phase's draw at the top of the grid has a rate >= ``start_threshold``: estimate =
-      that rate (status "not_rare"), whatever was fitted below it;
-    * the trace's rollouts are mostly unknown (:func:`trace_no_data`): estimate NaN, no line
-      (status "no_data"), whatever else holds.
+    drawing twice. The fit and every rule where no line can be read are
+    :func:`lpe_paper_from_counts`'s, applied to the trace's counts (:func:`trace_paper_counts`):
+    "no_compliant" and "fallback" give ``fallback``, "not_rare" the top of the grid's rate,
+    "no_data" NaN and no line.
     """
-    trace = tuple(trace)
-    fit = [s for s in trace if s.phase == "fit"]
-    if not fit:
-        raise ValueError("the trace has no fit-phase step; build it with adaptive_draws")
-    pts = [(s.alpha, s.rate) for s in fit if s.rate is not None and 0 < s.rate < start_threshold]
-    rollouts, passes = trace_budget(trace, passes_per_token)
-    xs = tuple(a for a, _ in pts)
-    ys = tuple(float(np.log10(r)) for _, r in pts)
-    common = dict(
-        trace=trace,
-        fit_alphas=xs,
-        fit_log10_rates=ys,
-        start_alpha=fit[0].alpha,
-        rollouts=rollouts,
-        forward_passes=passes,
-    )
-    intercept = slope = None
-    estimate, status = float(fallback), degenerate.FALLBACK_STATUS
-    if len(pts) >= 2:
-        intercept, slope = ols_line(np.array(xs), np.array(ys))
-        estimate, status = float(10.0 ** (intercept + slope)), degenerate.OK
-    elif not any(s.k > 0 for s in trace):
-        status = degenerate.NO_COMPLIANT
-    top_rate = trace_not_rare(trace, start_threshold)
-    if top_rate is not None:
-        estimate, status = top_rate, degenerate.NOT_RARE
-    if trace_no_data(trace):
-        intercept = slope = None
-        estimate, status = float("nan"), degenerate.NO_DATA
+    tc = trace_paper_counts(trace, start_threshold=start_threshold, fallback=fallback)
+    res = tc.paper
+    fitted = res.fitted
+    ys = np.log10(tc.fit_k[fitted] / tc.fit_n[fitted])
+    ok = not bool(res.fallback) and not bool(res.no_data)
+    status = degenerate.OK
+    # The line at alpha = 1 summed as intercept + slope, bit for bit the scalar fit's value (the
+    # counts' log10_estimate sums it in another order: within an ulp, and evaluate()'s numbers).
+    estimate = float(10.0 ** (res.intercept + res.slope)) if ok else float("nan")
+    if res.no_data:
+        status = degenerate.NO_DATA
+    elif res.not_rare:  # the measured rate itself, not 10 ** log10 of it
+        estimate, status = float(tc.fit_k[-1] / tc.fit_n[-1]), degenerate.NOT_RARE
+    elif res.fallback:
+        estimate = float(fallback)
+        status = degenerate.NO_COMPLIANT if res.no_compliant else degenerate.FALLBACK_STATUS
+    _, passes = trace_budget(tc.trace, passes_per_token)
     return LPEResult(
         estimate=estimate,
-        intercept=intercept,
-        slope=slope,
-        fallback=len(pts) < 2,
+        trace=tc.trace,
+        intercept=float(res.intercept) if ok else None,
+        slope=float(res.slope) if ok else None,
+        fit_alphas=tuple(float(a) for a in tc.alphas[fitted]),
+        fit_log10_rates=tuple(float(y) for y in ys),
+        fallback=bool(res.fallback),
+        start_alpha=float(tc.alphas[int(res.start_index)]),
+        rollouts=int(res.rollouts),
+        forward_passes=passes,
         status=status,
-        **common,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class TracePaperCounts:
+    """One trace as the counts of :func:`lpe_paper_from_counts`, and that function's result.
+
+    Attributes:
+      trace: the trace's steps, in order.
+      alphas: float64 [A'] the alphas the trace drew, increasing (the top of the grid down to
+        the start alpha; the search never draws below it).
+      search_k, search_n, fit_k, fit_n: int64 [A'] compliant / judged counts per phase (0 where
+        a phase did not draw).
+      n_search, n_fit: rollouts of one search / fit draw.
+      paper: :func:`lpe_paper_from_counts` on these counts (scalar batch shape).
+    """
+
+    trace: tuple[LPEStep, ...]
+    alphas: np.ndarray
+    search_k: np.ndarray
+    search_n: np.ndarray
+    fit_k: np.ndarray
+    fit_n: np.ndarray
+    n_search: int
+    n_fit: int
+    paper: LPECountsResult
+
+
+def _phase_n(trace: Sequence[LPEStep], phase: str, default: int | None = None) -> int:
+    ns = {int(s.n) for s in trace if s.phase == phase}
+    if not ns and default is not None:
+        return default
+    if len(ns) != 1:
+        raise ValueError(
+            f"the trace's {phase}-phase steps draw {sorted(ns) or 'no'} rollouts; one "
+            "adaptive_draws run draws the same n at every step of a phase (build it with that)"
+        )
+    return ns.pop()
+
+
+def trace_paper_counts(
+    trace: Sequence[LPEStep],
+    *,
+    start_threshold: float = START_THRESHOLD,
+    fallback: float = FALLBACK,
+) -> TracePaperCounts:
+    """A trace from :func:`adaptive_draws` as counts, with :func:`lpe_paper_from_counts` run on
+    them: the trace API's one path into the counts API, so every rule is stated once.
+
+    Raises ValueError when the trace has no fit phase, draws twice at one alpha in one phase, or
+    is not what one search with ``start_threshold`` draws (its fit phase starts elsewhere).
+    """
+    trace = tuple(trace)
+    if not any(s.phase == "fit" for s in trace):
+        raise ValueError("the trace has no fit-phase step; build it with adaptive_draws")
+    n_fit = _phase_n(trace, "fit")
+    n_search = _phase_n(trace, "search", default=N_SEARCH)
+    alphas = np.unique(np.round([s.alpha for s in trace], 10))
+    counts = {
+        p: (np.zeros(alphas.size, np.int64), np.zeros(alphas.size, np.int64))
+        for p in ("search", "fit")
+    }
+    seen: set[tuple[str, int]] = set()
+    for s in trace:
+        i = int(np.searchsorted(alphas, round(s.alpha, 10)))
+        if (s.phase, i) in seen:
+            raise ValueError(f"the trace draws twice at alpha={s.alpha} in its {s.phase} phase")
+        seen.add((s.phase, i))
+        counts[s.phase][0][i], counts[s.phase][1][i] = s.k, s.n_judged
+    (sk, sn), (fk, fn) = counts["search"], counts["fit"]
+    paper = lpe_paper_from_counts(
+        sk,
+        sn,
+        fk,
+        fn,
+        alphas,
+        n_fit,
+        n_search=n_search,
+        start_threshold=start_threshold,
+        fallback=fallback,
+    )
+    first_fit = next(s.alpha for s in trace if s.phase == "fit")
+    if round(first_fit, 10) != alphas[int(paper.start_index)]:
+        raise ValueError(
+            f"the trace's fit phase starts at alpha={first_fit}, but a search with "
+            f"start_threshold={start_threshold} starts it at {alphas[int(paper.start_index)]}: "
+            "fit with the threshold the trace was drawn with"
+        )
+    return TracePaperCounts(trace, alphas, sk, sn, fk, fn, n_search, n_fit, paper)
 
 
 def trace_not_rare(
     trace: Sequence[LPEStep], start_threshold: float = START_THRESHOLD
 ) -> float | None:
-    """The top-of-grid rate when a trace is "not rare" (point 8 of the module docstring), else None.
-
-    The top of the grid is the largest alpha in the trace (the search starts there). Not rare:
-    the last fit-phase draw is at that alpha, was judged, and its rate is >= start_threshold.
-    """
-    fit = [s for s in trace if s.phase == "fit"]
-    if not fit:
-        return None
-    top = max(s.alpha for s in trace)
-    last = fit[-1]
-    if last.alpha == top and last.rate is not None and last.rate >= start_threshold:
-        return float(last.rate)
-    return None
+    """The top-of-grid rate when a trace is "not rare" (point 8 of the module docstring), else
+    None; :func:`lpe_paper_from_counts`'s rule on the trace's counts."""
+    tc = trace_paper_counts(trace, start_threshold=start_threshold)
+    return float(tc.fit_k[-1] / tc.fit_n[-1]) if tc.paper.not_rare else None
 
 
-def trace_no_data(trace: Sequence[LPEStep]) -> bool:
-    """Whether a run's rollouts are mostly unknown (:func:`degenerate.no_data` over every draw)."""
-    n = sum(int(s.n) for s in trace)
-    return bool(degenerate.no_data(n, sum(int(s.n_judged) for s in trace)))
+def trace_no_data(trace: Sequence[LPEStep], start_threshold: float = START_THRESHOLD) -> bool:
+    """Whether a run's rollouts are mostly unknown (:func:`degenerate.no_data` over every draw);
+    :func:`lpe_paper_from_counts`'s rule on the trace's counts."""
+    return bool(trace_paper_counts(trace, start_threshold=start_threshold).paper.no_data)
 
 
 def trace_counts(
@@ -430,6 +490,8 @@ class LPECountsResult:
     Attributes:
       log10_estimate: float64 [*B] (log10 of the fallback where ``fallback``).
       fallback: bool [*B].
+      intercept, slope: float64 [*B] the fitted line log10 r = intercept + slope * alpha
+        (NaN where ``fallback``).
       rollouts: int64 [*B] rollouts spent.
       start_index: int64 [*B] grid index of the start alpha.
       drawn: bool [*B, A] fit-phase alphas drawn (stopping zero included).
@@ -443,6 +505,8 @@ class LPECountsResult:
 
     log10_estimate: np.ndarray
     fallback: np.ndarray
+    intercept: np.ndarray
+    slope: np.ndarray
     rollouts: np.ndarray
     start_index: np.ndarray
     drawn: np.ndarray
@@ -510,6 +574,7 @@ def lpe_paper_from_counts(
     sxy = (m * dx * (y - ym[..., None])).sum(-1)
     ok = cnt >= 2
     slope = np.where(ok, sxy / np.where(ok, sxx, 1.0), 0.0)
+    intercept = ym - slope * xm
     log10_est = np.where(ok, ym + slope * (1.0 - xm), np.log10(fallback))
     top_k, top_n = fk[..., -1], fn[..., -1]
     not_rare = drawn[..., -1] & (top_n > 0) & (top_k >= start_threshold * top_n)
@@ -522,6 +587,8 @@ def lpe_paper_from_counts(
     return LPECountsResult(
         log10_estimate=log10_est,
         fallback=~ok,
+        intercept=np.where(ok, intercept, np.nan),
+        slope=np.where(ok, slope, np.nan),
         rollouts=rollouts.astype(np.int64),
         start_index=start.astype(np.int64),
         drawn=drawn,

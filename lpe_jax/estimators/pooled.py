@@ -25,7 +25,7 @@ import numpy as np
 from scipy import stats
 
 from lpe_jax.estimators import degenerate as dg
-from lpe_jax.estimators.binomial import count_points, trace_points
+from lpe_jax.estimators.binomial import count_points, trace_count_points
 from lpe_jax.estimators.degenerate import FALLBACK, fallback_log10, upper_bound
 from lpe_jax.estimators.lpe import (
     N_SEARCH,
@@ -33,8 +33,6 @@ from lpe_jax.estimators.lpe import (
     LPECountsResult,
     LPEStep,
     paper_alpha_grid,
-    trace_no_data,
-    trace_not_rare,
 )
 
 __all__ = [
@@ -480,40 +478,40 @@ def fit_pooled(
     traces = [tuple(t) for t in traces]
     if not traces:
         raise ValueError("fit_pooled needs at least one prompt's trace")
-    pts = [trace_points(t, draws, start_threshold) for t in traces]
-    grid = np.union1d(paper_alpha_grid(), np.concatenate([p[0] for p in pts]))
-    shape = (1, len(traces), grid.size)
-    k, n, mask = np.zeros(shape, np.int64), np.zeros(shape, np.int64), np.zeros(shape, bool)
-    tops = []
-    for i, (t, (a, kk, nn, sel)) in enumerate(zip(traces, pts, strict=True)):
+    pts = []
+    for i, t in enumerate(traces):
         if not any(s.phase == "fit" for s in t):
             raise ValueError(f"trace {i} has no fit-phase step; build it with adaptive_draws")
-        j = np.searchsorted(grid, a)
+        pts.append(trace_count_points(t, draws, start_threshold, fallback))
+    grid = np.union1d(paper_alpha_grid(), np.concatenate([p[0].alphas for p in pts]))
+    shape = (1, len(traces), grid.size)
+    k, n, mask = np.zeros(shape, np.int64), np.zeros(shape, np.int64), np.zeros(shape, bool)
+    for i, (tc, kk, nn, sel) in enumerate(pts):
+        j = np.searchsorted(grid, tc.alphas)
         k[0, i, j], n[0, i, j], mask[0, i, j] = kk, nn, sel
-        tops.append(trace_not_rare(t, start_threshold))
-        if tops[-1] is not None or trace_no_data(t):
+        if tc.paper.not_rare or tc.paper.no_data:
             mask[0, i] = False  # its own rule, not the population's line
     batch = fit_pooled_batch(
         grid, k, n, mask, level=level, fallback=fallback, prior=prior, firth=firth
     )
     out = []
-    for i, t in enumerate(traces):
+    for i, (tc, *_) in enumerate(pts):
         sel = mask[0, i]
         ptuple = dict(
             alphas=tuple(grid[sel].tolist()),
             k=tuple(k[0, i, sel].tolist()),
             n=tuple(n[0, i, sel].tolist()),
         )
-        if trace_no_data(t):
+        if tc.paper.no_data:
             nan = float("nan")
             out.append(PooledEstimate(nan, nan, 0.0, 1.0, None, None, dg.NO_DATA, **ptuple))
             continue
-        if tops[i] is not None:
-            last = [s for s in t if s.phase == "fit"][-1]
-            hi = float(upper_bound(last.k, last.n_judged, level))
+        if tc.paper.not_rare:
+            top_k, top_n = int(tc.fit_k[-1]), int(tc.fit_n[-1])
+            rate, hi = top_k / top_n, float(upper_bound(top_k, top_n, level))
             out.append(
                 PooledEstimate(
-                    tops[i], float(np.log10(tops[i])), 0.0, hi, None, None, dg.NOT_RARE, **ptuple
+                    rate, float(np.log10(rate)), 0.0, hi, None, None, dg.NOT_RARE, **ptuple
                 )
             )
             continue
@@ -525,7 +523,7 @@ def fit_pooled(
             status = dg.OK
         else:
             slope = prior = None
-            status = dg.FALLBACK_STATUS if any(s.k > 0 for s in t) else dg.NO_COMPLIANT
+            status = dg.NO_COMPLIANT if tc.paper.no_compliant else dg.FALLBACK_STATUS
         out.append(
             PooledEstimate(10.0**est, est, 10.0**lo, 10.0**hi, slope, prior, status, **ptuple)
         )

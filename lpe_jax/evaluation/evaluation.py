@@ -13,22 +13,22 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
 
 from lpe_jax.estimators.binomial import (
+    count_points,
     fit_selected_points,
     lpe_binomial_from_counts,
     lpe_binomial_grid_from_counts,
-    select_grid_points,
 )
 from lpe_jax.estimators.degenerate import no_data
 from lpe_jax.estimators.lpe import (
     N_SEARCH,
-    START_THRESHOLD,
     DrawResult,
+    LPECountsResult,
     lpe_paper_from_counts,
 )
 from lpe_jax.estimators.pooled import lpe_pooled_from_counts
@@ -45,6 +45,12 @@ __all__ = [
     "matching_budget",
     "evaluate",
     "paired_difference",
+    "Method",
+    "MethodPoint",
+    "METHODS",
+    "register_method",
+    "SimulatedDraws",
+    "AdaptiveDraws",
 ]
 
 _ARRAY_FIELDS = (
@@ -552,6 +558,233 @@ def _log10_error(log10_est: np.ndarray, truth: np.ndarray) -> tuple[float | None
     return float(err.mean()), frac_zero
 
 
+# ----------------------------------------------------------------------------- methods
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodPoint:
+    """One method at one setting over every simulation: one point of its curve.
+
+    Attributes:
+      log10_scores: float [S, P] log10 estimate per (simulation, eligible prompt); NaN for
+        "no_data" (a tie in the AUROC), -inf for an estimate of zero.
+      rollouts: mean rollouts spent per prompt.
+      forward_passes: mean forward passes per prompt, or None when token counts are missing.
+      coverage: fraction of prompts whose interval covers the exact r(1), or None.
+    """
+
+    log10_scores: np.ndarray
+    rollouts: float
+    forward_passes: float | None = None
+    coverage: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """An estimator :func:`evaluate` scores: one curve named ``name``.
+
+    Attributes:
+      name: the curve's name (unique among the methods evaluated).
+      settings: the knob values of its points: the name of one of :func:`evaluate`'s budget
+        arguments (``"naive_budgets"``, ``"is_budgets"``, ``"n_fits"``, ``"grid_rollouts"``),
+        or the values themselves (strictly increasing positive ints).
+      score: ``score(draws, setting) -> MethodPoint``: scores and budget at one setting from
+        the simulations' draws (:class:`SimulatedDraws`; take randomness from ``draws.rng``).
+        The budget comes with the scores because an adaptive method knows it only once run.
+      applies: ``applies(bank) -> bool``; False skips the method (e.g. no IS data).
+    """
+
+    name: str
+    settings: str | tuple[int, ...]
+    score: Callable[[SimulatedDraws, int], MethodPoint]
+    applies: Callable[[RolloutBank], bool] = lambda bank: True
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveDraws:
+    """The paper's search and advance at one n_fit in every simulation (:class:`SimulatedDraws`).
+
+    ``search_k, search_n, fit_k, fit_n`` int [S, P, A] are :func:`lpe.lpe_paper_from_counts`'s
+    counts, ``paper`` its result, ``forward_passes`` the mean forward passes per prompt (None
+    without token counts).
+    """
+
+    search_k: np.ndarray
+    search_n: np.ndarray
+    fit_k: np.ndarray
+    fit_n: np.ndarray
+    paper: LPECountsResult
+    forward_passes: float | None
+
+    @property
+    def counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self.search_k, self.search_n, self.fit_k, self.fit_n
+
+
+class SimulatedDraws:
+    """What every method of one :func:`evaluate` call draws from: the eligible prompts' bank and
+    the random draws methods share, each made once on first use and cached.
+
+    Attributes: ``bank`` (eligible prompts only), ``truth`` float [P] (truth_k / truth_n),
+    ``n_sims``, ``n_search``, ``subset_size``, ``seed``, ``coverage_pairs``, ``pooled_prior``,
+    ``settings`` (budget argument name -> tuple of ints) and ``rng`` (the call's generator;
+    methods run in order, so the same seed gives the same draws).
+    """
+
+    def __init__(
+        self,
+        bank: RolloutBank,
+        rng: np.random.Generator,
+        *,
+        n_sims: int,
+        n_search: int,
+        subset_size: int,
+        seed: int,
+        coverage_pairs: int,
+        pooled_prior: str,
+        settings: dict[str, tuple[int, ...]],
+    ) -> None:
+        self.bank, self.rng = bank, rng
+        self.truth = bank.truth_k / np.maximum(bank.truth_n, 1)
+        self.n_sims, self.n_search, self.subset_size = n_sims, n_search, subset_size
+        self.seed, self.coverage_pairs, self.pooled_prior = seed, coverage_pairs, pooled_prior
+        self.settings = settings
+        self._is: dict[str, np.ndarray] | None = None
+        self._counts: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
+        self._adaptive: dict[int, AdaptiveDraws] = {}
+
+    def is_scores(self) -> dict[str, np.ndarray]:
+        """Plain and self-normalized IS log10 scores at ``settings["is_budgets"]``,
+        {"is", "snis"} -> float [len(is_budgets), S, P]."""
+        if self._is is None:
+            b, budgets = self.bank, self.settings["is_budgets"]
+            cap = min(b.is_log_weights.shape[1], self.subset_size)
+            if max(budgets) > cap:
+                raise ValueError(f"is_budgets exceed the {cap} IS rollouts available per prompt")
+            self._is = _is_scores(b, budgets, self.n_sims, self.rng)
+        return self._is
+
+    def counts(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Nested (compliant, judged) counts int32 [S, P, A] among the first m rollouts of each
+        simulation's order, for m = n_search, n_search + each n_fit, and each grid R."""
+        if self._counts is None:
+            s = self.settings
+            levels = [self.n_search] + [self.n_search + v for v in s["n_fits"]]
+            levels += list(s["grid_rollouts"])
+            self._counts = _nested_counts(self.bank.compliance, levels, self.n_sims, self.rng)
+        return self._counts
+
+    def adaptive(self, n_fit: int) -> AdaptiveDraws:
+        """The paper's search and advance with ``n_fit`` rollouts per fit draw."""
+        if n_fit not in self._adaptive:
+            counts, b = self.counts(), self.bank
+            sk, sn = counts[self.n_search]
+            ck, cn = counts[self.n_search + n_fit]
+            fk, fn = ck - sk, cn - sn
+            res = lpe_paper_from_counts(sk, sn, fk, fn, b.alphas, n_fit, n_search=self.n_search)
+            fwd, means = None, _class_token_means(b)
+            if means is not None:
+                scanned = np.arange(b.alphas.size) >= res.start_index[..., None]
+                tok = (_expected_tokens(means, sk, sn, self.n_search) * scanned).sum(-1)
+                tok = tok + (_expected_tokens(means, fk, fn, n_fit) * res.drawn).sum(-1)
+                fwd = 2 * tok.mean()
+            self._adaptive[n_fit] = AdaptiveDraws(sk, sn, fk, fn, res, fwd)
+        return self._adaptive[n_fit]
+
+
+def _naive(d: SimulatedDraws, k: int) -> MethodPoint:
+    counts = d.rng.binomial(int(k), d.truth, size=(d.n_sims, d.truth.size))
+    tok = d.bank.truth_mean_tokens
+    with np.errstate(divide="ignore"):
+        scores = np.log10(counts / k)
+    return MethodPoint(scores, k, None if tok is None else k * float(tok.mean()))
+
+
+def _importance(kind: str) -> Callable[[SimulatedDraws, int], MethodPoint]:
+    def score(d: SimulatedDraws, n: int) -> MethodPoint:
+        i = d.settings["is_budgets"].index(n)
+        tok = d.bank.is_tokens
+        return MethodPoint(d.is_scores()[kind][i], n, None if tok is None else 2 * n * tok.mean())
+
+    return score
+
+
+def _lpe_paper(d: SimulatedDraws, n_fit: int) -> MethodPoint:
+    a = d.adaptive(n_fit)
+    return MethodPoint(a.paper.log10_estimate, a.paper.rollouts.mean(), a.forward_passes)
+
+
+def _lpe_binomial(draws: str) -> Callable[[SimulatedDraws, int], MethodPoint]:
+    def score(d: SimulatedDraws, n_fit: int) -> MethodPoint:
+        a, alphas = d.adaptive(n_fit), d.bank.alphas
+        est = lpe_binomial_from_counts(
+            *a.counts, alphas, n_fit, n_search=d.n_search, draws=draws, paper=a.paper
+        )
+        cov, exact = None, d.bank.true_r1
+        if exact is not None and d.coverage_pairs > 0:
+            pairs = np.random.default_rng(d.seed + n_fit).integers(
+                0, (d.n_sims, exact.size), size=(d.coverage_pairs, 2)
+            )
+            cov = _binomial_coverage(alphas, a.counts, draws, exact, pairs, d.n_search, n_fit)
+        return MethodPoint(est, a.paper.rollouts.mean(), a.forward_passes, cov)
+
+    return score
+
+
+def _lpe_pooled(d: SimulatedDraws, n_fit: int) -> MethodPoint:
+    a = d.adaptive(n_fit)
+    pooled = lpe_pooled_from_counts(
+        *a.counts,
+        d.bank.alphas,
+        n_fit,
+        n_search=d.n_search,
+        paper=a.paper,
+        prior=d.pooled_prior,
+    )
+    cov, exact = None, d.bank.true_r1
+    if exact is not None:
+        t = np.log10(exact)
+        cov = float(np.mean((pooled.log10_lower <= t) & (t <= pooled.log10_upper)))
+    return MethodPoint(pooled.log10_estimate, a.paper.rollouts.mean(), a.forward_passes, cov)
+
+
+def _lpe_binomial_grid(d: SimulatedDraws, r: int) -> MethodPoint:
+    b = d.bank
+    gk, gn = d.counts()[r]
+    est = lpe_binomial_grid_from_counts(b.alphas, gk, gn)
+    fwd = None if b.tokens is None else 2 * r * _class_mean_all(b).sum(-1).mean()
+    return MethodPoint(est, r * b.alphas.size, fwd)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method, *, replace: bool = False) -> Method:
+    """Add ``method`` to :data:`METHODS`, the methods :func:`evaluate` scores by default (in
+    registration order); returns it. Raises ValueError when its name is taken, unless
+    ``replace``."""
+    if method.name in METHODS and not replace:
+        raise ValueError(
+            f"a method named {method.name!r} is registered; pick another name or pass replace=True"
+        )
+    METHODS[method.name] = method
+    return method
+
+
+# Built-in methods, in the order evaluate() has always drawn their randomness.
+for _m in (
+    Method("naive", "naive_budgets", _naive),
+    Method("is", "is_budgets", _importance("is"), lambda b: b.is_log_weights is not None),
+    Method("snis", "is_budgets", _importance("snis"), lambda b: b.is_log_weights is not None),
+    Method("lpe_paper", "n_fits", _lpe_paper),
+    Method("lpe_binomial", "n_fits", _lpe_binomial("fit")),
+    Method("lpe_binomial_all", "n_fits", _lpe_binomial("all")),
+    Method("lpe_pooled", "n_fits", _lpe_pooled),
+    Method("lpe_binomial_grid", "grid_rollouts", _lpe_binomial_grid),
+):
+    register_method(_m)
+
+
 def evaluate(
     bank: RolloutBank,
     *,
@@ -578,6 +811,7 @@ def evaluate(
     seed: int = 0,
     coverage_pairs: int = 0,
     pooled_prior: str = "end",
+    methods: Sequence[Method] | None = None,
 ) -> EvaluationResult:
     """AUROC against budget for every method, by Monte Carlo over random subsets of the bank.
 
@@ -610,7 +844,9 @@ def evaluate(
       at a time, ~0.1 s each; 0 skips them).
 
     Methods whose data the bank lacks are skipped (no IS arrays: no is/snis curves). An empty
-    budget list skips that method. Raises ValueError if the labels lack a class.
+    budget list skips that method. ``methods`` (default: every method of :data:`METHODS`, in
+    registration order) names the curves to compute; :func:`register_method` adds your own
+    estimator. Raises ValueError if the labels lack a class.
     """
     t0 = time.perf_counter()
     if n_sims < 1:
@@ -623,97 +859,44 @@ def evaluate(
             f"AUROC needs positive and negative eligible prompts; got {int(y.sum())} positive "
             f"and {int((~y).sum())} negative among {int(eligible.sum())} eligible"
         )
-    n_r = min(b.compliance.shape[-1], subset_size)
-    for name, vals, cap in (
-        ("n_fits", [n_search + v for v in n_fits], n_r),
-        ("grid_rollouts", list(grid_rollouts), n_r),
-    ):
-        if vals and (min(vals) < 1 or max(vals) > cap):
-            raise ValueError(f"{name} need rollouts per alpha in [1, {cap}] (search included)")
-    for name, vals in (
-        ("naive_budgets", naive_budgets),
-        ("is_budgets", is_budgets),
-        ("n_fits", n_fits),
-        ("grid_rollouts", grid_rollouts),
-    ):
-        if list(vals) != sorted(set(vals)) or (vals and min(vals) < 1):
-            raise ValueError(f"{name} must be strictly increasing positive ints, got {vals}")
-    rng = np.random.default_rng(seed)
-    truth = b.truth_k / np.maximum(b.truth_n, 1)
+    settings = {
+        "naive_budgets": tuple(naive_budgets),
+        "is_budgets": tuple(is_budgets),
+        "n_fits": tuple(n_fits),
+        "grid_rollouts": tuple(grid_rollouts),
+    }
+    _check_settings(settings, n_search, min(b.compliance.shape[-1], subset_size))
+    methods = list(METHODS.values()) if methods is None else list(methods)
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f"method names must be unique, got {names}")
+    draws = SimulatedDraws(
+        b,
+        np.random.default_rng(seed),
+        n_sims=n_sims,
+        n_search=n_search,
+        subset_size=subset_size,
+        seed=seed,
+        coverage_pairs=coverage_pairs,
+        pooled_prior=pooled_prior,
+        settings=settings,
+    )
     pending: dict[str, dict] = {}
-
-    def add(method, setting, log10_scores, rollouts, forward, coverage=None):
-        d = pending.setdefault(
-            method, dict(setting=[], scores=[], rollouts=[], forward=[], coverage=[])
-        )
-        d["setting"].append(int(setting))
-        d["scores"].append(log10_scores)
-        d["rollouts"].append(float(rollouts))
-        d["forward"].append(None if forward is None else float(forward))
-        d["coverage"].append(coverage)
-
+    for m in methods:
+        values = _method_settings(m, settings)
+        if not values or not m.applies(b):
+            continue
+        d = pending[m.name] = dict(setting=[], scores=[], rollouts=[], forward=[], coverage=[])
+        for v in values:
+            p = m.score(draws, v)
+            d["setting"].append(int(v))
+            d["scores"].append(p.log10_scores)
+            d["rollouts"].append(float(p.rollouts))
+            d["forward"].append(None if p.forward_passes is None else float(p.forward_passes))
+            d["coverage"].append(p.coverage)
     exact = b.true_r1
-
-    # naive
-    mean_tok = None if b.truth_mean_tokens is None else float(b.truth_mean_tokens.mean())
-    for k in naive_budgets:
-        counts = rng.binomial(int(k), truth, size=(n_sims, truth.size))
-        with np.errstate(divide="ignore"):
-            add("naive", k, np.log10(counts / k), k, None if mean_tok is None else k * mean_tok)
-    # importance sampling
-    if b.is_log_weights is not None and len(is_budgets):
-        cap = min(b.is_log_weights.shape[1], subset_size)
-        if max(is_budgets) > cap:
-            raise ValueError(f"is_budgets exceed the {cap} IS rollouts available per prompt")
-        sc = _is_scores(b, is_budgets, n_sims, rng)
-        is_tok = None if b.is_tokens is None else float(b.is_tokens.mean())
-        for i, n in enumerate(is_budgets):
-            fwd = None if is_tok is None else 2 * n * is_tok
-            add("is", n, sc["is"][i], n, fwd)
-            add("snis", n, sc["snis"][i], n, fwd)
-    # LPE (adaptive, paper and binomial) and fixed-grid binomial
-    levels = [n_search] + [n_search + v for v in n_fits] + list(grid_rollouts)
-    counts = _nested_counts(b.compliance, levels, n_sims, rng)
-    means = _class_token_means(b)
-    sk, sn = counts[n_search]
-    search_tok = None if means is None else _expected_tokens(means, sk, sn, n_search)
-    for nf in n_fits:
-        ck, cn = counts[n_search + nf]
-        fk, fn = ck - sk, cn - sn
-        res = lpe_paper_from_counts(sk, sn, fk, fn, b.alphas, nf, n_search=n_search)
-        fwd = None
-        if means is not None:
-            scanned = np.arange(b.alphas.size) >= res.start_index[..., None]
-            tok = (search_tok * scanned).sum(-1)
-            tok = tok + (_expected_tokens(means, fk, fn, nf) * res.drawn).sum(-1)
-            fwd = 2 * tok.mean()
-        add("lpe_paper", nf, res.log10_estimate, res.rollouts.mean(), fwd)
-        for name, draws in (("lpe_binomial", "fit"), ("lpe_binomial_all", "all")):
-            est = lpe_binomial_from_counts(
-                sk, sn, fk, fn, b.alphas, nf, n_search=n_search, draws=draws, paper=res
-            )
-            cov = None
-            if exact is not None and coverage_pairs > 0:
-                pairs = np.random.default_rng(seed + nf).integers(
-                    0, (n_sims, exact.size), size=(coverage_pairs, 2)
-                )
-                cov = _binomial_coverage(b.alphas, (sk, sn, fk, fn), res, draws, exact, pairs)
-            add(name, nf, est, res.rollouts.mean(), fwd, cov)
-        pooled = lpe_pooled_from_counts(
-            sk, sn, fk, fn, b.alphas, nf, n_search=n_search, paper=res, prior=pooled_prior
-        )
-        cov = None
-        if exact is not None:
-            t = np.log10(exact)
-            cov = float(np.mean((pooled.log10_lower <= t) & (t <= pooled.log10_upper)))
-        add("lpe_pooled", nf, pooled.log10_estimate, res.rollouts.mean(), fwd, cov)
-    for r in grid_rollouts:
-        gk, gn = counts[r]
-        est = lpe_binomial_grid_from_counts(b.alphas, gk, gn)
-        fwd = None if means is None else 2 * r * _class_mean_all(b).sum(-1).mean()
-        add("lpe_binomial_grid", r, est, r * b.alphas.size, fwd)
-    pos_truth = truth if exact is None else exact
-    curves, wins = _curves(pending, y, truth, pos_truth, n_bootstrap, rng)
+    pos_truth = draws.truth if exact is None else exact
+    curves, wins = _curves(pending, y, draws.truth, pos_truth, n_bootstrap, draws.rng)
     return EvaluationResult(
         curves=curves,
         n_eligible=int(eligible.sum()),
@@ -727,25 +910,47 @@ def evaluate(
     )
 
 
-def _binomial_coverage(alphas, counts, paper, draws, exact, pairs) -> float:
+def _check_settings(settings: dict[str, tuple[int, ...]], n_search: int, n_r: int) -> None:
+    """Every budget list strictly increasing positive ints; rollouts per alpha within the bank."""
+    for name, vals in (
+        ("n_fits", [n_search + v for v in settings["n_fits"]]),
+        ("grid_rollouts", list(settings["grid_rollouts"])),
+    ):
+        if vals and (min(vals) < 1 or max(vals) > n_r):
+            raise ValueError(f"{name} need rollouts per alpha in [1, {n_r}] (search included)")
+    for name, vals in settings.items():
+        _check_increasing(name, vals)
+
+
+def _check_increasing(name: str, vals: Sequence[int]) -> None:
+    if list(vals) != sorted(set(vals)) or (vals and min(vals) < 1):
+        raise ValueError(f"{name} must be strictly increasing positive ints, got {vals}")
+
+
+def _method_settings(m: Method, settings: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    if isinstance(m.settings, str):
+        if m.settings not in settings:
+            raise ValueError(
+                f"method {m.name!r} takes its settings from {m.settings!r}; name one of "
+                f"{sorted(settings)} or give the values"
+            )
+        return settings[m.settings]
+    _check_increasing(f"method {m.name!r}'s settings", m.settings)
+    return tuple(m.settings)
+
+
+def _binomial_coverage(alphas, counts, draws, exact, pairs, n_search, n_fit) -> float:
     """Fraction of (simulation, prompt) ``pairs`` whose 95% binomial interval covers the exact
-    r(1), one :func:`binomial.fit_selected_points` per pair."""
-    sk, sn, fk, fn = counts
-    n_a = alphas.size
+    r(1), one :func:`binomial.fit_selected_points` per pair on :func:`binomial.count_points`."""
     hits = 0
     for s, p in pairs:
-        drawn = paper.drawn[s, p]
-        scanned = np.arange(n_a) >= paper.start_index[s, p]
-        k, n = fk[s, p] * drawn, fn[s, p] * drawn
-        if draws == "all":
-            k, n = k + sk[s, p] * scanned, n + sn[s, p] * scanned
-            sel = select_grid_points(k, n)
-        else:
-            sel = drawn & (fn[s, p] > 0) & (fk[s, p] < START_THRESHOLD * fn[s, p])
-        top = (int(fk[s, p, -1]), int(fn[s, p, -1])) if drawn[-1] else None
-        anyc = bool((sk[s, p] * scanned).sum() + (fk[s, p] * drawn).sum() > 0)
+        row = [x[s, p] for x in counts]
+        paper, k, n, sel = count_points(*row, alphas, n_fit, draws=draws, n_search=n_search)
+        top = (int(row[2][-1]), int(row[3][-1])) if paper.drawn[-1] else None
         keep = n > 0
-        f = fit_selected_points(alphas[keep], k[keep], n[keep], sel[keep], top, anyc)
+        f = fit_selected_points(
+            alphas[keep], k[keep], n[keep], sel[keep], top, not bool(paper.no_compliant)
+        )
         hits += f.lower <= exact[p] <= f.upper
     return hits / len(pairs)
 
