@@ -216,16 +216,21 @@ class Engine(Protocol):
     def idle(self) -> bool: ...
 
 
-def search_job(search: Generator[DrawRequest, Any, Any], seed: int) -> Job:
+def search_job(
+    search: Generator[DrawRequest, Any, Any], seed: int, record: list[Drawn] | None = None
+) -> Job:
     """A scheduler job from an estimator search that yields DrawRequest and receives DrawResult.
 
     Every request becomes a Draw on stream ``seed``; returns what the search returns. Compose
-    with ``yield from`` inside a larger job.
+    with ``yield from`` inside a larger job. ``record``, when given, gets every Drawn appended
+    in draw order (per-row verdicts and log-probs, e.g. for path importance sampling).
     """
     try:
         request = next(search)
         while True:
             drawn = yield Draw(request.alpha, request.n, seed)
+            if record is not None:
+                record.append(drawn)
             request = search.send(drawn.result())
     except StopIteration as stop:
         return stop.value
