@@ -156,9 +156,12 @@ def path_is_left_out() -> str | None:
     return None
 
 
+LABELS = {"is": "IS", "path_is": "path IS"}
+
+
 def left_out_methods() -> dict[str, str | None]:
     """Each method that may be left out on this run, and why (None: it runs)."""
-    return {"IS": importance_left_out(), "path IS": path_is_left_out()}
+    return {"is": importance_left_out(), "path_is": path_is_left_out()}
 
 
 def path_is_result(path: PathDraws) -> dict[str, Any]:
@@ -422,7 +425,7 @@ def main(argv: list[str]) -> None:
     atomic_write_json(out / "results.json", summary)
     print(report.table(results, truth))
     for method, why in summary["left_out"].items():
-        print(f"{method} left out: {why}")
+        print(f"{LABELS[method]} left out: {why}")
     if truth:
         print("\n" + report.score_lines(summary["scores"]))
     print("\n" + report.forecast_lines(summary["forecast"]))

@@ -238,6 +238,7 @@ def test_estimate_on_the_direction_path(tmp_path):
         assert r["is"]["status"] == r["path_is"]["status"] == "left_out"
         assert r["naive"]["n"] == r["rollouts"] > 0
     assert "is" not in summary["scores"] and "path_is" not in summary["scores"]
+    assert set(summary["left_out"]) == {"is", "path_is"}
 
 
 def test_judge_then_evaluate(tmp_path):
