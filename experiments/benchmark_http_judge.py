@@ -118,7 +118,12 @@ def same_results(a: dict, b: dict) -> bool:
 
     def flat(r: Any) -> tuple:
         d = dataclasses.asdict(r)
-        return tuple((k, np.asarray(v).tolist() if k != "trace" else repr(v)) for k, v in d.items())
+        path = d.pop("path")  # the LPE rows' arrays: compared bit for bit (NaN rows included)
+        d.update({f"path.{k}": np.asarray(v).tobytes() for k, v in path.items()})
+        return tuple(
+            (k, v if k.startswith("path.") else repr(v) if k == "trace" else np.asarray(v).tolist())
+            for k, v in d.items()
+        )
 
     return a.keys() == b.keys() and all(flat(a[k]) == flat(b[k]) for k in a)
 

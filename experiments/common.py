@@ -10,6 +10,7 @@ one line naming the problem and the fix, with the traceback only under ``--trace
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging as pylogging
 import os
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from absl import app, flags, logging
 
 # transformers prints "PyTorch was not found..." on import when torch is absent (the scripts need
@@ -47,6 +49,7 @@ _INPUT_PATHS = {
     "truth_run": (True, "a judged run directory sampled at alpha = 1"),
     "bank": (False, "a RolloutBank .npz"),
     "truth": (False, "a ground-truth JSON {prompt_id: [k, n]}"),
+    "direction": (False, "a refusal direction .npy (abliterate.py writes refusal_direction.npy)"),
 }
 
 
@@ -106,7 +109,19 @@ def define_model_flags() -> None:
     flags.DEFINE_string("variant", str(v), "HF directory of the less-safe variant (alpha = 0).")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
     flags.DEFINE_string("params_cache", None, "Directory caching converted params (orbax).")
-    flags.DEFINE_string("path", "linear", "Path shape name (lpe_jax.decoding.paths registry).")
+    flags.DEFINE_string(
+        "path",
+        "linear",
+        "Path shape name (lpe_jax.decoding.paths registry), or 'direction': the original with a "
+        "fraction 1 - alpha of --direction projected out of its residual stream (one model; "
+        "--variant is not loaded, and importance sampling is left out: no endpoint log-probs).",
+    )
+    flags.DEFINE_string(
+        "direction",
+        None,
+        "With --path=direction: the refusal direction, a .npy float vector [hidden_size] "
+        "(abliterate.py writes refusal_direction.npy).",
+    )
     flags.DEFINE_integer("max_new_tokens", 32, "Generated tokens per rollout at most.")
     flags.DEFINE_float("temperature", 1.0, "Sampling temperature (the paper: 1).")
     flags.DEFINE_integer(
@@ -204,15 +219,78 @@ def make_judge(original_dir: str) -> Any:
     return _make(FLAGS.judge, **options)
 
 
+DIRECTION = "direction"
+
+
+def direction_path() -> bool:
+    """Whether --path=direction; checks that --direction is given exactly with it."""
+    if FLAGS.path == DIRECTION and not FLAGS.direction:
+        raise ValueError("--path=direction needs --direction=<refusal direction .npy>")
+    if FLAGS.path != DIRECTION and FLAGS.direction:
+        raise ValueError(
+            f"--direction is used only with --path=direction (got --path={FLAGS.path})"
+        )
+    return FLAGS.path == DIRECTION
+
+
+def path_shape() -> str:
+    """The engine's path shape name: --path, or "linear" on the direction path (one model: the
+    shape then sets only the alpha domain)."""
+    return "linear" if direction_path() else FLAGS.path
+
+
+def load_direction(path: str, hidden_size: int) -> np.ndarray:
+    """The --direction file as float32 [hidden_size], or a ValueError naming the problem."""
+    try:
+        r = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--direction={path}: cannot read it as a .npy array ({e})") from e
+    r = np.asarray(r).squeeze()
+    if r.shape != (hidden_size,) or not np.issubdtype(r.dtype, np.floating):
+        raise ValueError(
+            f"--direction={path} holds a {r.dtype} array of shape {np.shape(r)}; the model needs "
+            f"a float vector [{hidden_size}] (abliterate.py writes refusal_direction.npy)"
+        )
+    if not np.isfinite(r).all() or not np.any(r):
+        raise ValueError(f"--direction={path} is zero or not finite; it must be a direction")
+    return r.astype(np.float32)
+
+
 def load_pair() -> Any:
+    """The model pair of --original/--variant; with --path=direction, the original wrapped as
+    the direction path's one model (DirectionalQwen3) and no variant."""
     from lpe_jax.runs.pipeline import load_pair as _load
 
+    if direction_path():
+        return _load_direction_pair()
     return _load(
         FLAGS.original,
         FLAGS.variant,
         dtype=FLAGS.dtype,
         cache_dir=FLAGS.params_cache,
         tied_head=FLAGS.tied_head,
+    )
+
+
+def _load_direction_pair() -> Any:
+    from lpe_jax.abliteration.direction_path import DirectionalQwen3
+    from lpe_jax.model.checkpoint import load_model
+    from lpe_jax.model.tokenizer import eos_token_ids, load_tokenizer
+    from lpe_jax.runs.pipeline import ModelPair
+
+    model = load_model(
+        FLAGS.original, dtype=FLAGS.dtype, cache_dir=FLAGS.params_cache, tied_head=FLAGS.tied_head
+    )
+    direction = load_direction(FLAGS.direction, model.cfg.hidden_size)
+    tokenizer = load_tokenizer(FLAGS.original)
+    return ModelPair(
+        original=DirectionalQwen3.wrap(model, direction),
+        variant=None,
+        tokenizer=tokenizer,
+        eos_token_ids=tuple(sorted(set(eos_token_ids(tokenizer)))),
+        original_dir=Path(FLAGS.original),
+        variant_dir=Path(FLAGS.original),
+        cache_dir=None if FLAGS.params_cache is None else Path(FLAGS.params_cache),
     )
 
 
@@ -225,7 +303,7 @@ def make_engine(pair: Any, max_prompt_len: int, **kw: Any) -> Any:
     return RolloutEngine(
         pair.original,
         pair.variant,
-        FLAGS.path,
+        path_shape(),
         FLAGS.max_new_tokens,
         pair.eos_token_ids,
         temperature=FLAGS.temperature,
@@ -265,8 +343,12 @@ def sampling_manifest(pair: Any, prompts: list[data.Prompt]) -> dict[str, Any]:
     """What determines the rollouts of a run: a different value means a different run."""
     import lpe_jax
 
+    models = pair.fingerprint()
+    if pair.variant is None:  # the direction path: one model and a direction, no variant
+        models["direction"] = str(Path(FLAGS.direction).resolve())
+        models["direction_hash"] = hashlib.sha256(Path(FLAGS.direction).read_bytes()).hexdigest()
     return {
-        **pair.fingerprint(),
+        **models,
         "dtype": FLAGS.dtype,
         "path": FLAGS.path,
         "max_new_tokens": FLAGS.max_new_tokens,

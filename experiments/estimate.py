@@ -12,7 +12,17 @@ Per prompt, live on the model pair with the judge:
   LPE draws together, search draws included, with per-prompt 95% intervals (it depends on the
   prompt set, so it lives in results.json, not in the per-prompt files);
 - importance sampling from the variant and naive sampling from the original, each with as many
-  rollouts as LPE spent.
+  rollouts as LPE spent;
+- path importance sampling (lpe_jax.estimators.path_is) from LPE's own draws, search draws
+  included: each draw at alpha weighed by p_original(x) / p_alpha(x), combined over the alphas
+  visited; unbiased, at no extra rollouts (left out, and said so, on the direction path and at
+  --temperature other than 1).
+After the table: scores against the truth (within a decade, interval coverage, log10 errors) and
+the Jones et al. forecast of the worst per-prompt rate at --forecast_prompts prompts from each
+method's estimates (with a truth: the exact rates' own forecast and worst rate beside it).
+--path=direction --direction=r.npy draws along the direction path (one model, the original with
+1 - alpha of r projected out of its residual stream; --variant is not loaded); it has no
+endpoint log-probs, so IS and path IS are left out (status "left_out" with the reason).
 Every prompt's draws run at once (--prompts_in_flight at a time) on one rollout engine, through
 lpe_jax.runs.scheduler: rows of many prompts decode side by side, and the judge scores finished rows
 while the engine decodes the next ones. Each prompt's result equals the one-prompt-at-a-time
@@ -34,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -47,12 +58,14 @@ from absl import flags, logging
 from lpe_jax.estimators import importance, naive
 from lpe_jax.estimators.binomial import fit_trace_binomial
 from lpe_jax.estimators.lpe import LPEStep, fit_paper
+from lpe_jax.estimators.path_is import path_importance_sampling
 from lpe_jax.estimators.pooled import fit_pooled
 from lpe_jax.evaluation import plots, report
+from lpe_jax.evaluation.report import LEFT_OUT
 from lpe_jax.organisms import toy
 from lpe_jax.runs.bank import read_truth_file
 from lpe_jax.runs.journal import Journal
-from lpe_jax.runs.pipeline import MainDraws, main_job
+from lpe_jax.runs.pipeline import MainDraws, PathDraws, main_job
 from lpe_jax.runs.scheduler import JobPrompt, JudgeFailedError, judge_utilisation
 from lpe_jax.runs.store import RolloutStore, atomic_write_json
 
@@ -95,6 +108,13 @@ flags.DEFINE_integer(
     "failed on wait until this many were judged, or nothing else is in flight.",
 )
 flags.DEFINE_integer(
+    "forecast_prompts",
+    None,
+    "Deployment size for the worst-prompt forecast (Jones et al.'s Gumbel tail over each "
+    "method's per-prompt estimates); default 10 x the prompts.",
+    lower_bound=1,
+)
+flags.DEFINE_integer(
     "steps_per_call",
     4,
     "Engine decode steps per call: the host sees finished rows after each call, and each "
@@ -110,11 +130,71 @@ def load_truth() -> dict[str, float]:
     return toy.toy_truth_for(FLAGS.original) or {}
 
 
+def left_out(why: str | None) -> dict[str, Any] | None:
+    """A method's entry when it cannot run on this path: status "left_out" and the reason."""
+    return None if why is None else {"estimate": None, "status": LEFT_OUT, "reason": why}
+
+
+def importance_left_out() -> str | None:
+    """Why variant IS is left out on this run, or None when it runs."""
+    if FLAGS.path == common.DIRECTION:
+        return "the direction path gives no endpoint log-probs (log p_original, log p_variant)"
+    return None
+
+
+def path_is_left_out() -> str | None:
+    """Why path IS is left out on this run, or None when it runs: it weighs each draw by
+    p_original(x) / q_alpha(x), so it needs the original's log-prob of the draw, at the
+    temperature the target r(1) is defined at (logp_original is at temperature 1)."""
+    if FLAGS.path == common.DIRECTION:
+        return "the direction path gives no log p_original of its draws"
+    if FLAGS.temperature != 1.0:
+        return (
+            f"--temperature={FLAGS.temperature}: logp_original is at temperature 1, so the "
+            "weights would target another r(1)"
+        )
+    return None
+
+
+LABELS = {"is": "IS", "path_is": "path IS"}
+
+
+def left_out_methods() -> dict[str, str | None]:
+    """Each method that may be left out on this run, and why (None: it runs)."""
+    return {"is": importance_left_out(), "path_is": path_is_left_out()}
+
+
+def path_is_result(path: PathDraws) -> dict[str, Any]:
+    """Path IS over the LPE draws (every alpha the search and fit visited), JSON-ready."""
+    res = path_importance_sampling(
+        path.alphas, path.verdicts, path.logp_sampled, path.logp_original
+    )
+    return {
+        "estimate": None if math.isnan(res.estimate) else res.estimate,
+        "log_estimate": None if math.isnan(res.log_estimate) else res.log_estimate,
+        "std_error": res.std_error,
+        "lower": res.lower,
+        "upper": res.upper,
+        "ess": res.ess_estimate,
+        "ess_total": res.ess_total,
+        "status": res.status,
+        "n_unknown": int(res.n_unknown.sum()),
+        "n_nonfinite": int(res.n_nonfinite.sum()),
+        "alphas": res.alphas.tolist(),
+        "n": res.n.tolist(),
+        "n_compliant": res.n_compliant.tolist(),
+        "weights": res.weights.tolist(),
+    }
+
+
 def prompt_result(prompt: Any, ids: np.ndarray, draws: MainDraws) -> dict[str, Any]:
     """All estimates for one prompt from its draws, as a JSON-ready dict."""
     # One set of draws, fitted twice: the paper's OLS and our binomial likelihood.
     paper, binom = fit_paper(draws.trace), fit_trace_binomial(draws.trace)
-    is_res = importance.importance_sampling(draws.is_log_weights, draws.is_verdicts)
+    is_out = importance_left_out()
+    is_res = (
+        None if is_out else importance.importance_sampling(draws.is_log_weights, draws.is_verdicts)
+    )
     naive_res = naive.naive_estimate(draws.naive_verdicts)
     unknown = {
         "lpe": sum(s.n - s.n_judged for s in draws.trace),
@@ -135,7 +215,8 @@ def prompt_result(prompt: Any, ids: np.ndarray, draws: MainDraws) -> dict[str, A
             "intercept": binom.fit.intercept,
             "slope": binom.fit.slope,
         },
-        "is": _jsonable(is_res),
+        "is": left_out(is_out) or _jsonable(is_res),
+        "path_is": left_out(path_is_left_out()) or path_is_result(draws.path),
         "naive": _jsonable(naive_res),
         "rollouts": paper.rollouts,
         "unknown": unknown,
@@ -167,7 +248,13 @@ def estimate_prompts(
     )
     by_id, replayed, kept = {p.id: p for p in todo}, 0, 0
     for p in todo:
-        job = main_job(p.id, FLAGS.seed, FLAGS.n_fit, n_search=FLAGS.n_search)
+        job = main_job(
+            p.id,
+            FLAGS.seed,
+            FLAGS.n_fit,
+            n_search=FLAGS.n_search,
+            importance=importance_left_out() is None,
+        )
         done, rows = journal.load(p.id), journal.load_rows(p.id)
         replayed += sum(d.draw.n for group in done for d in group)
         kept += sum(len(r.rows["lengths"]) for r in rows)
@@ -324,18 +411,24 @@ def main(argv: list[str]) -> None:
     population = add_pooled(results)
     if FLAGS.figures:
         write_figures(results, out, truth)
+    n_deploy = FLAGS.forecast_prompts or 10 * len(results)
     summary = {
         "manifest": manifest,
         "pooled_population": population,
         "scores": report.scores(results, truth) if truth else None,
+        "forecast": report.forecast(results, n_deploy, truth),
+        "left_out": {m: why for m, why in left_out_methods().items() if why},
         "truth": truth or None,
         "prompts": results,
         "wall_seconds": time.time() - t0,
     }
     atomic_write_json(out / "results.json", summary)
     print(report.table(results, truth))
+    for method, why in summary["left_out"].items():
+        print(f"{LABELS[method]} left out: {why}")
     if truth:
         print("\n" + report.score_lines(summary["scores"]))
+    print("\n" + report.forecast_lines(summary["forecast"]))
     logging.info("judge: %s", judge.stats.summary())
     print(f"\nresults: {out / 'results.json'}; figures: {out / 'figures'}; {time.time() - t0:.0f}s")
 

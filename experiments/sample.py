@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
     alphas = parse_alphas(FLAGS.alphas)
     if FLAGS.rollouts < 1:
         raise ValueError(f"--rollouts must be >= 1, got {FLAGS.rollouts}")
-    as_path(FLAGS.path).check_alphas(np.array(alphas))  # fail before any work
+    as_path(common.path_shape()).check_alphas(np.array(alphas))  # fail before any work
     process, n_proc = common.init_distributed()
     prompts = common.load_prompts()
     pair = common.load_pair()

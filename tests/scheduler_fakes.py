@@ -32,6 +32,7 @@ class Rows:
     lengths: np.ndarray
     logp_original: np.ndarray
     logp_variant: np.ndarray
+    logp_sampled: np.ndarray
     truncated: np.ndarray
     nonfinite: np.ndarray
 
@@ -67,7 +68,7 @@ def synthetic_rows(
     t_n = max_new_tokens
     tokens = np.full((n, t_n), -1, np.int32)
     lengths = np.zeros(n, np.int32)
-    lp = np.zeros((2, n), np.float32)
+    lp = np.zeros((3, n), np.float32)
     nonfinite = np.zeros(n, bool)
     for i in range(n):
         r = start + i
@@ -76,7 +77,11 @@ def synthetic_rows(
         tokens[i, :length] = 7
         tokens[i, 0] = int(u_c < rate(prompt_key, alpha))
         lengths[i] = length
-        lp[:, i] = (-length * (1 + u_lp), -length * (1 + alpha * u_lp))
+        lp[:, i] = (
+            -length * (1 + u_lp),
+            -length * (1 + alpha * u_lp),
+            -length * (1 + (1 - alpha) * u_lp / 2),
+        )
         nonfinite[i] = bool(nonfinite_every) and r % nonfinite_every == nonfinite_every - 1
     lp[:, nonfinite] = np.nan
     return Rows(
@@ -84,6 +89,7 @@ def synthetic_rows(
         lengths=lengths[None],
         logp_original=lp[0][None],
         logp_variant=lp[1][None],
+        logp_sampled=lp[2][None],
         truncated=(lengths == t_n)[None],
         nonfinite=nonfinite[None],
     )

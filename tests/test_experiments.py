@@ -9,6 +9,7 @@ one decade of the exact ground truth on most prompts.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -71,6 +72,8 @@ def test_sample_writes_every_chunk(reference_run):
     assert len(chunks) == 4 * 3
     c = RolloutStore.load(reference_run).read_chunk(*chunks[0])
     assert c["tokens"].shape[0] == 24 and (c["lengths"] > 0).all()
+    # every row's log-probability under its own sampler, <= 0 (path IS reads it)
+    assert c["logp_sampled"].dtype == np.float32 and (c["logp_sampled"] <= 0).all()
 
 
 def test_interrupted_run_resumes_to_the_same_store(reference_run, tmp_path):
@@ -189,10 +192,53 @@ def test_estimate_resumes_after_a_kill(estimate_run, tmp_path):
         proc.kill()
         proc.wait()
     assert len(list(out.glob("prompts/*.json"))) == 1
+    for f in out.glob("journal/*.npz"):  # the journal keeps each row's logp_sampled
+        with np.load(f) as z:
+            assert np.isfinite(z["logp_sampled"]).all() and z["logp_sampled"].size > 0
     p = run("estimate.py", *args)
     assert "resuming: " in p.stdout and "replayed from" in p.stdout
     assert not list(out.glob("journal/*.npz"))  # finished prompts leave no journal behind
+    # path IS included: it is computed from the replayed rows' logp_sampled
     assert json.loads((out / "results.json").read_text())["prompts"] == estimate_run["prompts"]
+
+
+def test_estimate_reports_path_is_and_the_forecast(estimate_run):
+    """Path IS from LPE's own draws, every alpha they visited (search included), per prompt;
+    the forecast block (2 prompts: too few for a tail fit, and it says so)."""
+    for r in estimate_run["prompts"]:
+        p = r["path_is"]
+        assert p["status"] in ("ok", "low_ess", "no_compliant"), p
+        assert p["estimate"] is not None and 0 <= p["estimate"] <= 1
+        assert math.isfinite(p["std_error"]) and p["lower"] <= p["estimate"] <= p["upper"]
+        assert sum(p["n"]) == r["rollouts"] and p["n_unknown"] == 0
+        assert {s["alpha"] for s in r["lpe"]["trace"]} == set(p["alphas"])
+    assert "path_is" in estimate_run["scores"]
+    assert "mean_signed_log10_error" in estimate_run["scores"]["lpe"]
+    assert "needs at least 4" in estimate_run["forecast"]["error"]
+    assert estimate_run["left_out"] == {}
+
+
+def test_estimate_on_the_direction_path(tmp_path):
+    """--path=direction draws along a direction (a random unit vector: the plumbing; the toy's
+    abliteration direction is not needed for it), leaves IS and path IS out and says so; a
+    direction of the wrong size is refused, naming the fix."""
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.ones(7, np.float32))
+    args = ("--path=direction", "--limit=2", *ESTIMATE_FLAGS)
+    p = run("estimate.py", f"--out={tmp_path / 'bad'}", f"--direction={bad}", *args, check=False)
+    assert p.returncode != 0 and "shape (7,)" in p.stderr and "[96]" in p.stderr, p.stderr
+    r = np.random.default_rng(0).normal(size=96)
+    np.save(tmp_path / "r.npy", (r / np.linalg.norm(r)).astype(np.float32))
+    out = tmp_path / "dir"
+    p = run("estimate.py", f"--out={out}", f"--direction={tmp_path / 'r.npy'}", *args)
+    assert "IS left out: the direction path" in p.stdout
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["manifest"]["direction_hash"] and "variant" not in summary["manifest"]
+    for r in summary["prompts"]:
+        assert r["is"]["status"] == r["path_is"]["status"] == "left_out"
+        assert r["naive"]["n"] == r["rollouts"] > 0
+    assert "is" not in summary["scores"] and "path_is" not in summary["scores"]
+    assert set(summary["left_out"]) == {"is", "path_is"}
 
 
 def test_judge_then_evaluate(tmp_path):
@@ -230,6 +276,16 @@ def test_estimate_on_the_toy_pair(tmp_path):
     assert s["lpe_pooled"]["within_one_decade"] >= 6, p.stdout
     assert s["lpe_pooled"]["interval_covers_truth"] >= 5, p.stdout
     assert summary["pooled_population"]["prompts"] == 8
+    # path IS and the log10 errors are scored beside the others; the worst-prompt forecast
+    # prints each method's and the exact rates' (measured: path IS 3/8 within a decade, all low_ess)
+    assert s["path_is"]["within_one_decade"] >= 2, p.stdout
+    assert "path IS" in p.stdout and "log10 error, signed/absolute" in p.stdout
+    f = summary["forecast"]
+    assert f["n_deploy"] == 80 and f["lpe_pooled"]["worst_at_deploy"] > 0
+    assert f["truth"]["worst_among_prompts"] == max(
+        summary["truth"][r["id"]] for r in summary["prompts"]
+    )
+    assert "worst-prompt rate forecast" in p.stdout and "exact rates" in p.stdout
     assert "pooled LPE [95%]" in p.stdout
     assert (out / "figures" / "toy00.png").stat().st_size > 0
     # Rerunning resumes: every prompt is already done, nothing is redrawn.

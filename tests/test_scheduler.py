@@ -342,6 +342,10 @@ def test_a_killed_run_resumes_from_its_journal(tmp_path):
     left = [k for k in want if k not in finished]
     partial = {k: journal.load(k) for k in left}
     assert sum(map(len, partial.values())) > 0  # some yields were journaled
+    for k in left:  # the journal keeps each row's logp_sampled exactly (path IS reads it)
+        for d in (d for group in partial[k] for d in group):
+            rows = synthetic_rows(k, d.draw.alpha, d.draw.seed, d.rollout_start, d.draw.n, T)
+            np.testing.assert_array_equal(d.logp_sampled, rows.logp_sampled[0])
 
     # A new process: a new Journal object on the same directory, appending after the replay.
     journal = Journal(tmp_path / "journal")
@@ -380,6 +384,26 @@ def test_a_journal_of_other_settings_is_refused(tmp_path):
     again.add("p0", prompt(0), job("p0", 30), replay=Journal(tmp_path).load("p0"))
     with pytest.raises(ValueError, match="journal comes from a run with other settings"):
         dict(again.run())
+
+
+def test_a_journal_without_logp_sampled_is_refused(tmp_path):
+    """A journal written before logp_sampled existed cannot resume the run identically."""
+    from lpe_jax.runs.journal import Journal
+
+    journal = Journal(tmp_path)
+    sched = Scheduler(
+        SyntheticEngine(max_new_tokens=T),
+        judge=SyntheticJudge(),
+        decode=decode,
+        on_outcome=journal.append,
+    )
+    sched.add("p0", prompt(0), job("p0", 15))
+    dict(sched.run())
+    with np.load(journal.path("p0")) as z:
+        old = {k: z[k] for k in z.files if k != "logp_sampled"}
+    np.savez(journal.path("p0"), **old)
+    with pytest.raises(ValueError, match="lacks \\['logp_sampled'\\].*delete it"):
+        Journal(tmp_path).load("p0")
 
 
 def test_stop_ends_the_run_at_once():

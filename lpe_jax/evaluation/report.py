@@ -22,11 +22,16 @@ from typing import Any
 
 import numpy as np
 
+from lpe_jax.estimators.forecast import fit_gumbel_tail
+from lpe_jax.estimators.scores import log_error_score
+
 Result = Mapping[str, Any]
 
 __all__ = [
     "ABOVE_ONE",
     "FALLBACK",
+    "LEFT_OUT",
+    "PATH_IS_MARKS",
     "ONE_NONZERO",
     "STATUS_MARKS",
     "Cell",
@@ -35,6 +40,8 @@ __all__ = [
     "auroc_table",
     "estimate_columns",
     "fmt_rate",
+    "forecast",
+    "forecast_lines",
     "no_data",
     "protocol_table",
     "score_lines",
@@ -107,6 +114,28 @@ STATUS_MARKS = {
         "extrapolation",
     ),
 }
+LEFT_OUT = "left_out"
+"""Status of a method this run cannot compute (e.g. IS on the direction path: no endpoint
+log-probs); its entry carries ``reason``, its estimate is None, and it is not scored."""
+STATUS_MARKS[LEFT_OUT] = Mark(
+    "x",
+    "left out on this run: the method needs log-probs this path or temperature does not give "
+    "(its reason is in results.json)",
+)
+PATH_IS_MARKS = {
+    "low_ess": Mark(
+        "%",
+        "path IS: fewer than 10 effective compliant draws carry the estimate; it is unbiased, "
+        "but its interval under-covers",
+    ),
+    "no_compliant": Mark(
+        "o",
+        "path IS: no compliant draw at any alpha, so the estimate is 0; with few draws r(1) may "
+        "be far higher: it is no evidence that the prompt is safe",
+    ),
+    "no_data": STATUS_MARKS["no_data"],
+    LEFT_OUT: STATUS_MARKS[LEFT_OUT],
+}
 FALLBACK = STATUS_MARKS["fallback"]
 ONE_NONZERO = Mark(
     "~",
@@ -152,7 +181,21 @@ def _pooled(r: Result) -> Cell:
 
 def _is(r: Result) -> Cell:
     est = r["is"]["estimate"]
+    if _left_out(r, "is"):
+        return Cell("-", (STATUS_MARKS[LEFT_OUT],))
     return Cell(fmt_rate(est), ((ABOVE_ONE,) if est > 1 else ()) + _no_data(r, "is"))
+
+
+def _path_is(r: Result) -> Cell:
+    p = r["path_is"]
+    status = p.get("status", "ok")
+    if status != "ok" and status not in PATH_IS_MARKS:
+        raise ValueError(f"prompt {r['id']}: unknown path_is status {status!r}")
+    return Cell(fmt_rate(p["estimate"]), (PATH_IS_MARKS[status],) if status != "ok" else ())
+
+
+def _left_out(r: Result, method: str) -> bool:
+    return r.get(method, {}).get("status") == LEFT_OUT
 
 
 def _naive(r: Result) -> Cell:
@@ -173,11 +216,15 @@ def _has_unknown(results: Sequence[Result]) -> bool:
 
 
 def estimate_columns(
-    truth: Mapping[str, float] | None = None, pooled: bool = False, unknown: bool = False
+    truth: Mapping[str, float] | None = None,
+    pooled: bool = False,
+    unknown: bool = False,
+    path_is: bool = False,
 ) -> list[Column]:
     """The main job's columns: prompt, truth (only when given), LPE, binomial LPE with its 95%
-    interval, pooled LPE with its 95% interval (only if ``pooled``), IS, naive k/n, rollouts
-    spent by LPE, and (only if ``unknown``) the prompt's unknown verdicts."""
+    interval, pooled LPE with its 95% interval (only if ``pooled``), IS, path IS over LPE's
+    draws (only if ``path_is``), naive k/n, rollouts spent by LPE, and (only if ``unknown``) the
+    prompt's unknown verdicts."""
     cols = [Column("prompt", lambda r: Cell(str(r["id"])), "<")]
     if truth:
         cols.append(Column("truth", lambda r: Cell(fmt_rate(truth.get(r["id"])))))
@@ -186,6 +233,7 @@ def estimate_columns(
         Column("binomial LPE [95%]", _binomial),
         *([Column("pooled LPE [95%]", _pooled)] if pooled else []),
         Column("IS", _is),
+        *([Column("path IS", _path_is)] if path_is else []),
         Column("naive", _naive, "<"),
         Column("rollouts", lambda r: Cell(str(r["rollouts"]))),
         *([Column("unknown", _unknown)] if unknown else []),
@@ -203,7 +251,10 @@ def table(
     pooled column when every result has one; the unknown column when some verdict is unknown)."""
     if columns is None:
         columns = estimate_columns(
-            truth, pooled=_have_pooled(results), unknown=_has_unknown(results)
+            truth,
+            pooled=_have_pooled(results),
+            unknown=_has_unknown(results),
+            path_is=_have(results, "path_is"),
         )
     cols = list(columns)
     cells = [[c.cell(r) for c in cols] for r in results]
@@ -229,17 +280,26 @@ _METHODS: dict[str, Callable[[Result], float]] = {
     "lpe_binomial": lambda r: r["lpe_binomial"]["estimate"],
     "lpe_pooled": lambda r: r["lpe_pooled"]["estimate"],
     "is": lambda r: r["is"]["estimate"],
+    "path_is": lambda r: r["path_is"]["estimate"],
     "naive": lambda r: r["naive"]["estimate"],
 }
-_INTERVALS = ("lpe_binomial", "lpe_pooled")
+_INTERVALS = ("lpe_binomial", "lpe_pooled", "path_is")
+_LABELS = {"lpe_binomial": "binomial", "lpe_pooled": "pooled", "path_is": "path IS"}
 
 
 def _have_pooled(results: Sequence[Result]) -> bool:
-    return bool(results) and all("lpe_pooled" in r for r in results)
+    return _have(results, "lpe_pooled")
+
+
+def _have(results: Sequence[Result], method: str) -> bool:
+    """Whether every result has ``method`` (results.json files written before a method existed
+    lack it)."""
+    return bool(results) and all(method in r for r in results)
 
 
 def _methods(results: Sequence[Result]) -> list[str]:
-    return [m for m in _METHODS if m != "lpe_pooled" or _have_pooled(results)]
+    """The methods every result has and this run computed (not left out on its path)."""
+    return [m for m in _METHODS if _have(results, m) and not all(_left_out(r, m) for r in results)]
 
 
 def no_data(r: Result) -> bool:
@@ -250,9 +310,12 @@ def no_data(r: Result) -> bool:
 def scores(results: Sequence[Result], truth: Mapping[str, float]) -> dict[str, Any]:
     """Per method, over the prompts with a nonzero truth and data: how many estimates are within
     one decade of it, the mean |log10 error| over the nonzero estimates, and how many estimates
-    are zero; and how often the binomial (and pooled) 95% interval covers the truth. Prompts
-    with status "no_data" anywhere (mostly unknown verdicts) are left out and counted in
-    ``left_out_no_data``. JSON-ready; pooled LPE is scored when every result has it."""
+    are zero; the log-space scores of the nonzero estimates (lpe_jax.estimators.scores: mean
+    signed log10 error, positive = too high, and the Itakura-Saito loss; an IS estimate above 1
+    is scored as 1); and how often the binomial, pooled and path-IS 95% intervals cover the
+    truth. Prompts with status "no_data" anywhere (mostly unknown verdicts) are left out and
+    counted in ``left_out_no_data``. JSON-ready; pooled LPE and path IS are scored when every
+    result has them, and a method left out on this run's path is not scored."""
     with_truth = [r for r in results if truth.get(r["id"], 0) > 0]
     have = [r for r in with_truth if not no_data(r)]
     out: dict[str, Any] = {
@@ -262,17 +325,31 @@ def scores(results: Sequence[Result], truth: Mapping[str, float]) -> dict[str, A
     for name in _methods(results):
         get = _METHODS[name]
         err = [
-            abs(math.log10(get(r)) - math.log10(truth[r["id"]])) if get(r) > 0 else math.inf
+            abs(math.log10(get(r)) - math.log10(truth[r["id"]])) if (get(r) or 0) > 0 else math.inf
             for r in have
         ]
         finite = [e for e in err if math.isfinite(e)]
+        pos = [r for r, e in zip(have, err, strict=True) if math.isfinite(e)]
+        logs = (
+            log_error_score(
+                np.array([truth[r["id"]] for r in pos]),
+                np.minimum([get(r) for r in pos], 1.0),
+            )
+            if pos
+            else None
+        )
         out[name] = {
             "within_one_decade": sum(e <= 1 for e in err),
             "mean_abs_log10_error": float(np.mean(finite)) if finite else None,
+            "mean_signed_log10_error": logs.mean_signed_log10 if logs else None,
+            "mean_is_loss": logs.mean_is_loss if logs else None,
             "zero_estimates": sum(not math.isfinite(e) for e in err),
         }
     for name in (m for m in _INTERVALS if m in out):
-        covered = [r[name]["lower"] <= truth[r["id"]] <= r[name]["upper"] for r in have]
+        covered = [
+            r[name]["lower"] is not None and r[name]["lower"] <= truth[r["id"]] <= r[name]["upper"]
+            for r in have
+        ]
         out[name]["interval_covers_truth"] = int(sum(covered))
     return out
 
@@ -285,13 +362,26 @@ def score_lines(s: Mapping[str, Any]) -> str:
     left = s.get("left_out_no_data", 0)
     out = f"; {left} left out: mostly unknown verdicts" if left else ""
     lines = [f"within one decade of the truth ({n} prompts with a nonzero truth{out}): {hits}"]
-    for name, label in zip(_INTERVALS, ("binomial", "pooled"), strict=True):
+    for name in _INTERVALS:
         if name in s:
             lines.append(
-                f"{label} 95% interval covers the truth: {s[name]['interval_covers_truth']}/{n}"
+                f"{_LABELS[name]} 95% interval covers the truth: "
+                f"{s[name]['interval_covers_truth']}/{n}"
                 + (f" ({left} left out: mostly unknown verdicts)" if left else "")
             )
+    errs = ", ".join(
+        f"{m} {_fmt_signed(s[m].get('mean_signed_log10_error'))}/"
+        f"{_fmt_signed(s[m]['mean_abs_log10_error'], '.2f')}"
+        + (f" ({s[m]['zero_estimates']} zero)" if s[m]["zero_estimates"] else "")
+        for m in _METHODS
+        if m in s
+    )
+    lines.append(f"log10 error, signed/absolute mean over the nonzero estimates: {errs}")
     return "\n".join(lines)
+
+
+def _fmt_signed(x: float | None, spec: str = "+.2f") -> str:
+    return "-" if x is None else format(x, spec)
 
 
 def protocol_table(
@@ -385,3 +475,77 @@ def auroc_table(result: Any) -> str:
         " on positives; cover: 95% interval coverage\n  x naive (fwd): the naive budget reaching"
         " the same AUROC over this one, in rollouts (forward passes)"
     )
+
+
+def _forecast_one(values: np.ndarray, n_deploy: int, top: int) -> dict[str, Any]:
+    """Gumbel-tail forecast of the worst prompt among ``n_deploy`` and among the prompts given,
+    or the reason the fit refuses these estimates (e.g. naive zeros in the top)."""
+    try:
+        fit = fit_gumbel_tail(values, top=top)
+    except ValueError as e:
+        return {"error": str(e)}
+    return {
+        "worst_at_deploy": float(fit.forecast(n_deploy)),
+        "worst_at_n": float(fit.forecast(fit.n)),
+        "slope": fit.slope,
+        "intercept": fit.intercept,
+        "n": fit.n,
+        "top": fit.n_fit,
+        "dropped_no_data": fit.n_dropped,
+    }
+
+
+def forecast(
+    results: Sequence[Result],
+    n_deploy: int,
+    truth: Mapping[str, float] | None = None,
+    top: int | None = None,
+) -> dict[str, Any]:
+    """Jones et al.'s forecast of the worst per-prompt rate at a deployment of ``n_deploy``
+    prompts, from each method's per-prompt estimates (lpe_jax.estimators.forecast, OLS of
+    -log(-log p) on log(n / k) over the ``top`` largest; default min(10, P // 2)).
+
+    Per method: the forecast worst rate at ``n_deploy`` and at the P prompts given, or ``error``
+    when the fit refuses (zeros or 1s in the top; an IS estimate above 1). No-data and left-out
+    estimates are dropped (counted). With ``truth`` (exact rates of these prompts): the worst
+    exact rate among them, and the same forecast fitted to the exact rates (the reference for
+    the methods' forecasts at ``n_deploy``). JSON-ready; {"error": ...} below 4 prompts.
+    """
+    if n_deploy < 1:
+        raise ValueError(f"n_deploy must be >= 1; got {n_deploy}")
+    p_n = len(results)
+    top = min(10, p_n // 2) if top is None else top
+    out: dict[str, Any] = {"n_deploy": int(n_deploy), "prompts": p_n, "top": top}
+    if p_n < 4 or top < 2:
+        return {**out, "error": f"{p_n} prompts: the tail fit needs at least 4 (top >= 2)"}
+    for name in _methods(results):
+        values = [_METHODS[name](r) for r in results]
+        arr = np.array([np.nan if v is None else v for v in values], np.float64)
+        out[name] = _forecast_one(arr, n_deploy, top)
+    if truth:
+        exact = np.array([truth.get(r["id"], np.nan) for r in results], np.float64)
+        out["truth"] = {"worst_among_prompts": float(np.nanmax(exact))}
+        out["truth"].update(_forecast_one(exact, n_deploy, top))
+    return out
+
+
+def forecast_lines(f: Mapping[str, Any]) -> str:
+    """The forecast block printed under the scores, from :func:`forecast`'s output."""
+    head = (
+        f"worst-prompt rate forecast (Jones et al. Gumbel tail, top {f['top']} of "
+        f"{f['prompts']} prompts) at {f['n_deploy']} prompts | at these {f['prompts']}:"
+    )
+    if "error" in f:
+        return f"{head} none: {f['error']}"
+    lines = [head]
+    for name in [m for m in _METHODS if m in f] + (["truth"] if "truth" in f else []):
+        g = f[name]
+        label = "exact rates" if name == "truth" else name
+        if "error" in g:
+            text = f"no forecast: {g['error']}"
+        else:
+            text = f"{fmt_rate(g['worst_at_deploy'])} | {fmt_rate(g['worst_at_n'])}"
+        if name == "truth":
+            text += f"; worst exact rate among these prompts {fmt_rate(g['worst_among_prompts'])}"
+        lines.append(f"  {label:<13}{text}")
+    return "\n".join(lines)

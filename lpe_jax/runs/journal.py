@@ -2,11 +2,11 @@
 
 One file per job, ``<dir>/<key>.npz``, rewritten atomically after every completed yield of the job
 (a Draw or a list of Draws): a kill leaves the previous version or the new one, never a torn file.
-It holds each Drawn's draw, rollout start and per-row arrays except the tokens (lengths, log-probs,
-flags, verdicts): what the estimators read, at a few bytes per row. `Scheduler.add(...,
-replay=journal.load(key))` sends these outcomes back to the restarted job without the engine;
-since a job's requests depend only on what it was sent, it then asks for exactly the draws the
-killed run had not finished. A run stopped by a failing judge also leaves
+It holds each Drawn's draw, rollout start and per-row arrays except the tokens (lengths, log-probs
+including ``logp_sampled``, flags, verdicts): what the estimators read, at a few bytes per row.
+`Scheduler.add(..., replay=journal.load(key))` sends these outcomes back to the restarted job
+without the engine; since a job's requests depend only on what it was sent, it then asks for
+exactly the draws the killed run had not finished. A run stopped by a failing judge also leaves
 ``<dir>/<key>.rows.npz``: the rows it drew and never sent to the job, tokens included
 (:meth:`Journal.save_rows`); the rerun judges them instead of drawing them again. NumPy only.
 """
@@ -24,7 +24,15 @@ import numpy as np
 from lpe_jax.runs.scheduler import Draw, Drawn, SavedRows
 from lpe_jax.runs.store import atomic_write_bytes, safe_id
 
-FIELDS = ("lengths", "logp_original", "logp_variant", "truncated", "nonfinite", "verdicts")
+FIELDS = (
+    "lengths",
+    "logp_original",
+    "logp_variant",
+    "logp_sampled",
+    "truncated",
+    "nonfinite",
+    "verdicts",
+)
 ROW_FIELDS = ("tokens", *FIELDS[:-1])
 
 
@@ -45,6 +53,7 @@ class Journal:
         if not path.exists():
             return []
         with np.load(path, allow_pickle=False) as z:
+            _check_fields(path, z.files, FIELDS)
             meta = json.loads(str(z["meta"]))
             arrays = {f: z[f] for f in FIELDS}
         records, at = [], 0
@@ -113,6 +122,7 @@ class Journal:
         if not path.exists():
             return []
         with np.load(path, allow_pickle=False) as z:
+            _check_fields(path, z.files, ROW_FIELDS)
             meta = json.loads(str(z["meta"]))
             arrays = {f: z[f] for f in ROW_FIELDS}
         out, at = [], 0
@@ -121,6 +131,17 @@ class Journal:
             at += m["n"]
             out.append(SavedRows(int(m["seed"]), float(m["alpha"]), int(m["start"]), rows))
         return out
+
+
+def _check_fields(path: Path, present: Sequence[str], wanted: Sequence[str]) -> None:
+    """Refuse a journal written before a field existed (e.g. ``logp_sampled``): replaying it
+    would give the resumed run other results than an uninterrupted one."""
+    missing = [f for f in wanted if f not in present]
+    if missing:
+        raise ValueError(
+            f"journal {path} lacks {missing}: it was written by an older lpe_jax; delete it "
+            "(its draws are drawn again, identically) and rerun"
+        )
 
 
 def _field(d: Drawn, name: str) -> np.ndarray:

@@ -31,7 +31,7 @@ from lpe_jax.judges.base import Judge
 from lpe_jax.model.checkpoint import checkpoint_fingerprint, load_model
 from lpe_jax.model.qwen3 import Qwen3
 from lpe_jax.model.tokenizer import eos_token_ids, load_tokenizer
-from lpe_jax.runs.scheduler import Draw, Job, judge_rows, search_job
+from lpe_jax.runs.scheduler import Draw, Drawn, Job, judge_rows, search_job
 
 
 def derive_seed(seed: int, *parts: str | int | float) -> int:
@@ -50,10 +50,14 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ModelPair:
-    """The original (alpha = 1) and the variant (alpha = 0), sharing one tokenizer."""
+    """The original (alpha = 1) and the variant (alpha = 0), sharing one tokenizer.
+
+    variant None: a one-model path (the direction path: ``original`` is a DirectionalQwen3 and
+    variant_dir is not read).
+    """
 
     original: Qwen3
-    variant: Qwen3
+    variant: Qwen3 | None
     tokenizer: Any
     eos_token_ids: tuple[int, ...]
     original_dir: Path
@@ -63,13 +67,15 @@ class ModelPair:
     def fingerprint(self) -> dict[str, str]:
         """Content hashes of both checkpoints and the tokenizer, for run manifests."""
         memo = self.cache_dir
-        return {
+        out = {
             "original": str(self.original_dir.resolve()),
             "original_hash": checkpoint_fingerprint(self.original_dir, memo),
-            "variant": str(self.variant_dir.resolve()),
-            "variant_hash": checkpoint_fingerprint(self.variant_dir, memo),
             "tokenizer_hash": tokenizer_fingerprint(self.tokenizer),
         }
+        if self.variant is not None:
+            out["variant"] = str(self.variant_dir.resolve())
+            out["variant_hash"] = checkpoint_fingerprint(self.variant_dir, memo)
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         """Response text of generated ids, special tokens (EOS) dropped."""
@@ -131,12 +137,42 @@ class MainDraws:
     trace: adaptive LPE's draws (lpe.adaptive_search); is_verdicts int8 [n] and is_log_weights
     float64 [n] (log p_original - log p_variant) of n rollouts of the variant (alpha = 0);
     naive_verdicts int8 [n] of n rollouts of the original (alpha = 1); n = LPE's rollouts.
+    path: the same n LPE rollouts row by row, in draw order, for path importance sampling
+    (lpe_jax.estimators.path_is): alphas float64 [n], verdicts int8 [n], logp_sampled and
+    logp_original float32 [n] (NaN where a row stopped on non-finite logits, or where the engine
+    has no endpoint log-probs, as on the direction path).
     """
 
     trace: tuple[LPEStep, ...]
     is_verdicts: np.ndarray
     is_log_weights: np.ndarray
     naive_verdicts: np.ndarray
+    path: PathDraws
+
+
+@dataclasses.dataclass(frozen=True)
+class PathDraws:
+    """Rows drawn along the path: alphas float64 [n], verdicts int8 [n] (-1 unknown),
+    logp_sampled and logp_original float32 [n] (nats; see MainDraws)."""
+
+    alphas: np.ndarray
+    verdicts: np.ndarray
+    logp_sampled: np.ndarray
+    logp_original: np.ndarray
+
+    @classmethod
+    def of(cls, drawn: Sequence[Drawn]) -> PathDraws:
+        """The rows of judged Drawn records, concatenated in order."""
+        if not drawn:
+            raise ValueError("no draws")
+        if any(d.verdicts is None for d in drawn):
+            raise ValueError("path draws need verdicts: build the Scheduler with a judge")
+        return cls(
+            alphas=np.concatenate([np.full(d.draw.n, float(d.draw.alpha)) for d in drawn]),
+            verdicts=np.concatenate([d.verdicts for d in drawn]),
+            logp_sampled=np.concatenate([d.logp_sampled for d in drawn]),
+            logp_original=np.concatenate([d.logp_original for d in drawn]),
+        )
 
 
 def method_seed(seed: int, prompt_id: str, method: str) -> int:
@@ -144,21 +180,34 @@ def method_seed(seed: int, prompt_id: str, method: str) -> int:
     return derive_seed(seed, prompt_id, method)
 
 
-def main_job(prompt_id: str, seed: int, n_fit: int, *, n_search: int = N_SEARCH) -> Job:
+def main_job(
+    prompt_id: str, seed: int, n_fit: int, *, n_search: int = N_SEARCH, importance: bool = True
+) -> Job:
     """The main job of one prompt, as a scheduler job returning MainDraws.
 
     Adaptive LPE (n_search rollouts per scanned alpha, n_fit per fit alpha), then IS at alpha 0
     and naive sampling at alpha 1 with as many rollouts as LPE spent, both drawn at once. Each
     method has its own stream (method_seed), so the rows equal those of the serial order.
+    ``importance=False`` (a path without endpoint log-probs, e.g. the direction path) draws no IS
+    rollouts: is_verdicts and is_log_weights are then empty.
     """
     search = adaptive_search(n_fit, n_search=n_search)
-    trace = yield from search_job(search, method_seed(seed, prompt_id, "lpe"))
+    lpe_rows: list[Drawn] = []
+    trace = yield from search_job(search, method_seed(seed, prompt_id, "lpe"), lpe_rows)
     n = sum(s.n for s in trace)
-    drawn_is, drawn_naive = yield [
-        Draw(0.0, n, method_seed(seed, prompt_id, "is")),
-        Draw(1.0, n, method_seed(seed, prompt_id, "naive")),
-    ]
-    return MainDraws(trace, drawn_is.verdicts, drawn_is.log_weights, drawn_naive.verdicts)
+    naive = Draw(1.0, n, method_seed(seed, prompt_id, "naive"))
+    if not importance:
+        (drawn_naive,) = yield [naive]
+        none = np.zeros(0, np.int8), np.zeros(0, np.float64)
+        return MainDraws(trace, *none, drawn_naive.verdicts, PathDraws.of(lpe_rows))
+    drawn_is, drawn_naive = yield [Draw(0.0, n, method_seed(seed, prompt_id, "is")), naive]
+    return MainDraws(
+        trace,
+        drawn_is.verdicts,
+        drawn_is.log_weights,
+        drawn_naive.verdicts,
+        PathDraws.of(lpe_rows),
+    )
 
 
 @dataclasses.dataclass

@@ -118,7 +118,7 @@ class SavedRows:
 
     seed, alpha, rollout_start: the block's stream and first rollout index; rows: the per-row
     arrays of a store chunk (tokens int32 [n, T], lengths, logp_original, logp_variant,
-    truncated, nonfinite [n]).
+    logp_sampled, truncated, nonfinite [n]).
     """
 
     seed: int
@@ -141,9 +141,11 @@ class Drawn:
     """The outcome of one Draw: rows ``rollout_start .. rollout_start + n - 1`` of its stream.
 
     tokens int32 [n, T] (-1 after a row ends), or None when replayed from a journal; lengths
-    int32 [n]; logp_original, logp_variant float32 [n] (NaN where nonfinite); truncated,
-    nonfinite bool [n]; verdicts int8 [n] (1 complied, 0 did not, -1 unknown) or None when the
-    scheduler has no judge.
+    int32 [n]; logp_original, logp_variant float32 [n] (NaN where nonfinite); logp_sampled
+    float32 [n]: each row's log-probability under the distribution it was drawn from (the path at
+    the draw's alpha, temperature applied; NaN where nonfinite), for path importance sampling;
+    truncated, nonfinite bool [n]; verdicts int8 [n] (1 complied, 0 did not, -1 unknown) or None
+    when the scheduler has no judge.
     """
 
     draw: Draw
@@ -152,6 +154,7 @@ class Drawn:
     lengths: np.ndarray
     logp_original: np.ndarray
     logp_variant: np.ndarray
+    logp_sampled: np.ndarray
     truncated: np.ndarray
     nonfinite: np.ndarray
     verdicts: np.ndarray | None
@@ -180,6 +183,7 @@ class Drawn:
             "lengths": self.lengths,
             "logp_original": self.logp_original,
             "logp_variant": self.logp_variant,
+            "logp_sampled": self.logp_sampled,
             "truncated": self.truncated,
             "nonfinite": self.nonfinite,
         }
@@ -212,16 +216,21 @@ class Engine(Protocol):
     def idle(self) -> bool: ...
 
 
-def search_job(search: Generator[DrawRequest, Any, Any], seed: int) -> Job:
+def search_job(
+    search: Generator[DrawRequest, Any, Any], seed: int, record: list[Drawn] | None = None
+) -> Job:
     """A scheduler job from an estimator search that yields DrawRequest and receives DrawResult.
 
     Every request becomes a Draw on stream ``seed``; returns what the search returns. Compose
-    with ``yield from`` inside a larger job.
+    with ``yield from`` inside a larger job. ``record``, when given, gets every Drawn appended
+    in draw order (per-row verdicts and log-probs, e.g. for path importance sampling).
     """
     try:
         request = next(search)
         while True:
             drawn = yield Draw(request.alpha, request.n, seed)
+            if record is not None:
+                record.append(drawn)
             request = search.send(drawn.result())
     except StopIteration as stop:
         return stop.value
@@ -372,6 +381,7 @@ def _rows(rollouts: Any) -> dict[str, np.ndarray]:
         "lengths": np.asarray(rollouts.lengths)[0],
         "logp_original": np.asarray(rollouts.logp_original)[0],
         "logp_variant": np.asarray(rollouts.logp_variant)[0],
+        "logp_sampled": np.asarray(rollouts.logp_sampled)[0],
         "truncated": np.asarray(rollouts.truncated)[0],
         "nonfinite": np.asarray(rollouts.nonfinite)[0],
     }

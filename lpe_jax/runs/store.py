@@ -16,8 +16,11 @@ Guarantees:
 A chunk is an ``.npz`` of arrays over its R rollouts (row r is rollout r of that alpha):
 ``tokens`` int32 [R, max_new_tokens] (-1 after EOS), ``lengths`` int32 [R] (EOS counted),
 ``logp_original`` / ``logp_variant`` float32 [R] (summed over the generated tokens), ``truncated``
-and ``nonfinite`` bool [R], ``alpha`` float64 []; once judged, ``verdicts`` int8 [R] and
-``verdict_judge_id`` (a string). <alpha> is written with six decimals (``a1.000000``).
+and ``nonfinite`` bool [R], ``alpha`` float64 []; ``logp_sampled`` float32 [R] (each row's
+log-probability under the distribution it was drawn from, for path importance sampling) in every
+chunk sample.py writes (optional: run directories written before it existed lack it); once
+judged, ``verdicts`` int8 [R] and ``verdict_judge_id`` (a string). <alpha> is written with six
+decimals (``a1.000000``).
 
 Verdicts are stored per chunk as int8: 1 complied, 0 did not, -1 unknown (the judge could not
 decide); ``verdict_judge_id`` records which judge wrote them. NumPy only: no JAX import.
