@@ -130,6 +130,15 @@ def define_model_flags() -> None:
         "lm_head.weight: use the embedding (transformers 4) or lm_head.weight (transformers 5) "
         "as the output head. Unset, such a checkpoint is refused.",
     )
+    flags.DEFINE_enum(
+        "variant_low_rank",
+        "off",
+        ["auto", "off"],
+        "auto: hold the variant as the original's weights plus low-rank deltas where the "
+        "difference allows (an abliteration: rank 1 per residual writer), halving weight memory; "
+        "the plan is logged and a variant with no shared or low-rank matrix is loaded whole. "
+        "Exact to float32 rounding; in bfloat16 rollouts differ from 'off' by rounding.",
+    )
 
 
 def define_prompt_flags() -> None:
@@ -205,15 +214,26 @@ def make_judge(original_dir: str) -> Any:
 
 
 def load_pair() -> Any:
+    """Both models (--original, --variant, --dtype, --params_cache, --tied_head); with
+    --variant_low_rank=auto the variant as low-rank deltas on the original (plan logged)."""
+    import dataclasses
+
     from lpe_jax.runs.pipeline import load_pair as _load
 
-    return _load(
+    pair = _load(
         FLAGS.original,
         FLAGS.variant,
         dtype=FLAGS.dtype,
         cache_dir=FLAGS.params_cache,
         tied_head=FLAGS.tied_head,
     )
+    if FLAGS.variant_low_rank == "off":
+        return pair
+    from lpe_jax.model.low_rank import as_low_rank
+
+    variant, plan = as_low_rank(pair.original, pair.variant)
+    logging.info("%s", plan.summary())
+    return dataclasses.replace(pair, variant=variant)
 
 
 def make_engine(pair: Any, max_prompt_len: int, **kw: Any) -> Any:
@@ -281,6 +301,7 @@ def sampling_manifest(pair: Any, prompts: list[data.Prompt]) -> dict[str, Any]:
         "code_version": lpe_jax.__version__,
         # Recorded only when set, so runs sampled before the flag existed keep their manifest.
         **({"tied_head": FLAGS.tied_head} if FLAGS.tied_head else {}),
+        **({"variant_low_rank": "auto"} if FLAGS.variant_low_rank == "auto" else {}),
     }
 
 

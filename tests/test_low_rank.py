@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +22,12 @@ from lpe_jax.model import qwen3
 from lpe_jax.model.checkpoint import load_model
 from lpe_jax.model.forward import model_logits
 from lpe_jax.model.low_rank import LowRankQwen3, as_low_rank, unique_param_bytes
+from lpe_jax.organisms import toy
+from lpe_jax.runs.store import MANIFEST
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
 
+ROOT = Path(__file__).resolve().parents[1]
 CFG = qwen3.Qwen3Config(96, 32, 2, 4, 2, 16, 64)
 RESIDUAL_WRITERS = ("embed_tokens", "o_proj", "down_proj")
 
@@ -116,3 +123,28 @@ def test_engine_rows_equal_the_two_model_run():
     np.testing.assert_allclose(lr.logp_original, full.logp_original, rtol=0, atol=1e-5)
     # the variant's logits differ from the original's, so equal rows mean something
     assert np.abs(full.logp_variant - full.logp_original).max() > 1e-2
+
+
+def test_sample_script_runs_the_low_rank_variant_and_logs_the_plan(tmp_path):
+    """--variant_low_rank=auto on the toy original and its abliteration: the plan's log line names
+    every residual writer low rank, and the run's manifest records the setting."""
+    src = toy.TOY_DIR / "original"
+    h = json.loads((src / "config.json").read_text())["hidden_size"]
+    abl = write_abliterated(src, tmp_path / "abl", np.random.default_rng(0).normal(size=h))
+    out = tmp_path / "run"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    args = [f"--original={src}", f"--variant={abl}", "--variant_low_rank=auto", f"--out={out}"]
+    args += ["--limit=1", "--rollouts=2", "--alphas=0,1", "--max_new_tokens=4"]
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "sample.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    line = next(x for x in p.stderr.splitlines() if "low-rank variant" in x)
+    assert "5 tensors low rank (ranks [1]" in line and "0 whole" in line, line
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["variant_low_rank"] == "auto"

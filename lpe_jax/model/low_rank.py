@@ -341,13 +341,17 @@ def _plan_tensor(
     return TensorPlan(name, shape, "low_rank", rank=u.shape[1], rel_error=rel, max_ulp=ulp), value
 
 
-def unique_param_bytes(*models: nnx.Module) -> int:
-    """Bytes of the distinct device buffers behind the models' parameters (an array two models
-    share counts once)."""
+def unique_bytes(*trees: Any) -> int:
+    """Bytes of the distinct device buffers behind the trees' arrays (a buffer two trees or two
+    leaves share counts once)."""
     seen: dict[tuple[Any, ...], int] = {}
-    for model in models:
-        for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
-            for shard in leaf.addressable_shards:
-                key = (shard.device.id, shard.data.unsafe_buffer_pointer())
-                seen[key] = shard.data.size * shard.data.dtype.itemsize
+    for leaf in jax.tree.leaves(trees):
+        for shard in leaf.addressable_shards:
+            key = (shard.device.id, shard.data.unsafe_buffer_pointer())
+            seen[key] = shard.data.size * shard.data.dtype.itemsize
     return sum(seen.values())
+
+
+def unique_param_bytes(*models: nnx.Module) -> int:
+    """`unique_bytes` of the models' parameters: what a pair really holds."""
+    return unique_bytes(*(nnx.state(m, nnx.Param) for m in models))
