@@ -7,7 +7,8 @@ own, as two loaded checkpoints would be. One jitted step = both models decode on
 
 --mode=both: step time, alternating the two ways round by round (a loaded box drifts), the params
 held (distinct buffers) and XLA's cost-analysis bytes accessed per step. --mode=two|low_rank: one
-way only, with the process's RSS after setup and its peak (run each in its own process).
+way only, with the live JAX buffers at the end (what a device would hold) and the process's RSS
+(run each in its own process; freed host memory is not always returned, so RSS lags).
 
   .venv/bin/python experiments/benchmark_low_rank.py --mode=both
 """
@@ -29,7 +30,7 @@ from flax import nnx
 
 from lpe_jax.abliteration.orthogonalize import orthogonalize_model
 from lpe_jax.model import qwen3
-from lpe_jax.model.low_rank import as_low_rank, unique_param_bytes
+from lpe_jax.model.low_rank import as_low_rank, unique_bytes, unique_param_bytes
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "both", ["both", "two", "low_rank"], "Which pair(s) to run.")
@@ -135,7 +136,11 @@ def main(argv: list[str]) -> None:
         with open("/proc/self/status") as fh:
             now = next(int(x.split()[1]) for x in fh if x.startswith("VmRSS")) / 1024
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"RSS: peak during setup {rss:.0f} MiB, at the end {now:.0f}, peak {peak:.0f}")
+        live = unique_bytes(jax.live_arrays()) / MIB  # what a device would hold
+        print(
+            f"live JAX buffers at the end {live:.0f} MiB; RSS: peak during setup {rss:.0f} MiB, "
+            f"at the end {now:.0f}, peak {peak:.0f}"
+        )
 
 
 if __name__ == "__main__":
