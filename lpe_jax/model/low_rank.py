@@ -150,7 +150,7 @@ class LowRankPlan:
         mib = 2.0**20
         line = (
             f"low-rank variant (max_rank {self.max_rank}): {len(lr)} tensors low rank "
-            f"(ranks {ranks}, max rel error {err:.2e}, max {ulp:.2f} ulp), "
+            f"(ranks {ranks}, max rel error {err:.2e}, max element error {ulp:.2f} eps*max|W|), "
             f"{len(self.of_kind('shared'))} shared, {len(whole)} whole"
         )
         if whole:
