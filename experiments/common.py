@@ -145,6 +145,15 @@ def define_model_flags() -> None:
         "lm_head.weight: use the embedding (transformers 4) or lm_head.weight (transformers 5) "
         "as the output head. Unset, such a checkpoint is refused.",
     )
+    flags.DEFINE_enum(
+        "variant_low_rank",
+        "off",
+        ["auto", "off"],
+        "auto: hold the variant as the original's weights plus low-rank deltas where the "
+        "difference allows (an abliteration: rank 1 per residual writer), halving weight memory; "
+        "the plan is logged and a variant with no shared or low-rank matrix is loaded whole. "
+        "Exact to float32 rounding; in bfloat16 rollouts differ from 'off' by rounding.",
+    )
 
 
 def define_prompt_flags() -> None:
@@ -257,19 +266,32 @@ def load_direction(path: str, hidden_size: int) -> np.ndarray:
 
 
 def load_pair() -> Any:
-    """The model pair of --original/--variant; with --path=direction, the original wrapped as
-    the direction path's one model (DirectionalQwen3) and no variant."""
+    """The model pair of --original/--variant (--dtype, --params_cache, --tied_head); with
+    --variant_low_rank=auto the variant as low-rank deltas on the original (plan logged); with
+    --path=direction, the original wrapped as the direction path's one model (DirectionalQwen3)
+    and no variant."""
+    import dataclasses
+
     from lpe_jax.runs.pipeline import load_pair as _load
 
     if direction_path():
+        if FLAGS.variant_low_rank != "off":
+            raise ValueError("--variant_low_rank applies to a variant; --path=direction has none")
         return _load_direction_pair()
-    return _load(
+    pair = _load(
         FLAGS.original,
         FLAGS.variant,
         dtype=FLAGS.dtype,
         cache_dir=FLAGS.params_cache,
         tied_head=FLAGS.tied_head,
     )
+    if FLAGS.variant_low_rank == "off":
+        return pair
+    from lpe_jax.model.low_rank import as_low_rank
+
+    variant, plan = as_low_rank(pair.original, pair.variant)
+    logging.info("%s", plan.summary())
+    return dataclasses.replace(pair, variant=variant)
 
 
 def _load_direction_pair() -> Any:
@@ -363,6 +385,7 @@ def sampling_manifest(pair: Any, prompts: list[data.Prompt]) -> dict[str, Any]:
         "code_version": lpe_jax.__version__,
         # Recorded only when set, so runs sampled before the flag existed keep their manifest.
         **({"tied_head": FLAGS.tied_head} if FLAGS.tied_head else {}),
+        **({"variant_low_rank": "auto"} if FLAGS.variant_low_rank == "auto" else {}),
     }
 
 

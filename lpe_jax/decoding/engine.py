@@ -44,6 +44,7 @@ from lpe_jax.decoding.rollouts import (
     prompt_bucket,
 )
 from lpe_jax.decoding.row_block import RowBlock
+from lpe_jax.model.low_rank import unique_bytes
 from lpe_jax.model.qwen3 import Qwen3
 
 __all__ = ["BlockResult", "EngineStats", "RolloutEngine", "RowBlock"]
@@ -387,7 +388,7 @@ class RolloutEngine:
         """Device bytes memory.py plans for this engine (per device for one device): params,
         prompt table, per slot, and the total."""
         table = self.max_prompts * memory.bytes_per_prompt(*self._kv_shapes(), self.prompt_slots)
-        params = sum(x.nbytes for x in jax.tree.leaves(self._params))
+        params = unique_bytes(self._params)  # a low-rank variant shares the original's arrays
         slot = self._slot_bytes()
         return dict(params=params, table=table, slot=slot, total=params + table + self.slots * slot)
 
