@@ -84,7 +84,8 @@ def test_hybrid_engine_plan_covers_xla_memory_analysis():
     from lpe_jax.decoding.engine import RolloutEngine
     from lpe_jax.model.qwen35 import PRESETS, Qwen35
 
-    cfg = PRESETS["qwen3_5_tiny"]  # one linear, one full-attention layer
+    cfg = PRESETS["qwen3_5_tiny"]
+    assert cfg.layer_types == ("linear_attention", "full_attention")
     m_o, m_v = (Qwen35(cfg, rngs=nnx.Rngs(s)) for s in (0, 1))
     e = RolloutEngine(
         m_o, m_v, "linear", 32, [1], slots=64, max_prompts=4, max_prompt_len=128,

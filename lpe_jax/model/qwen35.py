@@ -172,11 +172,13 @@ def _shape(
     head_dim: int = 256,
     linear_heads: tuple[int, int, int, int] = (16, 32, 128, 128),
     tie: bool = False,
+    interval: int = 4,
 ) -> Qwen35Config:
-    """A dense Qwen3.5 shape: every 4th layer full attention (HF's full_attention_interval),
-    linear_heads = (key heads, value heads, key dim, value dim), partial rotary 0.25."""
+    """A dense Qwen3.5 shape: every `interval`-th layer full attention (HF's
+    full_attention_interval), linear_heads = (key heads, value heads, key dim, value dim),
+    partial rotary 0.25."""
     types = tuple(
-        "full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)
+        "full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(layers)
     )
     nk, nv, dk, dv = linear_heads
     return Qwen35Config(
@@ -196,7 +198,9 @@ PRESETS: dict[str, Qwen35Config] = {
     # Assumed from the family's pattern, not read from a published config.json: check before
     # quoting numbers as Qwen3.5-4B's.
     "qwen3_5_4b": _shape(2560, 32, 16, 4, 9216, tie=True),
-    "qwen3_5_tiny": _shape(64, 2, 4, 2, 128, vocab=512, head_dim=16, linear_heads=(2, 4, 16, 16)),
+    "qwen3_5_tiny": _shape(
+        64, 2, 4, 2, 128, vocab=512, head_dim=16, linear_heads=(2, 4, 16, 16), interval=2
+    ),
 }
 
 
