@@ -6,6 +6,10 @@ with Hugging Face transformers (two Qwen3ForCausalLM, DynamicCache, eager attent
 sampling from the linear path) in the same run, and prints the ratio.
 
   .venv/bin/python experiments/benchmark_decode.py --preset=tiny --rows=64 --reference=hf
+
+A qwen3_5_* preset decodes a Qwen3.5 pair (hybrid Gated DeltaNet / gated attention); its HF
+reference is two Qwen3_5ForCausalLM with their own hybrid cache (transformers' torch fallbacks for
+the conv and the delta rule where the fast kernels are absent, as on CPU).
 """
 
 from __future__ import annotations
@@ -19,15 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from flax import nnx
 
 from lpe_jax.decoding import paths
 from lpe_jax.decoding.sampler import PairedSampler
-from lpe_jax.model import qwen3
+from lpe_jax.model import qwen3, qwen35
 from lpe_jax.model.checkpoint import config_to_hf
 
 # Presets only this benchmark needs: ~20M params, to measure CPU scaling beyond "tiny".
 EXTRA_PRESETS = {"small_20m": qwen3.Qwen3Config(32000, 384, 6, 6, 2, 64, 1024)}
-ALL_PRESETS = {**qwen3.PRESETS, **EXTRA_PRESETS}
+ALL_PRESETS = {**qwen3.PRESETS, **EXTRA_PRESETS, **qwen35.PRESETS}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "tiny", sorted(ALL_PRESETS), "Model shape (random weights).")
@@ -57,8 +62,10 @@ def _peak_memory() -> str:
 
 def _jax_run(cfg: qwen3.Qwen3Config, prompt: np.ndarray, alphas: np.ndarray, r: int) -> dict:
     dtype = jnp.dtype(FLAGS.dtype)
-    m_o = qwen3.init_random(cfg, dtype=dtype, seed=0)
-    m_v = qwen3.init_random(cfg, dtype=dtype, seed=1)
+    if isinstance(cfg, qwen35.Qwen35Config):
+        m_o, m_v = (qwen35.Qwen35(cfg, dtype=dtype, rngs=nnx.Rngs(params=i)) for i in (0, 1))
+    else:
+        m_o, m_v = (qwen3.init_random(cfg, dtype=dtype, seed=i) for i in (0, 1))
     s = PairedSampler(
         original=m_o,
         variant=m_v,
@@ -89,23 +96,28 @@ def _hf_run(cfg: qwen3.Qwen3Config, prompt: np.ndarray, alphas: np.ndarray, r: i
     if FLAGS.hf_threads:
         torch.set_num_threads(FLAGS.hf_threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[FLAGS.dtype]
-    # The same config.json our save_model writes, so the reference has exactly our shape.
-    hf_cfg = HFConfig.from_dict(config_to_hf(cfg, FLAGS.dtype))
+    if isinstance(cfg, qwen35.Qwen35Config):
+        hf_cfg, model_cls = _hf_qwen35(cfg)
+    else:
+        # The same config.json our save_model writes, so the reference has exactly our shape.
+        hf_cfg, model_cls = HFConfig.from_dict(config_to_hf(cfg, FLAGS.dtype)), Qwen3ForCausalLM
     hf_cfg._attn_implementation = "eager"
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)
         with dev:
-            models.append(Qwen3ForCausalLM(hf_cfg).to(dtype).eval())
+            models.append(model_cls(hf_cfg).to(dtype).eval())
     row_alpha = torch.tensor(np.repeat(alphas, r), dtype=torch.float32, device=dev)[:, None]
     ids = torch.tensor(prompt, device=dev)[None].repeat(row_alpha.shape[0], 1)
 
     def loop(n_tokens: int) -> None:
-        caches = [DynamicCache(), DynamicCache()]
-        logits = [
-            m(ids, past_key_values=c, use_cache=True).logits[:, -1].float()
-            for m, c in zip(models, caches, strict=True)
-        ]
+        # Qwen3.5 builds its own hybrid cache (K/V + conv and delta states) on the first call.
+        hybrid = isinstance(cfg, qwen35.Qwen35Config)
+        caches = [None, None] if hybrid else [DynamicCache(), DynamicCache()]
+        pairs = zip(models, caches, strict=True)
+        outs = [m(ids, past_key_values=c, use_cache=True) for m, c in pairs]
+        caches = [o.past_key_values for o in outs]
+        logits = [o.logits[:, -1].float() for o in outs]
         lp = torch.zeros(2, ids.shape[0], device=dev)
         for t in range(n_tokens):
             path = row_alpha * logits[0] + (1 - row_alpha) * logits[1]
@@ -133,6 +145,32 @@ def _hf_run(cfg: qwen3.Qwen3Config, prompt: np.ndarray, alphas: np.ndarray, r: i
     return statistics.median(times)
 
 
+def _hf_qwen35(cfg: qwen35.Qwen35Config) -> tuple:
+    """(transformers config, model class) of exactly this dense Qwen3.5 shape."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    a, lin = cfg.attention, cfg.linear
+    hf_cfg = Qwen3_5TextConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        layer_types=list(cfg.layer_types), num_attention_heads=a.num_heads,
+        num_key_value_heads=a.num_kv_heads, head_dim=a.head_dim,
+        rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta,
+                         "partial_rotary_factor": a.rotary_dim / a.head_dim},
+        linear_conv_kernel_dim=lin.conv_kernel, linear_key_head_dim=lin.head_k_dim,
+        linear_value_head_dim=lin.head_v_dim, linear_num_key_heads=lin.num_k_heads,
+        linear_num_value_heads=lin.num_v_heads, tie_word_embeddings=cfg.tie_word_embeddings,
+    )  # fmt: skip
+    return hf_cfg, Qwen3_5ForCausalLM
+
+
+def _params(cfg: qwen3.Qwen3Config | qwen35.Qwen35Config) -> int:
+    if isinstance(cfg, qwen3.Qwen3Config):
+        return cfg.num_params()
+    model = nnx.eval_shape(lambda: qwen35.Qwen35(cfg, rngs=nnx.Rngs(0)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
 def main(argv: list[str]) -> None:
     del argv
     cfg = ALL_PRESETS[FLAGS.preset]
@@ -145,7 +183,7 @@ def main(argv: list[str]) -> None:
     steps = FLAGS.new_tokens
     print(
         f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  preset={FLAGS.preset} "
-        f"({cfg.num_params() / 1e6:.1f}M params/model) dtype={FLAGS.dtype}"
+        f"({_params(cfg) / 1e6:.1f}M params/model) dtype={FLAGS.dtype}"
     )
     print(
         f"rows={FLAGS.rows} ({live} live = {FLAGS.alphas} alphas x {r}) "

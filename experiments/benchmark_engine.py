@@ -13,6 +13,8 @@ memory.plan_engine's model with the device's peak (GPU) or the compiled generate
 analysis (CPU).
 
   .venv/bin/python experiments/benchmark_engine.py --preset=tiny --dtype=float32
+
+--preset qwen3_5_*: a Qwen3.5 pair (hybrid Gated DeltaNet / gated attention, random weights).
 """
 
 from __future__ import annotations
@@ -25,14 +27,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from flax import nnx
 
 from lpe_jax.decoding.engine import RolloutEngine, RowBlock
 from lpe_jax.decoding.paths import PathShape
 from lpe_jax.decoding.sampler import PairedSampler, prompt_bucket
-from lpe_jax.model import qwen3
+from lpe_jax.model import qwen3, qwen35
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "tiny", sorted(qwen3.PRESETS), "Model shape (random weights).")
+flags.DEFINE_enum(
+    "preset",
+    "tiny",
+    sorted(qwen3.PRESETS) + sorted(qwen35.PRESETS),
+    "Model shape (random weights).",
+)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
 flags.DEFINE_integer("prompts", 16, "Prompts (each with its own alpha, hence EOS rate).")
 flags.DEFINE_integer("rows_per_prompt", 64, "Rollouts per prompt.")
@@ -113,12 +121,28 @@ def _memory_line(e: RolloutEngine) -> str:
     )
 
 
+def _params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def _pair(preset: str, dtype: jnp.dtype) -> tuple:
+    """(config, original, variant) with random weights: a Qwen3 or a Qwen3.5 preset."""
+    if preset in qwen35.PRESETS:
+        cfg = qwen35.PRESETS[preset]
+        make = lambda seed: qwen35.Qwen35(cfg, dtype=dtype, rngs=nnx.Rngs(params=seed))  # noqa: E731
+        return cfg, make(0), make(1)
+    cfg = qwen3.PRESETS[preset]
+    return (
+        cfg,
+        qwen3.init_random(cfg, dtype=dtype, seed=0),
+        qwen3.init_random(cfg, dtype=dtype, seed=1),
+    )
+
+
 def main(argv: list[str]) -> None:
     del argv
-    cfg = qwen3.PRESETS[FLAGS.preset]
     dtype = jnp.dtype(FLAGS.dtype)
-    m_o = qwen3.init_random(cfg, dtype=dtype, seed=0)
-    m_v = qwen3.init_random(cfg, dtype=dtype, seed=1)
+    cfg, m_o, m_v = _pair(FLAGS.preset, dtype)
     path = _eos_skew(FLAGS.short_len, FLAGS.long_len)
     t_n = FLAGS.max_new_tokens
     blocks = _workload(cfg)
@@ -174,7 +198,7 @@ def main(argv: list[str]) -> None:
         differ += int((got.tokens != r.tokens).any(-1).sum())
     print(
         f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  preset={FLAGS.preset} "
-        f"({cfg.num_params() / 1e6:.1f}M params/model) dtype={FLAGS.dtype}"
+        f"({_params(m_o) / 1e6:.1f}M params/model) dtype={FLAGS.dtype}"
     )
     print(
         f"workload: {FLAGS.prompts} prompts x {FLAGS.rows_per_prompt} rows = {rows} rows in "

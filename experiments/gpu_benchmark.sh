@@ -9,12 +9,14 @@
 # of as many rows as the engine has slots. Step 4 (issue 22): the device judge, a local judge
 # model of the same shape scoring JUDGE_ROWS classification questions of JUDGE_TOKENS tokens in
 # batches of JUDGE_BATCH on the device (three floats per row back to the host). Prints one block
-# per step; record them in docs/benchmarks.md with the card the reply names.
+# per step. Step 5 (issue 19): the engine step on a Qwen3.5 pair at Qwen3.5-4B shape. Record them
+# in docs/benchmarks.md with the card the reply names.
 #
 #   bash experiments/gpu_benchmark.sh                      # on the GPU machine, from the checkout
 #   PYTHON=.venv/bin/python PRESET=tiny ROWS=32 DTYPE=float32 ENGINE_SLOTS=16 ENGINE_PROMPTS=4 \
 #     ENGINE_ROWS=8 ENGINE_NEW_TOKENS=32 MAIN_PROMPTS=8 MAIN_NEW_TOKENS=32 MAIN_SLOTS=32 \
 #     MAIN_SECONDS=30 JUDGE_TOKENS=64 JUDGE_BATCH=4 JUDGE_ROWS=8 JUDGE_MODES=device,host \
+#     QWEN35_PRESET=qwen3_5_tiny \
 #     bash experiments/gpu_benchmark.sh                      # CPU dry run
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,3 +49,12 @@ echo "=== device judge ${PRESET} dtype=${DTYPE} ==="
 "$PYTHON" experiments/benchmark_device_judge.py --preset="$PRESET" --dtype="$DTYPE" \
   --question_tokens="${JUDGE_TOKENS:-800}" --batch_size="${JUDGE_BATCH:-32}" \
   --rows="${JUDGE_ROWS:-256}" --modes="${JUDGE_MODES:-device}" --nologtostderr
+# Qwen3.5 (issue 19): the engine on a hybrid Gated DeltaNet pair at Qwen3.5-4B shape (random
+# weights; the shape is qwen35.PRESETS' assumed one, see there), same workload as the Qwen3 engine
+# step above: rollouts/s, slot use, and the memory model (fixed linear state + full-attention K/V)
+# vs the device peak. QWEN35_PRESET=qwen3_5_tiny for the CPU dry run.
+echo "=== engine ${QWEN35_PRESET:-qwen3_5_4b} dtype=${DTYPE} slots=${ENGINE_SLOTS:-256} ==="
+"$PYTHON" experiments/benchmark_engine.py --preset="${QWEN35_PRESET:-qwen3_5_4b}" --dtype="$DTYPE" \
+  --slots="${ENGINE_SLOTS:-256}" --prompts="${ENGINE_PROMPTS:-32}" \
+  --rows_per_prompt="${ENGINE_ROWS:-32}" --block_rows="${ENGINE_ROWS:-32}" \
+  --max_new_tokens="${ENGINE_NEW_TOKENS:-256}" --nologtostderr

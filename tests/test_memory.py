@@ -60,3 +60,36 @@ def test_engine_plan_covers_xla_memory_analysis():
     assert compiled <= plan["total"] <= 1.5 * compiled, (plan, compiled)
     copies = e.slots * memory.prompt_bytes(cfg, cfg, jnp.float32, jnp.float32, e.prompt_slots)
     assert plan["total"] - copies < compiled  # without the refill temporaries: short
+
+
+def test_hybrid_slot_bytes_count_kv_of_full_attention_layers_and_fixed_linear_state():
+    from lpe_jax.model.qwen35 import PRESETS
+
+    q9 = PRESETS["qwen3_5_9b"]  # 8 full-attention layers of 4 kv heads x 256, 24 linear layers
+    assert q9.kv_bytes_per_token(BF16) == 2 * 8 * 4 * 256 * 2
+    conv, delta = (2 * 16 * 128 + 32 * 128) * 3 * 2, 32 * 128 * 128 * 4
+    assert q9.fixed_state_bytes(BF16) == 24 * (conv + delta)
+    # The prompt state is K/V over its positions plus the fixed state, in the table and in each
+    # slot (which steps its copy); the slot's own tokens add K/V only.
+    per_model = q9.fixed_state_bytes(BF16) + 128 * q9.kv_bytes_per_token(BF16)
+    assert memory.bytes_per_prompt(q9, q9, BF16, BF16, 128) == 2 * per_model + 2 * 248320 * 4
+    slot = memory.bytes_per_slot(q9, q9, BF16, BF16, 512, 128, 16)
+    floor = 2 * (2 * per_model + 512 * q9.kv_bytes_per_token(BF16))
+    assert floor <= slot <= 1.05 * floor
+
+
+def test_hybrid_engine_plan_covers_xla_memory_analysis():
+    from flax import nnx
+
+    from lpe_jax.decoding.engine import RolloutEngine
+    from lpe_jax.model.qwen35 import PRESETS, Qwen35
+
+    cfg = PRESETS["qwen3_5_tiny"]
+    assert cfg.layer_types == ("linear_attention", "full_attention")
+    m_o, m_v = (Qwen35(cfg, rngs=nnx.Rngs(s)) for s in (0, 1))
+    e = RolloutEngine(
+        m_o, m_v, "linear", 32, [1], slots=64, max_prompts=4, max_prompt_len=128,
+        refills_per_step=64,
+    )  # fmt: skip
+    plan, compiled = e.planned_bytes(), e.compiled_bytes()
+    assert compiled <= plan["total"] <= 1.5 * compiled, (plan, compiled)

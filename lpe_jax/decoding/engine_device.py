@@ -1,12 +1,21 @@
 """The rollout engine's device part: its state, static config and three pure jitted functions.
 
-- `prefill`: a prompt's K/V and first-token logits (both models) into an entry of the prompt
-  table (donated and updated in place).
+- `prefill`: a prompt's per-layer state and first-token logits (both models) into an entry of the
+  prompt table (donated and updated in place).
 - `insert`: pending rows into a ring queue on the device (donated).
 - `generate`: `steps` decode steps over all S slots in one `lax.while_loop` (the state donated).
-  At the start of each step, free slots take the next queued rows and copy their prompt's K/V from
-  the table (refill inside the loop: a row that ends frees its slot for the very next step). A
-  step then reads only per-slot buffers, and emits per slot the token it drew (`StepOut`).
+  At the start of each step, free slots take the next queued rows and copy their prompt's state
+  from the table (refill inside the loop: a row that ends frees its slot for the very next step).
+  A step then reads only per-slot buffers, and emits per slot the token it drew (`StepOut`).
+
+The engine never looks inside a layer's state. Each model holds, per layer, a *prompt state*
+(what the prompt left: K/V for an attention layer, the conv window and delta state for a Gated
+DeltaNet layer) and an *own state* (what the row's generated tokens add: K/V for attention, nothing
+for a recurrent layer). The layer-state protocol, on the model config (`empty_prompt_states`,
+`empty_own_states`, `without_layers`, `fixed_state_bytes`) and the model (`prefill_states`,
+`decode_slots`), says how to allocate, fill and step them; the engine allocates, copies (whole
+leaves, indexed by slot or entry) and donates them as opaque pytrees. Implemented by
+`lpe_jax.model.qwen3.Qwen3` and `lpe_jax.model.qwen35.Qwen35`.
 
 `DeviceSpec` is everything static apart from tunables: the refill cap (`refills`) is a static
 argument of `generate` alone, so changing it compiles one more step and never a prefill. Shapes
@@ -29,17 +38,15 @@ from flax import nnx, struct
 from lpe_jax.decoding import sharding
 from lpe_jax.decoding.paths import PathFn
 from lpe_jax.decoding.rollouts import PAD_ID, row_keys, sample_step
-from lpe_jax.model.qwen3 import DecodeKV, Qwen3, Qwen3Config, empty_kv
 
 Array = jax.Array
 
 
 @struct.dataclass
 class PromptKV:
-    """One model's prefilled prompts: P entries of Pb positions."""
+    """One model's prefilled prompts: P entries (of Pb positions where a layer keeps K/V)."""
 
-    k: tuple[Array, ...]  # per layer [P, kv, Pb, hd]
-    v: tuple[Array, ...]
+    states: tuple[Any, ...]  # per layer, the model's prompt state, every leaf [P, ...]
     logits: Array  # f32 [P, V]: next-token logits after each prompt
 
 
@@ -71,13 +78,12 @@ class RowQueue:
 
 @struct.dataclass
 class SlotKV:
-    """One model's keys/values of every slot: its prompt, copied from the table when the slot takes
-    a row (so a decode step reads only per-slot buffers), and the row's own tokens."""
+    """One model's per-layer state of every slot: its prompt's state, copied from the table when
+    the slot takes a row (so a decode step reads only per-slot buffers), and the row's own state
+    (attention: K/V of its tokens, slot n holding token n). Every leaf [S, ...]."""
 
-    prefix_k: tuple[Array, ...]  # per layer [S, kv, Pb, hd]
-    prefix_v: tuple[Array, ...]
-    k: tuple[Array, ...]  # per layer [S, kv, T, hd]; slot n holds the row's token n
-    v: tuple[Array, ...]
+    prompt: tuple[Any, ...]
+    own: tuple[Any, ...]
 
 
 @struct.dataclass
@@ -133,14 +139,14 @@ class DeviceSpec:
     eos: tuple[int, ...]
     temperature: float
     mesh: jax.sharding.Mesh
-    kv_shapes: tuple[tuple[Qwen3Config, Any], tuple[Qwen3Config, Any]]  # (config, dtype)
+    kv_shapes: tuple[tuple[Any, Any], tuple[Any, Any]]  # (config, dtype); see the module doc
     conditioned: bool = False  # the model takes each row's alpha (see RolloutEngine)
 
     @classmethod
     def build(
         cls,
-        original: Qwen3,
-        variant: Qwen3 | None,
+        original: Any,
+        variant: Any | None,
         path_fn: PathFn,
         max_new_tokens: int,
         eos: tuple[int, ...],
@@ -148,9 +154,10 @@ class DeviceSpec:
         mesh: jax.sharding.Mesh,
     ) -> tuple[DeviceSpec, tuple[nnx.State, nnx.State | None]]:
         """(spec, params replicated over the mesh). variant=None: `original` alone, sampled from
-        its own logits; no second K/V (planned and allocated as a model of no layers)."""
+        its own logits; no second state (planned and allocated as a model of no layers).
+        Both models implement the layer-state protocol (module docstring)."""
         single = variant is None
-        cfg_v = dataclasses.replace(original.cfg, num_layers=0) if single else variant.cfg
+        cfg_v = original.cfg.without_layers() if single else variant.cfg
         dt_v = original.dtype if single else variant.dtype
         gd_o, st_o = nnx.split(original)
         gd_v, st_v = (None, None) if single else nnx.split(variant)
@@ -188,9 +195,9 @@ def init_state(
 ) -> EngineState:
     """An empty engine: zeroed prompt table, empty queue, all slots free."""
 
-    def table(cfg: Qwen3Config, dtype: Any) -> PromptKV:
-        k, v = empty_kv(cfg, dtype, prompts, prompt_slots)
-        return PromptKV(k, v, jnp.zeros((prompts, cfg.vocab_size), jnp.float32))
+    def table(cfg: Any, dtype: Any) -> PromptKV:
+        states = cfg.empty_prompt_states(dtype, prompts, prompt_slots)
+        return PromptKV(states, jnp.zeros((prompts, cfg.vocab_size), jnp.float32))
 
     q = jnp.zeros((queue_rows,), jnp.int32)
     u = jnp.zeros((queue_rows,), jnp.uint32)
@@ -199,8 +206,8 @@ def init_state(
     key_data = jax.random.key_data(row_keys(jnp.zeros((slots,), jnp.uint32), 0, 0))
     kvs = [
         SlotKV(
-            *empty_kv(cfg, dtype, slots, prompt_slots),
-            *empty_kv(cfg, dtype, slots, spec.max_new_tokens),
+            cfg.empty_prompt_states(dtype, slots, prompt_slots),
+            cfg.empty_own_states(dtype, slots, spec.max_new_tokens),
         )
         for cfg, dtype in spec.kv_shapes
     ]
@@ -219,7 +226,7 @@ def init_state(
         kv_v=kvs[1],
     )
     (cfg_o, dt_o), (cfg_v, dt_v) = spec.kv_shapes
-    no_table = PromptKV((), (), jnp.zeros((prompts, 0), jnp.float32))
+    no_table = PromptKV((), jnp.zeros((prompts, 0), jnp.float32))
     return EngineState(
         prompts=PromptTable(
             jnp.ones((prompts,), jnp.int32),
@@ -241,15 +248,15 @@ def prefill(
     length: Array,
     alpha: Array,
 ) -> PromptTable:
-    """Both models' K/V and first-token logits of one prompt (int [Pb], true length) into table
-    entry `entry`, in place. A conditioned model prefills at `alpha` (f32 scalar)."""
+    """Both models' prompt states and first-token logits of one prompt (int [Pb], true length)
+    into table entry `entry`, in place. A conditioned model prefills at `alpha` (f32 scalar)."""
     cond = {"alpha": alpha} if spec.conditioned else {}
 
     def fill(gd: nnx.GraphDef, st: nnx.State, kv: PromptKV) -> PromptKV:
-        logits, ks, vs = nnx.merge(gd, st).prefill(tokens, length, **cond)
+        logits, states = nnx.merge(gd, st).prefill_states(tokens, length, **cond)
+        put = lambda t, x: t.at[entry].set(x[0])  # noqa: E731
         return PromptKV(
-            k=tuple(t.at[entry].set(k[0]) for t, k in zip(kv.k, ks, strict=True)),
-            v=tuple(t.at[entry].set(v[0]) for t, v in zip(kv.v, vs, strict=True)),
+            states=jax.tree.map(put, kv.states, tuple(states)),
             logits=kv.logits.at[entry].set(logits),
         )
 
@@ -291,10 +298,8 @@ def _refill(state: EngineState, refills: int) -> EngineState:
 
     def copy_prompt(kv: SlotKV, table: PromptKV) -> SlotKV:
         entry = q.prompt[src]
-        return kv.replace(
-            prefix_k=tuple(put(a, b[entry]) for a, b in zip(kv.prefix_k, table.k, strict=True)),
-            prefix_v=tuple(put(a, b[entry]) for a, b in zip(kv.prefix_v, table.v, strict=True)),
-        )
+        copy = jax.tree.map(lambda a, b: put(a, b[entry]), kv.prompt, table.states)
+        return kv.replace(prompt=copy)
 
     keys = jax.random.key_data(row_keys(q.seed[src], q.alpha_q[src], q.rollout[src]))
     slots = s.replace(
@@ -313,19 +318,21 @@ def _refill(state: EngineState, refills: int) -> EngineState:
 
 
 def _model_logits(
-    spec: DeviceSpec, models: tuple[Qwen3, Qwen3 | None], state: EngineState
+    spec: DeviceSpec, models: tuple[Any, Any | None], state: EngineState
 ) -> tuple[Array, Array, EngineState]:
-    """Both models' float32 logits [S, V] for every slot's next token; stores the fed token's K/V.
+    """Both models' float32 logits [S, V] for every slot's next token; steps the slots' states.
 
     A slot with count > 0 feeds its last token (generated token count - 1, at position
-    prompt_len + count - 1), storing its K/V in slot position count - 1, and attends to its prompt
-    and its own tokens. A fresh slot (count == 0) takes its prompt's logits from the table; its
-    model pass is wasted work and its K/V write falls out of range (dropped).
+    prompt_len + count - 1): attention stores its K/V in own-state position count - 1 and attends
+    to its prompt and its own tokens; a recurrent layer updates its state. A fresh or free slot
+    (count == 0) takes its prompt's logits from the table; its model pass is wasted work, its
+    write index is out of range and its state does not change.
     """
     s = state.slots
     plen = state.prompts.length[s.prompt]
     fed = s.count - 1
-    write = jnp.where((s.handle >= 0) & (fed >= 0), fed, spec.max_new_tokens)
+    active = (s.handle >= 0) & (fed >= 0)
+    write = jnp.where(active, fed, spec.max_new_tokens)
     tables = (state.prompts.original, state.prompts.variant)
     cond = {"alpha": s.alpha} if spec.conditioned else {}
     logits, kvs = [], [s.kv_o, s.kv_v]
@@ -333,18 +340,18 @@ def _model_logits(
         if model is None:  # one model: its logits serve as both
             logits.append(logits[0])
             continue
-        in_prompt = jnp.arange(skv.prefix_k[0].shape[2]) < plen[:, None]
-        kv = DecodeKV(skv.prefix_k, skv.prefix_v, in_prompt[:, None], skv.k, skv.v, write)
-        decoded, kv = model.decode_step(s.last, plen + fed, kv, **cond)
+        decoded, prompt, own = model.decode_slots(
+            s.last, plen + fed, plen, write, active, skv.prompt, skv.own, **cond
+        )
         fresh = (s.count == 0)[:, None]
         logits.append(jnp.where(fresh, table.logits[s.prompt], decoded))
-        kvs[i] = skv.replace(k=kv.k, v=kv.v)
+        kvs[i] = SlotKV(prompt, own)
     slots = s.replace(kv_o=kvs[0], kv_v=kvs[1])
     return logits[0], logits[1], state.replace(slots=slots)
 
 
 def _step(
-    spec: DeviceSpec, refills: int, models: tuple[Qwen3, Qwen3 | None], state: EngineState
+    spec: DeviceSpec, refills: int, models: tuple[Any, Any | None], state: EngineState
 ) -> tuple[EngineState, StepOut]:
     """One decode step of every slot: refill, both models, sample, record; rows that end free
     their slot at once. Returns the new state and this step's StepOut row ([S] per field)."""
@@ -385,18 +392,18 @@ def _step(
 
 
 def _clear_poisoned(state: EngineState) -> EngineState:
-    """Zero the token caches of slots a non-finite row used (masked attention still multiplies
-    their values by 0, and 0 * NaN = NaN), so the next row there starts clean."""
+    """Zero the own states of slots a non-finite row used (masked attention still multiplies
+    their values by 0, and 0 * NaN = NaN), so the next row there starts clean. Prompt states are
+    overwritten whole when the slot takes its next row."""
 
     def clear(st: EngineState) -> EngineState:
         s = st.slots
-        mask = s.poisoned[:, None, None, None]
+
+        def zero_rows(x: Array) -> Array:
+            return jnp.where(s.poisoned.reshape((-1,) + (1,) * (x.ndim - 1)), 0, x)
 
         def zero(kv: SlotKV) -> SlotKV:
-            return kv.replace(
-                k=tuple(jnp.where(mask, 0, x) for x in kv.k),
-                v=tuple(jnp.where(mask, 0, x) for x in kv.v),
-            )
+            return kv.replace(own=jax.tree.map(zero_rows, kv.own))
 
         clean = jnp.zeros_like(s.poisoned)
         return st.replace(slots=s.replace(kv_o=zero(s.kv_o), kv_v=zero(s.kv_v), poisoned=clean))

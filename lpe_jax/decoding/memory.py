@@ -1,8 +1,14 @@
 """How many engine slots and prompt-table entries fit in device memory, from the model configs.
 
-A slot holds its own generated-token K/V in both models, a copy of its prompt's K/V, both models'
-float32 logits and the temporaries of one step (refills included: `bytes_per_slot`). A prompt is
-prefilled once into the table (`bytes_per_prompt`); params are already resident.
+A slot holds its own generated-token K/V in both models, a copy of its prompt's state, both
+models' float32 logits and the temporaries of one step (refills included: `bytes_per_slot`). A
+prompt is prefilled once into the table (`bytes_per_prompt`); params are already resident.
+
+Both layer kinds are planned (configs `Qwen3Config` or `Qwen35Config`): `kv_bytes_per_token`
+counts K/V of the attention layers only (all of Qwen3's, the full-attention layers of a hybrid
+Qwen3.5), and `fixed_state_bytes` the per-row state of the linear (Gated DeltaNet) layers, which
+is part of the prompt's state: it lives in the table and in each slot's copy, whatever the
+length.
 `lpe_jax.decoding.engine.RolloutEngine.compiled_bytes` checks the plan against XLA's memory
 analysis.
 """
@@ -14,6 +20,9 @@ from typing import Any
 import jax
 
 from lpe_jax.model.qwen3 import Qwen3Config
+from lpe_jax.model.qwen35 import Qwen35Config
+
+ModelConfig = Qwen3Config | Qwen35Config
 
 # [B, V] float32 buffers alive at once in one step: both models' logits, the path logits, the
 # sampler's Gumbel noise, and the log-softmax inputs of each model that XLA may not fuse.
@@ -26,7 +35,9 @@ DEFAULT_CPU_ROWS = 256
 MEMORY_FRACTION = 0.8
 
 
-def _activation_bytes(cfg: Qwen3Config, dtype: Any, prompt_slots: int, new_tokens: int) -> int:
+def _activation_bytes(cfg: ModelConfig, dtype: Any, prompt_slots: int, new_tokens: int) -> int:
+    if isinstance(cfg, Qwen35Config):
+        return _hybrid_activation_bytes(cfg, dtype, prompt_slots, new_tokens)
     itemsize = jax.numpy.dtype(dtype).itemsize
     hidden = (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * itemsize
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * itemsize
@@ -34,9 +45,32 @@ def _activation_bytes(cfg: Qwen3Config, dtype: Any, prompt_slots: int, new_token
     return hidden + qkv + scores
 
 
+def _hybrid_activation_bytes(
+    cfg: Qwen35Config, dtype: Any, prompt_slots: int, new_tokens: int
+) -> int:
+    """One decode row's temporaries in one Qwen3.5 layer: the residual stream and MLP (dense, or
+    the routed and shared experts a token uses), plus the larger of a gated-attention layer's
+    (q|gate, k, v, f32 scores) and a Gated DeltaNet layer's (in-projections, f32 q/k/v per value
+    head, and two f32 delta-state temporaries: the decayed state and its update)."""
+    itemsize = jax.numpy.dtype(dtype).itemsize
+    moe = cfg.moe
+    width = cfg.intermediate_size
+    if moe is not None:
+        width = moe.top_k * moe.expert_intermediate_size + moe.shared_expert_intermediate_size
+        width += moe.num_experts  # router logits
+    hidden = (4 * cfg.hidden_size + 3 * width) * itemsize
+    a, lin = cfg.attention, cfg.linear
+    attn = (2 * a.num_heads + 2 * a.num_kv_heads) * a.head_dim * itemsize
+    attn += 2 * a.num_heads * (prompt_slots + new_tokens) * 4
+    delta = lin.num_v_heads * lin.head_k_dim * lin.head_v_dim * 4
+    linear = (lin.conv_dim + lin.value_dim + 2 * lin.num_v_heads) * itemsize
+    linear += lin.num_v_heads * (2 * lin.head_k_dim + lin.head_v_dim) * 4 + 2 * delta
+    return hidden + max(attn, linear)
+
+
 def bytes_per_row(
-    original: Qwen3Config,
-    variant: Qwen3Config,
+    original: ModelConfig,
+    variant: ModelConfig,
     original_dtype: Any,
     variant_dtype: Any,
     max_new_tokens: int,
@@ -62,11 +96,15 @@ def bytes_per_row(
 
 
 def prompt_bytes(
-    original: Qwen3Config, variant: Qwen3Config, original_dtype: Any, variant_dtype: Any, slots: int
+    original: ModelConfig, variant: ModelConfig, original_dtype: Any, variant_dtype: Any, slots: int
 ) -> int:
-    """Bytes of the shared prompt K/V of both models (stored once per device)."""
-    return slots * (
+    """Bytes of one prompt's state, both models, at `slots` prompt positions: K/V of the
+    attention layers plus the linear layers' fixed state."""
+    kv = slots * (
         original.kv_bytes_per_token(original_dtype) + variant.kv_bytes_per_token(variant_dtype)
+    )
+    return (
+        kv + original.fixed_state_bytes(original_dtype) + variant.fixed_state_bytes(variant_dtype)
     )
 
 
@@ -99,8 +137,8 @@ DEFAULT_CPU_PROMPTS = 64
 
 
 def bytes_per_slot(
-    original: Qwen3Config,
-    variant: Qwen3Config,
+    original: ModelConfig,
+    variant: ModelConfig,
     original_dtype: Any,
     variant_dtype: Any,
     max_new_tokens: int,
@@ -110,7 +148,8 @@ def bytes_per_slot(
     """Device bytes one engine slot needs (both models), excluding params and the prompt table.
 
     = bytes_per_row (generated-token K/V, logits, activations, row state)
-    + the slot's copy of its prompt's K/V (prompt_slots positions, both models)
+    + the slot's copy of its prompt's state (prompt_slots positions of K/V and the linear layers'
+      fixed state, both models; the slot steps that fixed state in place)
     + the refill temporaries: a step gathers up to one prompt per slot from the table (the
       refill cap is at most S) before scattering them into the slots, another prompt's K/V
     + both models' first-token logits read from the table (2 float32 [V])
@@ -126,13 +165,13 @@ def bytes_per_slot(
 
 
 def bytes_per_prompt(
-    original: Qwen3Config,
-    variant: Qwen3Config,
+    original: ModelConfig,
+    variant: ModelConfig,
     original_dtype: Any,
     variant_dtype: Any,
     prompt_slots: int,
 ) -> int:
-    """Bytes of one prompt-table entry: both models' K/V over prompt_slots positions and their
+    """Bytes of one prompt-table entry: both models' prompt state (`prompt_bytes`) and their
     float32 next-token logits."""
     kv = prompt_bytes(original, variant, original_dtype, variant_dtype, prompt_slots)
     return kv + 2 * original.vocab_size * 4

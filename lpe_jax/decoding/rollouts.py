@@ -25,6 +25,7 @@ from flax import struct
 from lpe_jax.decoding.paths import PathFn, PathShape
 from lpe_jax.decoding.row_block import ALPHA_QUANTUM  # the one alpha resolution
 from lpe_jax.model.qwen3 import Qwen3, Qwen3Config
+from lpe_jax.model.qwen35 import Qwen35
 
 PAD_ID = -1
 """Value of `Rollouts.tokens` after a row ends (never a real token id)."""
@@ -145,8 +146,10 @@ def check_pair(
 ) -> tuple[int, ...]:
     """Validate the setup shared by PairedSampler and RolloutEngine; returns the EOS ids."""
     for name, model in (("original", original), ("variant", variant)):
-        if not isinstance(model, Qwen3):
-            raise TypeError(f"{name} must be a lpe_jax.model.qwen3.Qwen3 model.")
+        if not isinstance(model, (Qwen3, Qwen35)):
+            raise TypeError(
+                f"{name} must be a lpe_jax.model.qwen3.Qwen3 or lpe_jax.model.qwen35.Qwen35 model."
+            )
     v_o, v_v = original.cfg.vocab_size, variant.cfg.vocab_size
     if v_o != v_v:
         raise ValueError(

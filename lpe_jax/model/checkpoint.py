@@ -34,8 +34,11 @@ import numpy as np
 from flax import nnx
 
 from lpe_jax.model.qwen3 import Qwen3, Qwen3Config
+from lpe_jax.model.qwen35 import Qwen35
 
 SUPPORTED_MODEL_TYPES = ("qwen3",)
+# Loaded by lpe_jax.model.qwen35_checkpoint (the text tower of dense and MoE Qwen3.5).
+QWEN35_MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 # safetensors dtype name -> NumPy dtype (also read by lpe_jax.abliteration.orthogonalize).
 ST_TO_NP = {
@@ -434,8 +437,11 @@ def load_model(
     cache_dir: str | os.PathLike | None = None,
     *,
     tied_head: str | None = None,
-) -> Qwen3:
+) -> Qwen3 | Qwen35:
     """Load an HF Qwen3 directory as a `Qwen3` with parameters in `dtype` ('float32'|'bfloat16').
+
+    A Qwen3.5 directory (config.json's model_type in QWEN35_MODEL_TYPES) loads as a `Qwen35`
+    (`lpe_jax.model.qwen35_checkpoint.load_qwen35`; without `cache_dir` or `tied_head`).
 
     Linear weights come back [in, out]; embed_tokens [V, H]; lm_head [H, V] when untied. With
     `cache_dir`, converted params are stored there (orbax) under a key derived from the
@@ -451,6 +457,8 @@ def load_model(
     path = Path(path)
     np_dtype = _np_dtype(dtype)
     hf = read_config(path)
+    if hf.get("model_type") in QWEN35_MODEL_TYPES:
+        return _load_qwen35(path, dtype, cache_dir, tied_head)
     files = weight_files(path)
     cfg = _head_reading(config_from_hf(hf), files, tied_head, path)
     model = _abstract_model(cfg, np_dtype)
@@ -466,6 +474,21 @@ def load_model(
     _convert(model, cfg, files, np_dtype)
     _cache_save(model, entry)
     return model
+
+
+def _load_qwen35(path: Path, dtype: str, cache_dir: Any, tied_head: str | None) -> Qwen35:
+    """A Qwen3.5 checkpoint (`lpe_jax.model.qwen35_checkpoint.load_qwen35`); the Qwen3-only
+    options are refused rather than ignored."""
+    from lpe_jax.model.qwen35_checkpoint import load_qwen35
+
+    if cache_dir is not None:
+        raise ValueError(
+            f"{path} is a Qwen3.5 checkpoint; the converted-params cache (cache_dir / "
+            "--params_cache) serves Qwen3 only: load without it."
+        )
+    if tied_head is not None:
+        raise ValueError(f"{path} is a Qwen3.5 checkpoint; tied_head applies to Qwen3 only.")
+    return load_qwen35(path, dtype)
 
 
 def save_model(model: Qwen3, path: str | os.PathLike, *, dtype: str | None = None) -> Path:

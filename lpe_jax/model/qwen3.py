@@ -84,6 +84,25 @@ class Qwen3Config:
         itemsize = jnp.dtype(dtype).itemsize
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
 
+    def fixed_state_bytes(self, dtype: Any) -> int:
+        """Bytes of per-row state that does not grow with the sequence: none (all attention)."""
+        del dtype
+        return 0
+
+    def without_layers(self) -> Qwen3Config:
+        """This config with no layers: the absent second model of a one-model engine."""
+        return dataclasses.replace(self, num_layers=0)
+
+    def empty_prompt_states(self, dtype: Any, n: int, positions: int) -> tuple[Any, ...]:
+        """Engine layer-state protocol: zeroed prompt states of `n` rows, one per layer, each
+        (k, v) [n, kv, positions, hd] (a prompt-table entry or a slot's copy of its prompt)."""
+        return tuple(zip(*empty_kv(self, dtype, n, positions), strict=True))
+
+    def empty_own_states(self, dtype: Any, n: int, capacity: int) -> tuple[Any, ...]:
+        """Engine layer-state protocol: zeroed per-row states for `capacity` generated tokens,
+        one per layer, each (k, v) [n, kv, capacity, hd]."""
+        return tuple(zip(*empty_kv(self, dtype, n, capacity), strict=True))
+
     def num_params(self) -> int:
         """Parameter count (embeddings counted once when tied)."""
         h, hd = self.hidden_size, self.head_dim
@@ -463,6 +482,42 @@ class Qwen3(nnx.Module):
         new keys/values stored at kv.index)."""
         x, layers = self.forward(tokens[:, None], positions[:, None], kv.layers(), hook)
         return self.logits(x[:, 0]), kv.with_layers(layers)
+
+    def prefill_states(
+        self, prompt_tokens: Array, length: Array, **cond: Any
+    ) -> tuple[Array, tuple[Any, ...]]:
+        """Engine layer-state protocol: `prefill` of one prompt (int [Pb], true `length`) ->
+        (float32 logits [V], one prompt state per layer: (k, v) [1, kv, Pb, hd]). `cond`: the
+        keyword arguments of a conditioned subclass's prefill (alpha)."""
+        logits, ks, vs = self.prefill(prompt_tokens, length, **cond)
+        return logits, tuple(zip(ks, vs, strict=True))
+
+    def decode_slots(
+        self,
+        tokens: Array,
+        positions: Array,
+        prompt_length: Array,
+        write: Array,
+        active: Array,
+        prompt: Sequence[Any],
+        own: Sequence[Any],
+        **cond: Any,
+    ) -> tuple[Array, tuple[Any, ...], tuple[Any, ...]]:
+        """Engine layer-state protocol: one decode step of S slots.
+
+        tokens, positions, prompt_length int [S]; active bool [S]: the slot decodes a token (an
+        inactive slot's state must not change, its logits are junk); write int [S]: the own-state
+        slot the token is stored in, >= capacity where inactive (attention drops the write, so
+        `active` is not read here). prompt/own: per layer, as the config's
+        `empty_prompt_states` / `empty_own_states` with n = S. Returns (float32 logits [S, V],
+        prompt states, own states); attention never changes a prompt.
+        """
+        pk, pv = tuple(k for k, _ in prompt), tuple(v for _, v in prompt)
+        in_prompt = jnp.arange(pk[0].shape[2]) < prompt_length[:, None]
+        ok, ov = tuple(k for k, _ in own), tuple(v for _, v in own)
+        kv = DecodeKV(pk, pv, in_prompt[:, None], ok, ov, write)
+        logits, kv = self.decode_step(tokens, positions, kv, **cond)
+        return logits, tuple(prompt), tuple(zip(kv.k, kv.v, strict=True))
 
     def init_cache(
         self,

@@ -1,0 +1,141 @@
+"""Loading Qwen3.5 checkpoints (lpe_jax.model.qwen35_checkpoint, and load_model's dispatch on
+model_type): sharded bf16 from `save_pretrained`, the Hub's multimodal layout with vision and
+MTP tensors skipped, and the errors. Params are compared with the torch state dict converted
+through the key map; logits parity of that key map is tests/test_qwen35.py's."""
+
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hybrid_fixtures import QWEN35_TEXT, qwen35_text_config, randomize, state_dict_numpy
+
+from lpe_jax.model.checkpoint import load_model
+from lpe_jax.model.hf_keymap import assign_hf
+from lpe_jax.model.qwen35 import Qwen35, Qwen35Config, hf_weight_table
+from lpe_jax.model.qwen35_checkpoint import load_qwen35
+
+LAYERS = dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"])
+
+
+def _expected(hf, dtype) -> dict:
+    weights = state_dict_numpy(hf)
+    cfg = Qwen35Config.from_hf(hf.config.to_dict())
+    model = Qwen35(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+    assign_hf(model, hf_weight_table(cfg, weights.keys()), weights)
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _assert_params(model, expected) -> None:
+    got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    flat_got, flat_exp = jax.tree.leaves_with_path(got), jax.tree.leaves_with_path(expected)
+    assert [p for p, _ in flat_got] == [p for p, _ in flat_exp]
+    for (path, a), (_, b) in zip(flat_got, flat_exp, strict=True):
+        assert a.dtype == b.dtype, path
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+
+
+@pytest.fixture(scope="module")
+def hf_dense():
+    import transformers
+
+    return randomize(transformers.Qwen3_5ForCausalLM(qwen35_text_config(**LAYERS)), seed=4)
+
+
+def test_sharded_bf16_checkpoint_loads_through_load_model(hf_dense, tmp_path):
+    import torch
+
+    copy.deepcopy(hf_dense).to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    model = load_model(tmp_path, dtype="bfloat16")
+    assert isinstance(model, Qwen35) and model.dtype == jnp.bfloat16
+    # bf16 on disk -> bf16 params: exactly the torch bf16 weights.
+    _assert_params(model, _expected(hf_dense, jnp.bfloat16))
+    with pytest.raises(ValueError, match="params_cache"):
+        load_model(tmp_path, dtype="bfloat16", cache_dir=tmp_path / "cache")
+
+
+def test_multimodal_moe_layout_skips_vision_and_mtp(tmp_path, caplog):
+    import safetensors.numpy
+    import transformers
+
+    text = {k: v for k, v in QWEN35_TEXT.items() if k != "intermediate_size"}
+    cfg = transformers.Qwen3_5MoeTextConfig(
+        **{**text, **LAYERS},
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        num_experts=4,
+        num_experts_per_tok=2,
+    )
+    hf = randomize(transformers.Qwen3_5MoeForCausalLM(cfg), seed=5)
+    weights = {
+        k.replace("model.", "model.language_model.", 1): v for k, v in state_dict_numpy(hf).items()
+    }
+    weights["model.visual.patch_embed.proj.weight"] = np.zeros((4, 3), np.float32)
+    weights["mtp.fc.weight"] = np.zeros((4, 4), np.float32)
+    safetensors.numpy.save_file(weights, str(tmp_path / "model.safetensors"))
+    config = {"model_type": "qwen3_5_moe", "text_config": cfg.to_dict()}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.INFO, logger="lpe_jax.model.qwen35_checkpoint"):
+        model = load_qwen35(tmp_path, dtype="float32")
+    assert "skipping 2 vision / multi-token-prediction tensors" in caplog.text
+    _assert_params(model, _expected(hf, jnp.float32))
+
+    weights["model.language_model.layers.0.extra.weight"] = np.zeros((2,), np.float32)
+    safetensors.numpy.save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="does not use.*extra"):
+        load_qwen35(tmp_path)
+
+
+def test_loader_errors(hf_dense, tmp_path):
+    hf_dense.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    with pytest.raises(ValueError, match="dtype"):
+        load_qwen35(tmp_path, dtype="float16")
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 50}))
+    with pytest.raises(ValueError, match="mlp.gate_proj.weight: shape"):
+        load_qwen35(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="not Qwen3.5"):
+        load_qwen35(tmp_path)
+
+
+def test_estimate_runs_on_a_tiny_qwen35_pair(tmp_path):
+    """experiments/estimate.py end to end on two tiny dense Qwen3.5 checkpoints (HF
+    save_pretrained + a Qwen3-style tokenizer): load_model's dispatch, the engine's hybrid state
+    and the pipeline, through the script's own flags."""
+    import transformers
+    from hf_fixtures import make_tokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    dirs = []
+    for seed in (0, 1):
+        cfg = qwen35_text_config(**LAYERS, vocab_size=96)
+        path = tmp_path / f"m{seed}"
+        randomize(transformers.Qwen3_5ForCausalLM(cfg), seed=seed).save_pretrained(path)
+        make_tokenizer(path, words=80, generation_eos=[2, 0])
+        dirs.append(path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "p0", "prompt": "w1 w2 w3"}) + "\n")
+    out = tmp_path / "estimate"
+    args = [
+        f"--original={dirs[0]}", f"--variant={dirs[1]}", f"--prompts={prompts}",
+        "--judge=string", "--n_fit=3", "--n_search=3", "--max_new_tokens=3", "--max_rows=8",
+        "--nofigures", f"--out={out}",
+    ]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
+    p = subprocess.run(
+        [sys.executable, str(root / "experiments" / "estimate.py"), *args],
+        capture_output=True, text=True, env=env, cwd=root, timeout=600,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [r["id"] for r in results["prompts"]] == ["p0"]
