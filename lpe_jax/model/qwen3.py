@@ -164,6 +164,74 @@ def attend(q: Array, segments: Sequence[tuple[Array, Array, Array]]) -> Array:
     return out.astype(segments[-1][1].dtype).reshape(b, t, heads, hd)
 
 
+def attend_bounded(
+    q: Array, prefix: tuple[Array, Array, Array], k: Array, v: Array, filled: Array, block: int
+) -> Array:
+    """`attend` over a prefix segment and the first `filled` positions of k/v, reading k/v in
+    blocks of `block` positions and never past the longest row's filled length.
+
+    q [B, T, heads, hd]; prefix (k, v, mask) as in `attend`; k/v [B, kv, N, hd]; filled int32 [B]
+    (or scalar): row b sees positions < filled[b] of k/v (every query of the row alike). Blocks
+    0..ceil(max(filled) / block) - 1 are read, one per `lax.while_loop` trip, and folded in by an
+    online softmax (running max, sum and weighted values, all float32), so the cost follows the
+    filled length, not N. The same float32 sums as `attend` in another order: results agree to
+    float32 rounding (bf16: the unnormalised probabilities are rounded to v's dtype, `attend`
+    rounds the normalised ones). Every query must see some key. Returns [B, T, heads, hd] in
+    v's dtype.
+    """
+    b, t, heads, hd = q.shape
+    kv, n = k.shape[1], k.shape[2]
+    block = min(block, n)
+    qg = q.reshape(b, t, kv, heads // kv, hd)
+    filled = jnp.broadcast_to(jnp.asarray(filled, jnp.int32), (b,))
+    scale = math.sqrt(hd)
+
+    def fold(
+        carry: tuple[Array, Array, Array], s: Array, vals: Array, shared: bool
+    ) -> tuple[Array, Array, Array]:
+        # s [B, kv, g, T, S] masked scores; vals [B or 1, kv, S, hd].
+        m, total, acc = carry
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all masked so far: p = 0, no NaN
+        p = jnp.exp(s - m_safe)
+        corr = jnp.exp(m - m_safe)
+        pv = p.astype(vals.dtype)
+        if shared and b > 1:
+            pv = einsum_f32("bkgts,ksd->bkgtd", pv, vals[0])
+        else:
+            pv = einsum_f32("bkgts,bksd->bkgtd", pv, vals)
+        return m_new, total * corr + jnp.sum(p, axis=-1, keepdims=True), acc * corr + pv
+
+    pk, pv_, pmask = prefix
+    if pk.shape[0] == 1 and b > 1:
+        s = einsum_f32("btkgd,ksd->bkgts", qg, pk[0])
+    else:
+        s = einsum_f32("btkgd,bksd->bkgts", qg, pk)
+    s = jnp.where(pmask[:, None, None], s, -jnp.inf) / scale
+    init = (
+        jnp.full((b, kv, heads // kv, t, 1), -jnp.inf, jnp.float32),
+        jnp.zeros((b, kv, heads // kv, t, 1), jnp.float32),
+        jnp.zeros((b, kv, heads // kv, t, hd), jnp.float32),
+    )
+    carry = fold(init, s, pv_, shared=pk.shape[0] == 1)
+
+    def body(i: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+        # The last block is clamped to end at N; positions an earlier block read are masked.
+        start = jnp.minimum(i * block, n - block)
+        kb = jax.lax.dynamic_slice_in_dim(k, start, block, axis=2)
+        vb = jax.lax.dynamic_slice_in_dim(v, start, block, axis=2)
+        pos = start + jnp.arange(block)
+        seen = (pos >= i * block)[None] & (pos[None] < filled[:, None])  # [B, block]
+        s = einsum_f32("btkgd,bksd->bkgts", qg, kb)
+        s = jnp.where(seen[:, None, None, None], s, -jnp.inf) / scale
+        return fold(carry, s, vb, shared=False)
+
+    longest = jnp.max(jnp.minimum(filled, n))
+    _, total, acc = jax.lax.fori_loop(0, (longest + block - 1) // block, body, carry)
+    out = (acc / total).transpose(0, 3, 1, 2, 4)  # [B, T, kv, g, hd]
+    return out.astype(v.dtype).reshape(b, t, heads, hd)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention; weights stored [in, out] (HF's transposed)."""
 
@@ -216,8 +284,8 @@ class Attention(nnx.Module):
         if state is None:
             causal = jnp.tril(jnp.ones((1, x.shape[1], x.shape[1]), bool))
             return self._out(attend(q, [(k, v, causal)])), (k, v)
-        state, segments = state.store(k, v)
-        return self._out(attend(q, segments)), state
+        state, out = state.decode(q, k, v)
+        return self._out(out), state
 
 
 class MLP(nnx.Module):
@@ -270,7 +338,8 @@ class LayerKV:
     """One attention layer's decode state: the cache a new token per row is stored in and reads.
 
     prefix_k/v [1, kv, Pb, hd] (one prompt shared by every row) or [B, kv, Pb, hd];
-    prefix_mask bool [1 or B, 1, Pb]; k/v [B, kv, N, hd]; index int32 scalar or [B] (see DecodeKV).
+    prefix_mask bool [1 or B, 1, Pb]; k/v [B, kv, N, hd]; index int32 scalar or [B]; block (static)
+    0 or the block length of bounded attention (see DecodeKV).
     """
 
     prefix_k: Array
@@ -279,6 +348,7 @@ class LayerKV:
     k: Array
     v: Array
     index: Array
+    block: int = struct.field(pytree_node=False, default=0)
 
     def store(self, k: Array, v: Array) -> tuple[LayerKV, list[tuple[Array, Array, Array]]]:
         """Write the new tokens' k/v [B, kv, 1, hd]; return the updated state and the segments
@@ -296,6 +366,21 @@ class LayerKV:
         prefix = (self.prefix_k, self.prefix_v, self.prefix_mask)
         return self.replace(k=ck, v=cv), [prefix, (ck, cv, mask)]
 
+    def decode(self, q: Array, k: Array, v: Array) -> tuple[LayerKV, Array]:
+        """Store the new tokens' k/v [B, kv, 1, hd], then attend q [B, 1, heads, hd] over the
+        prompt and the row's tokens (the new one included). Returns (the updated state, the
+        attention output [B, 1, heads, hd]). block > 0: `attend_bounded` (reads the row tokens
+        only up to the longest row's filled length); 0: `attend` over all N positions.
+        """
+        state, segments = self.store(k, v)
+        if not self.block:
+            return state, attend(q, segments)
+        n = self.k.shape[2]
+        # A row whose index is out of range stores nothing and its output is junk: it sees only
+        # its prompt, so it does not make every row read all N positions.
+        filled = jnp.where(self.index < n, self.index + 1, 0)
+        return state, attend_bounded(q, segments[0], state.k, state.v, filled, self.block)
+
 
 @struct.dataclass
 class DecodeKV:
@@ -306,6 +391,9 @@ class DecodeKV:
     k/v: per layer [B, kv, N, hd], the rows' own tokens; slot n holds a row's generated token n.
     index: int32 scalar (every row, in lockstep) or [B]: the slot the new token is stored in. A row
         attends to its slots 0..index; an index >= N stores nothing (that row's output is junk).
+    block: static. 0: attention reads all N slots of every row (`attend`); B > 0: it reads them in
+        blocks of B up to the longest row's index (`attend_bounded`), so a step early in
+        generation reads little of the cache.
     """
 
     prefix_k: tuple[Array, ...]
@@ -314,11 +402,12 @@ class DecodeKV:
     k: tuple[Array, ...]
     v: tuple[Array, ...]
     index: Array
+    block: int = struct.field(pytree_node=False, default=0)
 
     def layers(self) -> tuple[LayerKV, ...]:
         """Each layer's decode state (views of these arrays; nothing is copied)."""
         return tuple(
-            LayerKV(pk, pv, self.prefix_mask, k, v, self.index)
+            LayerKV(pk, pv, self.prefix_mask, k, v, self.index, self.block)
             for pk, pv, k, v in zip(self.prefix_k, self.prefix_v, self.k, self.v, strict=True)
         )
 
