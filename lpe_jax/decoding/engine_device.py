@@ -33,6 +33,9 @@ from lpe_jax.model.qwen3 import DecodeKV, Qwen3, Qwen3Config, empty_kv
 
 Array = jax.Array
 
+# Default block length of the decode step's bounded attention (`DeviceSpec.attention_block`).
+ATTENTION_BLOCK = 64
+
 
 @struct.dataclass
 class PromptKV:
@@ -135,6 +138,9 @@ class DeviceSpec:
     mesh: jax.sharding.Mesh
     kv_shapes: tuple[tuple[Qwen3Config, Any], tuple[Qwen3Config, Any]]  # (config, dtype)
     conditioned: bool = False  # the model takes each row's alpha (see RolloutEngine)
+    # > 0: a step reads each slot's token K/V in blocks of this many positions, only up to the
+    # longest busy row (qwen3.attend_bounded); 0: all max_new_tokens positions (qwen3.attend).
+    attention_block: int = ATTENTION_BLOCK
 
     @classmethod
     def build(
@@ -146,9 +152,17 @@ class DeviceSpec:
         eos: tuple[int, ...],
         temperature: float,
         mesh: jax.sharding.Mesh,
+        attention_block: int = ATTENTION_BLOCK,
     ) -> tuple[DeviceSpec, tuple[nnx.State, nnx.State | None]]:
         """(spec, params replicated over the mesh). variant=None: `original` alone, sampled from
-        its own logits; no second K/V (planned and allocated as a model of no layers)."""
+        its own logits; no second K/V (planned and allocated as a model of no layers).
+        attention_block: see the field; 0 or a positive int."""
+        if isinstance(attention_block, bool) or not isinstance(attention_block, int):
+            raise ValueError(f"attention_block must be an int >= 0; got {attention_block!r}.")
+        if attention_block < 0:
+            raise ValueError(
+                f"attention_block must be >= 0 (0: full-length attention); got {attention_block}."
+            )
         single = variant is None
         cfg_v = dataclasses.replace(original.cfg, num_layers=0) if single else variant.cfg
         dt_v = original.dtype if single else variant.dtype
@@ -166,6 +180,7 @@ class DeviceSpec:
             mesh=mesh,
             kv_shapes=((original.cfg, original.dtype), (cfg_v, dt_v)),
             conditioned=bool(getattr(original, "conditioned_on_alpha", False)),
+            attention_block=attention_block,
         )
         return spec, params
 
@@ -319,8 +334,10 @@ def _model_logits(
 
     A slot with count > 0 feeds its last token (generated token count - 1, at position
     prompt_len + count - 1), storing its K/V in slot position count - 1, and attends to its prompt
-    and its own tokens. A fresh slot (count == 0) takes its prompt's logits from the table; its
-    model pass is wasted work and its K/V write falls out of range (dropped).
+    and its own tokens (with spec.attention_block > 0, the token K/V is read only up to the
+    longest busy slot's count). A fresh or free slot (count == 0 or handle < 0) takes its prompt's
+    logits from the table or is ignored; its model pass is wasted work, its K/V write falls out of
+    range (dropped) and it attends to its prompt alone.
     """
     s = state.slots
     plen = state.prompts.length[s.prompt]
@@ -334,7 +351,10 @@ def _model_logits(
             logits.append(logits[0])
             continue
         in_prompt = jnp.arange(skv.prefix_k[0].shape[2]) < plen[:, None]
-        kv = DecodeKV(skv.prefix_k, skv.prefix_v, in_prompt[:, None], skv.k, skv.v, write)
+        kv = DecodeKV(
+            skv.prefix_k, skv.prefix_v, in_prompt[:, None], skv.k, skv.v, write,
+            spec.attention_block,
+        )  # fmt: skip
         decoded, kv = model.decode_step(s.last, plen + fed, kv, **cond)
         fresh = (s.count == 0)[:, None]
         logits.append(jnp.where(fresh, table.logits[s.prompt], decoded))
