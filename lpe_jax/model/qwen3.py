@@ -13,7 +13,9 @@ own state: `None` in a full pass (the layer returns the context it built: K/V fo
 the state it decodes against (`LayerKV` for attention). The loop never looks inside a state, so a
 layer kind with another state (a recurrent layer's fixed-size state) fits the same loop.
 
-One attention implementation (`attend`, over one or more key/value segments). A decode step first
+One attention implementation (`attend`, over one or more key/value segments; `attend_bounded`
+computes the same in blocks, reading the rows' tokens only up to the longest row, for a decode
+step whose state sets `block`). A decode step first
 stores each new token's keys/values in the layer's `LayerKV`, then attends over that cache: the
 prompt prefix and the row's own tokens, itself included. Writing before reading lets XLA update
 the donated cache in place; the reverse order makes it copy the whole cache every step.
