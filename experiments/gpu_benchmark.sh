@@ -8,15 +8,19 @@
 # pattern from synthetic verdicts), its draws capped at MAIN_SECONDS, beside one PairedSampler call
 # of as many rows as the engine has slots. Step 4 (issue 22): the device judge, a local judge
 # model of the same shape scoring JUDGE_ROWS classification questions of JUDGE_TOKENS tokens in
-# batches of JUDGE_BATCH on the device (three floats per row back to the host). Prints one block
-# per step. Step 5 (issue 19): the engine step on a Qwen3.5 pair at Qwen3.5-4B shape. Record them
-# in docs/benchmarks.md with the card the reply names.
+# batches of JUDGE_BATCH on the device (three floats per row back to the host). Step 5 (issue 19):
+# the engine step on a Qwen3.5 pair at Qwen3.5-4B shape. Step 6 (issue 18): ms per engine decode
+# step with bounded attention (blocks of 64) vs full-length, ATTN_SLOTS slots, 64-token prompt,
+# ATTN_NEW_TOKENS token positions, early and late in generation (three engines' state at once: 64
+# slots at Qwen3-4B bf16 hold ~33 GB). Prints one block per step; record them in
+# docs/benchmarks.md with the card the reply names.
 #
 #   bash experiments/gpu_benchmark.sh                      # on the GPU machine, from the checkout
 #   PYTHON=.venv/bin/python PRESET=tiny ROWS=32 DTYPE=float32 ENGINE_SLOTS=16 ENGINE_PROMPTS=4 \
 #     ENGINE_ROWS=8 ENGINE_NEW_TOKENS=32 MAIN_PROMPTS=8 MAIN_NEW_TOKENS=32 MAIN_SLOTS=32 \
 #     MAIN_SECONDS=30 JUDGE_TOKENS=64 JUDGE_BATCH=4 JUDGE_ROWS=8 JUDGE_MODES=device,host \
 #     QWEN35_PRESET=qwen3_5_tiny \
+#     ATTN_SLOTS=8 ATTN_NEW_TOKENS=48 ATTN_LATE=24 ATTN_REPS=1 \
 #     bash experiments/gpu_benchmark.sh                      # CPU dry run
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,3 +62,8 @@ echo "=== engine ${QWEN35_PRESET:-qwen3_5_4b} dtype=${DTYPE} slots=${ENGINE_SLOT
   --slots="${ENGINE_SLOTS:-256}" --prompts="${ENGINE_PROMPTS:-32}" \
   --rows_per_prompt="${ENGINE_ROWS:-32}" --block_rows="${ENGINE_ROWS:-32}" \
   --max_new_tokens="${ENGINE_NEW_TOKENS:-256}" --nologtostderr
+# Bounded vs full-length attention in the engine's decode step; ~1 minute.
+echo "=== attention ${PRESET} dtype=${DTYPE} slots=${ATTN_SLOTS:-64} ==="
+"$PYTHON" experiments/benchmark_attention.py --preset="$PRESET" --dtype="$DTYPE" \
+  --slots="${ATTN_SLOTS:-64}" --max_new_tokens="${ATTN_NEW_TOKENS:-512}" \
+  --late="${ATTN_LATE:-480}" --reps="${ATTN_REPS:-5}" --blocks=64 --nologtostderr

@@ -18,6 +18,7 @@ from lpe_jax.abliteration.direction_path import DirectionalQwen3
 from lpe_jax.abliteration.orthogonalize import orthogonalize_model, unit_direction
 from lpe_jax.decoding import memory
 from lpe_jax.decoding.engine import RolloutEngine, RowBlock
+from lpe_jax.decoding.engine_device import ATTENTION_BLOCK
 from lpe_jax.model import qwen3
 from lpe_jax.model.forward import model_logits
 
@@ -130,7 +131,7 @@ def test_engine_samples_each_row_from_its_own_m_alpha(setup, mixed_run):
     # memory is planned for one model's K/V: a two-model slot holds (T + prompt slots) more tokens
     # and one more prompt copy (refill temporaries)
     f32, pb = np.float32, engine.prompt_slots
-    two = memory.bytes_per_slot(CFG, CFG, f32, f32, T, pb, 4)
+    two = memory.bytes_per_slot(CFG, CFG, f32, f32, T, pb, 4, attention_block=ATTENTION_BLOCK)
     assert two - engine.planned_bytes()["slot"] == (T + 2 * pb) * CFG.kv_bytes_per_token(f32)
 
 

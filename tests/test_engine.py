@@ -186,9 +186,12 @@ def test_slots_stay_full_while_rows_wait(engine_results):
     assert e.stats.slot_use > 0.8, e.stats
 
 
-def test_independent_of_slot_count_and_submission_order(models, engine_results):
+def test_independent_of_slot_count_submission_order_and_attention_blocks(models, engine_results):
+    # Attention read in blocks of 3 token positions (3 blocks for T = 8, the last clamped), bounded
+    # by the longest of 3 rows of different lengths; the fixture's engine reads one block of 8.
+    # The oracle's attention reads every position in one softmax.
     _, results = engine_results
-    e = _engine(models, slots=3, max_prompts=2, steps_per_call=3)
+    e = _engine(models, slots=3, max_prompts=2, steps_per_call=3, attention_block=3)
     late = BLOCKS[::-1]
     for b in late[:4]:
         e.submit(b)
@@ -306,6 +309,8 @@ def test_max_positions_and_construction_errors(models):
         (dict(steps_per_call=0), "steps_per_call"),
         (dict(max_prompt_len=0), "max_prompt_len"),
         (dict(per_token=1), "per_token"),
+        (dict(attention_block=-1), "attention_block"),
+        (dict(attention_block=2.0), "attention_block"),
     ]:
         with pytest.raises(ValueError, match=match):
             _engine(models, **kw)

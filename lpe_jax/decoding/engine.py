@@ -208,6 +208,10 @@ class RolloutEngine:
         first value), where L = tokens generated / rows ended in that window (the mean row
         length). Each cap compiles the step once: at most log2(S / 8) + 1 compilations. Rows
         never depend on the cap.
+    attention_block: a decode step reads each slot's generated-token K/V in blocks of this many
+        positions, only up to the longest busy row (engine_device.ATTENTION_BLOCK by default);
+        0 reads all max_new_tokens positions every step (the reference the bounded one is
+        tested and benchmarked against). Rows agree to float32 rounding.
 
     One model (variant=None): every row is sampled from `original`'s own logits, one forward pass
     per token; the path only sets the alpha domain. A model whose class sets
@@ -234,6 +238,7 @@ class RolloutEngine:
         max_prompt_len: int = 256,
         per_token: bool = False,
         refills_per_step: int | None = None,
+        attention_block: int = dev.ATTENTION_BLOCK,
     ) -> None:
         before = compilations()
         self.single = variant is None
@@ -253,7 +258,7 @@ class RolloutEngine:
         self._cfgs = (pair[0].cfg, pair[1].cfg)
         self._spec, self._params = dev.DeviceSpec.build(
             original, variant, self.path.fn, self.max_new_tokens, eos, float(temperature),
-            sharding.row_mesh(devices),
+            sharding.row_mesh(devices), attention_block,
         )  # fmt: skip
         self.slots, self.max_prompts = self._plan(slots, max_prompts)
         floor = min(self.slots, max(8, self.slots // 16))
@@ -303,8 +308,9 @@ class RolloutEngine:
 
     def _slot_bytes(self) -> int:
         return memory.bytes_per_slot(
-            *self._kv_shapes(), self.max_new_tokens, self.prompt_slots, self.steps_per_call
-        )
+            *self._kv_shapes(), self.max_new_tokens, self.prompt_slots, self.steps_per_call,
+            attention_block=self._spec.attention_block,
+        )  # fmt: skip
 
     # --- public API ---
 

@@ -41,6 +41,9 @@ from lpe_jax.decoding.rollouts import PAD_ID, row_keys, sample_step
 
 Array = jax.Array
 
+# Default block length of the decode step's bounded attention (`DeviceSpec.attention_block`).
+ATTENTION_BLOCK = 64
+
 
 @struct.dataclass
 class PromptKV:
@@ -141,6 +144,9 @@ class DeviceSpec:
     mesh: jax.sharding.Mesh
     kv_shapes: tuple[tuple[Any, Any], tuple[Any, Any]]  # (config, dtype); see the module doc
     conditioned: bool = False  # the model takes each row's alpha (see RolloutEngine)
+    # > 0: a step reads each slot's token K/V in blocks of this many positions, only up to the
+    # longest busy row (qwen3.attend_bounded); 0: all max_new_tokens positions (qwen3.attend).
+    attention_block: int = ATTENTION_BLOCK
 
     @classmethod
     def build(
@@ -152,10 +158,18 @@ class DeviceSpec:
         eos: tuple[int, ...],
         temperature: float,
         mesh: jax.sharding.Mesh,
+        attention_block: int = ATTENTION_BLOCK,
     ) -> tuple[DeviceSpec, tuple[nnx.State, nnx.State | None]]:
         """(spec, params replicated over the mesh). variant=None: `original` alone, sampled from
         its own logits; no second state (planned and allocated as a model of no layers).
-        Both models implement the layer-state protocol (module docstring)."""
+        Both models implement the layer-state protocol (module docstring).
+        attention_block: see the field; 0 or a positive int."""
+        if isinstance(attention_block, bool) or not isinstance(attention_block, int):
+            raise ValueError(f"attention_block must be an int >= 0; got {attention_block!r}.")
+        if attention_block < 0:
+            raise ValueError(
+                f"attention_block must be >= 0 (0: full-length attention); got {attention_block}."
+            )
         single = variant is None
         cfg_v = original.cfg.without_layers() if single else variant.cfg
         dt_v = original.dtype if single else variant.dtype
@@ -173,6 +187,7 @@ class DeviceSpec:
             mesh=mesh,
             kv_shapes=((original.cfg, original.dtype), (cfg_v, dt_v)),
             conditioned=bool(getattr(original, "conditioned_on_alpha", False)),
+            attention_block=attention_block,
         )
         return spec, params
 
@@ -324,7 +339,8 @@ def _model_logits(
 
     A slot with count > 0 feeds its last token (generated token count - 1, at position
     prompt_len + count - 1): attention stores its K/V in own-state position count - 1 and attends
-    to its prompt and its own tokens; a recurrent layer updates its state. A fresh or free slot
+    to its prompt and its own tokens (with spec.attention_block > 0, Qwen3's token K/V is read only
+    up to the longest busy slot's count); a recurrent layer updates its state. A fresh or free slot
     (count == 0) takes its prompt's logits from the table; its model pass is wasted work, its
     write index is out of range and its state does not change.
     """
@@ -341,7 +357,15 @@ def _model_logits(
             logits.append(logits[0])
             continue
         decoded, prompt, own = model.decode_slots(
-            s.last, plen + fed, plen, write, active, skv.prompt, skv.own, **cond
+            s.last,
+            plen + fed,
+            plen,
+            write,
+            active,
+            skv.prompt,
+            skv.own,
+            block=spec.attention_block,
+            **cond,
         )
         fresh = (s.count == 0)[:, None]
         logits.append(jnp.where(fresh, table.logits[s.prompt], decoded))

@@ -35,14 +35,24 @@ DEFAULT_CPU_ROWS = 256
 MEMORY_FRACTION = 0.8
 
 
-def _activation_bytes(cfg: ModelConfig, dtype: Any, prompt_slots: int, new_tokens: int) -> int:
-    if isinstance(cfg, Qwen35Config):
+def _activation_bytes(
+    cfg: ModelConfig, dtype: Any, prompt_slots: int, new_tokens: int, attention_block: int
+) -> int:
+    if isinstance(cfg, Qwen35Config):  # its gated attention reads every position (no block)
         return _hybrid_activation_bytes(cfg, dtype, prompt_slots, new_tokens)
     itemsize = jax.numpy.dtype(dtype).itemsize
     hidden = (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * itemsize
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * itemsize
-    scores = 2 * cfg.num_heads * (prompt_slots + new_tokens) * 4  # f32 scores and probs, one layer
-    return hidden + qkv + scores
+    if not attention_block:  # one softmax over every key: f32 scores and probs, one layer
+        return hidden + qkv + 2 * cfg.num_heads * (prompt_slots + new_tokens) * 4
+    # Bounded (qwen3.attend_bounded): the prompt's scores, one block's scores, the block's K/V
+    # sliced out of the cache (float32: bf16 is upcast on CPU), and the online softmax's running
+    # max, sum and weighted values, in and out of a loop trip.
+    block = min(attention_block, new_tokens)
+    scores = 2 * cfg.num_heads * (prompt_slots + block) * 4
+    kv_block = 2 * cfg.num_kv_heads * block * cfg.head_dim * 4
+    running = 2 * cfg.num_heads * (cfg.head_dim + 2) * 4
+    return hidden + qkv + scores + kv_block + running
 
 
 def _hybrid_activation_bytes(
@@ -76,11 +86,13 @@ def bytes_per_row(
     max_new_tokens: int,
     prompt_slots: int,
     per_token: bool = False,
+    attention_block: int = 0,
 ) -> int:
     """Device bytes one decode row needs (both models), excluding params and the shared prompt.
 
     = generated-token KV cache of both models (max_new_tokens slots each)
-    + LOGIT_BUFFERS float32 [V] buffers + one layer's activations/attention scores (larger model)
+    + LOGIT_BUFFERS float32 [V] buffers + one layer's activations/attention temporaries (larger
+      model; attention_block 0: scores over every key; > 0: bounded attention's, one block)
     + the row's loop state (tokens, and per-token log-probs when requested).
     """
     kv = max_new_tokens * (
@@ -88,8 +100,8 @@ def bytes_per_row(
     )
     logits = LOGIT_BUFFERS * original.vocab_size * 4
     act = max(
-        _activation_bytes(original, original_dtype, prompt_slots, max_new_tokens),
-        _activation_bytes(variant, variant_dtype, prompt_slots, max_new_tokens),
+        _activation_bytes(original, original_dtype, prompt_slots, max_new_tokens, attention_block),
+        _activation_bytes(variant, variant_dtype, prompt_slots, max_new_tokens, attention_block),
     )
     state = max_new_tokens * 4 * (4 if per_token else 1) + 64
     return kv + logits + act + state
@@ -144,6 +156,7 @@ def bytes_per_slot(
     max_new_tokens: int,
     prompt_slots: int,
     steps_per_call: int,
+    attention_block: int = 0,
 ) -> int:
     """Device bytes one engine slot needs (both models), excluding params and the prompt table.
 
@@ -154,10 +167,12 @@ def bytes_per_slot(
       refill cap is at most S) before scattering them into the slots, another prompt's K/V
     + both models' first-token logits read from the table (2 float32 [V])
     + its share of the row queue and of one generate call's output stream.
+    attention_block: the engine's (engine_device.DeviceSpec.attention_block).
     """
     row = bytes_per_row(
-        original, variant, original_dtype, variant_dtype, max_new_tokens, prompt_slots
-    )
+        original, variant, original_dtype, variant_dtype, max_new_tokens, prompt_slots,
+        attention_block=attention_block,
+    )  # fmt: skip
     prompt = prompt_bytes(original, variant, original_dtype, variant_dtype, prompt_slots)
     first_logits = 2 * original.vocab_size * 4
     stream = steps_per_call * 40 + QUEUE_ROWS_PER_SLOT * 28

@@ -13,7 +13,9 @@ own state: `None` in a full pass (the layer returns the context it built: K/V fo
 the state it decodes against (`LayerKV` for attention). The loop never looks inside a state, so a
 layer kind with another state (a recurrent layer's fixed-size state) fits the same loop.
 
-One attention implementation (`attend`, over one or more key/value segments). A decode step first
+One attention implementation (`attend`, over one or more key/value segments; `attend_bounded`
+computes the same in blocks, reading the rows' tokens only up to the longest row, for a decode
+step whose state sets `block`). A decode step first
 stores each new token's keys/values in the layer's `LayerKV`, then attends over that cache: the
 prompt prefix and the row's own tokens, itself included. Writing before reading lets XLA update
 the donated cache in place; the reverse order makes it copy the whole cache every step.
@@ -183,6 +185,74 @@ def attend(q: Array, segments: Sequence[tuple[Array, Array, Array]]) -> Array:
     return out.astype(segments[-1][1].dtype).reshape(b, t, heads, hd)
 
 
+def attend_bounded(
+    q: Array, prefix: tuple[Array, Array, Array], k: Array, v: Array, filled: Array, block: int
+) -> Array:
+    """`attend` over a prefix segment and the first `filled` positions of k/v, reading k/v in
+    blocks of `block` positions and never past the longest row's filled length.
+
+    q [B, T, heads, hd]; prefix (k, v, mask) as in `attend`; k/v [B, kv, N, hd]; filled int32 [B]
+    (or scalar): row b sees positions < filled[b] of k/v (every query of the row alike). Blocks
+    0..ceil(max(filled) / block) - 1 are read, one per `lax.while_loop` trip, and folded in by an
+    online softmax (running max, sum and weighted values, all float32), so the cost follows the
+    filled length, not N. The same float32 sums as `attend` in another order: results agree to
+    float32 rounding (bf16: the unnormalised probabilities are rounded to v's dtype, `attend`
+    rounds the normalised ones). Every query must see some key. Returns [B, T, heads, hd] in
+    v's dtype.
+    """
+    b, t, heads, hd = q.shape
+    kv, n = k.shape[1], k.shape[2]
+    block = min(block, n)
+    qg = q.reshape(b, t, kv, heads // kv, hd)
+    filled = jnp.broadcast_to(jnp.asarray(filled, jnp.int32), (b,))
+    scale = math.sqrt(hd)
+
+    def fold(
+        carry: tuple[Array, Array, Array], s: Array, vals: Array, shared: bool
+    ) -> tuple[Array, Array, Array]:
+        # s [B, kv, g, T, S] masked scores; vals [B or 1, kv, S, hd].
+        m, total, acc = carry
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all masked so far: p = 0, no NaN
+        p = jnp.exp(s - m_safe)
+        corr = jnp.exp(m - m_safe)
+        pv = p.astype(vals.dtype)
+        if shared and b > 1:
+            pv = einsum_f32("bkgts,ksd->bkgtd", pv, vals[0])
+        else:
+            pv = einsum_f32("bkgts,bksd->bkgtd", pv, vals)
+        return m_new, total * corr + jnp.sum(p, axis=-1, keepdims=True), acc * corr + pv
+
+    pk, pv_, pmask = prefix
+    if pk.shape[0] == 1 and b > 1:
+        s = einsum_f32("btkgd,ksd->bkgts", qg, pk[0])
+    else:
+        s = einsum_f32("btkgd,bksd->bkgts", qg, pk)
+    s = jnp.where(pmask[:, None, None], s, -jnp.inf) / scale
+    init = (
+        jnp.full((b, kv, heads // kv, t, 1), -jnp.inf, jnp.float32),
+        jnp.zeros((b, kv, heads // kv, t, 1), jnp.float32),
+        jnp.zeros((b, kv, heads // kv, t, hd), jnp.float32),
+    )
+    carry = fold(init, s, pv_, shared=pk.shape[0] == 1)
+
+    def body(i: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+        # The last block is clamped to end at N; positions an earlier block read are masked.
+        start = jnp.minimum(i * block, n - block)
+        kb = jax.lax.dynamic_slice_in_dim(k, start, block, axis=2)
+        vb = jax.lax.dynamic_slice_in_dim(v, start, block, axis=2)
+        pos = start + jnp.arange(block)
+        seen = (pos >= i * block)[None] & (pos[None] < filled[:, None])  # [B, block]
+        s = einsum_f32("btkgd,bksd->bkgts", qg, kb)
+        s = jnp.where(seen[:, None, None, None], s, -jnp.inf) / scale
+        return fold(carry, s, vb, shared=False)
+
+    longest = jnp.max(jnp.minimum(filled, n))
+    _, total, acc = jax.lax.fori_loop(0, (longest + block - 1) // block, body, carry)
+    out = (acc / total).transpose(0, 3, 1, 2, 4)  # [B, T, kv, g, hd]
+    return out.astype(v.dtype).reshape(b, t, heads, hd)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention; weights stored [in, out] (HF's transposed)."""
 
@@ -235,8 +305,8 @@ class Attention(nnx.Module):
         if state is None:
             causal = jnp.tril(jnp.ones((1, x.shape[1], x.shape[1]), bool))
             return self._out(attend(q, [(k, v, causal)])), (k, v)
-        state, segments = state.store(k, v)
-        return self._out(attend(q, segments)), state
+        state, out = state.decode(q, k, v)
+        return self._out(out), state
 
 
 class MLP(nnx.Module):
@@ -289,7 +359,8 @@ class LayerKV:
     """One attention layer's decode state: the cache a new token per row is stored in and reads.
 
     prefix_k/v [1, kv, Pb, hd] (one prompt shared by every row) or [B, kv, Pb, hd];
-    prefix_mask bool [1 or B, 1, Pb]; k/v [B, kv, N, hd]; index int32 scalar or [B] (see DecodeKV).
+    prefix_mask bool [1 or B, 1, Pb]; k/v [B, kv, N, hd]; index int32 scalar or [B]; block (static)
+    0 or the block length of bounded attention (see DecodeKV).
     """
 
     prefix_k: Array
@@ -298,6 +369,7 @@ class LayerKV:
     k: Array
     v: Array
     index: Array
+    block: int = struct.field(pytree_node=False, default=0)
 
     def store(self, k: Array, v: Array) -> tuple[LayerKV, list[tuple[Array, Array, Array]]]:
         """Write the new tokens' k/v [B, kv, 1, hd]; return the updated state and the segments
@@ -315,6 +387,21 @@ class LayerKV:
         prefix = (self.prefix_k, self.prefix_v, self.prefix_mask)
         return self.replace(k=ck, v=cv), [prefix, (ck, cv, mask)]
 
+    def decode(self, q: Array, k: Array, v: Array) -> tuple[LayerKV, Array]:
+        """Store the new tokens' k/v [B, kv, 1, hd], then attend q [B, 1, heads, hd] over the
+        prompt and the row's tokens (the new one included). Returns (the updated state, the
+        attention output [B, 1, heads, hd]). block > 0: `attend_bounded` (reads the row tokens
+        only up to the longest row's filled length); 0: `attend` over all N positions.
+        """
+        state, segments = self.store(k, v)
+        if not self.block:
+            return state, attend(q, segments)
+        n = self.k.shape[2]
+        # A row whose index is out of range stores nothing and its output is junk: it sees only
+        # its prompt, so it does not make every row read all N positions.
+        filled = jnp.where(self.index < n, self.index + 1, 0)
+        return state, attend_bounded(q, segments[0], state.k, state.v, filled, self.block)
+
 
 @struct.dataclass
 class DecodeKV:
@@ -325,6 +412,9 @@ class DecodeKV:
     k/v: per layer [B, kv, N, hd], the rows' own tokens; slot n holds a row's generated token n.
     index: int32 scalar (every row, in lockstep) or [B]: the slot the new token is stored in. A row
         attends to its slots 0..index; an index >= N stores nothing (that row's output is junk).
+    block: static. 0: attention reads all N slots of every row (`attend`); B > 0: it reads them in
+        blocks of B up to the longest row's index (`attend_bounded`), so a step early in
+        generation reads little of the cache.
     """
 
     prefix_k: tuple[Array, ...]
@@ -333,11 +423,12 @@ class DecodeKV:
     k: tuple[Array, ...]
     v: tuple[Array, ...]
     index: Array
+    block: int = struct.field(pytree_node=False, default=0)
 
     def layers(self) -> tuple[LayerKV, ...]:
         """Each layer's decode state (views of these arrays; nothing is copied)."""
         return tuple(
-            LayerKV(pk, pv, self.prefix_mask, k, v, self.index)
+            LayerKV(pk, pv, self.prefix_mask, k, v, self.index, self.block)
             for pk, pv, k, v in zip(self.prefix_k, self.prefix_v, self.k, self.v, strict=True)
         )
 
@@ -501,6 +592,7 @@ class Qwen3(nnx.Module):
         active: Array,
         prompt: Sequence[Any],
         own: Sequence[Any],
+        block: int = 0,
         **cond: Any,
     ) -> tuple[Array, tuple[Any, ...], tuple[Any, ...]]:
         """Engine layer-state protocol: one decode step of S slots.
@@ -509,13 +601,14 @@ class Qwen3(nnx.Module):
         inactive slot's state must not change, its logits are junk); write int [S]: the own-state
         slot the token is stored in, >= capacity where inactive (attention drops the write, so
         `active` is not read here). prompt/own: per layer, as the config's
-        `empty_prompt_states` / `empty_own_states` with n = S. Returns (float32 logits [S, V],
-        prompt states, own states); attention never changes a prompt.
+        `empty_prompt_states` / `empty_own_states` with n = S. block: > 0 reads the own K/V in
+        blocks only up to the longest busy slot (`attend_bounded`), 0 all of it. Returns (float32
+        logits [S, V], prompt states, own states); attention never changes a prompt.
         """
         pk, pv = tuple(k for k, _ in prompt), tuple(v for _, v in prompt)
         in_prompt = jnp.arange(pk[0].shape[2]) < prompt_length[:, None]
         ok, ov = tuple(k for k, _ in own), tuple(v for _, v in own)
-        kv = DecodeKV(pk, pv, in_prompt[:, None], ok, ov, write)
+        kv = DecodeKV(pk, pv, in_prompt[:, None], ok, ov, write, block)
         logits, kv = self.decode_step(tokens, positions, kv, **cond)
         return logits, tuple(prompt), tuple(zip(kv.k, kv.v, strict=True))
 

@@ -383,6 +383,7 @@ class Qwen35(nnx.Module):
         active: Array,
         prompt: Sequence[Any],
         own: Sequence[Any],
+        block: int = 0,
     ) -> tuple[Array, tuple[Any, ...], tuple[Any, ...]]:
         """Engine layer-state protocol (see `lpe_jax.model.qwen3.Qwen3.decode_slots`): one token
         per slot. A linear layer steps its prompt state (kept as it was where not `active`); a
