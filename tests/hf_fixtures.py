@@ -175,3 +175,18 @@ def make_tokenizer(
         gen = {"eos_token_id": generation_eos, "pad_token_id": 0}
         (path / "generation_config.json").write_text(json.dumps(gen))
     return path
+
+
+# A tiny Qwen3-MoE: layer 0 dense (mlp_only_layers), layer 1 sparse with 6 experts, top-2,
+# renormalised (as Qwen3-30B-A3B). kwargs of `make_hf_checkpoint`, shared by the MoE tests so the
+# session builds the checkpoint once.
+QWEN3_MOE = dict(
+    moe=dict(
+        num_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[0],
+    )
+)

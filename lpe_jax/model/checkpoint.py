@@ -114,7 +114,7 @@ def model_type_of(hf: dict[str, Any]) -> str:
         )
     if model_type not in ARCHITECTURES:
         raise ValueError(
-            f"model_type {model_type!r} (architectures {classes}) is not supported; supported "
+            f"model_type {model_type!r} is not supported (architectures {classes}); supported "
             f"model types: {sorted(ARCHITECTURES)}. Point load_model at a checkpoint of one."
         )
     return model_type
@@ -172,7 +172,7 @@ def config_from_hf(hf: dict[str, Any]) -> Qwen3Config:
 
 def _moe_fields(hf: dict[str, Any]) -> dict[str, Any]:
     """Qwen3Config's MoE fields from a qwen3_moe config.json (ValueError when incomplete)."""
-    moe = MoEConfig.from_hf(hf)  # checks the keys, hidden_act and top-k
+    moe = MoEConfig.from_hf({**hf, "model_type": "qwen3_moe"})  # checks keys, act, top-k
     only = hf.get("mlp_only_layers") or []
     if not all(isinstance(i, int) for i in only):
         raise ValueError(f"mlp_only_layers must list layer indices, got {only!r}.")
@@ -602,15 +602,16 @@ def save_model(model: Qwen3, path: str | os.PathLike, *, dtype: str | None = Non
     """Write `model` as an HF directory: config.json + model.safetensors ([out, in] Linear weights).
 
     dtype: 'float32' or 'bfloat16' for the stored tensors; None keeps the model's dtype. Returns
-    the directory. transformers' `Qwen3ForCausalLM.from_pretrained` and `load_model` read it.
+    the directory. transformers' `Qwen3ForCausalLM` (`Qwen3MoeForCausalLM` with experts) and
+    `load_model` read it.
     """
     path = Path(path)
     np_dtype = _np_dtype(dtype if dtype is not None else model.dtype)
     cfg = model.cfg
     tensors = {}
     for name, (attr, shape, transpose) in weight_table(cfg).items():
-        path, expert = split_expert(attr)
-        arr = np.asarray(_variable(model, path)[...]).astype(np_dtype)
+        param, expert = split_expert(attr)
+        arr = np.asarray(_variable(model, param)[...]).astype(np_dtype)
         arr = arr if expert is None else arr[expert]
         tensors[name] = np.ascontiguousarray(arr.T if transpose else arr)
         assert tensors[name].shape == shape, (name, tensors[name].shape, shape)
