@@ -3,14 +3,18 @@ the architecture dispatch), logit parity with transformers' Qwen3MoeForCausalLM 
 cached decoding and the engine's rows, and the engine against the lockstep oracle."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hf_fixtures import QWEN3_MOE, hf_logits, hf_reference
+from hf_fixtures import QWEN3_MOE, hf_logits, hf_reference, make_tokenizer
 from sampler_oracle import LockstepSampler
 
 from lpe_jax.decoding import paths
@@ -19,6 +23,7 @@ from lpe_jax.model import qwen3
 from lpe_jax.model.checkpoint import ARCHITECTURES, config_from_hf, load_model, save_model
 from lpe_jax.model.forward import model_logits
 from lpe_jax.model.moe import SparseMoE
+from lpe_jax.runs.store import RolloutStore
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
 
@@ -142,3 +147,57 @@ def test_architecture_dispatch_and_refusal(moe_dir, tmp_path):
     )
     with pytest.raises(ValueError, match=r"'llama' is not supported.*'qwen3'.*'qwen3_moe'"):
         load_model(bad)
+
+
+def _run_script(script: str, *args: str) -> None:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
+    p = subprocess.run(
+        [sys.executable, str(root / "experiments" / script), *args],
+        capture_output=True, text=True, env=env, cwd=root, timeout=600,
+    )  # fmt: skip
+    assert p.returncode == 0, f"{script} failed:\n{p.stdout}\n{p.stderr[-4000:]}"
+
+
+def test_scripts_run_on_a_qwen3_moe_pair(moe_dir, tmp_path):
+    """abliterate.py makes the variant of a tiny Qwen3-MoE; estimate.py and sample.py then run on
+    the (original, abliterated) pair unchanged."""
+    src = tmp_path / "original"
+    shutil.copytree(moe_dir, src)
+    make_tokenizer(src, words=80, generation_eos=[2, 0])
+    rng = np.random.default_rng(0)
+
+    def text(lo: int, hi: int) -> str:
+        return " ".join(f"w{i}" for i in rng.integers(lo, hi, rng.integers(2, 6)))
+
+    harmful, harmless = tmp_path / "harmful.jsonl", tmp_path / "harmless.json"
+    harmful.write_text(
+        "".join(json.dumps({"id": f"h{i}", "prompt": text(0, 40)}) + "\n" for i in range(8))
+    )
+    harmless.write_text(json.dumps([{"instruction": text(40, 80)} for _ in range(8)]))
+    variant = tmp_path / "abliterated"
+    _run_script(
+        "abliterate.py", f"--original={src}", f"--out={variant}", f"--harmful={harmful}",
+        f"--harmless={harmless}", "--harmful_split=4,2,2", "--harmless_split=4,2,2",
+        "--refusal_tokens=w0,w1", "--nofilter_train", "--prune_layer_fraction=0",
+        "--noinduce_filter", "--kl_threshold=0", "--n_rollouts=2", "--max_new_tokens=3",
+    )  # fmt: skip
+    edited = json.loads((variant / "abliteration.json").read_text())["edited"]
+    assert "model.layers.1.mlp.experts.5.down_proj.weight" in edited
+    assert load_model(variant).cfg.num_experts == 6
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"id": f"p{i}", "prompt": text(0, 80)}) + "\n" for i in range(2))
+    )
+    pair = (f"--original={src}", f"--variant={variant}", f"--prompts={prompts}")
+    _run_script(
+        "estimate.py", *pair, "--judge=string", "--n_fit=3", "--n_search=3",
+        "--max_new_tokens=3", "--max_rows=8", "--nofigures", f"--out={tmp_path / 'estimate'}",
+    )  # fmt: skip
+    results = json.loads((tmp_path / "estimate" / "results.json").read_text())
+    assert [p["id"] for p in results["prompts"]] == ["p0", "p1"]
+    _run_script(
+        "sample.py", *pair, "--alphas=0,1", "--rollouts=4", "--max_new_tokens=3",
+        "--max_rows=8", f"--out={tmp_path / 'sample'}",
+    )  # fmt: skip
+    assert len(list(RolloutStore.load(tmp_path / "sample").chunks())) == 2 * 2
