@@ -28,7 +28,7 @@ MEMORY_FRACTION = 0.8
 
 def _activation_bytes(cfg: Qwen3Config, dtype: Any, prompt_slots: int, new_tokens: int) -> int:
     itemsize = jax.numpy.dtype(dtype).itemsize
-    hidden = (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * itemsize
+    hidden = (4 * cfg.hidden_size + cfg.mlp_activations_per_token()) * itemsize
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * itemsize
     scores = 2 * cfg.num_heads * (prompt_slots + new_tokens) * 4  # f32 scores and probs, one layer
     return hidden + qkv + scores

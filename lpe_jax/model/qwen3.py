@@ -126,6 +126,16 @@ class Qwen3Config:
             norm_topk_prob=self.norm_topk_prob,
         )
 
+    def mlp_activations_per_token(self) -> int:
+        """Elements one token's MLP holds at once in the widest layer: gate, up and their product
+        (3 x intermediate_size) in a dense layer; in a sparse one the same for each of its top-k
+        experts, plus the router's probabilities and the token's k gathered copies and outputs."""
+        dense = 3 * self.intermediate_size
+        k = self.num_experts_per_tok
+        sparse = 3 * k * self.moe_intermediate_size + 2 * k * self.hidden_size + self.num_experts
+        kinds = {self.is_sparse(i) for i in range(self.num_layers)}
+        return max(sparse if s else dense for s in kinds)
+
     def kv_bytes_per_token(self, dtype: Any) -> int:
         """Bytes of K and V cache one token occupies across all layers (one model)."""
         itemsize = jnp.dtype(dtype).itemsize
