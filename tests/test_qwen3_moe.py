@@ -17,6 +17,8 @@ from flax import nnx
 from hf_fixtures import QWEN3_MOE, hf_logits, hf_reference, make_tokenizer
 from sampler_oracle import LockstepSampler
 
+from lpe_jax.abliteration.direction_path import DirectionalQwen3
+from lpe_jax.abliteration.orthogonalize import orthogonalize_model, unit_direction
 from lpe_jax.decoding import paths
 from lpe_jax.decoding.engine import RolloutEngine, RowBlock
 from lpe_jax.model import qwen3
@@ -201,3 +203,20 @@ def test_scripts_run_on_a_qwen3_moe_pair(moe_dir, tmp_path):
         "--max_rows=8", f"--out={tmp_path / 'sample'}",
     )  # fmt: skip
     assert len(list(RolloutStore.load(tmp_path / "sample").chunks())) == 2 * 2
+
+
+def test_direction_path_is_the_in_memory_orthogonalization_on_moe(moe_dir):
+    """M(alpha) of a MoE model equals its weights orthogonalized at strength 1 - alpha, every
+    expert's down_proj included (orthogonalize_model), and differs from the original at 0."""
+    model = load_model(moe_dir)
+    direction = np.asarray(model.embed_tokens[...]).mean(0) + 0.1
+    dm = DirectionalQwen3.wrap(model, direction)
+    tokens = np.random.default_rng(1).integers(0, 96, (2, 9)).astype(np.int32)
+    forward = jax.jit(lambda t, a: dm(t, a)[0])
+    for alpha in (0.0, 0.5):
+        edited = orthogonalize_model(model, direction, strength=1.0 - alpha)
+        if alpha == 0.0:  # the abliteration: no expert writes along r any more
+            w = np.asarray(edited.layers[1].mlp.experts.down_proj[...])
+            assert np.abs(w @ unit_direction(direction, 64)).max() <= 1e-5
+        assert _rel(forward(tokens, alpha), model_logits(edited, tokens)) <= 1e-5, alpha
+    assert _rel(forward(tokens, 0.0), model_logits(model, tokens)) > 1e-2
