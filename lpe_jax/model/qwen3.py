@@ -134,7 +134,7 @@ class Qwen3Config:
         k = self.num_experts_per_tok
         sparse = 3 * k * self.moe_intermediate_size + 2 * k * self.hidden_size + self.num_experts
         kinds = {self.is_sparse(i) for i in range(self.num_layers)}
-        return max(sparse if s else dense for s in kinds)
+        return max((sparse if s else dense for s in kinds), default=0)  # 0 layers: no MLP
 
     def kv_bytes_per_token(self, dtype: Any) -> int:
         """Bytes of K and V cache one token occupies across all layers (one model)."""
