@@ -2,10 +2,13 @@
 
 Steady state: eos_token_ids is empty, so every row runs all --new_tokens steps. Reports compile
 time, ms/step, pair-tokens/s and peak memory; with --reference=hf also times the same loop written
-with Hugging Face transformers (two Qwen3ForCausalLM, DynamicCache, eager attention, no_grad,
-sampling from the linear path) in the same run, and prints the ratio.
+with Hugging Face transformers (two Qwen3ForCausalLM, or Qwen3MoeForCausalLM for a MoE preset,
+DynamicCache, eager attention, no_grad, sampling from the linear path) in the same run, and prints
+the ratio. Qwen3-MoE presets (`--preset=tiny_moe`, `small_moe`) decode the same loop with sparse
+MoE MLPs.
 
   .venv/bin/python experiments/benchmark_decode.py --preset=tiny --rows=64 --reference=hf
+  .venv/bin/python experiments/benchmark_decode.py --preset=tiny_moe --rows=64 --reference=hf
 
 A qwen3_5_* preset decodes a Qwen3.5 pair (hybrid Gated DeltaNet / gated attention); its HF
 reference is two Qwen3_5ForCausalLM with their own hybrid cache (transformers' torch fallbacks for
@@ -30,8 +33,20 @@ from lpe_jax.decoding.sampler import PairedSampler
 from lpe_jax.model import qwen3, qwen35
 from lpe_jax.model.checkpoint import config_to_hf
 
-# Presets only this benchmark needs: ~20M params, to measure CPU scaling beyond "tiny".
-EXTRA_PRESETS = {"small_20m": qwen3.Qwen3Config(32000, 384, 6, 6, 2, 64, 1024)}
+# Presets only this benchmark needs: ~20M params, to measure CPU scaling beyond "tiny"; Qwen3-MoE
+# shapes with every layer sparse, top-8 of experts a quarter of the dense width (Qwen3-30B-A3B's
+# proportions: 128 experts of 768 = 1/8 of its 6144, top-8).
+EXTRA_PRESETS = {
+    "small_20m": qwen3.Qwen3Config(32000, 384, 6, 6, 2, 64, 1024),
+    "tiny_moe": qwen3.Qwen3Config(
+        512, 64, 2, 4, 2, 32, 128, num_experts=16, num_experts_per_tok=4,
+        moe_intermediate_size=32, norm_topk_prob=True,
+    ),
+    "small_moe": qwen3.Qwen3Config(
+        32000, 384, 6, 6, 2, 64, 1024, num_experts=32, num_experts_per_tok=8,
+        moe_intermediate_size=128, norm_topk_prob=True,
+    ),
+}  # fmt: skip
 ALL_PRESETS = {**qwen3.PRESETS, **EXTRA_PRESETS, **qwen35.PRESETS}
 
 FLAGS = flags.FLAGS
@@ -89,24 +104,25 @@ def _hf_run(cfg: qwen3.Qwen3Config, prompt: np.ndarray, alphas: np.ndarray, r: i
 
     # transformers >= 5.2x renames past_key_values; the old name works in every 5.x we support.
     warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
-    from transformers import DynamicCache, Qwen3ForCausalLM
-    from transformers import Qwen3Config as HFConfig
+    from transformers import AutoModelForCausalLM, DynamicCache, Qwen3Config, Qwen3MoeConfig
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if FLAGS.hf_threads:
         torch.set_num_threads(FLAGS.hf_threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[FLAGS.dtype]
     if isinstance(cfg, qwen35.Qwen35Config):
-        hf_cfg, model_cls = _hf_qwen35(cfg)
+        hf_cfg, make = _hf_qwen35(cfg)
     else:
         # The same config.json our save_model writes, so the reference has exactly our shape.
-        hf_cfg, model_cls = HFConfig.from_dict(config_to_hf(cfg, FLAGS.dtype)), Qwen3ForCausalLM
+        hf_class = Qwen3MoeConfig if cfg.num_experts else Qwen3Config
+        hf_cfg = hf_class.from_dict(config_to_hf(cfg, FLAGS.dtype))
+        make = AutoModelForCausalLM.from_config
     hf_cfg._attn_implementation = "eager"
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)
         with dev:
-            models.append(model_cls(hf_cfg).to(dtype).eval())
+            models.append(make(hf_cfg).to(dtype).eval())
     row_alpha = torch.tensor(np.repeat(alphas, r), dtype=torch.float32, device=dev)[:, None]
     ids = torch.tensor(prompt, device=dev)[None].repeat(row_alpha.shape[0], 1)
 

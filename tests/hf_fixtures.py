@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face Qwen3 checkpoints and a Qwen3-style tokenizer, built with transformers.
+"""Tiny random Hugging Face Qwen3 (and Qwen3-MoE) checkpoints and a Qwen3-style tokenizer, built
+with transformers.
 
 torch is imported inside the functions, so importing this module stays cheap. Weights are
 re-drawn at unit scale (Linear ~ N(0, 1/fan_in), embeddings ~ N(0, 1), norm weights ~ 1 + 0.3·N)
@@ -49,6 +50,7 @@ def make_hf_checkpoint(
     max_shard_size: str | None = None,
     eos_token_id: int | list[int] | None = None,
     seed: int = 0,
+    moe: dict[str, Any] | None = None,
 ) -> Path:
     """Save a random `Qwen3ForCausalLM` to `path` with `save_pretrained`; returns `path`.
 
@@ -57,6 +59,9 @@ def make_hf_checkpoint(
     with transformers' default head_dim (128) and drops the key from config.json, so readers
     must apply the same default. storage_dtype: 'float32' | 'bfloat16' |
     'float16'. max_shard_size (e.g. '40KB') makes a sharded checkpoint with an index file.
+    moe: Qwen3-MoE fields (num_experts, num_experts_per_tok, moe_intermediate_size,
+    norm_topk_prob, decoder_sparse_step, mlp_only_layers) make a `Qwen3MoeForCausalLM` instead;
+    `save_pretrained` writes its experts one tensor per expert, as Hub checkpoints store them.
     """
     import torch
     import transformers
@@ -66,7 +71,10 @@ def make_hf_checkpoint(
     path = Path(path)
     # head_dim=None: leave transformers' Qwen3Config default (128, not hidden/heads) in force.
     extra: dict[str, Any] = {} if head_dim is None else {"head_dim": head_dim}
-    config = transformers.Qwen3Config(
+    if moe is not None:
+        extra.update(moe)
+    config_class = transformers.Qwen3Config if moe is None else transformers.Qwen3MoeConfig
+    config = config_class(
         **extra,
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -82,7 +90,7 @@ def make_hf_checkpoint(
         eos_token_id=eos_token_id,
     )
     torch.manual_seed(seed)
-    model = transformers.Qwen3ForCausalLM(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -91,8 +99,8 @@ def make_hf_checkpoint(
                 p.copy_(0.1 * torch.randn_like(p))
             elif "embed_tokens" in name:
                 p.copy_(torch.randn_like(p))
-            else:  # Linear [out, in]
-                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+            else:  # Linear [out, in], or experts fused [E, out, in]
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
     model = model.to(getattr(torch, storage_dtype))
     kwargs: dict[str, Any] = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
@@ -108,11 +116,12 @@ def make_hf_checkpoint(
 
 
 def hf_reference(path: str | Path):
-    """transformers' Qwen3ForCausalLM from `path`, float32, eager attention, eval mode (CPU)."""
+    """transformers' model of `path` (Qwen3ForCausalLM, Qwen3MoeForCausalLM), float32, eager
+    attention, eval mode (CPU)."""
     import torch
     import transformers
 
-    return transformers.Qwen3ForCausalLM.from_pretrained(
+    return transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="eager"
     ).eval()
 
@@ -166,3 +175,18 @@ def make_tokenizer(
         gen = {"eos_token_id": generation_eos, "pad_token_id": 0}
         (path / "generation_config.json").write_text(json.dumps(gen))
     return path
+
+
+# A tiny Qwen3-MoE: layer 0 dense (mlp_only_layers), layer 1 sparse with 6 experts, top-2,
+# renormalised (as Qwen3-30B-A3B). kwargs of `make_hf_checkpoint`, shared by the MoE tests so the
+# session builds the checkpoint once.
+QWEN3_MOE = dict(
+    moe=dict(
+        num_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[0],
+    )
+)

@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
-from hf_fixtures import hf_logits, make_tokenizer
+from hf_fixtures import QWEN3_MOE, hf_logits, make_tokenizer
 
 from lpe_jax.abliteration.abliterate import residual_forward
 from lpe_jax.abliteration.orthogonalize import (
@@ -28,6 +28,7 @@ pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
 SOURCES = {
     "untied": dict(tie_word_embeddings=False),
     "tied": dict(tie_word_embeddings=True, attention_bias=True, num_kv_heads=1),  # o_proj bias
+    "moe": QWEN3_MOE,  # Qwen3-MoE: each expert's down_proj writes to the stream
 }
 
 
@@ -107,7 +108,7 @@ def test_residual_forward_without_interventions_is_the_models_pass(hf_checkpoint
     np.testing.assert_allclose(logits, model_logits(model, tokens), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["untied", "tied"])
+@pytest.mark.parametrize("kind", ["untied", "tied", "moe"])
 def test_transformers_reads_the_written_checkpoint_as_we_do(
     kind, hf_checkpoint, tokenizer_files, tmp_path
 ):
@@ -124,6 +125,10 @@ def test_transformers_reads_the_written_checkpoint_as_we_do(
     assert len(record["source_hash"]) == 32
     names = read_headers(weight_files(out))
     assert "lm_head.weight" in names
+    if kind == "moe":  # every expert's down_proj edited, the router left alone
+        edited = set(record["edited"])
+        assert {f"model.layers.1.mlp.experts.{e}.down_proj.weight" for e in range(6)} <= edited
+        assert "model.layers.1.mlp.gate.weight" not in edited
     if kind == "tied":
         head = load_model(out).lm_head[...]
         np.testing.assert_array_equal(

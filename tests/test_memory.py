@@ -44,15 +44,22 @@ def test_plan_engine_keeps_explicit_sizes_and_cpu_defaults():
         memory.plan_engine(2**30, 0, 2**20)
 
 
-@pytest.mark.parametrize("attention_block", [0, 8], ids=["full_length", "bounded"])
-def test_engine_plan_covers_xla_memory_analysis(attention_block):
+MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+
+
+@pytest.mark.parametrize(
+    "attention_block, moe",
+    [(0, {}), (8, {}), (8, MOE)],
+    ids=["full_length", "bounded", "bounded_qwen3_moe"],
+)
+def test_engine_plan_covers_xla_memory_analysis(attention_block, moe):
     # Every slot refilled each step (refill cap = S) with long prompts: the step gathers S prompt
     # copies from the table. The plan must cover XLA's compiled generate call (arguments +
     # outputs - donated aliases + temporaries), and it does so only by counting those copies.
     # Attention over all 32 token positions, or bounded in blocks of 8 (a loop in the step).
     from lpe_jax.decoding.engine import RolloutEngine
 
-    cfg = qwen3.Qwen3Config(512, 64, 2, 4, 2, 16, 128)
+    cfg = qwen3.Qwen3Config(512, 64, 2, 4, 2, 16, 128, **moe)
     m_o, m_v = qwen3.init_random(cfg, seed=0), qwen3.init_random(cfg, seed=1)
     e = RolloutEngine(
         m_o, m_v, "linear", 32, [1], slots=64, max_prompts=4, max_prompt_len=128,

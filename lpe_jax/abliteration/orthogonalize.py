@@ -2,7 +2,10 @@
 writes to the residual stream, one tensor at a time.
 
 For a unit direction r [H]: embed_tokens [V, H] becomes W - (W r) r^T; every o_proj and down_proj
-(HF layout [H, in]) becomes W - r (r^T W); an o_proj bias (attention_bias) becomes b - (b.r) r.
+(HF layout [H, in]) becomes W - r (r^T W), each MoE expert's down_proj (`mlp.experts.{e}.`) and a
+shared expert's (`mlp.shared_expert.`) included; an o_proj bias (attention_bias) becomes
+b - (b.r) r. (A MoE layer's output is a weighted sum of its experts' down_proj outputs, so it has
+no component along r either; the router reads the stream and is left alone.)
 The embedding and every attention and MLP write then have no component along r, so the residual
 stream never carries one: the model equals the original with r projected out at run time after
 the embedding and after each write (tests/test_abliterate_exact.py). Computed in float32, written
@@ -61,7 +64,10 @@ TOKENIZER_FILES = (
 )
 _EMBED = "model.embed_tokens.weight"
 _HEAD = "lm_head.weight"
-_OUT_PROJ = re.compile(r"model\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)\.weight")
+_OUT_PROJ = re.compile(
+    r"model\.layers\.\d+\.(self_attn\.o_proj"
+    r"|mlp\.(experts\.\d+\.|shared_expert\.)?down_proj)\.weight"
+)
 _OUT_BIAS = re.compile(r"model\.layers\.\d+\.self_attn\.o_proj\.bias")
 _BLOCK_BYTES = 1 << 26  # float32 bytes edited or copied at once
 
@@ -117,17 +123,29 @@ def orthogonalize_model(model: Qwen3, direction: np.ndarray, strength: float = 1
     out.lm_head = nnx.Param(jnp.asarray(head))
     out.embed_tokens = nnx.Param(jnp.asarray(orthogonalize(_EMBED, embed, unit, strength)))
     for i, layer in enumerate(out.layers):
-        # ours are [in, H]: HF's [H, in] transposed
-        for mod, attr, name in (
-            (layer.self_attn, "o_proj", f"model.layers.{i}.self_attn.o_proj.weight"),
-            (layer.mlp, "down_proj", f"model.layers.{i}.mlp.down_proj.weight"),
-        ):
-            w = np.asarray(getattr(mod, attr)[...]).T
-            setattr(mod, attr, nnx.Param(jnp.asarray(orthogonalize(name, w, unit, strength).T)))
+        # ours are [in, H]: HF's [H, in] transposed; a MoE MLP's experts stacked [E, in, H]
+        for mod, attr, name in _residual_writers(layer, i):
+            w = np.asarray(getattr(mod, attr)[...])
+            ws = [orthogonalize(name, m.T, unit, strength).T for m in w.reshape(-1, *w.shape[-2:])]
+            setattr(mod, attr, nnx.Param(jnp.asarray(np.stack(ws).reshape(w.shape))))
         if cfg.attention_bias:
             b = np.asarray(layer.self_attn.o_bias[...])
             bias = orthogonalize(f"model.layers.{i}.self_attn.o_proj.bias", b, unit, strength)
             layer.self_attn.o_bias = nnx.Param(jnp.asarray(bias))
+    return out
+
+
+def _residual_writers(layer: Any, i: int) -> list[tuple[Any, str, str]]:
+    """(module, attribute, an HF name of its kind) of each matrix of decoder layer `i` that
+    writes to the residual stream: o_proj, then the dense MLP's down_proj, or a MoE MLP's
+    stacked experts' and its shared expert's."""
+    pre, mlp = f"model.layers.{i}.", layer.mlp
+    out = [(layer.self_attn, "o_proj", pre + "self_attn.o_proj.weight")]
+    if not hasattr(mlp, "experts"):
+        return [*out, (mlp, "down_proj", pre + "mlp.down_proj.weight")]
+    out.append((mlp.experts, "down_proj", pre + "mlp.experts.0.down_proj.weight"))
+    if hasattr(mlp, "shared_expert"):
+        out.append((mlp.shared_expert, "down_proj", pre + "mlp.shared_expert.down_proj.weight"))
     return out
 
 

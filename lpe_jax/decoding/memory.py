@@ -41,7 +41,7 @@ def _activation_bytes(
     if isinstance(cfg, Qwen35Config):  # its gated attention reads every position (no block)
         return _hybrid_activation_bytes(cfg, dtype, prompt_slots, new_tokens)
     itemsize = jax.numpy.dtype(dtype).itemsize
-    hidden = (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * itemsize
+    hidden = (4 * cfg.hidden_size + cfg.mlp_activations_per_token()) * itemsize
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * itemsize
     if not attention_block:  # one softmax over every key: f32 scores and probs, one layer
         return hidden + qkv + 2 * cfg.num_heads * (prompt_slots + new_tokens) * 4

@@ -1,12 +1,20 @@
-"""Hugging Face Qwen3 checkpoints <-> `Qwen3` modules, without torch.
+"""Hugging Face checkpoints <-> lpe_jax model modules, without torch.
 
-`load_model` reads an HF directory (config.json + model.safetensors, or shards listed in
+`load_model` reads config.json's `model_type` (or, without one, `architectures`) and dispatches
+through `ARCHITECTURES`: 'qwen3' (dense) and 'qwen3_moe' (Qwen3-MoE: the same `Qwen3` module with
+sparse MoE MLPs) load here; any other model type is refused with the list of supported ones.
+
+The Qwen3 loader reads an HF directory (config.json + model.safetensors, or shards listed in
 model.safetensors.index.json; tensors in bf16, f16 or f32), maps names through one explicit table
 with shape checks, converts on the host with NumPy (HF Linear weights are [out, in]; ours are
 [in, out]) and puts each tensor on the device once. The module is built abstractly first
 (`nnx.eval_shape`), so a 4B model never materializes a random copy.
 
-`save_model` writes the inverse: a directory transformers' `Qwen3ForCausalLM` loads.
+Qwen3-MoE expert tensors are stored one per expert (`mlp.experts.{e}.gate_proj.weight`, the Hub's
+layout and what transformers' `save_pretrained` writes) and stacked [E, ...] on load.
+
+`save_model` writes the inverse: a directory transformers' `Qwen3ForCausalLM` (or
+`Qwen3MoeForCausalLM`) loads.
 
 Optional converted-params cache (`cache_dir=`): an orbax checkpoint keyed by the sha256 of
 config.json, the index file and the *full content* of every safetensors file. Header+size hashes
@@ -24,6 +32,7 @@ import json
 import logging
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +42,13 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from lpe_jax.model.moe import MoEConfig
 from lpe_jax.model.qwen3 import Qwen3, Qwen3Config
 from lpe_jax.model.qwen35 import Qwen35
 
-SUPPORTED_MODEL_TYPES = ("qwen3",)
+QWEN3_MODEL_TYPES = ("qwen3", "qwen3_moe")  # both built by `Qwen3` (see Qwen3Config)
+# HF class names, read when config.json has no model_type.
+_CLASS_MODEL_TYPES = {"Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe"}
 # Loaded by lpe_jax.model.qwen35_checkpoint (the text tower of dense and MoE Qwen3.5).
 QWEN35_MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -89,13 +101,36 @@ def _rope_theta(hf: dict[str, Any]) -> float:
     )
 
 
-def config_from_hf(hf: dict[str, Any]) -> Qwen3Config:
-    """Qwen3Config from a parsed HF config.json. Raises ValueError on unsupported settings."""
+def model_type_of(hf: dict[str, Any]) -> str:
+    """The architecture of a parsed config.json: its `model_type`, or without one, the
+    model type of its `architectures` class. ValueError when neither names a supported one, or
+    when the two disagree."""
     model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    classes = hf.get("architectures") or []
+    implied = {_CLASS_MODEL_TYPES[c] for c in classes if c in _CLASS_MODEL_TYPES}
+    if model_type is None and len(implied) == 1:
+        model_type = implied.pop()
+    elif model_type in _CLASS_MODEL_TYPES.values() and implied - {model_type}:
         raise ValueError(
-            f"model_type {model_type!r} is not supported; supported: "
-            f"{list(SUPPORTED_MODEL_TYPES)}. Point load_model at a Qwen3 checkpoint."
+            f"config.json says model_type {model_type!r} but architectures {classes}; the config "
+            "is inconsistent: fix one of them."
+        )
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported (architectures {classes}); supported "
+            f"model types: {sorted(ARCHITECTURES)}. Point load_model at a checkpoint of one."
+        )
+    return model_type
+
+
+def config_from_hf(hf: dict[str, Any]) -> Qwen3Config:
+    """Qwen3Config from a parsed HF config.json of a Qwen3 or Qwen3-MoE model. Raises ValueError
+    on other model types and unsupported settings."""
+    model_type = model_type_of(hf)
+    if model_type not in QWEN3_MODEL_TYPES:
+        raise ValueError(
+            f"model_type {model_type!r} is not a Qwen3 or Qwen3-MoE model ({QWEN3_MODEL_TYPES}); "
+            "load it with load_model, which dispatches on the model type."
         )
     if hf.get("use_sliding_window"):
         raise ValueError(
@@ -134,14 +169,43 @@ def config_from_hf(hf: dict[str, Any]) -> Qwen3Config:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", False)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 40960)),
+        **(_moe_fields(hf) if model_type == "qwen3_moe" else {}),
+    )
+
+
+def _moe_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3Config's MoE fields from a qwen3_moe config.json (ValueError when incomplete)."""
+    moe = MoEConfig.from_hf({**hf, "model_type": "qwen3_moe"})  # checks keys, act, top-k
+    only = hf.get("mlp_only_layers") or []
+    if not all(isinstance(i, int) for i in only):
+        raise ValueError(f"mlp_only_layers must list layer indices, got {only!r}.")
+    return dict(
+        num_experts=moe.num_experts,
+        num_experts_per_tok=moe.top_k,
+        moe_intermediate_size=moe.expert_intermediate_size,
+        norm_topk_prob=moe.norm_topk_prob,
+        decoder_sparse_step=int(hf.get("decoder_sparse_step", 1)),
+        mlp_only_layers=tuple(sorted(only)),
     )
 
 
 def config_to_hf(cfg: Qwen3Config, dtype: str) -> dict[str, Any]:
     """HF config.json dict for `cfg`, readable by transformers 4.5x and 5.x."""
+    moe = {}
+    if cfg.num_experts:
+        moe = {
+            "num_experts": cfg.num_experts,
+            "num_experts_per_tok": cfg.num_experts_per_tok,
+            "moe_intermediate_size": cfg.moe_intermediate_size,
+            "norm_topk_prob": cfg.norm_topk_prob,
+            "decoder_sparse_step": cfg.decoder_sparse_step,
+            "mlp_only_layers": list(cfg.mlp_only_layers),
+            "output_router_logits": False,
+        }
     return {
-        "architectures": ["Qwen3ForCausalLM"],
-        "model_type": "qwen3",
+        "architectures": ["Qwen3MoeForCausalLM" if cfg.num_experts else "Qwen3ForCausalLM"],
+        "model_type": cfg.model_type,
+        **moe,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -182,7 +246,8 @@ def weight_table(cfg: Qwen3Config) -> dict[str, _Entry]:
     """HF tensor name -> (attribute path in `Qwen3`, HF shape, transpose?).
 
     Transposed entries are Linear weights: HF [out, in], ours [in, out]. lm_head appears only
-    when embeddings are untied.
+    when embeddings are untied. An expert's tensor has a path ending in its expert index: it is
+    that slice of the stacked parameter (`split_expert`).
     """
     h, hd, v, f = cfg.hidden_size, cfg.head_dim, cfg.vocab_size, cfg.intermediate_size
     qd, kvd = cfg.num_heads * hd, cfg.num_kv_heads * hd
@@ -211,9 +276,30 @@ def weight_table(cfg: Qwen3Config) -> dict[str, _Entry]:
                 )
         table[pre + "self_attn.q_norm.weight"] = ((*at, "q_norm"), (hd,), False)
         table[pre + "self_attn.k_norm.weight"] = ((*at, "k_norm"), (hd,), False)
+        if cfg.is_sparse(i):
+            table.update(_sparse_mlp_table(cfg, pre + "mlp.", (*lay, "mlp")))
+            continue
         for name, shape in (("gate", (f, h)), ("up", (f, h)), ("down", (h, f))):
             table[pre + f"mlp.{name}_proj.weight"] = ((*lay, "mlp", f"{name}_proj"), shape, True)
     return table
+
+
+def _sparse_mlp_table(cfg: Qwen3Config, pre: str, at: tuple[str | int, ...]) -> dict[str, _Entry]:
+    """A Qwen3-MoE sparse MLP: router `gate` [E, H] and one tensor per expert and projection."""
+    h, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+    table: dict[str, _Entry] = {pre + "gate.weight": ((*at, "gate"), (e, h), True)}
+    for x in range(e):
+        for name, shape in (("gate", (f, h)), ("up", (f, h)), ("down", (h, f))):
+            path = (*at, "experts", f"{name}_proj", x)
+            table[f"{pre}experts.{x}.{name}_proj.weight"] = (path, shape, True)
+    return table
+
+
+def split_expert(path: tuple[str | int, ...]) -> tuple[tuple[str | int, ...], int | None]:
+    """(the parameter's path, the expert index or None) of a `weight_table` path."""
+    if isinstance(path[-1], int):
+        return path[:-1], path[-1]
+    return path, None
 
 
 def _variable(model: Qwen3, path: tuple[str | int, ...]) -> nnx.Variable:
@@ -332,6 +418,13 @@ def check_names(cfg: Qwen3Config, names: set[str]) -> None:
     if cfg.tie_word_embeddings:
         ignorable.add("lm_head.weight")  # some exports keep a copy of the tied embedding
     unexpected = sorted(names - table.keys() - ignorable)
+    fused = [n for n in unexpected if n.endswith("mlp.experts.gate_up_proj")]
+    if fused:
+        raise ValueError(
+            f"checkpoint stores fused expert tensors (e.g. {fused[0]}), transformers' in-memory "
+            "layout; re-save it with save_pretrained, which writes one tensor per expert "
+            "(mlp.experts.{e}.gate_proj.weight), the layout of Hub checkpoints."
+        )
     if unexpected:
         # An error, not a warning: weights we would drop (e.g. biases while attention_bias is
         # false, extra layers) mean config.json does not describe these weights, and ignoring
@@ -376,11 +469,20 @@ def _convert(model: Qwen3, cfg: Qwen3Config, files: list[Path], dtype: np.dtype)
                 f"{info['dtype']} need; {headers[name][0].name} is corrupt: download it again."
             )
     maps = {f: np.memmap(f, dtype=np.uint8, mode="r") for f in files}
+    stacks: dict[tuple[str | int, ...], np.ndarray] = {}  # expert-stacked params, filled on host
     for name, (attr, _, transpose) in table.items():
         file, start, info = headers[name]
         arr = _read_tensor(maps[file], info, start)
-        host = np.ascontiguousarray((arr.T if transpose else arr).astype(dtype, copy=False))
-        _variable(model, attr).set_value(jax.device_put(host))
+        host = (arr.T if transpose else arr).astype(dtype, copy=False)
+        path, expert = split_expert(attr)
+        if expert is None:
+            _variable(model, path).set_value(jax.device_put(np.ascontiguousarray(host)))
+            continue
+        if path not in stacks:
+            stacks[path] = np.empty(_variable(model, path).shape, dtype)
+        stacks[path][expert] = host
+    for path, host in stacks.items():
+        _variable(model, path).set_value(jax.device_put(host))
 
 
 def _max_abs_difference(files: list[Path], a: str, b: str, rows: int = 4096) -> float:
@@ -431,20 +533,28 @@ def _head_reading(
     )
 
 
+Loader = Callable[..., nnx.Module]
+"""`loader(path, hf, dtype, cache_dir, *, tied_head) -> model`: builds the model of checkpoint
+directory `path` (parsed config.json `hf`) with parameters in `dtype` ('float32'|'bfloat16'),
+using the converted-params cache `cache_dir` (or None); see `load_model`."""
+
+
 def load_model(
     path: str | os.PathLike,
     dtype: str = "float32",
     cache_dir: str | os.PathLike | None = None,
     *,
     tied_head: str | None = None,
-) -> Qwen3 | Qwen35:
-    """Load an HF Qwen3 directory as a `Qwen3` with parameters in `dtype` ('float32'|'bfloat16').
+) -> nnx.Module:
+    """Load an HF checkpoint directory with parameters in `dtype` ('float32'|'bfloat16').
 
-    A Qwen3.5 directory (config.json's model_type in QWEN35_MODEL_TYPES) loads as a `Qwen35`
-    (`lpe_jax.model.qwen35_checkpoint.load_qwen35`; without `cache_dir` or `tied_head`).
+    The architecture is config.json's `model_type` (without one, its `architectures`), built by
+    the loader `ARCHITECTURES` registers for it; any other is refused with a ValueError listing
+    the supported model types. Qwen3 and Qwen3-MoE give a `Qwen3` (`_load_qwen3`); Qwen3.5
+    (dense and MoE, text tower) a `Qwen35` (`lpe_jax.model.qwen35_checkpoint.load_qwen35`,
+    without `cache_dir` or `tied_head`).
 
-    Linear weights come back [in, out]; embed_tokens [V, H]; lm_head [H, V] when untied. With
-    `cache_dir`, converted params are stored there (orbax) under a key derived from the
+    With `cache_dir`, converted params are stored there (orbax) under a key derived from the
     checkpoint's content and `dtype`; a later load of the same checkpoint restores them without
     reading or converting safetensors.
 
@@ -455,10 +565,23 @@ def load_model(
     copy loads as tied.
     """
     path = Path(path)
-    np_dtype = _np_dtype(dtype)
+    _np_dtype(dtype)  # a bad dtype is refused before anything is read
     hf = read_config(path)
-    if hf.get("model_type") in QWEN35_MODEL_TYPES:
-        return _load_qwen35(path, dtype, cache_dir, tied_head)
+    loader = ARCHITECTURES[model_type_of(hf)]
+    return loader(path, hf, dtype, cache_dir, tied_head=tied_head)
+
+
+def _load_qwen3(
+    path: Path,
+    hf: dict[str, Any],
+    dtype: str,
+    cache_dir: str | os.PathLike | None,
+    *,
+    tied_head: str | None,
+) -> Qwen3:
+    """A Qwen3 or Qwen3-MoE checkpoint as a `Qwen3`: Linear weights [in, out]; embed_tokens
+    [V, H]; lm_head [H, V] when untied; experts stacked [E, ...] (see `load_model`)."""
+    np_dtype = _np_dtype(dtype)
     files = weight_files(path)
     cfg = _head_reading(config_from_hf(hf), files, tied_head, path)
     model = _abstract_model(cfg, np_dtype)
@@ -476,7 +599,14 @@ def load_model(
     return model
 
 
-def _load_qwen35(path: Path, dtype: str, cache_dir: Any, tied_head: str | None) -> Qwen35:
+def _load_qwen35(
+    path: Path,
+    hf: dict[str, Any],
+    dtype: str,
+    cache_dir: str | os.PathLike | None,
+    *,
+    tied_head: str | None,
+) -> Qwen35:
     """A Qwen3.5 checkpoint (`lpe_jax.model.qwen35_checkpoint.load_qwen35`); the Qwen3-only
     options are refused rather than ignored."""
     from lpe_jax.model.qwen35_checkpoint import load_qwen35
@@ -491,18 +621,29 @@ def _load_qwen35(path: Path, dtype: str, cache_dir: Any, tied_head: str | None) 
     return load_qwen35(path, dtype)
 
 
+# model_type -> loader. One entry per architecture; `load_model` refuses every other model type.
+ARCHITECTURES: dict[str, Loader] = {
+    "qwen3": _load_qwen3,
+    "qwen3_moe": _load_qwen3,
+    **{t: _load_qwen35 for t in QWEN35_MODEL_TYPES},
+}
+
+
 def save_model(model: Qwen3, path: str | os.PathLike, *, dtype: str | None = None) -> Path:
     """Write `model` as an HF directory: config.json + model.safetensors ([out, in] Linear weights).
 
     dtype: 'float32' or 'bfloat16' for the stored tensors; None keeps the model's dtype. Returns
-    the directory. transformers' `Qwen3ForCausalLM.from_pretrained` and `load_model` read it.
+    the directory. transformers' `Qwen3ForCausalLM` (`Qwen3MoeForCausalLM` with experts) and
+    `load_model` read it.
     """
     path = Path(path)
     np_dtype = _np_dtype(dtype if dtype is not None else model.dtype)
     cfg = model.cfg
     tensors = {}
     for name, (attr, shape, transpose) in weight_table(cfg).items():
-        arr = np.asarray(_variable(model, attr)[...]).astype(np_dtype)
+        param, expert = split_expert(attr)
+        arr = np.asarray(_variable(model, param)[...]).astype(np_dtype)
+        arr = arr if expert is None else arr[expert]
         tensors[name] = np.ascontiguousarray(arr.T if transpose else arr)
         assert tensors[name].shape == shape, (name, tensors[name].shape, shape)
     path.mkdir(parents=True, exist_ok=True)

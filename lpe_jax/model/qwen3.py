@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from lpe_jax.model.f32_dot import einsum_f32
+from lpe_jax.model.moe import MoEConfig, SparseMoE
 
 Array = jax.Array
 
@@ -57,7 +58,15 @@ def _at(hook: Hook | None, layer: int, site: str, x: Array) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class Qwen3Config:
-    """Static shape of a Qwen3 model. `head_dim` is explicit: Qwen3 does not use hidden/heads."""
+    """Static shape of a Qwen3 or Qwen3-MoE model. `head_dim` is explicit: Qwen3 does not use
+    hidden/heads.
+
+    num_experts 0: dense Qwen3 (every MLP a SwiGLU of `intermediate_size`). num_experts > 0:
+    Qwen3-MoE, whose layers `is_sparse` selects (HF `decoder_sparse_step`, `mlp_only_layers`)
+    have a sparse MoE MLP (`lpe_jax.model.moe.SparseMoE`: `num_experts` SwiGLU experts of
+    `moe_intermediate_size`, top `num_experts_per_tok` per token, renormalised when
+    `norm_topk_prob`); the others keep the dense MLP.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -71,8 +80,21 @@ class Qwen3Config:
     tie_word_embeddings: bool = True
     attention_bias: bool = False
     max_position_embeddings: int = 40960
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.num_experts:
+            self.moe_config()  # checks top-k against the expert count
+            if self.decoder_sparse_step < 1 or self.moe_intermediate_size < 1:
+                raise ValueError(
+                    f"decoder_sparse_step={self.decoder_sparse_step} and moe_intermediate_size="
+                    f"{self.moe_intermediate_size} must be >= 1 in a Qwen3-MoE config."
+                )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
@@ -80,6 +102,41 @@ class Qwen3Config:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings.")
+
+    @property
+    def model_type(self) -> str:
+        """HF `model_type`: 'qwen3_moe' with experts, else 'qwen3'."""
+        return "qwen3_moe" if self.num_experts else "qwen3"
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether `layer` has a sparse MoE MLP, as HF `Qwen3MoeDecoderLayer` decides."""
+        return (
+            self.num_experts > 0
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+    def moe_config(self) -> MoEConfig:
+        """The sparse MLP's shape (ValueError for a dense config)."""
+        if not self.num_experts:
+            raise ValueError("a dense Qwen3 config (num_experts=0) has no sparse MoE MLP.")
+        return MoEConfig(
+            hidden_size=self.hidden_size,
+            num_experts=self.num_experts,
+            top_k=self.num_experts_per_tok,
+            expert_intermediate_size=self.moe_intermediate_size,
+            norm_topk_prob=self.norm_topk_prob,
+        )
+
+    def mlp_activations_per_token(self) -> int:
+        """Elements one token's MLP holds at once in the widest layer: gate, up and their product
+        (3 x intermediate_size) in a dense layer; in a sparse one the same for each of its top-k
+        experts, plus the router's probabilities and the token's k gathered copies and outputs."""
+        dense = 3 * self.intermediate_size
+        k = self.num_experts_per_tok
+        sparse = 3 * k * self.moe_intermediate_size + 2 * k * self.hidden_size + self.num_experts
+        kinds = {self.is_sparse(i) for i in range(self.num_layers)}
+        return max((sparse if s else dense for s in kinds), default=0)  # 0 layers: no MLP
 
     def kv_bytes_per_token(self, dtype: Any) -> int:
         """Bytes of K and V cache one token occupies across all layers (one model)."""
@@ -111,10 +168,11 @@ class Qwen3Config:
         attn = h * hd * (2 * self.num_heads + 2 * self.num_kv_heads) + 2 * hd
         if self.attention_bias:
             attn += hd * (2 * self.num_heads + self.num_kv_heads) + h
-        mlp = 3 * h * self.intermediate_size
-        layer = attn + mlp + 2 * h
+        dense = 3 * h * self.intermediate_size
+        sparse = h * self.num_experts * (1 + 3 * self.moe_intermediate_size)
+        mlps = sum(sparse if self.is_sparse(i) else dense for i in range(self.num_layers))
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return self.vocab_size * h + self.num_layers * layer + h + head
+        return self.vocab_size * h + self.num_layers * (attn + 2 * h) + mlps + h + head
 
 
 PRESETS: dict[str, Qwen3Config] = {
@@ -324,14 +382,18 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm block: x + attention(norm(x)), then + MLP(norm(.))."""
+    """Pre-norm block: x + attention(norm(x)), then + MLP(norm(.)). The MLP of a layer
+    `cfg.is_sparse(layer)` selects is a `SparseMoE` (Qwen3-MoE), else a dense `MLP`."""
 
-    def __init__(self, cfg: Qwen3Config, dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen3Config, dtype: Any, rngs: nnx.Rngs, layer: int = 0):
         self.cfg = cfg
         self.input_layernorm = _ones((cfg.hidden_size,), dtype)
         self.post_attention_layernorm = _ones((cfg.hidden_size,), dtype)
         self.self_attn = Attention(cfg, dtype, rngs)
-        self.mlp = MLP(cfg, dtype, rngs)
+        if cfg.is_sparse(layer):
+            self.mlp: MLP | SparseMoE = SparseMoE(cfg.moe_config(), dtype, rngs)
+        else:
+            self.mlp = MLP(cfg, dtype, rngs)
 
     def __call__(
         self,
@@ -478,13 +540,14 @@ def empty_kv(
 
 
 class Qwen3(nnx.Module):
-    """Qwen3ForCausalLM. Parameters in `dtype` (float32 or bfloat16); logits always float32."""
+    """Qwen3ForCausalLM, or Qwen3MoeForCausalLM when `cfg.num_experts` > 0. Parameters in
+    `dtype` (float32 or bfloat16); logits always float32."""
 
     def __init__(self, cfg: Qwen3Config, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
         self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs, i) for i in range(cfg.num_layers)])
         self.norm = _ones((cfg.hidden_size,), dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
