@@ -316,6 +316,13 @@ def _load_direction_pair() -> Any:
     )
 
 
+def max_prompt_len(pair: Any, prompts: list[Any]) -> int:
+    """The longest prompt of the whole run, in tokens: every process, and every rerun of a resumed
+    run, plans its engine for the same prompt length, so the shapes, and with them the float
+    rounding of the rows' log-probs, do not depend on which prompts a process has left to do."""
+    return max(len(prompt_ids(pair, p.text)) for p in prompts)
+
+
 def make_engine(pair: Any, max_prompt_len: int, **kw: Any) -> Any:
     """The rollout engine on both models (--path, --max_new_tokens, --temperature, --max_rows,
     --refills_per_step), memory planned for prompts of up to max_prompt_len tokens (kw:

@@ -225,16 +225,16 @@ def prompt_result(prompt: Any, ids: np.ndarray, draws: MainDraws) -> dict[str, A
 
 
 def estimate_prompts(
-    pair: Any, judge: Any, prompts: list[Any], out: Path, truth: dict[str, float]
+    pair: Any, judge: Any, prompts: list[Any], out: Path, truth: dict[str, float], max_len: int
 ) -> None:
-    """Run the main job of every prompt in `prompts` at once; write each result as it finishes."""
+    """Run the main job of every prompt in `prompts` at once; write each result as it finishes.
+    max_len: the longest prompt of the whole run (common.max_prompt_len), the engine's plan."""
     todo = [p for p in prompts if not (out / "prompts" / f"{p.id}.json").exists()]
     progress = common.Progress(len(prompts), "prompts", every=10.0)
     progress.update(len(prompts) - len(todo))
     if not todo:
         return
     ids = {p.id: np.asarray(common.prompt_ids(pair, p.text)) for p in todo}
-    max_len = max(x.size for x in ids.values())
     engine = common.make_engine(pair, max_len, steps_per_call=FLAGS.steps_per_call)
     journal = Journal(out / "journal")
     sched = common.make_scheduler(
@@ -404,7 +404,8 @@ def main(argv: list[str]) -> None:
         "judge_id": judge.judge_id,
     }
     out = RolloutStore.open(FLAGS.out, manifest).root  # refuses a directory of another run
-    estimate_prompts(pair, judge, prompts[process::n_proc], out, truth)
+    max_len = common.max_prompt_len(pair, prompts)
+    estimate_prompts(pair, judge, prompts[process::n_proc], out, truth, max_len)
     if process != 0:
         return
     results = gather(out, [p.id for p in prompts])

@@ -69,7 +69,8 @@ def main(argv: list[str]) -> None:
     written = 0
     if todo:
         ids = {p.id: np.asarray(common.prompt_ids(pair, p.text)) for p, _ in todo}
-        sched = common.make_scheduler(common.make_engine(pair, max(x.size for x in ids.values())))
+        engine = common.make_engine(pair, common.max_prompt_len(pair, prompts))
+        sched = common.make_scheduler(engine)
         for p, a in todo:
             job = chunk_job(a, FLAGS.rollouts, derive_seed(FLAGS.seed, p.id))
             sched.add((p.id, a), JobPrompt(p.id, ids[p.id], p.text), job)

@@ -44,9 +44,7 @@ def test_zero_fitted_alphas_are_drawn_and_the_legend_is_beside_the_axes():
     rng = np.random.default_rng(0)
     # The search's last two steps: 4 of 10 at 0.05, 8 of 10 at 0.0, so the fit starts at 0.0.
     trace = [LPEStep(0.05, 10, 4, 10, "search"), LPEStep(0.0, 10, 8, 10, "search")]
-    trace += [
-        LPEStep(a, 50, int(rng.binomial(50, 0.5 * 10 ** (-4 * a))), 50, "fit") for a in GRID
-    ]
+    trace += [LPEStep(a, 50, int(rng.binomial(50, 0.5 * 10 ** (-4 * a))), 50, "fit") for a in GRID]
     trace = tuple(trace)
     fig = plots._lpe_run_figure(
         fit_paper(trace), fit_trace_binomial(trace), None, None, (3, 100_000), None, "p"
