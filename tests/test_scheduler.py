@@ -368,10 +368,11 @@ def test_a_killed_run_resumes_from_its_journal(tmp_path):
     assert engine.submitted_rows == redrawn - journaled
 
 
-def test_a_journal_of_other_settings_is_refused(tmp_path):
+def _journaled_run(root):
+    """Run job p0 (n_fit 15) with its draws journaled under `root`; returns the Journal."""
     from lpe_jax.runs.journal import Journal
 
-    journal = Journal(tmp_path)
+    journal = Journal(root)
     sched = Scheduler(
         SyntheticEngine(max_new_tokens=T),
         judge=SyntheticJudge(),
@@ -380,6 +381,13 @@ def test_a_journal_of_other_settings_is_refused(tmp_path):
     )
     sched.add("p0", prompt(0), job("p0", 15))
     dict(sched.run())
+    return journal
+
+
+def test_a_journal_of_other_settings_is_refused(tmp_path):
+    from lpe_jax.runs.journal import Journal
+
+    _journaled_run(tmp_path)
     again = Scheduler(SyntheticEngine(max_new_tokens=T), judge=SyntheticJudge(), decode=decode)
     again.add("p0", prompt(0), job("p0", 30), replay=Journal(tmp_path).load("p0"))
     with pytest.raises(ValueError, match="journal comes from a run with other settings"):
@@ -390,15 +398,7 @@ def test_a_journal_without_logp_sampled_is_refused(tmp_path):
     """A journal written before logp_sampled existed cannot resume the run identically."""
     from lpe_jax.runs.journal import Journal
 
-    journal = Journal(tmp_path)
-    sched = Scheduler(
-        SyntheticEngine(max_new_tokens=T),
-        judge=SyntheticJudge(),
-        decode=decode,
-        on_outcome=journal.append,
-    )
-    sched.add("p0", prompt(0), job("p0", 15))
-    dict(sched.run())
+    journal = _journaled_run(tmp_path)
     with np.load(journal.path("p0")) as z:
         old = {k: z[k] for k in z.files if k != "logp_sampled"}
     np.savez(journal.path("p0"), **old)
