@@ -18,6 +18,7 @@ import json
 import os
 from collections.abc import Hashable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,13 +50,10 @@ class Journal:
     def load(self, key: str) -> list[list[Drawn]]:
         """The job's completed yields in order (each a list of Drawn with tokens None); [] if
         none."""
-        path = self.path(key)
-        if not path.exists():
+        read = _read(self.path(key), FIELDS)
+        if read is None:
             return []
-        with np.load(path, allow_pickle=False) as z:
-            _check_fields(path, z.files, FIELDS)
-            meta = json.loads(str(z["meta"]))
-            arrays = {f: z[f] for f in FIELDS}
+        meta, arrays = read
         records, at = [], 0
         for group in meta:
             out = []
@@ -118,19 +116,25 @@ class Journal:
 
     def load_rows(self, key: str) -> list[SavedRows]:
         """The rows :meth:`save_rows` kept for the job ([] if none), for ``Scheduler.add``."""
-        path = self.rows_path(key)
-        if not path.exists():
+        read = _read(self.rows_path(key), ROW_FIELDS)
+        if read is None:
             return []
-        with np.load(path, allow_pickle=False) as z:
-            _check_fields(path, z.files, ROW_FIELDS)
-            meta = json.loads(str(z["meta"]))
-            arrays = {f: z[f] for f in ROW_FIELDS}
+        meta, arrays = read
         out, at = [], 0
         for m in meta:
             rows = {f: arrays[f][at : at + m["n"]] for f in ROW_FIELDS}
             at += m["n"]
             out.append(SavedRows(int(m["seed"]), float(m["alpha"]), int(m["start"]), rows))
         return out
+
+
+def _read(path: Path, fields: Sequence[str]) -> tuple[Any, dict[str, np.ndarray]] | None:
+    """(meta, {field: array}) of a journal file written with `fields`, or None if there is none."""
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        _check_fields(path, z.files, fields)
+        return json.loads(str(z["meta"])), {f: z[f] for f in fields}
 
 
 def _check_fields(path: Path, present: Sequence[str], wanted: Sequence[str]) -> None:
