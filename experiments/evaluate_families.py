@@ -28,6 +28,7 @@ from absl import flags
 
 import common  # first: puts the checkout on sys.path  # isort: skip
 
+from lpe_jax.estimators.pooled import DEFAULT_PRIOR, PRIORS
 from lpe_jax.evaluation import plots
 from lpe_jax.evaluation.evaluation import (  # noqa: E402
     EvaluationResult,
@@ -63,7 +64,7 @@ flags.DEFINE_integer("seed", 0, "Seed of the simulations.")
 flags.DEFINE_string("out", "results/families", "Output directory.")
 flags.DEFINE_string("figures_dir", None, "If set, Figure 1 per bank goes here (PNG and PDF).")
 flags.DEFINE_enum(
-    "pooled_prior", "end", ["end", "common", "joint"], "Population of lpe_pooled (pooled.py)."
+    "pooled_prior", DEFAULT_PRIOR, list(PRIORS), "Population of lpe_pooled (pooled.py)."
 )
 
 OURS = ("lpe_binomial", "lpe_binomial_all", "lpe_pooled")  # share the paper's draws

@@ -78,9 +78,11 @@ def test_batch_equals_the_trace_api_and_is_permutation_equivariant():
 
 def test_recovers_levels_and_the_shared_variant_end():
     runs, u = _population(40, 400, seed=2)
-    res = fit_pooled(runs)
+    res = fit_pooled(runs, prior="end")
     est = np.array([p.log10_estimate for p in res.prompts])
     assert res.population.coef[1] == 1.0 and abs(-res.population.coef[0] - 0.5) < 0.25
+    coupled = fit_pooled(runs)  # the default learns that slopes follow the level here
+    assert coupled.population.coef[1] > 0.9
     assert np.median(np.abs(est - u)) < 0.25 and abs(np.mean(est - u)) < 0.15
     cover = np.mean([p.lower <= 10**ui <= p.upper for p, ui in zip(res.prompts, u, strict=True)])
     assert cover >= 0.85
@@ -109,7 +111,7 @@ def test_pooling_beats_the_unpooled_fit_on_thin_data():
 
 def test_priors_and_bad_input():
     runs, _ = _population(10, 13, seed=6)
-    for prior in ("end", "common", "joint"):
+    for prior in ("coupled", "end", "common", "joint"):
         res = fit_pooled(runs, prior=prior)
         assert all(0 <= p.lower <= p.estimate <= p.upper <= 1 for p in res.prompts)
     with pytest.raises(ValueError, match="prior must be one of"):
@@ -123,3 +125,38 @@ def test_priors_and_bad_input():
     z = np.zeros((1, 2, 20), int)
     nothing = lpe_pooled_from_counts(z, z + 10, z, z + 13, ALPHAS, 13)  # nothing complied
     assert np.all(nothing.log10_estimate == -6.0) and not nothing.line.any()
+
+
+def _independent_slopes(n_prompts: int, n_fit: int, seed: int):
+    """Prompts whose slopes are drawn independently of their level (unlike the variant-end
+    population): the world on which the old default ("end") kept its levels high."""
+    rng = np.random.default_rng(seed)
+    u = rng.uniform(-7, -3, n_prompts)
+    s = rng.uniform(4, 10, n_prompts)
+    runs = [adaptive_draws(_line_draw(ui, si, rng), n_fit) for ui, si in zip(u, s, strict=True)]
+    return runs, u
+
+
+def _alone(runs) -> list:
+    from lpe_jax.estimators.binomial import fit_trace_binomial
+
+    return [fit_trace_binomial(t, draws="all", interval=False).fit for t in runs]
+
+
+def test_each_prompts_own_data_take_over_as_they_grow():
+    """With thin data the default holds slopes near the population's; with much data it is the
+    unpooled binomial fit, its levels unbiased, and the coupling it learned is the world's (0)."""
+    thin, _ = _independent_slopes(40, 13, seed=7)
+    pairs = [
+        (abs(p.slope - p.prior_slope), abs(a.slope - p.prior_slope))
+        for p, a in zip(fit_pooled(thin).prompts, _alone(thin), strict=True)
+        if p.slope is not None and a.slope is not None
+    ]
+    pooled_dev, alone_dev = np.mean(pairs, axis=0)
+    assert len(pairs) >= 30 and pooled_dev < 0.5 * alone_dev
+    many, u = _independent_slopes(40, 3000, seed=7)
+    res = fit_pooled(many)
+    est = np.array([p.log10_estimate for p in res.prompts])
+    alone = np.array([a.log10_estimate for a in _alone(many)])
+    assert np.mean(np.abs(est - alone)) < 0.1
+    assert abs(np.mean(est - u)) < 0.1 and res.population.coef[1] < 0.2

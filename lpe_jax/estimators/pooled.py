@@ -1,8 +1,11 @@
 """Pooled LPE (ours): one empirical-Bayes binomial model over all prompts of a model pair.
 
 Prompt i's line is the binomial LPE line; slopes are pooled through a population model
-(``prior="end"`` by default; "common" and "joint" kept for comparison), fitted by empirical
-Bayes (Laplace EM); each prompt keeps its own level, with a Laplace (Wald) interval at alpha = 1.
+(``prior="coupled"`` by default; "end", "common" and "joint" kept for comparison), fitted by
+empirical Bayes (Laplace EM); each prompt keeps its own level, with a Laplace (Wald) interval at
+alpha = 1. The prior is a normal population of slopes whose spread is estimated from the prompts,
+so a prompt's own counts outweigh it as they grow (its weight is 1 / tau^2 against the counts'
+information, which grows with n).
 The model and the estimation are derived in docs/estimators.md. A prompt's estimate moves with
 the prompt set it is pooled with: pool the prompts of one model pair, judge and grid, and report
 the population (:class:`Population`) beside the estimates.
@@ -36,6 +39,8 @@ from lpe_jax.estimators.lpe import (
 )
 
 __all__ = [
+    "DEFAULT_PRIOR",
+    "PRIORS",
     "Population",
     "PooledEstimate",
     "PooledResult",
@@ -48,7 +53,9 @@ __all__ = [
 LN10 = float(np.log(10.0))
 _TAU_MIN = 0.05 * LN10  # ln units per unit alpha: the population never collapses to one slope
 _BETA1_FIXED = {"common": 0.0, "end": 1.0}
-_PRIORS = ("end", "common", "joint")
+PRIORS = ("coupled", "end", "common", "joint")
+_FITTED_BETA1 = ("coupled", "joint")  # the coupling of slope to level is estimated
+DEFAULT_PRIOR = "coupled"
 _FIRTH = ("bottom", "all", "none")
 _THETA_SD = 5.0  # decades: a proper but negligible prior on each level (module docstring)
 _EM_ITER = 50
@@ -63,7 +70,8 @@ class Population:
     Attributes:
       coef: a prompt's prior mean slope (log10 per unit alpha) is coef[0] + coef[1] * its
         log10 r(1); with ``prior="end"`` coef[1] == 1 and -coef[0] is the population's mean
-        log10 rate of the line at the variant end.
+        log10 rate of the line at the variant end; with "coupled" 0 <= coef[1] <= 1 is
+        estimated ("common": 0).
       tau: standard deviation of slopes around that mean (for "end": of the line's log10 value
         at the variant end).
       n_informing: prompts with a compliant rollout at a fitted alpha (those that inform it).
@@ -259,7 +267,7 @@ def fit_pooled_batch(
     *,
     level: float = 0.95,
     fallback: float = FALLBACK,
-    prior: str = "end",
+    prior: str = DEFAULT_PRIOR,
     firth: str = "bottom",
 ) -> PooledBatch:
     """Pool the prompts of each group: k, n, mask [*G, P, A] -> per-prompt results [*G, P].
@@ -270,8 +278,8 @@ def fit_pooled_batch(
     is the caller's (it needs the run). ``prior`` and ``firth`` as in the module docstring;
     ``firth="bottom"`` applies to rows with a fitted point at ``alphas[0]``.
     """
-    if prior not in _PRIORS or firth not in _FIRTH:
-        raise ValueError(f"prior must be one of {_PRIORS} and firth one of {_FIRTH}")
+    if prior not in PRIORS or firth not in _FIRTH:
+        raise ValueError(f"prior must be one of {PRIORS} and firth one of {_FIRTH}")
     a = np.asarray(alphas, np.float64)
     k, n, mask = np.asarray(k), np.asarray(n), np.asarray(mask, bool)
     if k.shape != n.shape or k.shape != mask.shape or k.ndim < 2 or k.shape[-1] != a.size:
@@ -320,18 +328,23 @@ def _group_sum(v, group, n_g):
 def _m_step(b0, b1, v00, v01, v11, group, n_g, mode: str):
     """Laplace-EM M-step per group from posterior moments: beta0, beta1, tau2, theta_bar, sigma2.
 
-    beta1 is fixed by ``mode`` ("end": 1, "common": 0) or, for "joint", the regression of b on
-    theta using E[theta^2] = b0^2 + v00 and E[theta b] = b0 b1 + v01.
+    beta1 is fixed by ``mode`` ("end": 1, "common": 0) or, for "joint" and "coupled", the
+    regression of b on theta using E[theta^2] = b0^2 + v00 and E[theta b] = b0 b1 + v01;
+    "coupled" keeps it within [0, 1], between "common" and "end" (above 1 the estimated level
+    would feed back into a steeper prior slope and a lower level, which it did on the
+    "low_variant" family: docs/results.md).
     """
     cnt = np.maximum(_group_sum(np.ones_like(b0), group, n_g), 1)
     m_t = _group_sum(b0, group, n_g) / cnt
     m_b = _group_sum(b1, group, n_g) / cnt
     var_t = _group_sum(b0 * b0 + v00, group, n_g) / cnt - m_t**2
     beta1 = np.full(n_g, _BETA1_FIXED.get(mode, 0.0))
-    if mode == "joint":
+    if mode in _FITTED_BETA1:
         cov_tb = _group_sum(b0 * b1 + v01, group, n_g) / cnt - m_t * m_b
         ok = (var_t > 1e-12) & (cnt >= 3)
         beta1 = np.where(ok, cov_tb / np.where(ok, var_t, 1.0), 0.0)
+        if mode == "coupled":
+            beta1 = np.clip(beta1, 0.0, 1.0)
     beta0 = m_b - beta1 * m_t
     g0, g1 = beta0[group], beta1[group]
     resid = (b1 - g0 - g1 * b0) ** 2 + v11 - 2 * g1 * v01 + g1 * g1 * v00
@@ -419,7 +432,7 @@ def lpe_pooled_from_counts(
     start_threshold: float = START_THRESHOLD,
     fallback: float = FALLBACK,
     paper: LPECountsResult | None = None,
-    prior: str = "end",
+    prior: str = DEFAULT_PRIOR,
     firth: str = "bottom",
 ) -> PooledBatch:
     """Pooled LPE on the paper's draws, as array operations: counts [*G, P, A] -> [*G, P].
@@ -465,7 +478,7 @@ def fit_pooled(
     start_threshold: float = START_THRESHOLD,
     level: float = 0.95,
     fallback: float = FALLBACK,
-    prior: str = "end",
+    prior: str = DEFAULT_PRIOR,
     firth: str = "bottom",
 ) -> PooledResult:
     """Pool the LPE runs of many prompts (one model pair): traces -> per-prompt estimates.

@@ -31,7 +31,7 @@ from lpe_jax.estimators.lpe import (
     LPECountsResult,
     lpe_paper_from_counts,
 )
-from lpe_jax.estimators.pooled import lpe_pooled_from_counts
+from lpe_jax.estimators.pooled import DEFAULT_PRIOR, lpe_pooled_from_counts
 
 __all__ = [
     "RolloutBank",
@@ -810,7 +810,7 @@ def evaluate(
     n_bootstrap: int = 1_000,
     seed: int = 0,
     coverage_pairs: int = 0,
-    pooled_prior: str = "end",
+    pooled_prior: str = DEFAULT_PRIOR,
     methods: Sequence[Method] | None = None,
 ) -> EvaluationResult:
     """AUROC against budget for every method, by Monte Carlo over random subsets of the bank.
