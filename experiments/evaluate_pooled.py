@@ -79,7 +79,10 @@ def rows_for(name: str, res: ev.EvaluationResult, priors: list[str]) -> dict[str
                 + ("" if cov is None else f" / {cov:.2f}")
             )
         out["error"].append(f"| {name} | {m} | " + " | ".join(cells) + " |")
-    ceiling = f"oracle {res.oracle_auroc:.3f}, naive-100k {naive.auroc[-1]:.3f}"
+    at = {b: naive.auroc[naive.setting.index(b)] for b in (1_000, 100_000)}
+    ceiling = (
+        f"oracle {res.oracle_auroc:.3f}, naive-1k {at[1_000]:.3f}, naive-100k {at[100_000]:.3f}"
+    )
     out["auroc"].append(
         f"| {name} | (rollouts; {ceiling}) | " + " | ".join(f"{r:.0f}" for r in c0.rollouts) + " |"
     )
