@@ -10,7 +10,8 @@ def test_no_jax_imported():
     code = (
         "import sys, lpe_jax.estimators, lpe_jax.evaluation.evaluation\n"
         "import lpe_jax.evaluation.synthetic, lpe_jax.evaluation.plots\n"
-        "from lpe_jax.estimators import naive, importance, lpe\n"
+        "import lpe_jax.evaluation.independent\n"
+        "from lpe_jax.estimators import naive, importance, lpe, pooled\n"
         "assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
