@@ -50,17 +50,36 @@ def hf_dense():
     return randomize(transformers.Qwen3_5ForCausalLM(qwen35_text_config(**LAYERS)), seed=4)
 
 
-def test_sharded_bf16_checkpoint_loads_through_load_model(hf_dense, tmp_path):
+def test_sharded_bf16_checkpoint_loads_through_load_model_and_the_cache(
+    hf_dense, tmp_path, monkeypatch
+):
+    """bf16 shards load exactly; with cache_dir the first load writes an orbax entry and the
+    second restores it (the safetensors reader is not called) with the same params."""
     import torch
 
-    copy.deepcopy(hf_dense).to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="20KB")
-    assert (tmp_path / "model.safetensors.index.json").exists()
-    model = load_model(tmp_path, dtype="bfloat16")
+    from lpe_jax.model import qwen35_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    copy.deepcopy(hf_dense).to(torch.bfloat16).save_pretrained(ckpt, max_shard_size="20KB")
+    assert (ckpt / "model.safetensors.index.json").exists()
+    model = load_model(ckpt, dtype="bfloat16")
     assert isinstance(model, Qwen35) and model.dtype == jnp.bfloat16
     # bf16 on disk -> bf16 params: exactly the torch bf16 weights.
-    _assert_params(model, _expected(hf_dense, jnp.bfloat16))
-    with pytest.raises(ValueError, match="params_cache"):
-        load_model(tmp_path, dtype="bfloat16", cache_dir=tmp_path / "cache")
+    expected = _expected(hf_dense, jnp.bfloat16)
+    _assert_params(model, expected)
+    cache = tmp_path / "cache"
+    _assert_params(load_model(ckpt, dtype="bfloat16", cache_dir=cache), expected)
+    assert len([p for p in cache.iterdir() if p.name != "digests"]) == 1
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the second load read safetensors instead of the cache")
+
+    monkeypatch.setattr(qwen35_checkpoint, "load_qwen35", no_read)
+    cached = load_model(ckpt, dtype="bfloat16", cache_dir=cache)
+    assert isinstance(cached, Qwen35)
+    _assert_params(cached, expected)
+    with pytest.raises(ValueError, match="tied_head applies to Qwen3 only"):
+        load_model(ckpt, tied_head="embedding")
 
 
 def test_multimodal_moe_layout_skips_vision_and_mtp(tmp_path, caplog):
