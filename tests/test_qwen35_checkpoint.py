@@ -158,3 +158,71 @@ def test_estimate_runs_on_a_tiny_qwen35_pair(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     assert [r["id"] for r in results["prompts"]] == ["p0"]
+
+
+def _script(script: str, *args: str) -> None:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
+    p = subprocess.run(
+        [sys.executable, str(root / "experiments" / script), *args],
+        capture_output=True, text=True, env=env, cwd=root, timeout=600,
+    )  # fmt: skip
+    assert p.returncode == 0, f"{script} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+
+
+@pytest.mark.parametrize("family", ["dense", "moe"])
+def test_abliterate_then_sample_on_a_tiny_qwen35(family, tmp_path):
+    """abliterate.py makes the variant of a tiny Qwen3.5 (dense, or MoE saved one tensor per
+    expert by save_pretrained), searching the direction through the hook; sample.py then draws
+    on the (original, abliterated) pair unchanged. (CI candidate: ~1 min per family on 2 cores,
+    mostly compiling.)"""
+    import transformers
+    from hybrid_fixtures import make_qwen35_tokenizer
+
+    from lpe_jax.runs.store import RolloutStore
+
+    src, variant = tmp_path / "original", tmp_path / "abliterated"
+    if family == "dense":
+        hf = transformers.Qwen3_5ForCausalLM(qwen35_text_config(**LAYERS))
+    else:
+        text = {k: v for k, v in QWEN35_TEXT.items() if k != "intermediate_size"}
+        cfg = transformers.Qwen3_5MoeTextConfig(
+            **{**text, **LAYERS}, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+            num_experts=4, num_experts_per_tok=2,
+        )  # fmt: skip
+        hf = transformers.Qwen3_5MoeForCausalLM(cfg)
+    randomize(hf, seed=6).save_pretrained(src)
+    make_qwen35_tokenizer(src)
+    rng = np.random.default_rng(0)
+
+    def text(letters: str) -> str:
+        return " ".join(rng.choice(list(letters), rng.integers(2, 5)))
+
+    harmful, harmless = tmp_path / "harmful.jsonl", tmp_path / "harmless.json"
+    harmful.write_text(
+        "".join(
+            json.dumps({"id": f"h{i}", "prompt": text("abcdefghijklm")}) + "\n" for i in range(6)
+        )
+    )
+    harmless.write_text(json.dumps([{"instruction": text("nopqrstuvwxyz")} for _ in range(6)]))
+    _script(
+        "abliterate.py", f"--original={src}", f"--out={variant}", f"--harmful={harmful}",
+        f"--harmless={harmless}", "--harmful_split=2,2,2", "--harmless_split=2,2,2",
+        "--refusal_tokens=a,b", "--nofilter_train", "--prune_layer_fraction=0",
+        "--noinduce_filter", "--kl_threshold=0", "--max_new_tokens=3",
+        # the judged before/after rollouts once (they run on the sampler, family-blind)
+        f"--n_rollouts={2 if family == 'dense' else 0}",
+    )  # fmt: skip
+    record = json.loads((variant / "abliteration.json").read_text())
+    assert record["layer"] == 1 and "model.layers.0.linear_attn.out_proj.weight" in record["edited"]
+    if family == "moe":
+        assert "model.layers.1.mlp.experts.3.down_proj.weight" in record["edited"]
+    assert isinstance(load_model(variant), Qwen35)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "p0", "prompt": "a b c"}) + "\n")
+    _script(
+        "sample.py", f"--original={src}", f"--variant={variant}", f"--prompts={prompts}",
+        "--alphas=0,1", "--rollouts=3", "--max_new_tokens=3", "--max_rows=8",
+        f"--out={tmp_path / 'sample'}",
+    )  # fmt: skip
+    assert len(list(RolloutStore.load(tmp_path / "sample").chunks())) == 2
