@@ -132,7 +132,7 @@ def test_estimate_runs_on_a_tiny_qwen35_pair(tmp_path):
     save_pretrained + a Qwen3-style tokenizer): load_model's dispatch, the engine's hybrid state
     and the pipeline, through the script's own flags."""
     import transformers
-    from hf_fixtures import make_tokenizer
+    from hybrid_fixtures import make_qwen35_tokenizer
 
     root = Path(__file__).resolve().parents[1]
     dirs = []
@@ -140,10 +140,10 @@ def test_estimate_runs_on_a_tiny_qwen35_pair(tmp_path):
         cfg = qwen35_text_config(**LAYERS, vocab_size=96)
         path = tmp_path / f"m{seed}"
         randomize(transformers.Qwen3_5ForCausalLM(cfg), seed=seed).save_pretrained(path)
-        make_tokenizer(path, words=80, generation_eos=[2, 0])
+        make_qwen35_tokenizer(path)  # a word-level one would lose its words (see there)
         dirs.append(path)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"id": "p0", "prompt": "w1 w2 w3"}) + "\n")
+    prompts.write_text(json.dumps({"id": "p0", "prompt": "a b c"}) + "\n")
     out = tmp_path / "estimate"
     args = [
         f"--original={dirs[0]}", f"--variant={dirs[1]}", f"--prompts={prompts}",
