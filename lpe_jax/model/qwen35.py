@@ -394,15 +394,16 @@ class Qwen35(nnx.Module):
         """Engine layer-state protocol (see `lpe_jax.model.qwen3.Qwen3.decode_slots`): one token
         per slot. A linear layer steps its prompt state (kept as it was where not `active`); a
         full-attention layer stores the token's K/V in its own state at `write` and attends to
-        the prompt's K/V (positions < prompt_length) and the row's own tokens. hook: a
-        residual-stream intervention (the direction path's)."""
+        the prompt's K/V (positions < prompt_length) and the row's own tokens, read in blocks of
+        `block` up to the longest busy slot when block > 0 (`qwen3.attend_bounded`), all of them
+        when 0. hook: a residual-stream intervention (the direction path's)."""
         states = []
         for kind, p, o in zip(self.cfg.layer_types, prompt, own, strict=True):
             if kind == "linear_attention":
                 states.append(p)
                 continue
             in_prompt = (jnp.arange(p[0].shape[2]) < prompt_length[:, None])[:, None]
-            states.append(LayerKV(p[0], p[1], in_prompt, o[0], o[1], write))
+            states.append(LayerKV(p[0], p[1], in_prompt, o[0], o[1], write, block))
         x, new = self.forward(tokens[:, None], positions[:, None], states, hook)
         keep = lambda a, b: jnp.where(active.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)  # noqa: E731
         new_prompt, new_own = [], []
