@@ -215,9 +215,23 @@ def test_abliterate_then_sample_on_a_tiny_qwen35(family, tmp_path):
     )  # fmt: skip
     record = json.loads((variant / "abliteration.json").read_text())
     assert record["layer"] == 1 and "model.layers.0.linear_attn.out_proj.weight" in record["edited"]
-    if family == "moe":
+    abliterated = load_model(variant)
+    assert isinstance(abliterated, Qwen35)
+    if family == "moe":  # one tensor per expert, each edited; transformers reads them as we do
+        import torch
+
+        from lpe_jax.model.forward import model_logits
+
         assert "model.layers.1.mlp.experts.3.down_proj.weight" in record["edited"]
-    assert isinstance(load_model(variant), Qwen35)
+        tokens = np.random.default_rng(2).integers(0, QWEN35_TEXT["vocab_size"], (2, 7))
+        with torch.no_grad():
+            ref = transformers.Qwen3_5MoeForCausalLM.from_pretrained(variant).eval()(
+                torch.from_numpy(tokens)
+            )
+        ref = ref.logits.double().numpy()
+        with jax.default_matmul_precision("highest"):
+            ours = model_logits(abliterated, tokens)
+        assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"id": "p0", "prompt": "a b c"}) + "\n")
     _script(
