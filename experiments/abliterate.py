@@ -1,4 +1,6 @@
-"""Make an abliterated twin of a Qwen3 checkpoint (Arditi et al. 2024), for LPE's variant.
+"""Make an abliterated twin of a checkpoint (Arditi et al. 2024), for LPE's variant: Qwen3,
+Qwen3-MoE, Qwen3.5 or Qwen3.5-MoE (text or the Hub's multimodal layout; see
+lpe_jax.abliteration.orthogonalize for the tensors edited in each).
 
     python experiments/abliterate.py --original=/ckpt/Qwen3-4B --out=/ckpt/Qwen3-4B-abliterated \\
         --harmful=shared/data/refusal_direction/harmful_train.json \\
@@ -70,7 +72,9 @@ flags.DEFINE_enum(
     ["embedding", "lm_head"],
     "For a tied config that also stores a different lm_head.weight: the head to keep.",
 )
-flags.DEFINE_bool("enable_thinking", False, "Qwen3 chat template: thinking on (no think block).")
+flags.DEFINE_bool(
+    "enable_thinking", False, "Chat template's enable_thinking (Qwen3/Qwen3.5: see the README)."
+)
 flags.DEFINE_list("refusal_tokens", ["I", "As"], "Refusal openings; their first tokens score.")
 flags.DEFINE_list(
     "harmful_split",
@@ -342,11 +346,11 @@ def measure(
 
 def main(argv: list[str]) -> None:
     del argv
-    from lpe_jax.model.checkpoint import config_from_hf, load_model, read_config
+    from lpe_jax.model.checkpoint import load_model, model_config, read_config
     from lpe_jax.model.tokenizer import load_tokenizer
 
     t0 = time.time()
-    cfg = config_from_hf(read_config(Path(FLAGS.original)))
+    cfg = model_config(read_config(Path(FLAGS.original)))
     out = check_output_dir(FLAGS.original, FLAGS.out, overwrite=FLAGS.overwrite)
     check_candidate_flags(cfg.num_layers, None)
     splits = load_splits()

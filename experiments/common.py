@@ -268,7 +268,7 @@ def load_direction(path: str, hidden_size: int) -> np.ndarray:
 def load_pair() -> Any:
     """The model pair of --original/--variant (--dtype, --params_cache, --tied_head); with
     --variant_low_rank=auto the variant as low-rank deltas on the original (plan logged); with
-    --path=direction, the original wrapped as the direction path's one model (DirectionalQwen3)
+    --path=direction, the original wrapped as the direction path's one model (`directional`)
     and no variant."""
     import dataclasses
 
@@ -295,7 +295,7 @@ def load_pair() -> Any:
 
 
 def _load_direction_pair() -> Any:
-    from lpe_jax.abliteration.direction_path import DirectionalQwen3
+    from lpe_jax.abliteration.direction_path import directional
     from lpe_jax.model.checkpoint import load_model
     from lpe_jax.model.tokenizer import eos_token_ids, load_tokenizer
     from lpe_jax.runs.pipeline import ModelPair
@@ -306,7 +306,7 @@ def _load_direction_pair() -> Any:
     direction = load_direction(FLAGS.direction, model.cfg.hidden_size)
     tokenizer = load_tokenizer(FLAGS.original)
     return ModelPair(
-        original=DirectionalQwen3.wrap(model, direction),
+        original=directional(model, direction),
         variant=None,
         tokenizer=tokenizer,
         eos_token_ids=tuple(sorted(set(eos_token_ids(tokenizer)))),

@@ -7,6 +7,7 @@ outputs are O(1) and a parity check compares something; HF's own init gives near
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -64,3 +65,40 @@ def state_dict_numpy(module: Any, prefix: str = "") -> dict[str, np.ndarray]:
 def rel_err(ours: Any, ref: Any) -> float:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def make_qwen35_tokenizer(path: Any, *, generation_eos: list[int] | None = (2, 0)) -> Any:
+    """Save a tiny byte-level BPE tokenizer with Qwen3's special tokens and chat template into
+    `path` (made if absent); returns it as a Path.
+
+    transformers' AutoTokenizer loads a directory whose config.json is a Qwen3.5 one as
+    `Qwen3_5Tokenizer`, which rebuilds a byte-level BPE from the stored vocabulary and merges: a
+    word-level fixture (`hf_fixtures.make_tokenizer`) would lose every word there. This one
+    survives it: its words are the single letters a..z (ids 7..32), '\\n' is 'Ċ' (5) and ' ' is
+    'Ġ' (6), after the special tokens 0..4, so prompts are letters separated by spaces.
+    """
+    from pathlib import Path
+
+    from hf_fixtures import CHAT_TEMPLATE, SPECIAL_TOKENS
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for ch in ["Ċ", "Ġ", *(chr(c) for c in range(ord("a"), ord("z") + 1))]:
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:2] + SPECIAL_TOKENS[3:],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    if generation_eos is not None:
+        gen = {"eos_token_id": list(generation_eos), "pad_token_id": 0}
+        (path / "generation_config.json").write_text(json.dumps(gen))
+    return path

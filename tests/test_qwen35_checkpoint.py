@@ -50,17 +50,36 @@ def hf_dense():
     return randomize(transformers.Qwen3_5ForCausalLM(qwen35_text_config(**LAYERS)), seed=4)
 
 
-def test_sharded_bf16_checkpoint_loads_through_load_model(hf_dense, tmp_path):
+def test_sharded_bf16_checkpoint_loads_through_load_model_and_the_cache(
+    hf_dense, tmp_path, monkeypatch
+):
+    """bf16 shards load exactly; with cache_dir the first load writes an orbax entry and the
+    second restores it (the safetensors reader is not called) with the same params."""
     import torch
 
-    copy.deepcopy(hf_dense).to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="20KB")
-    assert (tmp_path / "model.safetensors.index.json").exists()
-    model = load_model(tmp_path, dtype="bfloat16")
+    from lpe_jax.model import qwen35_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    copy.deepcopy(hf_dense).to(torch.bfloat16).save_pretrained(ckpt, max_shard_size="20KB")
+    assert (ckpt / "model.safetensors.index.json").exists()
+    model = load_model(ckpt, dtype="bfloat16")
     assert isinstance(model, Qwen35) and model.dtype == jnp.bfloat16
     # bf16 on disk -> bf16 params: exactly the torch bf16 weights.
-    _assert_params(model, _expected(hf_dense, jnp.bfloat16))
-    with pytest.raises(ValueError, match="params_cache"):
-        load_model(tmp_path, dtype="bfloat16", cache_dir=tmp_path / "cache")
+    expected = _expected(hf_dense, jnp.bfloat16)
+    _assert_params(model, expected)
+    cache = tmp_path / "cache"
+    _assert_params(load_model(ckpt, dtype="bfloat16", cache_dir=cache), expected)
+    assert len([p for p in cache.iterdir() if p.name != "digests"]) == 1
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the second load read safetensors instead of the cache")
+
+    monkeypatch.setattr(qwen35_checkpoint, "load_qwen35", no_read)
+    cached = load_model(ckpt, dtype="bfloat16", cache_dir=cache)
+    assert isinstance(cached, Qwen35)
+    _assert_params(cached, expected)
+    with pytest.raises(ValueError, match="tied_head applies to Qwen3 only"):
+        load_model(ckpt, tied_head="embedding")
 
 
 def test_multimodal_moe_layout_skips_vision_and_mtp(tmp_path, caplog):
@@ -113,7 +132,7 @@ def test_estimate_runs_on_a_tiny_qwen35_pair(tmp_path):
     save_pretrained + a Qwen3-style tokenizer): load_model's dispatch, the engine's hybrid state
     and the pipeline, through the script's own flags."""
     import transformers
-    from hf_fixtures import make_tokenizer
+    from hybrid_fixtures import make_qwen35_tokenizer
 
     root = Path(__file__).resolve().parents[1]
     dirs = []
@@ -121,10 +140,10 @@ def test_estimate_runs_on_a_tiny_qwen35_pair(tmp_path):
         cfg = qwen35_text_config(**LAYERS, vocab_size=96)
         path = tmp_path / f"m{seed}"
         randomize(transformers.Qwen3_5ForCausalLM(cfg), seed=seed).save_pretrained(path)
-        make_tokenizer(path, words=80, generation_eos=[2, 0])
+        make_qwen35_tokenizer(path)  # a word-level one would lose its words (see there)
         dirs.append(path)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"id": "p0", "prompt": "w1 w2 w3"}) + "\n")
+    prompts.write_text(json.dumps({"id": "p0", "prompt": "a b c"}) + "\n")
     out = tmp_path / "estimate"
     args = [
         f"--original={dirs[0]}", f"--variant={dirs[1]}", f"--prompts={prompts}",
@@ -139,3 +158,85 @@ def test_estimate_runs_on_a_tiny_qwen35_pair(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     assert [r["id"] for r in results["prompts"]] == ["p0"]
+
+
+def _script(script: str, *args: str) -> None:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
+    p = subprocess.run(
+        [sys.executable, str(root / "experiments" / script), *args],
+        capture_output=True, text=True, env=env, cwd=root, timeout=600,
+    )  # fmt: skip
+    assert p.returncode == 0, f"{script} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+
+
+@pytest.mark.parametrize("family", ["dense", "moe"])
+def test_abliterate_then_sample_on_a_tiny_qwen35(family, tmp_path):
+    """abliterate.py makes the variant of a tiny Qwen3.5 (dense, or MoE saved one tensor per
+    expert by save_pretrained), searching the direction through the hook; sample.py then draws
+    on the (original, abliterated) pair unchanged. (CI candidate: ~1 min per family on 2 cores,
+    mostly compiling.)"""
+    import transformers
+    from hybrid_fixtures import make_qwen35_tokenizer
+
+    from lpe_jax.runs.store import RolloutStore
+
+    src, variant = tmp_path / "original", tmp_path / "abliterated"
+    if family == "dense":
+        hf = transformers.Qwen3_5ForCausalLM(qwen35_text_config(**LAYERS))
+    else:
+        text = {k: v for k, v in QWEN35_TEXT.items() if k != "intermediate_size"}
+        cfg = transformers.Qwen3_5MoeTextConfig(
+            **{**text, **LAYERS}, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+            num_experts=4, num_experts_per_tok=2,
+        )  # fmt: skip
+        hf = transformers.Qwen3_5MoeForCausalLM(cfg)
+    randomize(hf, seed=6).save_pretrained(src)
+    make_qwen35_tokenizer(src)
+    rng = np.random.default_rng(0)
+
+    def text(letters: str) -> str:
+        return " ".join(rng.choice(list(letters), rng.integers(2, 5)))
+
+    harmful, harmless = tmp_path / "harmful.jsonl", tmp_path / "harmless.json"
+    harmful.write_text(
+        "".join(
+            json.dumps({"id": f"h{i}", "prompt": text("abcdefghijklm")}) + "\n" for i in range(6)
+        )
+    )
+    harmless.write_text(json.dumps([{"instruction": text("nopqrstuvwxyz")} for _ in range(6)]))
+    _script(
+        "abliterate.py", f"--original={src}", f"--out={variant}", f"--harmful={harmful}",
+        f"--harmless={harmless}", "--harmful_split=2,2,2", "--harmless_split=2,2,2",
+        "--refusal_tokens=a,b", "--nofilter_train", "--prune_layer_fraction=0",
+        "--noinduce_filter", "--kl_threshold=0", "--max_new_tokens=3",
+        # the judged before/after rollouts once (they run on the sampler, family-blind)
+        f"--n_rollouts={2 if family == 'dense' else 0}",
+    )  # fmt: skip
+    record = json.loads((variant / "abliteration.json").read_text())
+    assert record["layer"] == 1 and "model.layers.0.linear_attn.out_proj.weight" in record["edited"]
+    abliterated = load_model(variant)
+    assert isinstance(abliterated, Qwen35)
+    if family == "moe":  # one tensor per expert, each edited; transformers reads them as we do
+        import torch
+
+        from lpe_jax.model.forward import model_logits
+
+        assert "model.layers.1.mlp.experts.3.down_proj.weight" in record["edited"]
+        tokens = np.random.default_rng(2).integers(0, QWEN35_TEXT["vocab_size"], (2, 7))
+        with torch.no_grad():
+            ref = transformers.Qwen3_5MoeForCausalLM.from_pretrained(variant).eval()(
+                torch.from_numpy(tokens)
+            )
+        ref = ref.logits.double().numpy()
+        with jax.default_matmul_precision("highest"):
+            ours = model_logits(abliterated, tokens)
+        assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "p0", "prompt": "a b c"}) + "\n")
+    _script(
+        "sample.py", f"--original={src}", f"--variant={variant}", f"--prompts={prompts}",
+        "--alphas=0,1", "--rollouts=3", "--max_new_tokens=3", "--max_rows=8",
+        f"--out={tmp_path / 'sample'}",
+    )  # fmt: skip
+    assert len(list(RolloutStore.load(tmp_path / "sample").chunks())) == 2

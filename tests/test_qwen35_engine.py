@@ -100,10 +100,10 @@ PROMPTS = {"a": np.array([5, 17, 2, 40, 9, 33], np.int32), "b": np.array([60, 7]
 BLOCKS = [RowBlock("a", PROMPTS["a"], 0.5, 1, 0, 3), RowBlock("b", PROMPTS["b"], 0.3, 2, 0, 2)]
 
 
-def _run(models, slots: int) -> dict:
+def _run(models, slots: int, attention_block: int) -> dict:
     e = RolloutEngine(
         models[0], models[1], "linear", T, [3], slots=slots, max_prompts=2, steps_per_call=3,
-        max_prompt_len=8, per_token=True,
+        max_prompt_len=8, per_token=True, attention_block=attention_block,
     )  # fmt: skip
     for b in BLOCKS:
         e.submit(b)
@@ -116,12 +116,13 @@ def pair():
     return hf, (_ours(hf[0]), _ours(hf[1]))
 
 
-def test_engine_logprobs_match_hf_and_rows_ignore_slot_count(pair):
+def test_engine_logprobs_match_hf_and_rows_ignore_slot_count_and_attention_blocks(pair):
     """Every generated token's log-prob under both models equals HF's on the row's sequence, and
-    the rows are the same with 4 slots (every row at once) and 1 slot (rows one after another,
-    each slot reused: its linear state must be fully replaced by the next prompt's)."""
+    the rows are the same with 4 slots (every row at once) reading all the gated attention's
+    token K/V, and 1 slot (rows one after another, each slot reused: its linear state must be
+    fully replaced by the next prompt's) reading it in blocks of 2 up to the longest row."""
     hf, models = pair
-    wide, narrow = _run(models, 4), _run(models, 1)
+    wide, narrow = _run(models, 4, attention_block=0), _run(models, 1, attention_block=2)
     for key, r in wide.items():
         np.testing.assert_array_equal(narrow[key].tokens, r.tokens)
         # Tokens bit-identical; log-probs to float32 rounding (other batch shapes sum in another

@@ -1,5 +1,9 @@
-"""Find a refusal direction in a Qwen3's residual stream (Arditi et al. 2024, "Refusal in language
-models is mediated by a single direction").
+"""Find a refusal direction in the residual stream of a Qwen3 or Qwen3.5 (dense or MoE) model
+(Arditi et al. 2024, "Refusal in language models is mediated by a single direction").
+
+Every pass below runs the model's own layer loop (`Qwen3.forward`, `Qwen35.forward`: the same
+hook sites) with a residual-stream hook, so it reads and edits a hybrid Qwen3.5's stream exactly
+as a Qwen3's: a Gated DeltaNet layer's write is its "attn" site, like gated attention's.
 
 - **Post-instruction positions** are the chat-template tokens after the user's text: for Qwen3
   with thinking off, `<|im_end|> \\n <|im_start|> assistant \\n <think> \\n\\n </think> \\n\\n`
@@ -44,9 +48,12 @@ from flax import nnx
 from scipy.special import log_softmax, logsumexp
 
 from lpe_jax.model.qwen3 import DecoderLayer, Hook, Qwen3
+from lpe_jax.model.qwen35 import DecoderLayer as HybridLayer
+from lpe_jax.model.qwen35 import Qwen35
 from lpe_jax.model.tokenizer import chat_prompt_ids
 
 Array = jax.Array
+Model = Qwen3 | Qwen35
 Progress = Callable[[int], None]
 """Called with the number of prompts just processed (for progress bars with an ETA)."""
 
@@ -162,7 +169,9 @@ def ablation_hook(
     return hook
 
 
-def decoder_block(layer: DecoderLayer, x: Array, ablate: Array | None = None) -> Array:
+def decoder_block(
+    layer: DecoderLayer | HybridLayer, x: Array, ablate: Array | None = None
+) -> Array:
     """One decoder layer on the residual stream x [B, T, H] (positions 0..T-1), in x's dtype.
 
     ablate: unit direction [H] projected out of the attention and the MLP write.
@@ -173,7 +182,7 @@ def decoder_block(layer: DecoderLayer, x: Array, ablate: Array | None = None) ->
 
 
 def residual_forward(
-    model: Qwen3,
+    model: Model,
     tokens: Array,
     *,
     ablate: Array | None = None,
@@ -186,10 +195,13 @@ def residual_forward(
     ablate: unit direction [H] projected out after the embedding and after every attention and
         MLP write (a zero vector changes nothing). add_layer/add_vector: add the vector [H] to
         the input of that layer. The model's own loop with `ablation_hook`; without
-        interventions, `Qwen3.hidden_states`' pass (tested). `model.logits(hidden)` gives logits.
+        interventions, the model's plain pass (tested). `model.logits(hidden)` gives logits.
     """
     resid: list[Array] = []
-    x, _, _ = model.hidden_states(tokens, ablation_hook(ablate, add_layer, add_vector, resid))
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    hook = ablation_hook(ablate, add_layer, add_vector, resid)
+    x, _ = model.forward(tokens, positions, None, hook)
     return x, resid
 
 
@@ -197,9 +209,10 @@ def residual_forward(
 # float32 and, in a single program over all layers, converts every layer's weights up front: a
 # 0.6B model's pass held 1.8 GB beyond its 1.2 GB of weights. Stepping keeps one layer's
 # converted weights alive, and compiles one layer instead of all of them. It is the model loop
-# (`Qwen3.forward`) driven from the host: the embedding site, then each layer's own body with
-# `ablation_hook`; the addition and the reading of each layer's input (the "input" site) happen
-# between the steps.
+# (`Qwen3.forward`, `Qwen35.forward`) driven from the host: the embedding site, then each
+# layer's own body with `ablation_hook`; the addition and the reading of each layer's input (the
+# "input" site) happen between the steps. A Qwen3.5 layer run alone is a full causal pass (its
+# Gated DeltaNet starts from the zero state), as inside the loop.
 
 
 @jax.jit
@@ -219,7 +232,7 @@ def _head_step(graphdef: nnx.GraphDef, state: nnx.State, x: Array, last: Array) 
 
 
 def _stepped(
-    model: Qwen3,
+    model: Model,
     tokens: np.ndarray,
     ablate: np.ndarray,
     add: tuple[int, np.ndarray] | None,
@@ -266,7 +279,7 @@ def _batches(
 
 
 def mean_activations(
-    model: Qwen3,
+    model: Model,
     prompts: Sequence[np.ndarray],
     n_post: int,
     *,
@@ -291,7 +304,7 @@ def mean_activations(
 
 
 def last_token_logits(
-    model: Qwen3,
+    model: Model,
     prompts: Sequence[np.ndarray],
     *,
     ablate: np.ndarray | None = None,
@@ -416,7 +429,7 @@ class CandidateScores:
 
 
 def score_candidate(
-    model: Qwen3,
+    model: Model,
     unit: np.ndarray,
     harmful: Sequence[np.ndarray],
     harmless: Sequence[np.ndarray],
@@ -480,7 +493,7 @@ class Selection:
 
 
 def select_direction(
-    model: Qwen3,
+    model: Model,
     mean_harmful: np.ndarray,
     mean_harmless: np.ndarray,
     harmful: Sequence[np.ndarray],

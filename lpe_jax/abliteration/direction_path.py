@@ -9,10 +9,12 @@ forward pass of one model, where the logit path between the original and the abl
 
 It is not a path shape (`lpe_jax.decoding.paths` mixes two models' logits): the strength acts inside
 the model, per row, so a prompt's K/V differ per alpha and are prefilled per (prompt, alpha).
-`RolloutEngine(DirectionalQwen3.wrap(model, r), None, "linear", ...)` runs it: rows of any alphas
-share the slots, each row sampled from its own M(alpha). It gives LPE its draws (compliance at each
-alpha) but not the endpoint log-probs log p_original(x) and log p_variant(x) that importance
-sampling weights need: the engine returns them as NaN.
+`RolloutEngine(directional(model, r), None, "linear", ...)` runs it: rows of any alphas share the
+slots, each row sampled from its own M(alpha). `directional` wraps a Qwen3 (`DirectionalQwen3`)
+or a Qwen3.5 (`DirectionalQwen35`: the Gated DeltaNet writes and every expert's are projected
+too; a prompt's linear-layer states, like its K/V, differ per alpha). It gives LPE its draws
+(compliance at each alpha) but not the endpoint log-probs log p_original(x) and log p_variant(x)
+that importance sampling weights need: the engine returns them as NaN.
 """
 
 from __future__ import annotations
@@ -27,8 +29,30 @@ from flax import nnx
 from lpe_jax.abliteration.abliterate import project_out
 from lpe_jax.abliteration.orthogonalize import unit_direction
 from lpe_jax.model.qwen3 import DecodeKV, Hook, Qwen3, Qwen3Config
+from lpe_jax.model.qwen35 import LayerState, Qwen35, Qwen35Config
 
 Array = jax.Array
+
+
+def directional(
+    model: Qwen3 | Qwen35, direction: np.ndarray
+) -> DirectionalQwen3 | DirectionalQwen35:
+    """The direction path's model of `model` (parameters shared, not copied) and `direction`
+    [H] (normalized here): a `DirectionalQwen3` or a `DirectionalQwen35`, by the model's family."""
+    if isinstance(model, Qwen35):
+        return DirectionalQwen35.wrap(model, direction)
+    return DirectionalQwen3.wrap(model, direction)
+
+
+def _hook(alpha: Array | float | None, unit: Array) -> Hook:
+    """Every write to the residual stream (embedding, mixer, MLP) keeps alpha of its component
+    along `unit`; the stream between writes is left alone."""
+    strength = _strength(alpha)
+
+    def hook(layer: int, site: str, x: Array) -> Array:
+        return x if site == "input" else project_out(x, unit, strength)
+
+    return hook
 
 
 class DirectionalQwen3(Qwen3):
@@ -55,14 +79,7 @@ class DirectionalQwen3(Qwen3):
         return out
 
     def _hook(self, alpha: Array | float | None) -> Hook:
-        """Every write to the residual stream (embedding, attention, MLP) keeps alpha of its
-        component along the direction; the stream between writes is left alone."""
-        strength, unit = _strength(alpha), self.direction[...]
-
-        def hook(layer: int, site: str, x: Array) -> Array:
-            return x if site == "input" else project_out(x, unit, strength)
-
-        return hook
+        return _hook(alpha, self.direction[...])
 
     def hidden_states(  # type: ignore[override]
         self, tokens: Array, alpha: Array | float | None = None
@@ -93,6 +110,67 @@ class DirectionalQwen3(Qwen3):
     ) -> tuple[Array, DecodeKV]:
         """`Qwen3.decode_step` with row b of M(alpha[b]) (alpha f32 [B])."""
         return super().decode_step(tokens, positions, kv, self._hook(alpha))
+
+
+class DirectionalQwen35(Qwen35):
+    """A Qwen3.5 (dense or MoE) plus a unit direction; every pass takes alpha (a scalar, or [B]
+    per row), as `DirectionalQwen3`. Build with `DirectionalQwen35.wrap(model, direction)`."""
+
+    conditioned_on_alpha = True
+
+    def __init__(self, cfg: Qwen35Config, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        super().__init__(cfg, dtype=dtype, rngs=rngs)
+        self.direction = nnx.Variable(jnp.zeros((cfg.hidden_size,), jnp.float32))
+
+    @classmethod
+    def wrap(cls, model: Qwen35, direction: np.ndarray) -> DirectionalQwen35:
+        """`model`'s parameters (shared, not copied) with `direction` [H] (normalized here)."""
+        unit = unit_direction(direction, model.cfg.hidden_size)
+        out = nnx.eval_shape(lambda: cls(model.cfg, dtype=model.dtype, rngs=nnx.Rngs(0)))
+        nnx.update(out, nnx.state(model, nnx.Param))
+        out.direction = nnx.Variable(jnp.asarray(unit))
+        return out
+
+    def __call__(self, tokens: Array, alpha: Array | float | None = None) -> Array:  # type: ignore[override]
+        """float32 logits [B, T, V] of M(alpha) over tokens int [B, T]."""
+        return super().__call__(tokens, _hook(alpha, self.direction[...]))
+
+    def prefill_states(  # type: ignore[override]
+        self, prompt_tokens: Array, length: Array, *, alpha: Array | float | None = None
+    ) -> tuple[Array, tuple[Any, ...]]:
+        """`Qwen35.prefill_states` of M(alpha) (alpha a scalar)."""
+        return super().prefill_states(prompt_tokens, length, _hook(alpha, self.direction[...]))
+
+    def decode_slots(  # type: ignore[override]
+        self,
+        tokens: Array,
+        positions: Array,
+        prompt_length: Array,
+        write: Array,
+        active: Array,
+        prompt: tuple[Any, ...],
+        own: tuple[Any, ...],
+        block: int = 0,
+        *,
+        alpha: Array | None = None,
+    ) -> tuple[Array, tuple[Any, ...], tuple[Any, ...]]:
+        """`Qwen35.decode_slots` with slot s of M(alpha[s]) (alpha f32 [S])."""
+        hook = _hook(alpha, self.direction[...])
+        return super().decode_slots(
+            tokens, positions, prompt_length, write, active, prompt, own, block, hook
+        )
+
+    def prefill(  # type: ignore[override]
+        self, tokens: Array, lengths: Array, capacity: int, *, alpha: Array | float | None = None
+    ) -> tuple[Array, tuple[LayerState, ...]]:
+        """`Qwen35.prefill` of row b of M(alpha[b]) (alpha a scalar or f32 [B])."""
+        return super().prefill(tokens, lengths, capacity, _hook(alpha, self.direction[...]))
+
+    def decode_step(  # type: ignore[override]
+        self, tokens: Array, states: tuple[LayerState, ...], *, alpha: Array | None = None
+    ) -> tuple[Array, tuple[LayerState, ...]]:
+        """`Qwen35.decode_step` with row b of M(alpha[b]) (alpha f32 [B])."""
+        return super().decode_step(tokens, states, _hook(alpha, self.direction[...]))
 
 
 def _strength(alpha: Array | float | None) -> Array:

@@ -1,19 +1,30 @@
-"""Write an abliterated copy of a Qwen3 checkpoint: a direction removed from every weight that
-writes to the residual stream, one tensor at a time.
+"""Write an abliterated copy of a Qwen3, Qwen3-MoE, Qwen3.5 or Qwen3.5-MoE checkpoint: a direction
+removed from every weight that writes to the residual stream, one tensor at a time.
 
-For a unit direction r [H]: embed_tokens [V, H] becomes W - (W r) r^T; every o_proj and down_proj
-(HF layout [H, in]) becomes W - r (r^T W), each MoE expert's down_proj (`mlp.experts.{e}.`) and a
-shared expert's (`mlp.shared_expert.`) included; an o_proj bias (attention_bias) becomes
-b - (b.r) r. (A MoE layer's output is a weighted sum of its experts' down_proj outputs, so it has
-no component along r either; the router reads the stream and is left alone.)
-The embedding and every attention and MLP write then have no component along r, so the residual
-stream never carries one: the model equals the original with r projected out at run time after
-the embedding and after each write (tests/test_abliterate_exact.py). Computed in float32, written
-in each tensor's source dtype; every other tensor is copied byte for byte.
+For a unit direction r [H]: embed_tokens [V, H] becomes W - (W r) r^T; every matrix whose output is
+added to the stream (HF layout [H, in]) becomes W - r (r^T W): attention's o_proj (Qwen3's, and
+Qwen3.5's gated attention, whose output gate acts before o_proj), Qwen3.5's Gated DeltaNet
+`linear_attn.out_proj`, a dense MLP's down_proj, each MoE expert's down_proj
+(`mlp.experts.{e}.`, or the fused `mlp.experts.down_proj` [E, H, F], per expert) and a shared
+expert's (`mlp.shared_expert.`); an o_proj bias (attention_bias) becomes b - (b.r) r. These are
+all the writes: a decoder layer adds its mixer's output and its MLP's output and nothing else;
+a MoE layer's output is a weighted sum of its experts' down_proj outputs (and the shared
+expert's, scaled by its sigmoid gate), so it has no component along r either; the router and the
+shared-expert gate read the stream and are left alone.
+The embedding and every write then have no component along r, so the residual stream never
+carries one: the model equals the original with r projected out at run time after the embedding
+and after each write (tests/test_abliterate_exact.py, tests/test_abliterate_hybrid.py). Computed
+in float32, written in each tensor's source dtype; every other tensor is copied byte for byte.
+
+Qwen3.5 checkpoints in the Hub's multimodal layout (`model.language_model.`) are edited the same
+way; their vision tower (`model.visual.*`) and multi-token-prediction head (`mtp.*`), which text
+sampling never runs, are copied unchanged (image inputs would still carry the direction at image
+positions, and the MTP head drafts as the original's, which speculative decoding verifies).
 
 Tied embeddings: the input embedding changes but the output head must not, so the result is
 untied: `lm_head.weight` holds the original embedding and config.json says
-`tie_word_embeddings: false`, which transformers and `load_model` read the same way.
+`tie_word_embeddings: false` (in its `text_config` too, for a multimodal config), which
+transformers and `load_model` read the same way.
 
 Memory: tensors are read with plain file reads (no memory map, whose pages would count as
 resident), the embedding is edited in blocks of rows, and other tensors one at a time, so the
@@ -28,7 +39,7 @@ import hashlib
 import json
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +52,16 @@ from lpe_jax.model.checkpoint import (
     TIED_HEAD_READINGS,
     check_names,
     checkpoint_fingerprint,
-    config_from_hf,
+    model_config,
     read_config,
     read_headers,
     weight_files,
 )
 from lpe_jax.model.qwen3 import Qwen3
+from lpe_jax.model.qwen35 import Qwen35, Qwen35Config
+from lpe_jax.model.qwen35_checkpoint import check_checkpoint as check_qwen35_checkpoint
+
+Model = Qwen3 | Qwen35
 
 PROVENANCE_FILE = "abliteration.json"
 DIRECTION_FILE = "refusal_direction.npy"
@@ -62,13 +77,16 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-_EMBED = "model.embed_tokens.weight"
+_EMBED = "model.embed_tokens.weight"  # the text layout's name (also `model.language_model.`)
 _HEAD = "lm_head.weight"
+_LAYER = r"model\.(?:language_model\.)?layers\.\d+\."
+_EMBED_NAME = re.compile(r"model\.(?:language_model\.)?embed_tokens\.weight")
 _OUT_PROJ = re.compile(
-    r"model\.layers\.\d+\.(self_attn\.o_proj"
-    r"|mlp\.(experts\.\d+\.|shared_expert\.)?down_proj)\.weight"
+    _LAYER + r"(?:(?:self_attn\.o_proj|linear_attn\.out_proj"
+    r"|mlp\.(?:experts\.\d+\.|shared_expert\.)?down_proj)\.weight"
+    r"|mlp\.experts\.down_proj)"  # the last: fused experts [E, H, F]
 )
-_OUT_BIAS = re.compile(r"model\.layers\.\d+\.self_attn\.o_proj\.bias")
+_OUT_BIAS = re.compile(_LAYER + r"self_attn\.o_proj\.bias")
 _BLOCK_BYTES = 1 << 26  # float32 bytes edited or copied at once
 
 
@@ -88,7 +106,9 @@ def unit_direction(direction: np.ndarray, hidden_size: int) -> np.ndarray:
 
 def writes_residual(name: str) -> bool:
     """True for the HF tensors whose output is added to the residual stream."""
-    return name == _EMBED or bool(_OUT_PROJ.fullmatch(name) or _OUT_BIAS.fullmatch(name))
+    return bool(
+        _EMBED_NAME.fullmatch(name) or _OUT_PROJ.fullmatch(name) or _OUT_BIAS.fullmatch(name)
+    )
 
 
 def orthogonalize(
@@ -96,12 +116,13 @@ def orthogonalize(
 ) -> np.ndarray:
     """`weight` (HF layout) with `strength` (1: all) of its component along `unit` [H] removed
     from its residual-stream side, computed in float32 and returned in weight's dtype. Rows of the
-    embedding ([n, H], a block of rows is fine), o_proj/down_proj ([H, in]), an o_proj bias [H]."""
+    embedding ([n, H], a block of rows is fine), an output projection ([H, in], or fused experts
+    [E, H, in]), an o_proj bias [H]."""
     w = np.asarray(weight, np.float32)
-    if name == _EMBED:
+    if _EMBED_NAME.fullmatch(name):
         out = w - strength * np.outer(w @ unit, unit)
-    elif _OUT_PROJ.fullmatch(name):
-        out = w - strength * np.outer(unit, unit @ w)
+    elif _OUT_PROJ.fullmatch(name):  # r^T W per matrix: [in], or [E, in] for fused experts
+        out = w - strength * unit[:, None] * np.matmul(unit, w)[..., None, :]
     elif _OUT_BIAS.fullmatch(name):
         out = w - strength * (w @ unit) * unit
     else:
@@ -109,14 +130,16 @@ def orthogonalize(
     return out.astype(weight.dtype)
 
 
-def orthogonalize_model(model: Qwen3, direction: np.ndarray, strength: float = 1.0) -> Qwen3:
-    """In memory: a new Qwen3 whose residual-stream writes keep 1 - strength of their component
-    along the direction (strength 1: the abliteration `write_abliterated` writes; in between: the
-    direction path's model at alpha = 1 - strength). Untied, so the head stays the original's.
-    For models that fit in memory twice (tests, toy organisms)."""
+def orthogonalize_model(model: Model, direction: np.ndarray, strength: float = 1.0) -> Model:
+    """In memory: a new model of the same family (`Qwen3` or `Qwen35`) whose residual-stream
+    writes keep 1 - strength of their component along the direction (strength 1: the abliteration
+    `write_abliterated` writes; in between: the direction path's model at alpha = 1 - strength).
+    Untied, so the head stays the original's. For models that fit in memory twice (tests, toy
+    organisms)."""
     unit = unit_direction(direction, model.cfg.hidden_size)
     cfg = dataclasses.replace(model.cfg, tie_word_embeddings=False)
-    out = nnx.eval_shape(lambda: Qwen3(cfg, dtype=model.dtype, rngs=nnx.Rngs(0)))
+    family = Qwen35 if isinstance(model, Qwen35) else Qwen3
+    out = nnx.eval_shape(lambda: family(cfg, dtype=model.dtype, rngs=nnx.Rngs(0)))
     nnx.update(out, nnx.state(model, nnx.Param))
     embed = np.asarray(model.embed_tokens[...])
     head = embed.T if model.cfg.tie_word_embeddings else np.asarray(model.lm_head[...])
@@ -128,7 +151,7 @@ def orthogonalize_model(model: Qwen3, direction: np.ndarray, strength: float = 1
             w = np.asarray(getattr(mod, attr)[...])
             ws = [orthogonalize(name, m.T, unit, strength).T for m in w.reshape(-1, *w.shape[-2:])]
             setattr(mod, attr, nnx.Param(jnp.asarray(np.stack(ws).reshape(w.shape))))
-        if cfg.attention_bias:
+        if getattr(cfg, "attention_bias", False):
             b = np.asarray(layer.self_attn.o_bias[...])
             bias = orthogonalize(f"model.layers.{i}.self_attn.o_proj.bias", b, unit, strength)
             layer.self_attn.o_bias = nnx.Param(jnp.asarray(bias))
@@ -137,10 +160,14 @@ def orthogonalize_model(model: Qwen3, direction: np.ndarray, strength: float = 1
 
 def _residual_writers(layer: Any, i: int) -> list[tuple[Any, str, str]]:
     """(module, attribute, an HF name of its kind) of each matrix of decoder layer `i` that
-    writes to the residual stream: o_proj, then the dense MLP's down_proj, or a MoE MLP's
-    stacked experts' and its shared expert's."""
+    writes to the residual stream: the mixer's output projection (attention's o_proj, or a Gated
+    DeltaNet's out_proj), then the dense MLP's down_proj, or a MoE MLP's stacked experts' and its
+    shared expert's."""
     pre, mlp = f"model.layers.{i}.", layer.mlp
-    out = [(layer.self_attn, "o_proj", pre + "self_attn.o_proj.weight")]
+    if hasattr(layer, "linear_attn"):
+        out = [(layer.linear_attn, "out_proj", pre + "linear_attn.out_proj.weight")]
+    else:
+        out = [(layer.self_attn, "o_proj", pre + "self_attn.o_proj.weight")]
     if not hasattr(mlp, "experts"):
         return [*out, (mlp, "down_proj", pre + "mlp.down_proj.weight")]
     out.append((mlp.experts, "down_proj", pre + "mlp.experts.0.down_proj.weight"))
@@ -187,7 +214,8 @@ class _Source:
 def _plan(
     source: Path, tied_head: str | None = None
 ) -> tuple[dict[str, Any], dict[str, _Source], bool]:
-    """(HF config, output tensor name -> source tensor, untie?) after checking the checkpoint.
+    """(HF config, output tensor name -> source tensor, untie?) after checking the checkpoint
+    (every family `load_model` reads; names and shapes from the headers, before any data).
 
     tied_head: for a tied config that also stores a different lm_head.weight, the head to keep
     ('embedding' or 'lm_head', as `load_model`); None refuses such a checkpoint.
@@ -197,24 +225,44 @@ def _plan(
             f"tied_head must be one of {TIED_HEAD_READINGS} or None; got {tied_head!r}."
         )
     hf = read_config(source)
-    cfg = config_from_hf(hf)
     headers = read_headers(weight_files(source))
-    check_names(cfg, set(headers))
+    cfg = model_config(hf)
+    if isinstance(cfg, Qwen35Config):
+        check_qwen35_checkpoint(cfg, headers)
+    else:
+        check_names(cfg, set(headers))
     tensors = {name: _Source(*entry) for name, entry in headers.items()}
     if not cfg.tie_word_embeddings:
         return hf, tensors, False
+    embed = _embed_name(tensors)
     stored = tensors.pop(_HEAD, None)
     if stored is not None and tied_head == "lm_head":
         tensors[_HEAD] = stored
         return hf, tensors, True
-    if stored is not None and tied_head is None and not _same_tensor(stored, tensors[_EMBED]):
+    if stored is not None and tied_head is None and not _same_tensor(stored, tensors[embed]):
         raise ValueError(
             f"{source}: config.json ties the embeddings, but the stored {_HEAD} differs from "
-            f"{_EMBED}, so readers disagree on the output head; pick one with "
+            f"{embed}, so readers disagree on the output head; pick one with "
             "tied_head='embedding' or 'lm_head' (script: --tied_head)."
         )
-    tensors[_HEAD] = tensors[_EMBED]  # the original embedding becomes the output head
+    tensors[_HEAD] = tensors[embed]  # the original embedding becomes the output head
     return hf, tensors, True
+
+
+def _embed_name(names: Collection[str]) -> str:
+    """The input embedding's name: `model.embed_tokens.weight` or, in the multimodal layout,
+    `model.language_model.embed_tokens.weight` (the checks of `_plan` found exactly one)."""
+    return next(n for n in sorted(names) if _EMBED_NAME.fullmatch(n))
+
+
+def _untied(hf: dict[str, Any]) -> dict[str, Any]:
+    """config.json with tie_word_embeddings false, in its text_config too when it has one
+    (a multimodal Qwen3.5 config: transformers reads the top level, `load_model` the text
+    config)."""
+    out = {**hf, "tie_word_embeddings": False}
+    if isinstance(hf.get("text_config"), dict):
+        out["text_config"] = {**hf["text_config"], "tie_word_embeddings": False}
+    return out
 
 
 def _same_tensor(a: _Source, b: _Source) -> bool:
@@ -258,7 +306,7 @@ def _header(names: list[str], tensors: Mapping[str, _Source]) -> bytes:
 
 def _write_tensor(fh: Any, name: str, t: _Source, unit: np.ndarray) -> None:
     edit = writes_residual(name)
-    if edit and name != _EMBED:  # [H, in] or [H]: needs every row at once (at most one tensor)
+    if edit and not _EMBED_NAME.fullmatch(name):  # [H, in], [E, H, in] or [H]: all rows at once
         fh.write(orthogonalize(name, t.rows(0, t.n_rows), unit).tobytes())
         return
     for lo, hi in t.row_blocks():
@@ -363,7 +411,7 @@ def write_abliterated(
     source = Path(source)
     out = check_output_dir(source, out, overwrite=overwrite)
     hf, tensors, untie = _plan(source, tied_head)
-    unit = unit_direction(direction, tensors[_EMBED].shape[1])
+    unit = unit_direction(direction, tensors[_embed_name(tensors)].shape[1])
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be >= 1; got {max_shard_bytes}.")
     partial = out.with_name(out.name + ".partial")
@@ -372,7 +420,7 @@ def write_abliterated(
     partial.mkdir(parents=True)
     _write_weights(partial, tensors, unit, max_shard_bytes, progress)
     if untie:
-        hf = {**hf, "tie_word_embeddings": False}
+        hf = _untied(hf)
     (partial / "config.json").write_text(json.dumps(hf, indent=2))
     _copy_side_files(source, partial)
     np.save(partial / DIRECTION_FILE, unit)

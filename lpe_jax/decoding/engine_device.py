@@ -339,8 +339,9 @@ def _model_logits(
 
     A slot with count > 0 feeds its last token (generated token count - 1, at position
     prompt_len + count - 1): attention stores its K/V in own-state position count - 1 and attends
-    to its prompt and its own tokens (with spec.attention_block > 0, Qwen3's token K/V is read only
-    up to the longest busy slot's count); a recurrent layer updates its state. A fresh or free slot
+    to its prompt and its own tokens (with spec.attention_block > 0, an attention layer's token
+    K/V, Qwen3's or gated, is read only up to the longest busy slot's count); a recurrent layer
+    updates its state. A fresh or free slot
     (count == 0) takes its prompt's logits from the table; its model pass is wasted work, its
     write index is out of range and its state does not change.
     """

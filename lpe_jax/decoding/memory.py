@@ -38,30 +38,39 @@ MEMORY_FRACTION = 0.8
 def _activation_bytes(
     cfg: ModelConfig, dtype: Any, prompt_slots: int, new_tokens: int, attention_block: int
 ) -> int:
-    if isinstance(cfg, Qwen35Config):  # its gated attention reads every position (no block)
-        return _hybrid_activation_bytes(cfg, dtype, prompt_slots, new_tokens)
+    if isinstance(cfg, Qwen35Config):
+        return _hybrid_activation_bytes(cfg, dtype, prompt_slots, new_tokens, attention_block)
     itemsize = jax.numpy.dtype(dtype).itemsize
     hidden = (4 * cfg.hidden_size + cfg.mlp_activations_per_token()) * itemsize
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * itemsize
-    if not attention_block:  # one softmax over every key: f32 scores and probs, one layer
-        return hidden + qkv + 2 * cfg.num_heads * (prompt_slots + new_tokens) * 4
+    heads = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    return hidden + qkv + _attention_bytes(*heads, prompt_slots, new_tokens, attention_block)
+
+
+def _attention_bytes(
+    heads: int, kv_heads: int, head_dim: int, prompt_slots: int, new_tokens: int, block: int
+) -> int:
+    """One decode row's attention temporaries in one layer (Qwen3's and gated attention alike)."""
+    if not block:  # one softmax over every key: f32 scores and probs, one layer
+        return 2 * heads * (prompt_slots + new_tokens) * 4
     # Bounded (qwen3.attend_bounded): the prompt's scores, one block's scores, the block's K/V
     # sliced out of the cache (float32: bf16 is upcast on CPU), and the online softmax's running
     # max, sum and weighted values, in and out of a loop trip.
-    block = min(attention_block, new_tokens)
-    scores = 2 * cfg.num_heads * (prompt_slots + block) * 4
-    kv_block = 2 * cfg.num_kv_heads * block * cfg.head_dim * 4
-    running = 2 * cfg.num_heads * (cfg.head_dim + 2) * 4
-    return hidden + qkv + scores + kv_block + running
+    block = min(block, new_tokens)
+    scores = 2 * heads * (prompt_slots + block) * 4
+    kv_block = 2 * kv_heads * block * head_dim * 4
+    running = 2 * heads * (head_dim + 2) * 4
+    return scores + kv_block + running
 
 
 def _hybrid_activation_bytes(
-    cfg: Qwen35Config, dtype: Any, prompt_slots: int, new_tokens: int
+    cfg: Qwen35Config, dtype: Any, prompt_slots: int, new_tokens: int, attention_block: int
 ) -> int:
     """One decode row's temporaries in one Qwen3.5 layer: the residual stream and MLP (dense, or
     the routed and shared experts a token uses), plus the larger of a gated-attention layer's
-    (q|gate, k, v, f32 scores) and a Gated DeltaNet layer's (in-projections, f32 q/k/v per value
-    head, and two f32 delta-state temporaries: the decayed state and its update)."""
+    (q|gate, k, v, f32 scores, bounded as Qwen3's) and a Gated DeltaNet layer's
+    (in-projections, f32 q/k/v per value head, and two f32 delta-state temporaries: the decayed
+    state and its update)."""
     itemsize = jax.numpy.dtype(dtype).itemsize
     moe = cfg.moe
     width = cfg.intermediate_size
@@ -71,7 +80,8 @@ def _hybrid_activation_bytes(
     hidden = (4 * cfg.hidden_size + 3 * width) * itemsize
     a, lin = cfg.attention, cfg.linear
     attn = (2 * a.num_heads + 2 * a.num_kv_heads) * a.head_dim * itemsize
-    attn += 2 * a.num_heads * (prompt_slots + new_tokens) * 4
+    heads = (a.num_heads, a.num_kv_heads, a.head_dim)
+    attn += _attention_bytes(*heads, prompt_slots, new_tokens, attention_block)
     delta = lin.num_v_heads * lin.head_k_dim * lin.head_v_dim * 4
     linear = (lin.conv_dim + lin.value_dim + 2 * lin.num_v_heads) * itemsize
     linear += lin.num_v_heads * (2 * lin.head_k_dim + lin.head_v_dim) * 4 + 2 * delta

@@ -44,7 +44,7 @@ from flax import nnx
 
 from lpe_jax.model.moe import MoEConfig
 from lpe_jax.model.qwen3 import Qwen3, Qwen3Config
-from lpe_jax.model.qwen35 import Qwen35
+from lpe_jax.model.qwen35 import Qwen35, Qwen35Config
 
 QWEN3_MODEL_TYPES = ("qwen3", "qwen3_moe")  # both built by `Qwen3` (see Qwen3Config)
 # HF class names, read when config.json has no model_type.
@@ -121,6 +121,15 @@ def model_type_of(hf: dict[str, Any]) -> str:
             f"model types: {sorted(ARCHITECTURES)}. Point load_model at a checkpoint of one."
         )
     return model_type
+
+
+def model_config(hf: dict[str, Any]) -> Qwen3Config | Qwen35Config:
+    """The static config of a parsed config.json, for any supported model type: a `Qwen3Config`
+    (Qwen3, Qwen3-MoE) or a `Qwen35Config` (Qwen3.5 dense or MoE, text or multimodal). Both
+    have `hidden_size`, `num_layers` and `vocab_size`."""
+    if model_type_of(hf) in QWEN35_MODEL_TYPES:
+        return Qwen35Config.from_hf(hf)
+    return config_from_hf(hf)
 
 
 def config_from_hf(hf: dict[str, Any]) -> Qwen3Config:
@@ -551,8 +560,8 @@ def load_model(
     The architecture is config.json's `model_type` (without one, its `architectures`), built by
     the loader `ARCHITECTURES` registers for it; any other is refused with a ValueError listing
     the supported model types. Qwen3 and Qwen3-MoE give a `Qwen3` (`_load_qwen3`); Qwen3.5
-    (dense and MoE, text tower) a `Qwen35` (`lpe_jax.model.qwen35_checkpoint.load_qwen35`,
-    without `cache_dir` or `tied_head`).
+    (dense and MoE, text tower) a `Qwen35` (`lpe_jax.model.qwen35_checkpoint.load_qwen35`;
+    `tied_head` is refused there).
 
     With `cache_dir`, converted params are stored there (orbax) under a key derived from the
     checkpoint's content and `dtype`; a later load of the same checkpoint restores them without
@@ -607,18 +616,23 @@ def _load_qwen35(
     *,
     tied_head: str | None,
 ) -> Qwen35:
-    """A Qwen3.5 checkpoint (`lpe_jax.model.qwen35_checkpoint.load_qwen35`); the Qwen3-only
-    options are refused rather than ignored."""
-    from lpe_jax.model.qwen35_checkpoint import load_qwen35
+    """A Qwen3.5 checkpoint (`lpe_jax.model.qwen35_checkpoint.load_qwen35`), through the
+    converted-params cache as `_load_qwen3` (keyed by content: the entries of the two families
+    never meet); tied_head, a Qwen3-only option, is refused rather than ignored."""
+    from lpe_jax.model.qwen35_checkpoint import abstract_model, load_qwen35
 
-    if cache_dir is not None:
-        raise ValueError(
-            f"{path} is a Qwen3.5 checkpoint; the converted-params cache (cache_dir / "
-            "--params_cache) serves Qwen3 only: load without it."
-        )
     if tied_head is not None:
         raise ValueError(f"{path} is a Qwen3.5 checkpoint; tied_head applies to Qwen3 only.")
-    return load_qwen35(path, dtype)
+    if cache_dir is None:
+        return load_qwen35(path, dtype)
+    model = abstract_model(path, dtype)  # checks config and headers before the cache is read
+    key = _content_key(path, weight_files(path), Path(cache_dir))
+    entry = Path(cache_dir) / f"{key}-{_np_dtype(dtype).name}"
+    if _cache_restore(model, entry):
+        return model
+    model = load_qwen35(path, dtype)
+    _cache_save(model, entry)
+    return model
 
 
 # model_type -> loader. One entry per architecture; `load_model` refuses every other model type.
@@ -722,7 +736,7 @@ def _import_orbax() -> Any:
     return ocp
 
 
-def _cache_restore(model: Qwen3, entry: Path) -> bool:
+def _cache_restore(model: nnx.Module, entry: Path) -> bool:
     """Fill the abstract `model` from cache `entry`; False when there is no such entry."""
     if not entry.exists():  # orbax renames a finished save into place, so present = complete
         return False
@@ -741,7 +755,7 @@ def _cache_restore(model: Qwen3, entry: Path) -> bool:
     return True
 
 
-def _cache_save(model: Qwen3, entry: Path) -> None:
+def _cache_save(model: nnx.Module, entry: Path) -> None:
     ocp = _import_orbax()
 
     entry.parent.mkdir(parents=True, exist_ok=True)

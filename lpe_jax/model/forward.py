@@ -9,14 +9,16 @@ import numpy as np
 from flax import nnx
 
 from lpe_jax.model.qwen3 import Qwen3
+from lpe_jax.model.qwen35 import Qwen35
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, state)(tokens)[0]
+    out = nnx.merge(graphdef, state)(tokens)
+    return out[0] if isinstance(out, tuple) else out  # Qwen3 also returns its K/V, Qwen35 not
 
 
-def model_logits(model: Qwen3, token_ids: np.ndarray) -> np.ndarray:
+def model_logits(model: Qwen3 | Qwen35, token_ids: np.ndarray) -> np.ndarray:
     """Causal logits of `model` over `token_ids`.
 
     token_ids: integer array [B, T] (or [T]), each id in [0, vocab). Returns float32 NumPy logits

@@ -157,10 +157,12 @@ class GatedAttention(nnx.Module):
 
     def decode(self, x: Array, positions: Array, kv: LayerKV) -> tuple[Array, LayerKV]:
         """One new token per row, x [B, 1, H]: store its k/v in this layer's cache `kv`, then
-        attend over what it holds for the row. Returns (out [B, 1, H], kv updated)."""
+        attend over what it holds for the row (`LayerKV.decode`, as Qwen3's attention: with
+        kv.block > 0 the row's own tokens are read in blocks only up to the longest row's).
+        Returns (out [B, 1, H], kv updated)."""
         q, k, v, gate = self.project_qkv(x, positions)
-        kv, segments = kv.store(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-        return self.output(attend(q, segments), gate), kv
+        kv, attn = kv.decode(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+        return self.output(attn, gate), kv
 
 
 def hf_weight_table(cfg: GatedAttentionConfig, prefix: str) -> list[HFParam]:

@@ -335,15 +335,16 @@ class Qwen35(nnx.Module):
         return einsum_f32("...h,hv->...v", x, self.lm_head[...])
 
     def prefill(
-        self, tokens: Array, lengths: Array, capacity: int
+        self, tokens: Array, lengths: Array, capacity: int, hook: Hook | None = None
     ) -> tuple[Array, tuple[LayerState, ...]]:
         """Right-padded prompts tokens int [B, T] of true `lengths` int [B] (each >= 1).
 
         Returns (float32 logits [B, V] after each row's last true token, one state per layer
         holding each row's history; full-attention layers have room for `capacity` tokens).
+        hook: a residual-stream intervention.
         """
         t = tokens.shape[1]
-        x, states = self.forward(tokens, _positions(*tokens.shape), None, lengths=lengths)
+        x, states = self.forward(tokens, _positions(*tokens.shape), None, hook, lengths)
         pad = [(0, 0), (0, 0), (0, capacity - t), (0, 0)]
         states = tuple(
             AttentionKV(jnp.pad(s[0], pad), jnp.pad(s[1], pad), lengths)
@@ -355,22 +356,26 @@ class Qwen35(nnx.Module):
         return self.logits(last), states
 
     def decode_step(
-        self, tokens: Array, states: tuple[LayerState, ...]
+        self, tokens: Array, states: tuple[LayerState, ...], hook: Hook | None = None
     ) -> tuple[Array, tuple[LayerState, ...]]:
         """One new token per row, tokens int [B] -> (float32 logits [B, V], updated states); each
-        row's position is its length so far (read from an attention layer's state)."""
+        row's position is its length so far (read from an attention layer's state). hook: a
+        residual-stream intervention."""
         kv = [s for s in states if isinstance(s, AttentionKV)]
         positions = kv[0].lengths if kv else jnp.zeros(tokens.shape, jnp.int32)
-        x, new = self.forward(tokens[:, None], positions[:, None], states)
+        x, new = self.forward(tokens[:, None], positions[:, None], states, hook)
         return self.logits(x[:, 0]), new
 
-    def prefill_states(self, prompt_tokens: Array, length: Array) -> tuple[Array, tuple[Any, ...]]:
+    def prefill_states(
+        self, prompt_tokens: Array, length: Array, hook: Hook | None = None
+    ) -> tuple[Array, tuple[Any, ...]]:
         """Engine layer-state protocol: one prompt (int [Pb], right-padded, true `length`) ->
         (float32 logits [V] after token length - 1, one prompt state per layer with a leading
-        axis of 1: `GatedDeltaNetState` after `length` tokens, or (k, v) [1, kv, Pb, hd])."""
+        axis of 1: `GatedDeltaNetState` after `length` tokens, or (k, v) [1, kv, Pb, hd]).
+        hook: a residual-stream intervention (the direction path's)."""
         length = jnp.asarray(length, jnp.int32)
         tokens = prompt_tokens[None, :]
-        x, states = self.forward(tokens, _positions(*tokens.shape), None, lengths=length[None])
+        x, states = self.forward(tokens, _positions(*tokens.shape), None, hook, length[None])
         h = jax.lax.dynamic_index_in_dim(x[0], length - 1, axis=0, keepdims=False)
         return self.logits(h), states
 
@@ -384,19 +389,22 @@ class Qwen35(nnx.Module):
         prompt: Sequence[Any],
         own: Sequence[Any],
         block: int = 0,
+        hook: Hook | None = None,
     ) -> tuple[Array, tuple[Any, ...], tuple[Any, ...]]:
         """Engine layer-state protocol (see `lpe_jax.model.qwen3.Qwen3.decode_slots`): one token
         per slot. A linear layer steps its prompt state (kept as it was where not `active`); a
         full-attention layer stores the token's K/V in its own state at `write` and attends to
-        the prompt's K/V (positions < prompt_length) and the row's own tokens."""
+        the prompt's K/V (positions < prompt_length) and the row's own tokens, read in blocks of
+        `block` up to the longest busy slot when block > 0 (`qwen3.attend_bounded`), all of them
+        when 0. hook: a residual-stream intervention (the direction path's)."""
         states = []
         for kind, p, o in zip(self.cfg.layer_types, prompt, own, strict=True):
             if kind == "linear_attention":
                 states.append(p)
                 continue
             in_prompt = (jnp.arange(p[0].shape[2]) < prompt_length[:, None])[:, None]
-            states.append(LayerKV(p[0], p[1], in_prompt, o[0], o[1], write))
-        x, new = self.forward(tokens[:, None], positions[:, None], states)
+            states.append(LayerKV(p[0], p[1], in_prompt, o[0], o[1], write, block))
+        x, new = self.forward(tokens[:, None], positions[:, None], states, hook)
         keep = lambda a, b: jnp.where(active.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)  # noqa: E731
         new_prompt, new_own = [], []
         for kind, p, o, n in zip(self.cfg.layer_types, prompt, own, new, strict=True):

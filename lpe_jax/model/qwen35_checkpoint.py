@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import types
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,22 +48,11 @@ def _unused(table: list[HFParam], names: set[str], cfg: Qwen35Config) -> list[st
     return sorted(names - used - ignorable - set(skipped_names(names)))
 
 
-def load_qwen35(path: str | os.PathLike, dtype: str = "bfloat16") -> Qwen35:
-    """Load an HF Qwen3.5 directory's text model as a `Qwen35`, params in `dtype`
-    ('float32' | 'bfloat16'). Raises ValueError for another model_type, a tensor the config does
-    not use (vision/MTP excepted), a missing tensor, a shape or dtype mismatch."""
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}; got {dtype!r}.")
-    path = Path(path)
-    hf = read_config(path)
-    if hf.get("model_type") not in MODEL_TYPES:
-        raise ValueError(
-            f"{path}: model_type {hf.get('model_type')!r} is not Qwen3.5; this loader reads "
-            f"{MODEL_TYPES} (use lpe_jax.model.checkpoint.load_model for Qwen3)."
-        )
-    cfg = Qwen35Config.from_hf(hf)
-    files = weight_files(path)
-    headers = read_headers(files)
+def check_checkpoint(cfg: Qwen35Config, headers: Mapping[str, Any]) -> list[HFParam]:
+    """The key map of `cfg` for a checkpoint whose safetensors headers are `headers` (name ->
+    (file, offset, info), as `read_headers` gives), after checking from them alone that every
+    tensor the config needs is there with its shape and a supported dtype, and that nothing else
+    is (vision and MTP tensors excepted). Raises ValueError naming the problem otherwise."""
     names = set(headers)
     table = hf_weight_table(cfg, names)
     unexpected = _unused(table, names, cfg)
@@ -71,9 +61,6 @@ def load_qwen35(path: str | os.PathLike, dtype: str = "bfloat16") -> Qwen35:
             f"checkpoint has {len(unexpected)} tensor(s) this Qwen3.5 config does not use, e.g. "
             f"{unexpected[:5]}; config.json does not describe these weights."
         )
-    skipped = skipped_names(names)
-    if skipped:
-        log.info("%s: skipping %d vision / multi-token-prediction tensors", path, len(skipped))
     shapes = {n: types.SimpleNamespace(shape=tuple(h[2]["shape"])) for n, h in headers.items()}
     check_shapes(table, shapes)
     for entry in table:
@@ -83,8 +70,43 @@ def load_qwen35(path: str | os.PathLike, dtype: str = "bfloat16") -> Qwen35:
                     f"tensor {name} has dtype {headers[name][2]['dtype']}; supported: "
                     f"{sorted(ST_TO_NP)}. Convert the checkpoint to bf16, f16 or f32."
                 )
+    return table
+
+
+def abstract_model(path: str | os.PathLike, dtype: str = "bfloat16") -> Qwen35:
+    """The `Qwen35` of HF directory `path` with abstract params in `dtype` (no memory, no data
+    read), after the checks of `load_qwen35` (config and headers); for a params cache to fill."""
+    return _prepare(Path(path), dtype)[0]
+
+
+def _prepare(path: Path, dtype: str) -> tuple[Qwen35, list[HFParam], dict[str, Any], list[Path]]:
+    """(abstract model, key map, headers, weight files) of a checked Qwen3.5 directory."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}; got {dtype!r}.")
+    hf = read_config(path)
+    if hf.get("model_type") not in MODEL_TYPES:
+        raise ValueError(
+            f"{path}: model_type {hf.get('model_type')!r} is not Qwen3.5; this loader reads "
+            f"{MODEL_TYPES} (use lpe_jax.model.checkpoint.load_model for Qwen3)."
+        )
+    cfg = Qwen35Config.from_hf(hf)
+    files = weight_files(path)
+    headers = read_headers(files)
+    table = check_checkpoint(cfg, headers)
     jdtype = _DTYPES[dtype]
     model = nnx.eval_shape(lambda: Qwen35(cfg, dtype=jdtype, rngs=nnx.Rngs(0)))
+    return model, table, headers, files
+
+
+def load_qwen35(path: str | os.PathLike, dtype: str = "bfloat16") -> Qwen35:
+    """Load an HF Qwen3.5 directory's text model as a `Qwen35`, params in `dtype`
+    ('float32' | 'bfloat16'). Raises ValueError for another model_type, a tensor the config does
+    not use (vision/MTP excepted), a missing tensor, a shape or dtype mismatch."""
+    path = Path(path)
+    model, table, headers, files = _prepare(path, dtype)
+    skipped = skipped_names(set(headers))
+    if skipped:
+        log.info("%s: skipping %d vision / multi-token-prediction tensors", path, len(skipped))
     maps = {f: np.memmap(f, dtype=np.uint8, mode="r") for f in files}
 
     def read(name: str) -> np.ndarray:
