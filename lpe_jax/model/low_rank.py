@@ -10,23 +10,35 @@ the variant with the original tensor by tensor and builds a `LowRankQwen3` whose
   an ulp taken at the tensor's largest magnitude in its stored dtype (eps * max |W_variant|),
 - **whole**: the variant's own array (anything else; 1-D tensors that differ are kept whole).
 
-The low-rank model runs through the same `Qwen3` code: `x @ w` on a `LowRankWeight` computes
-x @ W_o + (x @ u) @ vt, and an embedding lookup E_o[t] + u[t] @ vt. Its output head is always an
-explicit `lm_head` (a tied original's embedding, read transposed, is its base), because an
-abliteration edits the input embedding but not the head. Both halves of a pair then pass their
-rows through one copy of the weights: the variant's pass still *reads* every weight a second time
-(weight memory is halved, weight reads per step are not; that takes both models' rows in one
-batch through the shared weights, which the engine does not do).
+Stacked MoE expert weights [E, rows, cols] (Qwen3-MoE's experts; the abliteration edits every
+expert's down_proj) are factored expert by expert: u [E, rows, r], vt [E, r, cols].
 
-Load-time cost: per differing 2-D tensor, a randomized range finder of max_rank + 8 columns
-(O(rows * cols * (max_rank + 8)) flops) and one float64 pass to check the reconstruction, in
-blocks of rows; the variant must be loaded whole first (the peak at load is still two copies).
+The low-rank model runs through the same `Qwen3` code: `x @ w` on a `LowRankWeight` computes
+x @ W_o + (x @ u) @ vt, an embedding lookup E_o[t] + u[t] @ vt, and the experts' grouped product
+its own `ragged_dot_f32`. Its output head is always an explicit `lm_head` (a tied original's
+embedding, read transposed, is its base), because an abliteration edits the input embedding but
+not the head. Run alone, the variant's pass still *reads* every weight a second time (weight
+memory is halved, weight reads per step are not).
+
+**2B rows through one weight copy.** `paired_model(original, variant, whole)` is both models as
+one `LowRankQwen3` whose parameters are `PairedWeight`s; one `Qwen3.forward` over 2B rows (the
+original's B, then the variant's B: the same loop, called on a batch of two halves) reads each
+shared weight once and adds the factors' correction to the variant's half only (a whole tensor is
+read for its own half). `LowRankQwen3.decode_slots_pair` is the engine's decode step on it; the
+two models keep their own K/V buffers (`PairKV`: attention runs per half, nothing is copied). At
+decode, where reading the weights dominates a step, this halves the weight bytes read
+(`lpe_jax.decoding.engine.RolloutEngine(pair_batch=)`; docs/benchmarks.md).
+
+Load-time cost: per differing 2-D tensor (per expert of a stacked one), a randomized range
+finder of max_rank + 8 columns (O(rows * cols * (max_rank + 8)) flops) and one float64 pass to
+check the reconstruction, in blocks of rows; the variant must be loaded whole first (the peak at
+load is still two copies).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -34,8 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from lpe_jax.model.f32_dot import einsum_f32
-from lpe_jax.model.qwen3 import Qwen3, rms_norm
+from lpe_jax.model.f32_dot import einsum_f32, ragged_dot_f32
+from lpe_jax.model.qwen3 import LayerKV, Qwen3, rms_norm, slot_kv
 
 Array = jax.Array
 
@@ -91,10 +103,113 @@ class LowRankWeight:
             return out
         return out + einsum_f32("...r,ro->...o", einsum_f32("...i,ir->...r", x, self.u), self.vt)
 
+    def ragged_dot_f32(self, lhs: Array, sizes: Array, second: Array | None = None) -> Array:
+        """Stacked expert weights W [E, rows, cols] (base, u [E, rows, r], vt [E, r, cols]):
+        `ragged_dot_f32(lhs, W, sizes)` (lhs [M, rows] grouped by expert), in float32.
+        `second` (bool [M]) is for `PairedWeight`; here every entry takes the correction."""
+        del second
+        out = ragged_dot_f32(lhs, self.base, sizes)
+        return out if self.u is None else out + self._ragged_delta(lhs, sizes)
+
+    def _ragged_delta(self, lhs: Array, sizes: Array) -> Array:
+        low = ragged_dot_f32(lhs, self.u, sizes).astype(lhs.dtype)
+        return ragged_dot_f32(low, self.vt, sizes)
+
+
+@struct.dataclass
+class PairedWeight(LowRankWeight):
+    """One tensor of both models of a pair, for an input whose leading axis holds 2B rows: the
+    first B the original's, the last B the variant's (`paired_model`).
+
+    The original's W is the base (transposed when `transpose`); the variant's is base + u @ vt
+    (u, vt None: the same tensor), or `whole` (its own array, in the model's orientation) when it
+    is not low rank. `x @ w`, `w.matmul_f32(x)`, `w[tokens]` read the base once for all 2B rows and
+    add the correction to the variant's half only, computing for each half what the original and
+    the `LowRankWeight` variant compute alone; a whole tensor is read twice (each half its own).
+    `w * x`, `x + w` (a 1-D whole tensor: norm weight, bias) broadcast each half's own. Stacked
+    expert weights: `ragged_dot_f32` with `second` marking the variant's entries.
+    """
+
+    whole: Array | None = None
+
+    def __getitem__(self, key: Any) -> Any:
+        if key is Ellipsis:
+            return self
+        if self.transpose:
+            raise TypeError("a transposed PairedWeight is an output head; it has no row lookup.")
+        h = _half(key)
+        if self.whole is not None:
+            return jnp.concatenate([self.base[key[:h]], self.whole[key[h:]]])
+        rows = self.base[key]
+        if self.u is None:
+            return rows
+        return jnp.concatenate([rows[:h], rows[h:] + self.u[key[h:]] @ self.vt])
+
+    def __rmatmul__(self, x: Array) -> Array:
+        h = _half(x)
+        if self.whole is not None:
+            return jnp.concatenate([x[:h] @ self._base(), x[h:] @ self.whole])
+        out = x @ self._base()
+        if self.u is None:
+            return out
+        return jnp.concatenate([out[:h], out[h:] + (x[h:] @ self.u) @ self.vt])
+
+    def matmul_f32(self, x: Array) -> Array:
+        h = _half(x)
+        spec = "...i,oi->...o" if self.transpose else "...i,io->...o"
+        if self.whole is not None:
+            whole = einsum_f32("...i,io->...o", x[h:], self.whole)
+            return jnp.concatenate([einsum_f32(spec, x[:h], self.base), whole])
+        out = einsum_f32(spec, x, self.base)
+        if self.u is None:
+            return out
+        low = einsum_f32("...i,ir->...r", x[h:], self.u)
+        return jnp.concatenate([out[:h], out[h:] + einsum_f32("...r,ro->...o", low, self.vt)])
+
+    def ragged_dot_f32(self, lhs: Array, sizes: Array, second: Array | None = None) -> Array:
+        """As `LowRankWeight.ragged_dot_f32`; second bool [M]: the entries of the variant's rows
+        (the expert order interleaves the halves)."""
+        if second is None:
+            raise ValueError("a PairedWeight's grouped product needs `second` (the variant rows).")
+        out = ragged_dot_f32(lhs, self.base, sizes)
+        if self.whole is not None:
+            return jnp.where(second[:, None], ragged_dot_f32(lhs, self.whole, sizes), out)
+        if self.u is None:
+            return out
+        return jnp.where(second[:, None], out + self._ragged_delta(lhs, sizes), out)
+
+    def _pairwise(self, x: Array, op: Any) -> Array:
+        if self.whole is None or self.u is not None or self.transpose:
+            raise TypeError("only a 1-D whole PairedWeight (a norm weight or bias) broadcasts.")
+        h = _half(x)
+        return jnp.concatenate([op(x[:h], self.base), op(x[h:], self.whole)])
+
+    def __mul__(self, x: Array) -> Array:
+        return self._pairwise(x, lambda a, w: w * a)
+
+    def __rmul__(self, x: Array) -> Array:
+        return self._pairwise(x, lambda a, w: a * w)
+
+    def __add__(self, x: Array) -> Array:
+        return self._pairwise(x, lambda a, w: w + a)
+
+    def __radd__(self, x: Array) -> Array:
+        return self._pairwise(x, lambda a, w: a + w)
+
+
+def _half(x: Array) -> int:
+    n = x.shape[0]
+    if n % 2:
+        raise ValueError(f"a paired pass needs an even leading axis (B + B rows); got {n}.")
+    return n // 2
+
 
 class LowRankQwen3(Qwen3):
     """A `Qwen3` (same interface: forward, prefill, decode_step, ...) whose parameters may be
-    `LowRankWeight`s over another model's arrays. Always untied: the head is `lm_head`."""
+    `LowRankWeight`s over another model's arrays. Always untied: the head is `lm_head`.
+
+    Built by `paired_model`, its parameters are `PairedWeight`s: then it is both models of the
+    pair, and `decode_slots_pair` decodes both halves' slots in one pass."""
 
     def logits(self, x: Array) -> Array:
         """Final norm and LM head: hidden [..., H] -> float32 logits [..., V]."""
@@ -103,6 +218,58 @@ class LowRankQwen3(Qwen3):
         if isinstance(head, LowRankWeight):
             return head.matmul_f32(x)
         return einsum_f32("...h,hv->...v", x, head)
+
+    def decode_slots_pair(
+        self,
+        tokens: Array,
+        positions: Array,
+        prompt_length: Array,
+        write: Array,
+        active: Array,
+        states_o: tuple[Sequence[Any], Sequence[Any]],
+        states_v: tuple[Sequence[Any], Sequence[Any]],
+        block: int = 0,
+    ) -> tuple[Array, Array, tuple[Any, Any], tuple[Any, Any]]:
+        """`Qwen3.decode_slots` of both models of the pair at once (a model from `paired_model`):
+        the S slots' rows of the original and the same S slots' rows of the variant go through
+        one `forward` as 2S rows, every shared weight read once. Each model keeps its own state
+        buffers (attention runs per half on them: no copy of either cache).
+
+        tokens ... active: [S] as for decode_slots (both models decode the same tokens);
+        states_o/states_v: (prompt, own) per layer of each model. Returns (float32 logits [S, V]
+        of the original, of the variant, (prompt, own) of the original, of the variant)."""
+        kv_o = slot_kv(prompt_length, write, *states_o, block)
+        kv_v = slot_kv(prompt_length, write, *states_v, block)
+        layers = [PairKV(a, b) for a, b in zip(kv_o.layers(), kv_v.layers(), strict=True)]
+        both = lambda a: jnp.concatenate([a, a])[:, None]  # noqa: E731
+        x, layers = self.forward(both(tokens), both(positions), layers)
+        logits = self.logits(x[:, 0])
+        s = tokens.shape[0]
+        out_o = kv_o.with_layers([p.first for p in layers])
+        out_v = kv_v.with_layers([p.second for p in layers])
+        return (
+            logits[:s],
+            logits[s:],
+            (tuple(states_o[0]), tuple(zip(out_o.k, out_o.v, strict=True))),
+            (tuple(states_v[0]), tuple(zip(out_v.k, out_v.v, strict=True))),
+        )
+
+
+@struct.dataclass
+class PairKV:
+    """The decode state of one attention layer for a paired pass: the original's rows' LayerKV
+    (the first half of the batch) and the variant's (the second); each half attends over its
+    own buffers."""
+
+    first: LayerKV
+    second: LayerKV
+
+    def decode(self, q: Array, k: Array, v: Array) -> tuple[PairKV, Array]:
+        """`LayerKV.decode` of each half of q/k/v [2B, ...]; outputs concatenated."""
+        h = _half(q)
+        first, a = self.first.decode(q[:h], k[:h], v[:h])
+        second, b = self.second.decode(q[h:], k[h:], v[h:])
+        return PairKV(first, second), jnp.concatenate([a, b])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +407,26 @@ def _factor(
     return u, vt, float(np.sqrt(sq_err / max(sq_ref, 1e-300))), worst
 
 
+def _factor_stacked(
+    w_o: np.ndarray, w_v: np.ndarray, max_rank: int, dtype: Any, seed: int
+) -> tuple[np.ndarray, np.ndarray, float, float] | str:
+    """`_factor` of each expert of stacked weights [E, rows, cols]: u [E, rows, r],
+    vt [E, r, cols] with r the largest expert's rank (smaller ones padded with exact zeros);
+    the worst expert's rel_error and max_ulp."""
+    us, vts, rel, ulp = [], [], 0.0, 0.0
+    for e in range(w_v.shape[0]):
+        found = _factor(w_o[e], w_v[e], max_rank, dtype, seed)
+        if isinstance(found, str):
+            return f"expert {e}: {found}"
+        us.append(found[0])
+        vts.append(found[1])
+        rel, ulp = max(rel, found[2]), max(ulp, found[3])
+    r = max(u.shape[1] for u in us)
+    u = np.stack([np.pad(u, ((0, 0), (0, r - u.shape[1]))) for u in us])
+    vt = np.stack([np.pad(v, ((0, r - v.shape[0]), (0, 0))) for v in vts])
+    return u, vt, rel, ulp
+
+
 def _check_pair(original: Qwen3, variant: Qwen3) -> None:
     a = dataclasses.replace(original.cfg, tie_word_embeddings=False)
     b = dataclasses.replace(variant.cfg, tie_word_embeddings=False)
@@ -328,9 +515,9 @@ def _plan_tensor(
             return TensorPlan(name, shape, "shared"), a_o
         return TensorPlan(name, shape, "shared"), LowRankWeight(a_o, transpose=True)
     whole = a_v.T if t_v else a_v
-    if w_v.ndim != 2:
+    if w_v.ndim not in (2, 3):
         return TensorPlan(name, shape, "whole", rel_error=np.nan, reason="1-D, differs"), whole
-    found = _factor(w_o, w_v, max_rank, dtype, seed)
+    found = (_factor if w_v.ndim == 2 else _factor_stacked)(w_o, w_v, max_rank, dtype, seed)
     if isinstance(found, str):
         return TensorPlan(name, shape, "whole", rel_error=np.nan, reason=found), whole
     u, vt, rel, ulp = found
@@ -338,7 +525,64 @@ def _plan_tensor(
         value = LowRankWeight(a_o, jnp.asarray(u), jnp.asarray(vt), transpose=True)
     else:
         value = LowRankWeight(a_o, jnp.asarray(u), jnp.asarray(vt))
-    return TensorPlan(name, shape, "low_rank", rank=u.shape[1], rel_error=rel, max_ulp=ulp), value
+    return TensorPlan(name, shape, "low_rank", rank=u.shape[-1], rel_error=rel, max_ulp=ulp), value
+
+
+def _same_buffers(a: Any, b: Any) -> bool:
+    """Whether two concrete arrays are views of the same device buffers."""
+    if not (isinstance(a, jax.Array) and isinstance(b, jax.Array)) or a.shape != b.shape:
+        return False
+    sa, sb = a.addressable_shards, b.addressable_shards
+    return len(sa) == len(sb) and all(
+        x.data.unsafe_buffer_pointer() == y.data.unsafe_buffer_pointer()
+        for x, y in zip(sa, sb, strict=True)
+    )
+
+
+def pair_whole_tensors(original: Qwen3, variant: Qwen3) -> tuple[str, ...] | str:
+    """Whether the pair can decode as 2B rows through one copy of the weights (`paired_model`):
+    the names of the variant's whole tensors (its own arrays, read for its half only) when
+    `variant` is a `LowRankQwen3` built on `original`'s arrays (`as_low_rank(original, ...)`),
+    else a sentence saying why not. Needs concrete arrays (call it outside jit)."""
+    if type(original) is not Qwen3:
+        return f"the original is a {type(original).__name__}, not a plain Qwen3"
+    if not isinstance(variant, LowRankQwen3):
+        return "the variant is not low rank (as_low_rank, --variant_low_rank=auto)"
+    whole = []
+    for path, node in _params(variant):
+        value, name = node[...], _name(path)
+        base, transposed = _tensor(original, path)
+        if isinstance(value, LowRankWeight):
+            if not (_same_buffers(value.base, base) and value.transpose == transposed):
+                return f"the variant's {name} is low rank over another model's array"
+        elif not _same_buffers(value, base):
+            whole.append(name)
+    return tuple(whole)
+
+
+def paired_model(original: Qwen3, variant: LowRankQwen3, whole: Sequence[str]) -> LowRankQwen3:
+    """Both models of a pair as one `LowRankQwen3` whose parameters are `PairedWeight`s: a pass
+    over 2B rows (the original's B first) computes each half as its own model does. Holds no
+    new arrays (the variant's bases are the original's; a whole tensor pairs the original's
+    array with the variant's). whole: `pair_whole_tensors(original, variant)` (checked there,
+    outside jit; this runs inside jit too)."""
+    graphdef, state = nnx.split(variant)
+    out = nnx.merge(graphdef, state)
+    names = frozenset(whole)
+    for path, node in list(_params(out)):
+        value = node[...]
+        if isinstance(value, LowRankWeight):
+            paired = PairedWeight(value.base, value.u, value.vt, transpose=value.transpose)
+        elif _name(path) in names:
+            base, transposed = _tensor(original, path)
+            paired = PairedWeight(base, transpose=transposed, whole=value)
+        else:
+            continue  # shared: the original's array itself
+        parent: Any = out
+        for p in path[:-1]:
+            parent = parent[p] if isinstance(p, int) else getattr(parent, p)
+        setattr(parent, path[-1], nnx.Param(paired))
+    return out
 
 
 def unique_bytes(*trees: Any) -> int:
