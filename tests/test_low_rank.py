@@ -28,6 +28,7 @@ from lpe_jax.model.forward import model_logits
 from lpe_jax.model.low_rank import (
     LowRankQwen3,
     as_low_rank,
+    load_low_rank_variant,
     pair_whole_tensors,
     paired_model,
     unique_param_bytes,
@@ -90,6 +91,25 @@ def test_abliteration_is_detected_rank_one_and_exact(hf_checkpoint, tmp_path, dt
     elements = c.vocab_size + c.hidden_size + c.num_layers * (per_layer + c.hidden_size)
     extra = elements * np.dtype(original.dtype).itemsize
     assert plan.low_rank_bytes == unique_param_bytes(original) + extra
+    # streamed from the checkpoint tensor by tensor: the same plan, factors and logits
+    streamed, plan_s = load_low_rank_variant(original, abl, dtype)
+    assert isinstance(streamed, LowRankQwen3)
+    assert plan_s == plan, (plan_s.summary(), plan.summary())
+    np.testing.assert_array_equal(model_logits(streamed, tokens), got)
+    assert unique_param_bytes(original, streamed) == plan.low_rank_bytes
+
+
+def test_streamed_load_refuses_a_random_variant_whole(hf_checkpoint):
+    """A variant with no matrix shared or low rank: the streamed load says so and returns the
+    variant loaded whole, equal to load_model's."""
+    original = load_model(hf_checkpoint(), dtype="float32")
+    other = hf_checkpoint(seed=1)
+    model, plan = load_low_rank_variant(original, other, "float32", max_rank=2)
+    assert not plan.used and "refused" in plan.summary()
+    assert type(model) is qwen3.Qwen3
+    tokens = np.arange(12, dtype=np.int32).reshape(2, 6)
+    want = model_logits(load_model(other, dtype="float32"), tokens)
+    np.testing.assert_array_equal(model_logits(model, tokens), want)
 
 
 def test_random_variant_is_refused_whole():

@@ -31,14 +31,17 @@ decode, where reading the weights dominates a step, this halves the weight bytes
 
 Load-time cost: per differing 2-D tensor (per expert of a stacked one), a randomized range
 finder of max_rank + 8 columns (O(rows * cols * (max_rank + 8)) flops) and one float64 pass to
-check the reconstruction, in blocks of rows; the variant must be loaded whole first (the peak at
-load is still two copies).
+check the reconstruction, in blocks of rows. `as_low_rank` compares two loaded models;
+`load_low_rank_variant` reads the variant's checkpoint one tensor at a time instead, so the load
+never holds both copies (its peak: the original plus about two of the largest tensor).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+import os
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -363,7 +366,8 @@ def _tensor(model: Qwen3, path: tuple[Any, ...]) -> tuple[Array, bool]:
 
 
 def _as_f32(a: Array, transpose: bool) -> np.ndarray:
-    x = np.asarray(a).astype(np.float32)
+    # A float32 tensor is read in place (never written): no copy of the largest tensors at load.
+    x = np.asarray(a).astype(np.float32, copy=False)
     return x.T if transpose else x
 
 
@@ -427,20 +431,28 @@ def _factor_stacked(
     return u, vt, rel, ulp
 
 
-def _check_pair(original: Qwen3, variant: Qwen3) -> None:
+def _check_configs(original: Qwen3, cfg_v: Any, dtype_v: Any) -> None:
     a = dataclasses.replace(original.cfg, tie_word_embeddings=False)
-    b = dataclasses.replace(variant.cfg, tie_word_embeddings=False)
+    b = dataclasses.replace(cfg_v, tie_word_embeddings=False)
     if a != b:
         raise ValueError(
-            f"the variant's config {variant.cfg} differs from the original's {original.cfg} "
+            f"the variant's config {cfg_v} differs from the original's {original.cfg} "
             "beyond tied embeddings; a low-rank variant needs the same architecture "
             "(pass variant_low_rank='off' to load it whole)."
         )
-    if original.dtype != variant.dtype:
+    if original.dtype != dtype_v:
         raise ValueError(
-            f"the original is {original.dtype} and the variant {variant.dtype}; load both in "
-            "one dtype."
+            f"the original is {original.dtype} and the variant {dtype_v}; load both in one dtype."
         )
+    if type(original) is not Qwen3:
+        raise TypeError(
+            f"the original is a {type(original).__name__}; a low-rank variant is built over a "
+            "plain Qwen3."
+        )
+
+
+def _check_pair(original: Qwen3, variant: Qwen3) -> None:
+    _check_configs(original, variant.cfg, variant.dtype)
     for name, model in (("original", original), ("variant", variant)):
         if type(model) is not Qwen3:
             raise TypeError(
@@ -454,7 +466,7 @@ def _nbytes(tree: Any) -> int:
 
 
 def as_low_rank(
-    original: Qwen3, variant: Qwen3, *, max_rank: int = DEFAULT_MAX_RANK, seed: int = 0
+    original: Qwen3, variant: Qwen3, *, max_rank: int = DEFAULT_MAX_RANK
 ) -> tuple[Qwen3, LowRankPlan]:
     """(model, plan): a `LowRankQwen3` equal to `variant` that holds the original's arrays plus
     factors of rank <= max_rank where the difference allows (see the module docstring), or
@@ -462,30 +474,90 @@ def as_low_rank(
 
     Tolerance: a tensor is low rank when every element of W_o + u @ vt is within 2 eps * max|W_v|
     of W_v (eps of the model's dtype: rounding noise, nothing more); its relative Frobenius error
-    and its largest element error in those units are reported. `seed` fixes the randomized
-    range finder. The variant's tensors that are shared or factored are no longer referenced by
-    the result (drop `variant` to free them).
+    and its largest element error in those units are reported. The randomized range finder's seed
+    is the tensor's name (the same factors whichever order tensors come in). The variant's
+    tensors that are shared or factored are no longer referenced by the result (drop `variant` to
+    free them); `load_low_rank_variant` never holds them all.
     """
-    if max_rank < 1:
-        raise ValueError(f"max_rank must be >= 1; got {max_rank}.")
     _check_pair(original, variant)
     cfg = dataclasses.replace(variant.cfg, tie_word_embeddings=False)
     out = nnx.eval_shape(lambda: LowRankQwen3(cfg, dtype=variant.dtype, rngs=nnx.Rngs(0)))
+    items = ((path, *_tensor(variant, path)) for path, _ in list(_params(out)))
+    variant_bytes = _nbytes(nnx.state(variant, nnx.Param))
+    model, plan = _assemble(original, out, items, variant_bytes, max_rank)
+    return (variant if model is None else model), plan
+
+
+def load_low_rank_variant(
+    original: Qwen3,
+    path: str | os.PathLike,
+    dtype: str = "float32",
+    *,
+    tied_head: str | None = None,
+    max_rank: int = DEFAULT_MAX_RANK,
+) -> tuple[Qwen3, LowRankPlan]:
+    """`as_low_rank(original, load_model(path, dtype))` without holding the whole variant: its
+    checkpoint is read one parameter at a time (`checkpoint.qwen3_tensors`), each compared with
+    the original's tensor and dropped once shared or factored, so the load's peak is the
+    original plus one variant tensor (and its float32 copies) plus what is kept. Same plan and
+    model as `as_low_rank` on the loaded variant. Refused (no matrix shared or low rank): the
+    variant is then loaded whole by `load_model` (read a second time) and returned with the plan.
+    Qwen3 and Qwen3-MoE checkpoints; `tied_head` as for `load_model`."""
+    from lpe_jax.model.checkpoint import load_model, qwen3_tensors
+
+    cfg_v, tensors = qwen3_tensors(path, dtype, tied_head=tied_head)
+    _check_configs(original, cfg_v, jnp.dtype(dtype))
+    cfg = dataclasses.replace(cfg_v, tie_word_embeddings=False)
+    out = nnx.eval_shape(lambda: LowRankQwen3(cfg, dtype=original.dtype, rngs=nnx.Rngs(0)))
+    read = [0]
+
+    def items() -> Iterator[tuple[tuple[Any, ...], Any, bool]]:
+        for p, host in tensors:
+            read[0] += host.nbytes
+            yield p, host, False
+            if p == ("embed_tokens",) and cfg_v.tie_word_embeddings:
+                yield ("lm_head",), host, True  # a tied variant's head is its embedding
+
+    model, plan = _assemble(original, out, items(), read, max_rank)
+    if model is None:
+        return load_model(path, dtype, tied_head=tied_head), plan
+    return model, plan
+
+
+def _assemble(
+    original: Qwen3,
+    out: LowRankQwen3,
+    items: Iterable[tuple[tuple[Any, ...], Any, bool]],
+    variant_bytes: int | list[int],
+    max_rank: int,
+) -> tuple[LowRankQwen3 | None, LowRankPlan]:
+    """Fill the abstract `out` from the variant's (path, array, read transposed?) items, each
+    planned against the original's tensor; (None, plan) when refused. variant_bytes: the
+    variant's params, or a one-element list the items fill while they are read."""
+    if max_rank < 1:
+        raise ValueError(f"max_rank must be >= 1; got {max_rank}.")
     plans, values, extra = [], {}, 0
-    for i, (path, _) in enumerate(list(_params(out))):
-        (a_o, t_o), (a_v, t_v) = _tensor(original, path), _tensor(variant, path)
-        plan, value = _plan_tensor(_name(path), a_o, t_o, a_v, t_v, max_rank, variant.dtype, i)
+    for path, a_v, t_v in items:
+        a_o, t_o = _tensor(original, path)
+        name = _name(path)
+        seed = zlib.crc32(name.encode())
+        plan, value = _plan_tensor(name, a_o, t_o, a_v, t_v, max_rank, original.dtype, seed)
+        if isinstance(value, np.ndarray):  # a whole tensor read from a checkpoint
+            value = jax.device_put(value)
         plans.append(plan)
         values[path] = value
         if plan.kind == "whole":
-            extra += _nbytes(a_v)
+            extra += _nbytes(value)
         elif plan.kind == "low_rank":
             extra += _nbytes((value.u, value.vt))
+    order = {_name(p): i for i, (p, _) in enumerate(_params(out))}
+    plans.sort(key=lambda t: order[t.name])
     base = _nbytes(nnx.state(original, nnx.Param))
-    two = base + _nbytes(nnx.state(variant, nnx.Param))
+    v_bytes = variant_bytes if isinstance(variant_bytes, int) else variant_bytes[0]
+    two = base + v_bytes
     plan = LowRankPlan(tuple(plans), max_rank, two_model_bytes=two, low_rank_bytes=base + extra)
     if not plan.used:
-        return variant, dataclasses.replace(plan, low_rank_bytes=two)
+        return None, dataclasses.replace(plan, low_rank_bytes=two)
     for path, value in values.items():
         parent: Any = out
         for p in path[:-1]:
