@@ -10,6 +10,11 @@ MoE MLPs.
   .venv/bin/python experiments/benchmark_decode.py --preset=tiny --rows=64 --reference=hf
   .venv/bin/python experiments/benchmark_decode.py --preset=tiny_moe --rows=64 --reference=hf
 
+--variant=abliterated: the variant is the original abliterated along a random direction, in buffers
+of its own (two models, as two loaded checkpoints); --variant=low_rank: that variant as low-rank
+deltas on the original's arrays (`as_low_rank`), which the engine decodes with the original as 2B
+rows through one copy of the weights (issue 20). Qwen3 presets only.
+
 A qwen3_5_* preset decodes a Qwen3.5 pair (hybrid Gated DeltaNet / gated attention); its HF
 reference is two Qwen3_5ForCausalLM with their own hybrid cache (transformers' torch fallbacks for
 the conv and the delta rule where the fast kernels are absent, as on CPU).
@@ -28,10 +33,12 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from lpe_jax.abliteration.orthogonalize import orthogonalize_model
 from lpe_jax.decoding import paths
 from lpe_jax.decoding.sampler import PairedSampler
 from lpe_jax.model import qwen3, qwen35
 from lpe_jax.model.checkpoint import config_to_hf
+from lpe_jax.model.low_rank import as_low_rank, pair_whole_tensors
 
 # Presets only this benchmark needs: ~20M params, to measure CPU scaling beyond "tiny"; Qwen3-MoE
 # shapes with every layer sparse, top-8 of experts a quarter of the dense width (Qwen3-30B-A3B's
@@ -58,6 +65,13 @@ flags.DEFINE_integer("alphas", 20, "Number of alpha values in [0, 1], spread ove
 flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Parameter dtype.")
 flags.DEFINE_integer("repeats", 3, "Timed runs after the compiling one (median reported).")
 flags.DEFINE_enum("reference", "none", ["none", "hf"], "Also time the HF transformers loop.")
+flags.DEFINE_enum(
+    "variant",
+    "random",
+    ["random", "abliterated", "low_rank"],
+    "random: a second random model; abliterated: the original abliterated, held whole; "
+    "low_rank: that abliteration as low-rank deltas on the original (decoded as 2B rows).",
+)
 flags.DEFINE_integer("hf_repeats", 1, "Timed HF runs (median reported).")
 flags.DEFINE_integer(
     "hf_threads",
@@ -81,6 +95,13 @@ def _jax_run(cfg: qwen3.Qwen3Config, prompt: np.ndarray, alphas: np.ndarray, r: 
         m_o, m_v = (qwen35.Qwen35(cfg, dtype=dtype, rngs=nnx.Rngs(params=i)) for i in (0, 1))
     else:
         m_o, m_v = (qwen3.init_random(cfg, dtype=dtype, seed=i) for i in (0, 1))
+    if FLAGS.variant != "random":
+        m_v = _abliterated(m_o)
+        if FLAGS.variant == "low_rank":
+            m_v, plan = as_low_rank(m_o, m_v)
+            print(plan.summary())
+    paired = not isinstance(pair_whole_tensors(m_o, m_v), str)
+    print(f"variant={FLAGS.variant}: decoded as 2B rows through one weight copy: {paired}")
     s = PairedSampler(
         original=m_o,
         variant=m_v,
@@ -97,6 +118,13 @@ def _jax_run(cfg: qwen3.Qwen3Config, prompt: np.ndarray, alphas: np.ndarray, r: 
     assert (out.lengths == FLAGS.new_tokens).all()
     steady = statistics.median(times[1:])
     return dict(first_s=times[0], wall_s=steady, compilations=s.num_compilations)
+
+
+def _abliterated(original: qwen3.Qwen3) -> qwen3.Qwen3:
+    """The original abliterated along a random direction, copied into buffers of its own."""
+    direction = np.random.default_rng(1).normal(size=original.cfg.hidden_size)
+    graphdef, state = nnx.split(orthogonalize_model(original, direction))
+    return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.array(x, copy=True), state))
 
 
 def _hf_run(cfg: qwen3.Qwen3Config, prompt: np.ndarray, alphas: np.ndarray, r: int) -> float:
@@ -190,6 +218,8 @@ def _params(cfg: qwen3.Qwen3Config | qwen35.Qwen35Config) -> int:
 def main(argv: list[str]) -> None:
     del argv
     cfg = ALL_PRESETS[FLAGS.preset]
+    if FLAGS.variant != "random" and not isinstance(cfg, qwen3.Qwen3Config):
+        raise ValueError(f"--variant={FLAGS.variant} needs a Qwen3 preset; got {FLAGS.preset}.")
     if FLAGS.alphas < 1 or FLAGS.rows < FLAGS.alphas:
         raise ValueError(f"need 1 <= --alphas <= --rows; got {FLAGS.alphas}, {FLAGS.rows}.")
     alphas = np.linspace(0.0, 1.0, FLAGS.alphas)

@@ -151,8 +151,10 @@ def define_model_flags() -> None:
         ["auto", "off"],
         "auto: hold the variant as the original's weights plus low-rank deltas where the "
         "difference allows (an abliteration: rank 1 per residual writer), halving weight memory; "
-        "the plan is logged and a variant with no shared or low-rank matrix is loaded whole. "
-        "Exact to float32 rounding; in bfloat16 rollouts differ from 'off' by rounding.",
+        "the variant is read tensor by tensor (never whole beside the original), both models' "
+        "rows decode as one batch through one weight copy, the plan is logged and a variant "
+        "with no shared or low-rank matrix is loaded whole. Exact to float32 rounding; in "
+        "bfloat16 rollouts differ from 'off' by rounding.",
     )
 
 
@@ -267,10 +269,10 @@ def load_direction(path: str, hidden_size: int) -> np.ndarray:
 
 def load_pair() -> Any:
     """The model pair of --original/--variant (--dtype, --params_cache, --tied_head); with
-    --variant_low_rank=auto the variant as low-rank deltas on the original (plan logged); with
-    --path=direction, the original wrapped as the direction path's one model (`directional`)
-    and no variant."""
-    import dataclasses
+    --variant_low_rank=auto the variant as low-rank deltas on the original, read tensor by
+    tensor (`load_low_rank_variant`, which ignores --params_cache for the variant; plan logged);
+    with --path=direction, the original wrapped as the direction path's one model
+    (`directional`) and no variant."""
 
     from lpe_jax.runs.pipeline import load_pair as _load
 
@@ -278,20 +280,26 @@ def load_pair() -> Any:
         if FLAGS.variant_low_rank != "off":
             raise ValueError("--variant_low_rank applies to a variant; --path=direction has none")
         return _load_direction_pair()
-    pair = _load(
+    loader = None
+    if FLAGS.variant_low_rank == "auto":
+        from lpe_jax.model.low_rank import load_low_rank_variant
+
+        def loader(original: Any) -> Any:
+            # Streamed: the variant's tensors are compared one at a time, never all resident.
+            variant, plan = load_low_rank_variant(
+                original, FLAGS.variant, FLAGS.dtype, tied_head=FLAGS.tied_head
+            )
+            logging.info("%s", plan.summary())
+            return variant
+
+    return _load(
         FLAGS.original,
         FLAGS.variant,
         dtype=FLAGS.dtype,
         cache_dir=FLAGS.params_cache,
         tied_head=FLAGS.tied_head,
+        variant_loader=loader,
     )
-    if FLAGS.variant_low_rank == "off":
-        return pair
-    from lpe_jax.model.low_rank import as_low_rank
-
-    variant, plan = as_low_rank(pair.original, pair.variant)
-    logging.info("%s", plan.summary())
-    return dataclasses.replace(pair, variant=variant)
 
 
 def _load_direction_pair() -> Any:

@@ -12,15 +12,18 @@
 # the engine step on a Qwen3.5 pair at Qwen3.5-4B shape. Step 6 (issue 18): ms per engine decode
 # step with bounded attention (blocks of 64) vs full-length, ATTN_SLOTS slots, 64-token prompt,
 # ATTN_NEW_TOKENS token positions, early and late in generation (three engines' state at once: 64
-# slots at Qwen3-4B bf16 hold ~33 GB). Prints one block per step; record them in
-# docs/benchmarks.md with the card the reply names.
+# slots at Qwen3-4B bf16 hold ~33 GB). Step 7 (issue 20): the low-rank pair beside the two-model
+# pair, the same paired-decode run as step 1 with the variant the original abliterated along a
+# random direction: held whole (two models) vs as low-rank deltas on the original's weights (the
+# engine decodes both as 2B rows through one weight copy), pair-tokens/s at LOW_RANK_ROWS rows.
+# Prints one block per step; record them in docs/benchmarks.md with the card the reply names.
 #
 #   bash experiments/gpu_benchmark.sh                      # on the GPU machine, from the checkout
 #   PYTHON=.venv/bin/python PRESET=tiny ROWS=32 DTYPE=float32 ENGINE_SLOTS=16 ENGINE_PROMPTS=4 \
 #     ENGINE_ROWS=8 ENGINE_NEW_TOKENS=32 MAIN_PROMPTS=8 MAIN_NEW_TOKENS=32 MAIN_SLOTS=32 \
 #     MAIN_SECONDS=30 JUDGE_TOKENS=64 JUDGE_BATCH=4 JUDGE_ROWS=8 JUDGE_MODES=device,host \
 #     QWEN35_PRESET=qwen3_5_tiny \
-#     ATTN_SLOTS=8 ATTN_NEW_TOKENS=48 ATTN_LATE=24 ATTN_REPS=1 \
+#     ATTN_SLOTS=8 ATTN_NEW_TOKENS=48 ATTN_LATE=24 ATTN_REPS=1 LOW_RANK_ROWS=32 \
 #     bash experiments/gpu_benchmark.sh                      # CPU dry run
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,3 +70,12 @@ echo "=== attention ${PRESET} dtype=${DTYPE} slots=${ATTN_SLOTS:-64} ==="
 "$PYTHON" experiments/benchmark_attention.py --preset="$PRESET" --dtype="$DTYPE" \
   --slots="${ATTN_SLOTS:-64}" --max_new_tokens="${ATTN_NEW_TOKENS:-512}" \
   --late="${ATTN_LATE:-480}" --reps="${ATTN_REPS:-5}" --blocks=64 --nologtostderr
+# Low-rank pair vs two models (issue 20), both the same abliterated variant; ~2 minutes per row
+# count (as_low_rank factors the 4B variant on the host once per run).
+for rows in ${LOW_RANK_ROWS:-64 256}; do
+  for variant in abliterated low_rank; do
+    echo "=== low rank: ${PRESET} rows=${rows} dtype=${DTYPE} variant=${variant} ==="
+    "$PYTHON" experiments/benchmark_decode.py --preset="$PRESET" --rows="$rows" --prompt_len=64 \
+      --new_tokens=128 --dtype="$DTYPE" --variant="$variant" --reference=none --nologtostderr
+  done
+done

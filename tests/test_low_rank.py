@@ -11,17 +11,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from hf_fixtures import make_tokenizer
 
 from lpe_jax.abliteration.orthogonalize import orthogonalize_model, write_abliterated
 from lpe_jax.decoding import paths
+from lpe_jax.decoding.engine import RolloutEngine, RowBlock
 from lpe_jax.decoding.sampler import PairedSampler
 from lpe_jax.model import qwen3
 from lpe_jax.model.checkpoint import load_model
 from lpe_jax.model.forward import model_logits
-from lpe_jax.model.low_rank import LowRankQwen3, as_low_rank, unique_param_bytes
+from lpe_jax.model.low_rank import (
+    LowRankQwen3,
+    as_low_rank,
+    load_low_rank_variant,
+    pair_whole_tensors,
+    paired_model,
+    unique_param_bytes,
+)
 from lpe_jax.organisms import toy
 from lpe_jax.runs.store import MANIFEST
 
@@ -80,6 +91,25 @@ def test_abliteration_is_detected_rank_one_and_exact(hf_checkpoint, tmp_path, dt
     elements = c.vocab_size + c.hidden_size + c.num_layers * (per_layer + c.hidden_size)
     extra = elements * np.dtype(original.dtype).itemsize
     assert plan.low_rank_bytes == unique_param_bytes(original) + extra
+    # streamed from the checkpoint tensor by tensor: the same plan, factors and logits
+    streamed, plan_s = load_low_rank_variant(original, abl, dtype)
+    assert isinstance(streamed, LowRankQwen3)
+    assert plan_s == plan, (plan_s.summary(), plan.summary())
+    np.testing.assert_array_equal(model_logits(streamed, tokens), got)
+    assert unique_param_bytes(original, streamed) == plan.low_rank_bytes
+
+
+def test_streamed_load_refuses_a_random_variant_whole(hf_checkpoint):
+    """A variant with no matrix shared or low rank: the streamed load says so and returns the
+    variant loaded whole, equal to load_model's."""
+    original = load_model(hf_checkpoint(), dtype="float32")
+    other = hf_checkpoint(seed=1)
+    model, plan = load_low_rank_variant(original, other, "float32", max_rank=2)
+    assert not plan.used and "refused" in plan.summary()
+    assert type(model) is qwen3.Qwen3
+    tokens = np.arange(12, dtype=np.int32).reshape(2, 6)
+    want = model_logits(load_model(other, dtype="float32"), tokens)
+    np.testing.assert_array_equal(model_logits(model, tokens), want)
 
 
 def test_random_variant_is_refused_whole():
@@ -148,3 +178,114 @@ def test_sample_script_runs_the_low_rank_variant_and_logs_the_plan(tmp_path):
     assert "5 tensors low rank (ranks [1]" in line and "0 whole" in line, line
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["variant_low_rank"] == "auto"
+
+
+MOE_CFG = dataclasses.replace(
+    CFG, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=2
+)
+
+
+def _mixed_pair():
+    """(original, variant, low-rank variant) of MOE_CFG (layer 0 a dense MLP, layer 1 sparse):
+    the original tied with nonzero o_proj biases, the variant its abliteration (rank 1 per
+    residual writer, every expert's down_proj included; the biases 1-D whole tensors) with layer
+    0's up_proj and layer 1's stacked experts' up_proj perturbed at full rank (whole 2-D and 3-D
+    tensors)."""
+    original = qwen3.init_random(dataclasses.replace(MOE_CFG, attention_bias=True), seed=0)
+    original.embed_tokens[...] = original.embed_tokens[...] * 20.0  # tokens depend on the rows
+    rng = np.random.default_rng(5)
+    for layer in original.layers:  # nonzero biases, so the abliteration changes them
+        layer.self_attn.o_bias[...] = jnp.asarray(rng.normal(scale=0.1, size=CFG.hidden_size))
+    variant = orthogonalize_model(original, rng.normal(size=CFG.hidden_size))
+    for mod in (variant.layers[0].mlp, variant.layers[1].mlp.experts):
+        noise = rng.normal(scale=0.02, size=mod.up_proj.shape)
+        mod.up_proj = nnx.Param(mod.up_proj[...] + jnp.asarray(noise, jnp.float32))
+    low_rank, plan = as_low_rank(original, variant)
+    assert isinstance(low_rank, LowRankQwen3)
+    whole = {t.name for t in plan.of_kind("whole")}
+    assert whole == {
+        "layers.0.mlp.up_proj",
+        "layers.1.mlp.experts.up_proj",
+        "layers.0.self_attn.o_bias",
+        "layers.1.self_attn.o_bias",
+    }, whole
+    ranks = {t.name: t.rank for t in plan.of_kind("low_rank")}
+    assert ranks["layers.0.mlp.down_proj"] == ranks["layers.1.mlp.experts.down_proj"] == 1
+    return original, variant, low_rank
+
+
+def test_paired_decode_equals_the_two_model_run():
+    """Through the engine, f32, on a Qwen3-MoE pair: the low-rank variant decoded with the
+    original as 2S rows through one weight copy (PairedWeight: shared, rank-1 2-D and stacked
+    experts', whole 2-D, 3-D and 1-D tensors) draws the two-model run's tokens; log-probs within
+    1e-5. The low-rank variant alone (two passes) gives the variant's logits."""
+    original, variant, low_rank = _mixed_pair()
+    tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 9)).astype(np.int32)
+    want = model_logits(variant, tokens)
+    np.testing.assert_allclose(model_logits(low_rank, tokens), want, rtol=0, atol=1e-5)
+    prompts = {"a": np.array([5, 17, 2, 40, 9], np.int32), "b": np.array([60, 61, 62], np.int32)}
+    blocks = [
+        RowBlock("a", prompts["a"], 0.5, 3, 0, 9),
+        RowBlock("b", prompts["b"], 0.0, 3, 0, 3),
+        RowBlock("a", prompts["a"], 1.0, 4, 0, 4),
+    ]
+    out = []
+    for v in (variant, low_rank):
+        e = RolloutEngine(original, v, "linear", 8, (3, 11), slots=4, max_prompts=2,
+                          steps_per_call=4, max_prompt_len=8)  # fmt: skip
+        assert e.paired is (v is low_rank)
+        for b in blocks:
+            e.submit(b)
+        out.append({(r.block.prompt_key, r.block.alpha): r.rollouts for r in e.run()})
+    full, paired = out
+    for key, want_rows in full.items():
+        got = paired[key]
+        np.testing.assert_array_equal(got.tokens, want_rows.tokens)
+        np.testing.assert_array_equal(got.lengths, want_rows.lengths)
+        for f in ("logp_original", "logp_variant", "logp_sampled"):
+            np.testing.assert_allclose(getattr(got, f), getattr(want_rows, f), rtol=0, atol=1e-5)
+    rows = full[("a", 0.5)]
+    assert np.abs(rows.logp_variant - rows.logp_original).max() > 1e-2  # the halves differ
+
+
+def _decode_bytes(original, low_rank, paired: bool) -> float:
+    """XLA's bytes accessed by one decode step of both models' S slots (cost analysis)."""
+    s, cap = 2, 4
+    cfg, dt = original.cfg, original.dtype
+    st = lambda: (cfg.empty_prompt_states(dt, s, 8), cfg.empty_own_states(dt, s, cap))  # noqa: E731
+    z = jnp.zeros((s,), jnp.int32)
+    whole = pair_whole_tensors(original, low_rank)
+    gd_o, p_o = nnx.split(original)
+    gd_v, p_v = nnx.split(low_rank)
+
+    def step(p_o, p_v, kv_o, kv_v):
+        o, v = nnx.merge(gd_o, p_o), nnx.merge(gd_v, p_v)
+        args = (z, z + 3, z + 3, z, z >= 0)
+        if paired:
+            l_o, l_v, *_ = paired_model(o, v, whole).decode_slots_pair(*args, kv_o, kv_v)
+        else:
+            l_o, l_v = o.decode_slots(*args, *kv_o)[0], v.decode_slots(*args, *kv_v)[0]
+        return jnp.argmax(l_o + l_v, axis=-1)
+
+    cost = jax.jit(step).lower(p_o, p_v, st(), st()).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["bytes accessed"])
+
+
+def test_paired_step_reads_the_weights_once():
+    """At a shape where the weights dominate a step's reads, the paired step reads about half
+    the bytes of two passes (XLA cost analysis), and a variant that is not low rank on this
+    original is not paired (True: a clear error; None: two passes)."""
+    cfg = dataclasses.replace(CFG, vocab_size=2048, hidden_size=128, intermediate_size=384)
+    original = qwen3.init_random(cfg, seed=0)
+    variant = orthogonalize_model(original, np.random.default_rng(3).normal(size=cfg.hidden_size))
+    low_rank, _ = as_low_rank(original, variant)
+    assert pair_whole_tensors(original, low_rank) == ()
+    two, one = _decode_bytes(original, low_rank, False), _decode_bytes(original, low_rank, True)
+    weights = unique_param_bytes(original, low_rank)
+    assert two > 2 * weights * 0.9  # two passes read every weight twice
+    assert one < 0.65 * two, (one, two, weights)
+    other = qwen3.init_random(dataclasses.replace(cfg, tie_word_embeddings=True), seed=0)
+    assert "another model's array" in pair_whole_tensors(other, low_rank)
+    assert "not low rank" in pair_whole_tensors(original, variant)
+    with pytest.raises(ValueError, match="pair_batch=True.*not low rank"):
+        RolloutEngine(original, variant, "linear", 4, (3,), slots=2, pair_batch=True)

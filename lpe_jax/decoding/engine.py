@@ -212,6 +212,12 @@ class RolloutEngine:
         positions, only up to the longest busy row (engine_device.ATTENTION_BLOCK by default);
         0 reads all max_new_tokens positions every step (the reference the bounded one is
         tested and benchmarked against). Rows agree to float32 rounding.
+    pair_batch: a variant held as low-rank deltas on the original's arrays
+        (`lpe_jax.model.low_rank.as_low_rank(original, variant)`) decodes with the original as
+        2S rows through one copy of the weights, so a step reads each shared weight once
+        (`low_rank.paired_model`); each model keeps its own K/V. None (the default): whenever the
+        variant allows it; True: required (ValueError saying why not); False: two passes.
+        `self.paired` says which. Rows agree with two passes to float32 rounding.
 
     One model (variant=None): every row is sampled from `original`'s own logits, one forward pass
     per token; the path only sets the alpha domain. A model whose class sets
@@ -239,6 +245,7 @@ class RolloutEngine:
         per_token: bool = False,
         refills_per_step: int | None = None,
         attention_block: int = dev.ATTENTION_BLOCK,
+        pair_batch: bool | None = None,
     ) -> None:
         before = compilations()
         self.single = variant is None
@@ -248,6 +255,8 @@ class RolloutEngine:
         if self.conditioned and not self.single:
             raise ValueError("an alpha-conditioned model is sampled alone: pass variant=None.")
         cap = None if refills_per_step is None else as_int("refills_per_step", refills_per_step, 1)
+        if pair_batch is not None and not isinstance(pair_batch, bool):
+            raise ValueError(f"pair_batch must be None, True or False; got {pair_batch!r}.")
         if not isinstance(per_token, bool):
             raise ValueError(f"per_token must be a bool; got {per_token!r}.")
         self.path, self.per_token = as_path(path), per_token
@@ -258,8 +267,9 @@ class RolloutEngine:
         self._cfgs = (pair[0].cfg, pair[1].cfg)
         self._spec, self._params = dev.DeviceSpec.build(
             original, variant, self.path.fn, self.max_new_tokens, eos, float(temperature),
-            sharding.row_mesh(devices), attention_block,
+            sharding.row_mesh(devices), attention_block, pair_batch,
         )  # fmt: skip
+        self.paired = self._spec.pair_whole is not None
         self.slots, self.max_prompts = self._plan(slots, max_prompts)
         floor = min(self.slots, max(8, self.slots // 16))
         self._refills = _RefillCap(min(self.slots, cap or floor), floor, auto=cap is None)

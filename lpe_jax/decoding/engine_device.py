@@ -38,6 +38,7 @@ from flax import nnx, struct
 from lpe_jax.decoding import sharding
 from lpe_jax.decoding.paths import PathFn
 from lpe_jax.decoding.rollouts import PAD_ID, row_keys, sample_step
+from lpe_jax.model.low_rank import pair_whole_tensors, paired_model
 
 Array = jax.Array
 
@@ -147,6 +148,10 @@ class DeviceSpec:
     # > 0: a step reads each slot's token K/V in blocks of this many positions, only up to the
     # longest busy row (qwen3.attend_bounded); 0: all max_new_tokens positions (qwen3.attend).
     attention_block: int = ATTENTION_BLOCK
+    # None: each model decodes its S rows in its own pass. A tuple: the variant is low rank on the
+    # original's arrays and a step decodes both as 2S rows through one copy of the weights
+    # (low_rank.paired_model); it names the variant's whole tensors (read for its half only).
+    pair_whole: tuple[str, ...] | None = None
 
     @classmethod
     def build(
@@ -159,11 +164,15 @@ class DeviceSpec:
         temperature: float,
         mesh: jax.sharding.Mesh,
         attention_block: int = ATTENTION_BLOCK,
+        pair_batch: bool | None = None,
     ) -> tuple[DeviceSpec, tuple[nnx.State, nnx.State | None]]:
         """(spec, params replicated over the mesh). variant=None: `original` alone, sampled from
         its own logits; no second state (planned and allocated as a model of no layers).
         Both models implement the layer-state protocol (module docstring).
-        attention_block: see the field; 0 or a positive int."""
+        attention_block: see the field; 0 or a positive int. pair_batch: decode both models as
+        2S rows through one weight copy (see `pair_whole`); None: whenever the variant allows it
+        (`low_rank.pair_whole_tensors`), True: required (ValueError saying why it cannot),
+        False: never."""
         if isinstance(attention_block, bool) or not isinstance(attention_block, int):
             raise ValueError(f"attention_block must be an int >= 0; got {attention_block!r}.")
         if attention_block < 0:
@@ -171,6 +180,18 @@ class DeviceSpec:
                 f"attention_block must be >= 0 (0: full-length attention); got {attention_block}."
             )
         single = variant is None
+        pair_whole = (
+            None if single or pair_batch is False else pair_whole_tensors(original, variant)
+        )
+        if isinstance(pair_whole, str):
+            if pair_batch:
+                raise ValueError(
+                    f"pair_batch=True, but the pair cannot decode through one weight copy: "
+                    f"{pair_whole}; pass pair_batch=None or False."
+                )
+            pair_whole = None
+        elif single and pair_batch:
+            raise ValueError("pair_batch=True needs a variant; one model has no pair to batch.")
         cfg_v = original.cfg.without_layers() if single else variant.cfg
         dt_v = original.dtype if single else variant.dtype
         gd_o, st_o = nnx.split(original)
@@ -188,6 +209,7 @@ class DeviceSpec:
             kv_shapes=((original.cfg, original.dtype), (cfg_v, dt_v)),
             conditioned=bool(getattr(original, "conditioned_on_alpha", False)),
             attention_block=attention_block,
+            pair_whole=pair_whole,
         )
         return spec, params
 
@@ -343,7 +365,9 @@ def _model_logits(
     K/V, Qwen3's or gated, is read only up to the longest busy slot's count); a recurrent layer
     updates its state. A fresh or free slot
     (count == 0) takes its prompt's logits from the table; its model pass is wasted work, its
-    write index is out of range and its state does not change.
+    write index is out of range and its state does not change. With spec.pair_whole set, both
+    models decode in one pass over 2S rows through one copy of the weights
+    (`low_rank.paired_model`), each on its own state buffers.
     """
     s = state.slots
     plen = state.prompts.length[s.prompt]
@@ -351,6 +375,20 @@ def _model_logits(
     active = (s.handle >= 0) & (fed >= 0)
     write = jnp.where(active, fed, spec.max_new_tokens)
     tables = (state.prompts.original, state.prompts.variant)
+    fresh = (s.count == 0)[:, None]
+    if spec.pair_whole is not None:
+        pair = paired_model(models[0], models[1], spec.pair_whole)
+        args = (s.last, plen + fed, plen, write, active)
+        l_o, l_v, (po, oo), (pv, ov) = pair.decode_slots_pair(
+            *args,
+            (s.kv_o.prompt, s.kv_o.own),
+            (s.kv_v.prompt, s.kv_v.own),
+            block=spec.attention_block,
+        )
+        slots = s.replace(kv_o=SlotKV(po, oo), kv_v=SlotKV(pv, ov))
+        l_o = jnp.where(fresh, tables[0].logits[s.prompt], l_o)
+        l_v = jnp.where(fresh, tables[1].logits[s.prompt], l_v)
+        return l_o, l_v, state.replace(slots=slots)
     cond = {"alpha": s.alpha} if spec.conditioned else {}
     logits, kvs = [], [s.kv_o, s.kv_v]
     for i, (model, table, skv) in enumerate(zip(models, tables, kvs, strict=True)):
@@ -368,7 +406,6 @@ def _model_logits(
             block=spec.attention_block,
             **cond,
         )
-        fresh = (s.count == 0)[:, None]
         logits.append(jnp.where(fresh, table.logits[s.prompt], decoded))
         kvs[i] = SlotKV(prompt, own)
     slots = s.replace(kv_o=kvs[0], kv_v=kvs[1])

@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -451,10 +451,41 @@ def check_names(cfg: Qwen3Config, names: set[str]) -> None:
 
 
 def _convert(model: Qwen3, cfg: Qwen3Config, files: list[Path], dtype: np.dtype) -> None:
-    """Fill the abstract `model` in place from the safetensors `files`.
+    """Fill the abstract `model` in place from the safetensors `files`: each parameter is put on
+    the device once (see `_host_tensors`)."""
+    for path, host in _host_tensors(model, cfg, files, dtype):
+        _variable(model, path).set_value(jax.device_put(host))
 
-    All names, shapes and dtypes are checked from the headers before any data is read; then each
-    tensor is cast and transposed on the host and put on the device once.
+
+def qwen3_tensors(
+    path: str | os.PathLike, dtype: str = "float32", *, tied_head: str | None = None
+) -> tuple[Qwen3Config, Iterator[tuple[tuple[str | int, ...], np.ndarray]]]:
+    """(config, parameters one at a time) of a Qwen3 or Qwen3-MoE checkpoint, without building
+    the model: each item is (the `Qwen3` attribute path, the host array in `dtype` and our
+    layout), read from the memory-mapped safetensors when the iterator reaches it (stacked expert
+    weights once all their experts are read). Names, shapes and dtypes are checked before the
+    first item; `tied_head` as for `load_model`. For loaders that keep less than the whole
+    model (`lpe_jax.model.low_rank.load_low_rank_variant`)."""
+    path = Path(path)
+    np_dtype = _np_dtype(dtype)
+    hf = read_config(path)
+    if ARCHITECTURES.get(model_type_of(hf)) is not _load_qwen3:
+        raise ValueError(
+            f"{path} is a {model_type_of(hf)} checkpoint; qwen3_tensors reads qwen3 and "
+            "qwen3_moe only."
+        )
+    files = weight_files(path)
+    cfg = _head_reading(config_from_hf(hf), files, tied_head, path)
+    return cfg, _host_tensors(_abstract_model(cfg, np_dtype), cfg, files, np_dtype)
+
+
+def _host_tensors(
+    model: Qwen3, cfg: Qwen3Config, files: list[Path], dtype: np.dtype
+) -> Iterator[tuple[tuple[str | int, ...], np.ndarray]]:
+    """(attribute path, contiguous host array) of every parameter of the abstract `model`.
+
+    All names, shapes and dtypes are checked from the headers before any data is read (the checks
+    run at the call, not at the first item); then each tensor is cast and transposed on the host.
     """
     table = weight_table(cfg)
     headers = read_headers(files)
@@ -477,21 +508,37 @@ def _convert(model: Qwen3, cfg: Qwen3Config, files: list[Path], dtype: np.dtype)
                 f"tensor {name} spans {hi - lo} bytes, not what shape {shape} and dtype "
                 f"{info['dtype']} need; {headers[name][0].name} is corrupt: download it again."
             )
+    return _read_tensors(model, table, headers, files, dtype)
+
+
+def _read_tensors(
+    model: Qwen3,
+    table: dict[str, _Entry],
+    headers: dict[str, tuple[Path, int, dict[str, Any]]],
+    files: list[Path],
+    dtype: np.dtype,
+) -> Iterator[tuple[tuple[str | int, ...], np.ndarray]]:
     maps = {f: np.memmap(f, dtype=np.uint8, mode="r") for f in files}
     stacks: dict[tuple[str | int, ...], np.ndarray] = {}  # expert-stacked params, filled on host
+    left: dict[tuple[str | int, ...], int] = {}  # experts not read yet, per stacked param
+    for attr, _, _ in table.values():
+        path, expert = split_expert(attr)
+        if expert is not None:
+            left[path] = left.get(path, 0) + 1
     for name, (attr, _, transpose) in table.items():
         file, start, info = headers[name]
         arr = _read_tensor(maps[file], info, start)
         host = (arr.T if transpose else arr).astype(dtype, copy=False)
         path, expert = split_expert(attr)
         if expert is None:
-            _variable(model, path).set_value(jax.device_put(np.ascontiguousarray(host)))
+            yield path, np.ascontiguousarray(host)
             continue
         if path not in stacks:
             stacks[path] = np.empty(_variable(model, path).shape, dtype)
         stacks[path][expert] = host
-    for path, host in stacks.items():
-        _variable(model, path).set_value(jax.device_put(host))
+        left[path] -= 1
+        if not left[path]:
+            yield path, stacks.pop(path)
 
 
 def _max_abs_difference(files: list[Path], a: str, b: str, rows: int = 4096) -> float:

@@ -10,23 +10,38 @@ the variant with the original tensor by tensor and builds a `LowRankQwen3` whose
   an ulp taken at the tensor's largest magnitude in its stored dtype (eps * max |W_variant|),
 - **whole**: the variant's own array (anything else; 1-D tensors that differ are kept whole).
 
-The low-rank model runs through the same `Qwen3` code: `x @ w` on a `LowRankWeight` computes
-x @ W_o + (x @ u) @ vt, and an embedding lookup E_o[t] + u[t] @ vt. Its output head is always an
-explicit `lm_head` (a tied original's embedding, read transposed, is its base), because an
-abliteration edits the input embedding but not the head. Both halves of a pair then pass their
-rows through one copy of the weights: the variant's pass still *reads* every weight a second time
-(weight memory is halved, weight reads per step are not; that takes both models' rows in one
-batch through the shared weights, which the engine does not do).
+Stacked MoE expert weights [E, rows, cols] (Qwen3-MoE's experts; the abliteration edits every
+expert's down_proj) are factored expert by expert: u [E, rows, r], vt [E, r, cols].
 
-Load-time cost: per differing 2-D tensor, a randomized range finder of max_rank + 8 columns
-(O(rows * cols * (max_rank + 8)) flops) and one float64 pass to check the reconstruction, in
-blocks of rows; the variant must be loaded whole first (the peak at load is still two copies).
+The low-rank model runs through the same `Qwen3` code: `x @ w` on a `LowRankWeight` computes
+x @ W_o + (x @ u) @ vt, an embedding lookup E_o[t] + u[t] @ vt, and the experts' grouped product
+its own `ragged_dot_f32`. Its output head is always an explicit `lm_head` (a tied original's
+embedding, read transposed, is its base), because an abliteration edits the input embedding but
+not the head. Run alone, the variant's pass still *reads* every weight a second time (weight
+memory is halved, weight reads per step are not).
+
+**2B rows through one weight copy.** `paired_model(original, variant, whole)` is both models as
+one `LowRankQwen3` whose parameters are `PairedWeight`s; one `Qwen3.forward` over 2B rows (the
+original's B, then the variant's B: the same loop, called on a batch of two halves) reads each
+shared weight once and adds the factors' correction to the variant's half only (a whole tensor is
+read for its own half). `LowRankQwen3.decode_slots_pair` is the engine's decode step on it; the
+two models keep their own K/V buffers (`PairKV`: attention runs per half, nothing is copied). At
+decode, where reading the weights dominates a step, this halves the weight bytes read
+(`lpe_jax.decoding.engine.RolloutEngine(pair_batch=)`; docs/benchmarks.md).
+
+Load-time cost: per differing 2-D tensor (per expert of a stacked one), a randomized range
+finder of max_rank + 8 columns (O(rows * cols * (max_rank + 8)) flops) and one float64 pass to
+check the reconstruction, in blocks of rows. `as_low_rank` compares two loaded models;
+`load_low_rank_variant` reads the variant's checkpoint one tensor at a time instead, so the load
+never holds both copies (its peak: the original plus about two of the largest tensor).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import os
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -34,8 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from lpe_jax.model.f32_dot import einsum_f32
-from lpe_jax.model.qwen3 import Qwen3, rms_norm
+from lpe_jax.model.f32_dot import einsum_f32, ragged_dot_f32
+from lpe_jax.model.qwen3 import LayerKV, Qwen3, rms_norm, slot_kv
 
 Array = jax.Array
 
@@ -91,10 +106,113 @@ class LowRankWeight:
             return out
         return out + einsum_f32("...r,ro->...o", einsum_f32("...i,ir->...r", x, self.u), self.vt)
 
+    def ragged_dot_f32(self, lhs: Array, sizes: Array, second: Array | None = None) -> Array:
+        """Stacked expert weights W [E, rows, cols] (base, u [E, rows, r], vt [E, r, cols]):
+        `ragged_dot_f32(lhs, W, sizes)` (lhs [M, rows] grouped by expert), in float32.
+        `second` (bool [M]) is for `PairedWeight`; here every entry takes the correction."""
+        del second
+        out = ragged_dot_f32(lhs, self.base, sizes)
+        return out if self.u is None else out + self._ragged_delta(lhs, sizes)
+
+    def _ragged_delta(self, lhs: Array, sizes: Array) -> Array:
+        low = ragged_dot_f32(lhs, self.u, sizes).astype(lhs.dtype)
+        return ragged_dot_f32(low, self.vt, sizes)
+
+
+@struct.dataclass
+class PairedWeight(LowRankWeight):
+    """One tensor of both models of a pair, for an input whose leading axis holds 2B rows: the
+    first B the original's, the last B the variant's (`paired_model`).
+
+    The original's W is the base (transposed when `transpose`); the variant's is base + u @ vt
+    (u, vt None: the same tensor), or `whole` (its own array, in the model's orientation) when it
+    is not low rank. `x @ w`, `w.matmul_f32(x)`, `w[tokens]` read the base once for all 2B rows and
+    add the correction to the variant's half only, computing for each half what the original and
+    the `LowRankWeight` variant compute alone; a whole tensor is read twice (each half its own).
+    `w * x`, `x + w` (a 1-D whole tensor: norm weight, bias) broadcast each half's own. Stacked
+    expert weights: `ragged_dot_f32` with `second` marking the variant's entries.
+    """
+
+    whole: Array | None = None
+
+    def __getitem__(self, key: Any) -> Any:
+        if key is Ellipsis:
+            return self
+        if self.transpose:
+            raise TypeError("a transposed PairedWeight is an output head; it has no row lookup.")
+        h = _half(key)
+        if self.whole is not None:
+            return jnp.concatenate([self.base[key[:h]], self.whole[key[h:]]])
+        rows = self.base[key]
+        if self.u is None:
+            return rows
+        return jnp.concatenate([rows[:h], rows[h:] + self.u[key[h:]] @ self.vt])
+
+    def __rmatmul__(self, x: Array) -> Array:
+        h = _half(x)
+        if self.whole is not None:
+            return jnp.concatenate([x[:h] @ self._base(), x[h:] @ self.whole])
+        out = x @ self._base()
+        if self.u is None:
+            return out
+        return jnp.concatenate([out[:h], out[h:] + (x[h:] @ self.u) @ self.vt])
+
+    def matmul_f32(self, x: Array) -> Array:
+        h = _half(x)
+        spec = "...i,oi->...o" if self.transpose else "...i,io->...o"
+        if self.whole is not None:
+            whole = einsum_f32("...i,io->...o", x[h:], self.whole)
+            return jnp.concatenate([einsum_f32(spec, x[:h], self.base), whole])
+        out = einsum_f32(spec, x, self.base)
+        if self.u is None:
+            return out
+        low = einsum_f32("...i,ir->...r", x[h:], self.u)
+        return jnp.concatenate([out[:h], out[h:] + einsum_f32("...r,ro->...o", low, self.vt)])
+
+    def ragged_dot_f32(self, lhs: Array, sizes: Array, second: Array | None = None) -> Array:
+        """As `LowRankWeight.ragged_dot_f32`; second bool [M]: the entries of the variant's rows
+        (the expert order interleaves the halves)."""
+        if second is None:
+            raise ValueError("a PairedWeight's grouped product needs `second` (the variant rows).")
+        out = ragged_dot_f32(lhs, self.base, sizes)
+        if self.whole is not None:
+            return jnp.where(second[:, None], ragged_dot_f32(lhs, self.whole, sizes), out)
+        if self.u is None:
+            return out
+        return jnp.where(second[:, None], out + self._ragged_delta(lhs, sizes), out)
+
+    def _pairwise(self, x: Array, op: Any) -> Array:
+        if self.whole is None or self.u is not None or self.transpose:
+            raise TypeError("only a 1-D whole PairedWeight (a norm weight or bias) broadcasts.")
+        h = _half(x)
+        return jnp.concatenate([op(x[:h], self.base), op(x[h:], self.whole)])
+
+    def __mul__(self, x: Array) -> Array:
+        return self._pairwise(x, lambda a, w: w * a)
+
+    def __rmul__(self, x: Array) -> Array:
+        return self._pairwise(x, lambda a, w: a * w)
+
+    def __add__(self, x: Array) -> Array:
+        return self._pairwise(x, lambda a, w: w + a)
+
+    def __radd__(self, x: Array) -> Array:
+        return self._pairwise(x, lambda a, w: a + w)
+
+
+def _half(x: Array) -> int:
+    n = x.shape[0]
+    if n % 2:
+        raise ValueError(f"a paired pass needs an even leading axis (B + B rows); got {n}.")
+    return n // 2
+
 
 class LowRankQwen3(Qwen3):
     """A `Qwen3` (same interface: forward, prefill, decode_step, ...) whose parameters may be
-    `LowRankWeight`s over another model's arrays. Always untied: the head is `lm_head`."""
+    `LowRankWeight`s over another model's arrays. Always untied: the head is `lm_head`.
+
+    Built by `paired_model`, its parameters are `PairedWeight`s: then it is both models of the
+    pair, and `decode_slots_pair` decodes both halves' slots in one pass."""
 
     def logits(self, x: Array) -> Array:
         """Final norm and LM head: hidden [..., H] -> float32 logits [..., V]."""
@@ -103,6 +221,58 @@ class LowRankQwen3(Qwen3):
         if isinstance(head, LowRankWeight):
             return head.matmul_f32(x)
         return einsum_f32("...h,hv->...v", x, head)
+
+    def decode_slots_pair(
+        self,
+        tokens: Array,
+        positions: Array,
+        prompt_length: Array,
+        write: Array,
+        active: Array,
+        states_o: tuple[Sequence[Any], Sequence[Any]],
+        states_v: tuple[Sequence[Any], Sequence[Any]],
+        block: int = 0,
+    ) -> tuple[Array, Array, tuple[Any, Any], tuple[Any, Any]]:
+        """`Qwen3.decode_slots` of both models of the pair at once (a model from `paired_model`):
+        the S slots' rows of the original and the same S slots' rows of the variant go through
+        one `forward` as 2S rows, every shared weight read once. Each model keeps its own state
+        buffers (attention runs per half on them: no copy of either cache).
+
+        tokens ... active: [S] as for decode_slots (both models decode the same tokens);
+        states_o/states_v: (prompt, own) per layer of each model. Returns (float32 logits [S, V]
+        of the original, of the variant, (prompt, own) of the original, of the variant)."""
+        kv_o = slot_kv(prompt_length, write, *states_o, block)
+        kv_v = slot_kv(prompt_length, write, *states_v, block)
+        layers = [PairKV(a, b) for a, b in zip(kv_o.layers(), kv_v.layers(), strict=True)]
+        both = lambda a: jnp.concatenate([a, a])[:, None]  # noqa: E731
+        x, layers = self.forward(both(tokens), both(positions), layers)
+        logits = self.logits(x[:, 0])
+        s = tokens.shape[0]
+        out_o = kv_o.with_layers([p.first for p in layers])
+        out_v = kv_v.with_layers([p.second for p in layers])
+        return (
+            logits[:s],
+            logits[s:],
+            (tuple(states_o[0]), tuple(zip(out_o.k, out_o.v, strict=True))),
+            (tuple(states_v[0]), tuple(zip(out_v.k, out_v.v, strict=True))),
+        )
+
+
+@struct.dataclass
+class PairKV:
+    """The decode state of one attention layer for a paired pass: the original's rows' LayerKV
+    (the first half of the batch) and the variant's (the second); each half attends over its
+    own buffers."""
+
+    first: LayerKV
+    second: LayerKV
+
+    def decode(self, q: Array, k: Array, v: Array) -> tuple[PairKV, Array]:
+        """`LayerKV.decode` of each half of q/k/v [2B, ...]; outputs concatenated."""
+        h = _half(q)
+        first, a = self.first.decode(q[:h], k[:h], v[:h])
+        second, b = self.second.decode(q[h:], k[h:], v[h:])
+        return PairKV(first, second), jnp.concatenate([a, b])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +366,8 @@ def _tensor(model: Qwen3, path: tuple[Any, ...]) -> tuple[Array, bool]:
 
 
 def _as_f32(a: Array, transpose: bool) -> np.ndarray:
-    x = np.asarray(a).astype(np.float32)
+    # A float32 tensor is read in place (never written): no copy of the largest tensors at load.
+    x = np.asarray(a).astype(np.float32, copy=False)
     return x.T if transpose else x
 
 
@@ -240,20 +411,48 @@ def _factor(
     return u, vt, float(np.sqrt(sq_err / max(sq_ref, 1e-300))), worst
 
 
-def _check_pair(original: Qwen3, variant: Qwen3) -> None:
+def _factor_stacked(
+    w_o: np.ndarray, w_v: np.ndarray, max_rank: int, dtype: Any, seed: int
+) -> tuple[np.ndarray, np.ndarray, float, float] | str:
+    """`_factor` of each expert of stacked weights [E, rows, cols]: u [E, rows, r],
+    vt [E, r, cols] with r the largest expert's rank (smaller ones padded with exact zeros);
+    the worst expert's rel_error and max_ulp."""
+    us, vts, rel, ulp = [], [], 0.0, 0.0
+    for e in range(w_v.shape[0]):
+        found = _factor(w_o[e], w_v[e], max_rank, dtype, seed)
+        if isinstance(found, str):
+            return f"expert {e}: {found}"
+        us.append(found[0])
+        vts.append(found[1])
+        rel, ulp = max(rel, found[2]), max(ulp, found[3])
+    r = max(u.shape[1] for u in us)
+    u = np.stack([np.pad(u, ((0, 0), (0, r - u.shape[1]))) for u in us])
+    vt = np.stack([np.pad(v, ((0, r - v.shape[0]), (0, 0))) for v in vts])
+    return u, vt, rel, ulp
+
+
+def _check_configs(original: Qwen3, cfg_v: Any, dtype_v: Any) -> None:
     a = dataclasses.replace(original.cfg, tie_word_embeddings=False)
-    b = dataclasses.replace(variant.cfg, tie_word_embeddings=False)
+    b = dataclasses.replace(cfg_v, tie_word_embeddings=False)
     if a != b:
         raise ValueError(
-            f"the variant's config {variant.cfg} differs from the original's {original.cfg} "
+            f"the variant's config {cfg_v} differs from the original's {original.cfg} "
             "beyond tied embeddings; a low-rank variant needs the same architecture "
             "(pass variant_low_rank='off' to load it whole)."
         )
-    if original.dtype != variant.dtype:
+    if original.dtype != dtype_v:
         raise ValueError(
-            f"the original is {original.dtype} and the variant {variant.dtype}; load both in "
-            "one dtype."
+            f"the original is {original.dtype} and the variant {dtype_v}; load both in one dtype."
         )
+    if type(original) is not Qwen3:
+        raise TypeError(
+            f"the original is a {type(original).__name__}; a low-rank variant is built over a "
+            "plain Qwen3."
+        )
+
+
+def _check_pair(original: Qwen3, variant: Qwen3) -> None:
+    _check_configs(original, variant.cfg, variant.dtype)
     for name, model in (("original", original), ("variant", variant)):
         if type(model) is not Qwen3:
             raise TypeError(
@@ -267,7 +466,7 @@ def _nbytes(tree: Any) -> int:
 
 
 def as_low_rank(
-    original: Qwen3, variant: Qwen3, *, max_rank: int = DEFAULT_MAX_RANK, seed: int = 0
+    original: Qwen3, variant: Qwen3, *, max_rank: int = DEFAULT_MAX_RANK
 ) -> tuple[Qwen3, LowRankPlan]:
     """(model, plan): a `LowRankQwen3` equal to `variant` that holds the original's arrays plus
     factors of rank <= max_rank where the difference allows (see the module docstring), or
@@ -275,30 +474,90 @@ def as_low_rank(
 
     Tolerance: a tensor is low rank when every element of W_o + u @ vt is within 2 eps * max|W_v|
     of W_v (eps of the model's dtype: rounding noise, nothing more); its relative Frobenius error
-    and its largest element error in those units are reported. `seed` fixes the randomized
-    range finder. The variant's tensors that are shared or factored are no longer referenced by
-    the result (drop `variant` to free them).
+    and its largest element error in those units are reported. The randomized range finder's seed
+    is the tensor's name (the same factors whichever order tensors come in). The variant's
+    tensors that are shared or factored are no longer referenced by the result (drop `variant` to
+    free them); `load_low_rank_variant` never holds them all.
     """
-    if max_rank < 1:
-        raise ValueError(f"max_rank must be >= 1; got {max_rank}.")
     _check_pair(original, variant)
     cfg = dataclasses.replace(variant.cfg, tie_word_embeddings=False)
     out = nnx.eval_shape(lambda: LowRankQwen3(cfg, dtype=variant.dtype, rngs=nnx.Rngs(0)))
+    items = ((path, *_tensor(variant, path)) for path, _ in list(_params(out)))
+    variant_bytes = _nbytes(nnx.state(variant, nnx.Param))
+    model, plan = _assemble(original, out, items, variant_bytes, max_rank)
+    return (variant if model is None else model), plan
+
+
+def load_low_rank_variant(
+    original: Qwen3,
+    path: str | os.PathLike,
+    dtype: str = "float32",
+    *,
+    tied_head: str | None = None,
+    max_rank: int = DEFAULT_MAX_RANK,
+) -> tuple[Qwen3, LowRankPlan]:
+    """`as_low_rank(original, load_model(path, dtype))` without holding the whole variant: its
+    checkpoint is read one parameter at a time (`checkpoint.qwen3_tensors`), each compared with
+    the original's tensor and dropped once shared or factored, so the load's peak is the
+    original plus one variant tensor (and its float32 copies) plus what is kept. Same plan and
+    model as `as_low_rank` on the loaded variant. Refused (no matrix shared or low rank): the
+    variant is then loaded whole by `load_model` (read a second time) and returned with the plan.
+    Qwen3 and Qwen3-MoE checkpoints; `tied_head` as for `load_model`."""
+    from lpe_jax.model.checkpoint import load_model, qwen3_tensors
+
+    cfg_v, tensors = qwen3_tensors(path, dtype, tied_head=tied_head)
+    _check_configs(original, cfg_v, jnp.dtype(dtype))
+    cfg = dataclasses.replace(cfg_v, tie_word_embeddings=False)
+    out = nnx.eval_shape(lambda: LowRankQwen3(cfg, dtype=original.dtype, rngs=nnx.Rngs(0)))
+    read = [0]
+
+    def items() -> Iterator[tuple[tuple[Any, ...], Any, bool]]:
+        for p, host in tensors:
+            read[0] += host.nbytes
+            yield p, host, False
+            if p == ("embed_tokens",) and cfg_v.tie_word_embeddings:
+                yield ("lm_head",), host, True  # a tied variant's head is its embedding
+
+    model, plan = _assemble(original, out, items(), read, max_rank)
+    if model is None:
+        return load_model(path, dtype, tied_head=tied_head), plan
+    return model, plan
+
+
+def _assemble(
+    original: Qwen3,
+    out: LowRankQwen3,
+    items: Iterable[tuple[tuple[Any, ...], Any, bool]],
+    variant_bytes: int | list[int],
+    max_rank: int,
+) -> tuple[LowRankQwen3 | None, LowRankPlan]:
+    """Fill the abstract `out` from the variant's (path, array, read transposed?) items, each
+    planned against the original's tensor; (None, plan) when refused. variant_bytes: the
+    variant's params, or a one-element list the items fill while they are read."""
+    if max_rank < 1:
+        raise ValueError(f"max_rank must be >= 1; got {max_rank}.")
     plans, values, extra = [], {}, 0
-    for i, (path, _) in enumerate(list(_params(out))):
-        (a_o, t_o), (a_v, t_v) = _tensor(original, path), _tensor(variant, path)
-        plan, value = _plan_tensor(_name(path), a_o, t_o, a_v, t_v, max_rank, variant.dtype, i)
+    for path, a_v, t_v in items:
+        a_o, t_o = _tensor(original, path)
+        name = _name(path)
+        seed = zlib.crc32(name.encode())
+        plan, value = _plan_tensor(name, a_o, t_o, a_v, t_v, max_rank, original.dtype, seed)
+        if isinstance(value, np.ndarray):  # a whole tensor read from a checkpoint
+            value = jax.device_put(value)
         plans.append(plan)
         values[path] = value
         if plan.kind == "whole":
-            extra += _nbytes(a_v)
+            extra += _nbytes(value)
         elif plan.kind == "low_rank":
             extra += _nbytes((value.u, value.vt))
+    order = {_name(p): i for i, (p, _) in enumerate(_params(out))}
+    plans.sort(key=lambda t: order[t.name])
     base = _nbytes(nnx.state(original, nnx.Param))
-    two = base + _nbytes(nnx.state(variant, nnx.Param))
+    v_bytes = variant_bytes if isinstance(variant_bytes, int) else variant_bytes[0]
+    two = base + v_bytes
     plan = LowRankPlan(tuple(plans), max_rank, two_model_bytes=two, low_rank_bytes=base + extra)
     if not plan.used:
-        return variant, dataclasses.replace(plan, low_rank_bytes=two)
+        return None, dataclasses.replace(plan, low_rank_bytes=two)
     for path, value in values.items():
         parent: Any = out
         for p in path[:-1]:
@@ -328,9 +587,9 @@ def _plan_tensor(
             return TensorPlan(name, shape, "shared"), a_o
         return TensorPlan(name, shape, "shared"), LowRankWeight(a_o, transpose=True)
     whole = a_v.T if t_v else a_v
-    if w_v.ndim != 2:
+    if w_v.ndim not in (2, 3):
         return TensorPlan(name, shape, "whole", rel_error=np.nan, reason="1-D, differs"), whole
-    found = _factor(w_o, w_v, max_rank, dtype, seed)
+    found = (_factor if w_v.ndim == 2 else _factor_stacked)(w_o, w_v, max_rank, dtype, seed)
     if isinstance(found, str):
         return TensorPlan(name, shape, "whole", rel_error=np.nan, reason=found), whole
     u, vt, rel, ulp = found
@@ -338,7 +597,64 @@ def _plan_tensor(
         value = LowRankWeight(a_o, jnp.asarray(u), jnp.asarray(vt), transpose=True)
     else:
         value = LowRankWeight(a_o, jnp.asarray(u), jnp.asarray(vt))
-    return TensorPlan(name, shape, "low_rank", rank=u.shape[1], rel_error=rel, max_ulp=ulp), value
+    return TensorPlan(name, shape, "low_rank", rank=u.shape[-1], rel_error=rel, max_ulp=ulp), value
+
+
+def _same_buffers(a: Any, b: Any) -> bool:
+    """Whether two concrete arrays are views of the same device buffers."""
+    if not (isinstance(a, jax.Array) and isinstance(b, jax.Array)) or a.shape != b.shape:
+        return False
+    sa, sb = a.addressable_shards, b.addressable_shards
+    return len(sa) == len(sb) and all(
+        x.data.unsafe_buffer_pointer() == y.data.unsafe_buffer_pointer()
+        for x, y in zip(sa, sb, strict=True)
+    )
+
+
+def pair_whole_tensors(original: Qwen3, variant: Qwen3) -> tuple[str, ...] | str:
+    """Whether the pair can decode as 2B rows through one copy of the weights (`paired_model`):
+    the names of the variant's whole tensors (its own arrays, read for its half only) when
+    `variant` is a `LowRankQwen3` built on `original`'s arrays (`as_low_rank(original, ...)`),
+    else a sentence saying why not. Needs concrete arrays (call it outside jit)."""
+    if type(original) is not Qwen3:
+        return f"the original is a {type(original).__name__}, not a plain Qwen3"
+    if not isinstance(variant, LowRankQwen3):
+        return "the variant is not low rank (as_low_rank, --variant_low_rank=auto)"
+    whole = []
+    for path, node in _params(variant):
+        value, name = node[...], _name(path)
+        base, transposed = _tensor(original, path)
+        if isinstance(value, LowRankWeight):
+            if not (_same_buffers(value.base, base) and value.transpose == transposed):
+                return f"the variant's {name} is low rank over another model's array"
+        elif not _same_buffers(value, base):
+            whole.append(name)
+    return tuple(whole)
+
+
+def paired_model(original: Qwen3, variant: LowRankQwen3, whole: Sequence[str]) -> LowRankQwen3:
+    """Both models of a pair as one `LowRankQwen3` whose parameters are `PairedWeight`s: a pass
+    over 2B rows (the original's B first) computes each half as its own model does. Holds no
+    new arrays (the variant's bases are the original's; a whole tensor pairs the original's
+    array with the variant's). whole: `pair_whole_tensors(original, variant)` (checked there,
+    outside jit; this runs inside jit too)."""
+    graphdef, state = nnx.split(variant)
+    out = nnx.merge(graphdef, state)
+    names = frozenset(whole)
+    for path, node in list(_params(out)):
+        value = node[...]
+        if isinstance(value, LowRankWeight):
+            paired = PairedWeight(value.base, value.u, value.vt, transpose=value.transpose)
+        elif _name(path) in names:
+            base, transposed = _tensor(original, path)
+            paired = PairedWeight(base, transpose=transposed, whole=value)
+        else:
+            continue  # shared: the original's array itself
+        parent: Any = out
+        for p in path[:-1]:
+            parent = parent[p] if isinstance(p, int) else getattr(parent, p)
+        setattr(parent, path[-1], nnx.Param(paired))
+    return out
 
 
 def unique_bytes(*trees: Any) -> int:

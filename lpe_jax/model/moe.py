@@ -145,9 +145,17 @@ class Experts(nnx.Module):
         token = order // k
         sizes = jnp.bincount(flat, length=self.gate_proj.shape[0]).astype(jnp.int32)
         xs = x[token]
-        gate = ragged_dot_f32(xs, self.gate_proj[...], sizes).astype(x.dtype)
-        up = ragged_dot_f32(xs, self.up_proj[...], sizes).astype(x.dtype)
-        y = ragged_dot_f32(jax.nn.silu(gate) * up, self.down_proj[...], sizes).astype(x.dtype)
+        second = token >= x.shape[0] // 2  # the variant's half of a paired pass (low_rank)
+
+        def grouped(lhs: Array, w: Any) -> Array:
+            # A low-rank or paired weight (lpe_jax.model.low_rank) runs its own grouped product.
+            if isinstance(w, jax.Array):
+                return ragged_dot_f32(lhs, w, sizes).astype(x.dtype)
+            return w.ragged_dot_f32(lhs, sizes, second).astype(x.dtype)
+
+        gate = grouped(xs, self.gate_proj[...])
+        up = grouped(xs, self.up_proj[...])
+        y = grouped(jax.nn.silu(gate) * up, self.down_proj[...])
         y = y * weights.reshape(-1)[order][:, None]
         return jnp.zeros_like(x).at[token].add(y)
 

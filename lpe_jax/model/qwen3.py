@@ -539,6 +539,18 @@ def empty_kv(
     return k, v
 
 
+def slot_kv(
+    prompt_length: Array, write: Array, prompt: Sequence[Any], own: Sequence[Any], block: int
+) -> DecodeKV:
+    """The `DecodeKV` of S engine slots: prompt/own per layer (k, v) as `Qwen3Config`'s
+    `empty_prompt_states`/`empty_own_states`, prompt_length and write int [S] (see
+    `Qwen3.decode_slots`)."""
+    pk, pv = tuple(k for k, _ in prompt), tuple(v for _, v in prompt)
+    in_prompt = jnp.arange(pk[0].shape[2]) < prompt_length[:, None]
+    ok, ov = tuple(k for k, _ in own), tuple(v for _, v in own)
+    return DecodeKV(pk, pv, in_prompt[:, None], ok, ov, write, block)
+
+
 class Qwen3(nnx.Module):
     """Qwen3ForCausalLM, or Qwen3MoeForCausalLM when `cfg.num_experts` > 0. Parameters in
     `dtype` (float32 or bfloat16); logits always float32."""
@@ -668,10 +680,7 @@ class Qwen3(nnx.Module):
         blocks only up to the longest busy slot (`attend_bounded`), 0 all of it. Returns (float32
         logits [S, V], prompt states, own states); attention never changes a prompt.
         """
-        pk, pv = tuple(k for k, _ in prompt), tuple(v for _, v in prompt)
-        in_prompt = jnp.arange(pk[0].shape[2]) < prompt_length[:, None]
-        ok, ov = tuple(k for k, _ in own), tuple(v for _, v in own)
-        kv = DecodeKV(pk, pv, in_prompt[:, None], ok, ov, write, block)
+        kv = slot_kv(prompt_length, write, prompt, own, block)
         logits, kv = self.decode_step(tokens, positions, kv, **cond)
         return logits, tuple(prompt), tuple(zip(kv.k, kv.v, strict=True))
 

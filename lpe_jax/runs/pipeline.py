@@ -89,10 +89,13 @@ def load_pair(
     dtype: str = "float32",
     cache_dir: str | os.PathLike | None = None,
     tied_head: str | None = None,
+    variant_loader: Callable[[Qwen3], Qwen3] | None = None,
 ) -> ModelPair:
     """Load both checkpoints and check they share a tokenizer (ValueError naming both if not).
 
-    ``tied_head`` is passed to :func:`~lpe_jax.model.checkpoint.load_model` for both models."""
+    ``tied_head`` is passed to :func:`~lpe_jax.model.checkpoint.load_model` for both models.
+    ``variant_loader``: builds the variant from the loaded original instead of `load_model`
+    (e.g. `lpe_jax.model.low_rank.load_low_rank_variant`, which never holds it whole)."""
     tok_o, tok_v = load_tokenizer(original_dir), load_tokenizer(variant_dir)
     f_o, f_v = tokenizer_fingerprint(tok_o), tokenizer_fingerprint(tok_v)
     if f_o != f_v:
@@ -103,9 +106,14 @@ def load_pair(
         )
     # From the loaded tokenizers (a real one takes seconds to load; each knows its directory).
     eos = tuple(sorted(set(eos_token_ids(tok_o)) | set(eos_token_ids(tok_v))))
+    original = load_model(original_dir, dtype=dtype, cache_dir=cache_dir, tied_head=tied_head)
+    if variant_loader is None:
+        variant = load_model(variant_dir, dtype=dtype, cache_dir=cache_dir, tied_head=tied_head)
+    else:
+        variant = variant_loader(original)
     return ModelPair(
-        original=load_model(original_dir, dtype=dtype, cache_dir=cache_dir, tied_head=tied_head),
-        variant=load_model(variant_dir, dtype=dtype, cache_dir=cache_dir, tied_head=tied_head),
+        original=original,
+        variant=variant,
         tokenizer=tok_o,
         eos_token_ids=eos,
         original_dir=Path(original_dir),
