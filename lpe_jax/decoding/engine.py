@@ -194,7 +194,12 @@ class RolloutEngine:
 
     original, variant, path, max_new_tokens, eos_token_ids, temperature, devices, tokenizer_ids:
         as for `PairedSampler` (rows match its rows for equal seeds).
-    slots: rows decoded at once (rounded down to a multiple of the device count); None sizes it
+    mesh_shape: (rows, tensor, experts) sizes of the device mesh over `devices`
+        (`sharding.pair_mesh`; checked against both models: whole heads, experts and equal
+        vocabulary shards per device); None: (devices, 1, 1), parameters replicated and rows
+        split over every device. Rows do not depend on the mesh (tokens equal; log-probs to
+        float32 rounding, since a split contraction sums in another order).
+    slots: rows decoded at once (rounded down to a multiple of the mesh's rows size); None sizes it
         from free device memory (`memory.plan_engine`), memory.DEFAULT_CPU_ROWS on CPU.
     max_prompts: prompts whose K/V prefix the device holds at once; None: from memory.
     steps_per_call: decode steps per generate call (how often the host reads results).
@@ -239,6 +244,7 @@ class RolloutEngine:
         per_token: bool = False,
         refills_per_step: int | None = None,
         attention_block: int = dev.ATTENTION_BLOCK,
+        mesh_shape: tuple[int, int, int] | None = None,
     ) -> None:
         before = compilations()
         self.single = variant is None
@@ -258,7 +264,7 @@ class RolloutEngine:
         self._cfgs = (pair[0].cfg, pair[1].cfg)
         self._spec, self._params = dev.DeviceSpec.build(
             original, variant, self.path.fn, self.max_new_tokens, eos, float(temperature),
-            sharding.row_mesh(devices), attention_block,
+            sharding.pair_mesh(mesh_shape, devices, self._cfgs), attention_block,
         )  # fmt: skip
         self.slots, self.max_prompts = self._plan(slots, max_prompts)
         floor = min(self.slots, max(8, self.slots // 16))
@@ -295,11 +301,11 @@ class RolloutEngine:
             free_bytes=memory.device_free_bytes(mesh.devices.flat[0]),
             slot_bytes=self._slot_bytes(),
             prompt_bytes=memory.bytes_per_prompt(*self._kv_shapes(), self.prompt_slots),
-            num_devices=mesh.size,
+            num_devices=sharding.row_groups(mesh),
             slots=slots,
             prompts=max_prompts,
         )
-        return sharding.round_to_devices(n_slots, mesh.size), n_prompts
+        return sharding.round_to_devices(n_slots, sharding.row_groups(mesh)), n_prompts
 
     def _kv_shapes(self) -> tuple:
         """(cfg_o, cfg_v, dtype_o, dtype_v), memory.py's argument order."""

@@ -217,3 +217,51 @@ def plan_engine(
     if slots is None:
         slots = rows_that_fit(free_bytes, slot_bytes, prompts * prompt_bytes) * num_devices
     return slots, prompts
+
+
+# --- per device, on a mesh (rows, tensor, experts); see lpe_jax.decoding.sharding ---
+
+
+def param_bytes_per_device(cfg: ModelConfig, dtype: Any, mesh_shape: tuple[int, int, int]) -> int:
+    """Bytes of one model's parameters on each device of a (rows, tensor, experts) mesh, placed
+    by `lpe_jax.decoding.sharding`'s rules: query heads, K/V heads, dense MLP hidden units, each
+    expert's hidden units and the vocabulary (embedding, LM head) split over tensor; experts over
+    experts; norms, q/k norms and the router whole on every device; all of it copied over rows.
+    The mesh must divide the model (`sharding.check_mesh`). A Qwen3.5 model has no tensor or
+    expert rules: rows-only meshes (ValueError otherwise)."""
+    _, t, e = mesh_shape
+    b = jax.numpy.dtype(dtype).itemsize
+    if not isinstance(cfg, Qwen3Config):
+        if t * e > 1:
+            raise ValueError(
+                f"{type(cfg).__name__} is not placed by tensor/expert rules; plan it on a "
+                "rows-only mesh (N, 1, 1)."
+            )
+        return _total_params(cfg) * b
+    h, hd, v = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
+    heads, kv = cfg.num_heads, cfg.num_kv_heads
+    split = v * h * (1 if cfg.tie_word_embeddings else 2) // t  # embedding (+ LM head)
+    whole = h  # the final norm
+    for i in range(cfg.num_layers):
+        split += h * hd * (2 * heads + 2 * kv) // t
+        whole += 2 * hd + 2 * h  # q/k norms, two layer norms
+        if cfg.attention_bias:
+            split += hd * (heads + 2 * kv) // t
+            whole += h
+        if cfg.is_sparse(i):
+            split += 3 * cfg.num_experts * h * cfg.moe_intermediate_size // (t * e)
+            whole += h * cfg.num_experts  # router
+        else:
+            split += 3 * h * cfg.intermediate_size // t
+    return (split + whole) * b
+
+
+def _total_params(cfg: ModelConfig) -> int:
+    if isinstance(cfg, Qwen3Config):
+        return cfg.num_params()
+    from flax import nnx  # noqa: PLC0415  (only to count a Qwen3.5 model's parameters)
+
+    from lpe_jax.model.qwen35 import Qwen35  # noqa: PLC0415
+
+    model = nnx.eval_shape(lambda: Qwen35(cfg, rngs=nnx.Rngs(0)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
