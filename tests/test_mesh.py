@@ -140,3 +140,32 @@ def _worker_configs() -> tuple:
     import mesh_worker  # noqa: PLC0415
 
     return mesh_worker.DENSE, mesh_worker.MOE
+
+
+def _script(*args: str, devices: int) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(root),
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
+    return subprocess.run(
+        [sys.executable, str(root / "experiments" / "sample.py"), *args],
+        capture_output=True, text=True, env=env, cwd=root, timeout=600,
+    )  # fmt: skip
+
+
+def test_sample_mesh_flag_is_planned_recorded_and_checked(tmp_path):
+    """--mesh on the toy pair (vocabulary 95: only rows can split it): a rows mesh runs, logs its
+    per-device plan and lands in the manifest; a tensor split is refused naming the vocabulary."""
+    common = ["--limit=1", "--alphas=0,1", "--rollouts=4", "--max_rows=4", "--max_new_tokens=8"]
+    p = _script(f"--out={tmp_path / 'rows'}", "--mesh=2,1,1", *common, devices=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "plan per device, mesh rows=2 tensor=1 experts=1: weights" in p.stderr
+    manifest = json.loads((tmp_path / "rows" / "manifest.json").read_text())
+    assert manifest["mesh"] == "2,1,1"
+    p = _script(f"--out={tmp_path / 'tensor'}", "--mesh=1,2,1", *common, devices=2)
+    assert p.returncode != 0
+    assert "vocab_size=95 does not divide over tensor=2" in p.stderr, p.stderr[-2000:]
+    assert "tensor in [1]" in p.stderr

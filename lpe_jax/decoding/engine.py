@@ -297,10 +297,13 @@ class RolloutEngine:
         if max_prompts is not None:
             as_int("max_prompts", max_prompts, 1)
         mesh = self._spec.mesh
+        shape = self.mesh_shape
         n_slots, n_prompts = memory.plan_engine(
             free_bytes=memory.device_free_bytes(mesh.devices.flat[0]),
-            slot_bytes=self._slot_bytes(),
-            prompt_bytes=memory.bytes_per_prompt(*self._kv_shapes(), self.prompt_slots),
+            slot_bytes=memory.split_over_tensor(self._slot_bytes(), shape),
+            prompt_bytes=memory.split_over_tensor(
+                memory.bytes_per_prompt(*self._kv_shapes(), self.prompt_slots), shape
+            ),
             num_devices=sharding.row_groups(mesh),
             slots=slots,
             prompts=max_prompts,
@@ -315,6 +318,20 @@ class RolloutEngine:
     def _slot_bytes(self) -> int:
         return memory.bytes_per_slot(
             *self._kv_shapes(), self.max_new_tokens, self.prompt_slots, self.steps_per_call,
+            attention_block=self._spec.attention_block,
+        )  # fmt: skip
+
+    @property
+    def mesh_shape(self) -> tuple[int, int, int]:
+        """(rows, tensor, experts): the device mesh the engine runs on."""
+        return tuple(int(n) for n in self._spec.mesh.devices.shape)
+
+    def memory_plan(self) -> memory.MeshPlan:
+        """Planned bytes on each device at this engine's slots and prompt-table size."""
+        (cfg_o, dt_o), (cfg_v, dt_v) = self._spec.kv_shapes
+        return memory.plan_mesh(
+            cfg_o, None if self.single else cfg_v, dt_o, dt_v, self.mesh_shape, self.slots,
+            self.max_prompts, self.max_new_tokens, self.prompt_slots, self.steps_per_call,
             attention_block=self._spec.attention_block,
         )  # fmt: skip
 

@@ -15,6 +15,7 @@ analysis.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -265,3 +266,85 @@ def _total_params(cfg: ModelConfig) -> int:
 
     model = nnx.eval_shape(lambda: Qwen35(cfg, rngs=nnx.Rngs(0)))
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def split_over_tensor(nbytes: int, mesh_shape: tuple[int, int, int]) -> int:
+    """A slot's or prompt's bytes on one device of the mesh: its K/V (K/V heads), logits
+    (vocabulary) and one layer's temporaries (heads, MLP hidden units) are split over tensor; the
+    residual-stream vectors and the row's scalars, a few KiB, are counted split too."""
+    return -(-nbytes // mesh_shape[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshPlan:
+    """Planned device bytes on each device of a (rows, tensor, experts) mesh: both models'
+    weights, the slots on the device's row group (their K/V or state, logits, temporaries,
+    `bytes_per_slot`) and the prompt table (`bytes_per_prompt`), per device."""
+
+    mesh_shape: tuple[int, int, int]
+    weights: int
+    slots: int  # slots on each device (the engine's slots / rows)
+    slot_bytes: int  # one slot, on one device
+    prompts: int
+    prompt_bytes: int  # one prompt-table entry, on one device
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.slots * self.slot_bytes + self.prompts * self.prompt_bytes
+
+    def fits(self, limit_bytes: int | None) -> bool:
+        """Within limit_bytes (a device's memory); True where the backend reports none."""
+        return limit_bytes is None or self.total <= limit_bytes
+
+    def summary(self, limit_bytes: int | None = None) -> str:
+        """One line: the mesh and each part in GiB (and the device's memory when known)."""
+        g = 2.0**30
+        rows, t, e = self.mesh_shape
+        line = (
+            f"plan per device, mesh rows={rows} tensor={t} experts={e}: weights "
+            f"{self.weights / g:.2f} GiB + {self.slots} slots x {self.slot_bytes / 2**20:.1f} "
+            f"MiB + {self.prompts} prompts x {self.prompt_bytes / 2**20:.1f} MiB = "
+            f"{self.total / g:.2f} GiB"
+        )
+        return line if limit_bytes is None else f"{line} of {limit_bytes / g:.2f} GiB"
+
+
+def plan_mesh(
+    original: ModelConfig,
+    variant: ModelConfig | None,
+    original_dtype: Any,
+    variant_dtype: Any,
+    mesh_shape: tuple[int, int, int],
+    slots: int,
+    prompts: int,
+    max_new_tokens: int,
+    prompt_slots: int,
+    steps_per_call: int = 16,
+    attention_block: int = 0,
+) -> MeshPlan:
+    """The per-device plan of an engine with `slots` slots and `prompts` table entries on a mesh
+    (variant None: one model). Slots are split over rows (rounded up), weights and the table
+    copied over rows; see `param_bytes_per_device` and `split_over_tensor`."""
+    v_cfg = original.without_layers() if variant is None else variant
+    shapes = (original, v_cfg, original_dtype, variant_dtype)
+    weights = param_bytes_per_device(original, original_dtype, mesh_shape)
+    if variant is not None:
+        weights += param_bytes_per_device(variant, variant_dtype, mesh_shape)
+    slot = bytes_per_slot(
+        *shapes, max_new_tokens, prompt_slots, steps_per_call, attention_block=attention_block
+    )
+    prompt = bytes_per_prompt(*shapes, prompt_slots)
+    return MeshPlan(
+        mesh_shape=tuple(mesh_shape),
+        weights=weights,
+        slots=-(-slots // mesh_shape[0]),
+        slot_bytes=split_over_tensor(slot, mesh_shape),
+        prompts=prompts,
+        prompt_bytes=split_over_tensor(prompt, mesh_shape),
+    )
+
+
+def device_limit_bytes(device: jax.Device) -> int | None:
+    """The device's memory (memory_stats' bytes_limit); None where the backend reports none."""
+    stats = device.memory_stats()
+    return None if not stats or "bytes_limit" not in stats else int(stats["bytes_limit"])
