@@ -12,10 +12,11 @@ import re
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lpe_jax.decoding import engine_device as dev
-from lpe_jax.decoding import paths
+from lpe_jax.decoding import paths, sharding
 from lpe_jax.decoding.engine import RolloutEngine, RowBlock
 from lpe_jax.model import qwen3
 
@@ -30,7 +31,10 @@ BLOCKS = [("a", 0.3, 5, 0, 3), ("b", 0.9, 6, 2, 3), ("a", 0.6, 7, 0, 2)]
 FIELDS = ("tokens", "lengths", "nonfinite", "logp_original", "logp_variant", "logp_sampled")
 # A collective whose result has a dimension of the full vocabulary (or of a vocabulary shard
 # times the tensor size) would mean the logits or the embedding were gathered.
-COLLECTIVE = re.compile(r"= (\S+) (all-gather|all-to-all|collective-permute|all-reduce)\(")
+COLLECTIVE = re.compile(
+    r"= (\([^)]*\)|\S+) (all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter)"
+    r"(?:-start)?\("
+)
 
 
 def engine(models: list, shape: tuple[int, int, int] | None) -> RolloutEngine:
@@ -60,6 +64,21 @@ def step_collectives(e: RolloutEngine) -> list[str]:
     return [f"{m.group(2)} {m.group(1)}" for m in COLLECTIVE.finditer(lowered.compile().as_text())]
 
 
+def gather_control(e: RolloutEngine) -> list[str]:
+    """Collectives of a program that does gather the vocabulary-sharded logits to every device:
+    the control that shows the check on the step's collectives can fail."""
+    mesh = e._spec.mesh
+    logits = jax.device_put(
+        np.zeros((4, DENSE.vocab_size), np.float32), sharding.logits_sharding(mesh)
+    )
+
+    def gathered(x: jax.Array) -> jax.Array:
+        return jnp.argmax(jax.lax.with_sharding_constraint(x, sharding.replicated(mesh)), -1)
+
+    text = jax.jit(gathered).lower(logits).compile().as_text()
+    return [f"{m.group(2)} {m.group(1)}" for m in COLLECTIVE.finditer(text)]
+
+
 def param_bytes(e: RolloutEngine) -> list[int]:
     """Bytes of both models' parameters held on each device."""
     per = {d: 0 for d in e._spec.mesh.devices.flat}
@@ -81,6 +100,7 @@ def main(out: str) -> None:
         meta[tag] = {"param_bytes": param_bytes(e), "vocab": DENSE.vocab_size}
         if shape is not None:
             meta[tag]["collectives"] = step_collectives(e)
+            meta[tag]["control"] = gather_control(e)
     np.savez(out + ".npz", **arrays)
     with open(out + ".json", "w") as f:
         json.dump(meta, f)

@@ -17,6 +17,10 @@ for a recurrent layer). The layer-state protocol, on the model config (`empty_pr
 leaves, indexed by slot or entry) and donates them as opaque pytrees. Implemented by
 `lpe_jax.model.qwen3.Qwen3` and `lpe_jax.model.qwen35.Qwen35`.
 
+On the mesh (`lpe_jax.decoding.sharding`: 'rows', 'tensor', 'experts') the params and the state
+are placed by rules and XLA partitions every function: slots split over rows, K/V by heads,
+logits [S, V] by vocabulary shards, which the step mixes and samples without gathering them.
+
 `DeviceSpec` is everything static apart from tunables: the refill cap (`refills`) is a static
 argument of `generate` alone, so changing it compiles one more step and never a prefill. Shapes
 (slots S, prompt entries P, prompt positions Pb, queue Q) come from the state `init_state` builds.

@@ -16,6 +16,7 @@ analysis.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -257,7 +258,9 @@ def param_bytes_per_device(cfg: ModelConfig, dtype: Any, mesh_shape: tuple[int, 
     return (split + whole) * b
 
 
+@functools.cache
 def _total_params(cfg: ModelConfig) -> int:
+    """Parameter count (a Qwen3.5 model's from its abstract shape: no memory, a trace)."""
     if isinstance(cfg, Qwen3Config):
         return cfg.num_params()
     from flax import nnx  # noqa: PLC0415  (only to count a Qwen3.5 model's parameters)
