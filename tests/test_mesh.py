@@ -47,6 +47,8 @@ def test_check_mesh_names_what_does_not_divide_and_the_fix():
     assert "tensor in [1, 2, 4]" in msg  # the common divisors of every tensor-split size
     with pytest.raises(ValueError, match="num_experts=6 does not divide over experts=4"):
         sharding.check_mesh((1, 2, 4), 8, [MOE])
+    with pytest.raises(ValueError, match="experts=2 splits nothing"):
+        sharding.check_mesh((2, 2, 2), 8, [DENSE])
 
 
 def _path(*names: str) -> tuple:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -234,6 +234,8 @@ def check_mesh(shape: Sequence[int], num_devices: int, cfgs: Sequence[Any] = ())
                 problems.append(f"{field}={size} does not divide over {axis}={sizes[axis]}")
         if not _dims(cfg) and sizes[TENSOR] * sizes[EXPERTS] > 1:
             problems.append(f"{type(cfg).__name__} has no tensor/expert sharding rules")
+    if cfgs and sizes[EXPERTS] > 1 and EXPERTS not in by_axis:
+        problems.append(f"experts={sizes[EXPERTS]} splits nothing (no model has experts)")
     if problems:
         fixes = []
         for axis, dims in by_axis.items():
@@ -288,8 +290,3 @@ def row_groups(mesh: Mesh) -> int:
 def round_to_devices(rows: int, num_devices: int) -> int:
     """Largest multiple of num_devices that is <= rows, and at least num_devices."""
     return max(num_devices, rows // num_devices * num_devices)
-
-
-def describe(mesh: Mesh) -> Mapping[str, int]:
-    """{'rows': n, 'tensor': t, 'experts': e}: the mesh shape by axis name (for manifests)."""
-    return {a: int(mesh.shape.get(a, 1)) for a in AXES}
