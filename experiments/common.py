@@ -338,10 +338,24 @@ def mesh_shape() -> tuple[int, int, int] | None:
     return None if FLAGS.mesh is None else sharding.parse_mesh_shape(FLAGS.mesh)
 
 
+def _weights_per_device(pair: Any, shape: tuple[int, int, int]) -> int | None:
+    """Both models' parameter bytes per device with a low-rank variant (--variant_low_rank=auto):
+    the original's, plus the variant's own arrays (factors, tensors kept whole) taken as split
+    like the rest; None otherwise (memory.plan_mesh counts both models from their configs)."""
+    if FLAGS.variant_low_rank != "auto" or pair.variant is None:
+        return None
+    from lpe_jax.decoding import memory
+    from lpe_jax.model.low_rank import unique_param_bytes
+
+    own = unique_param_bytes(pair.original, pair.variant) - unique_param_bytes(pair.original)
+    original = memory.param_bytes_per_device(pair.original.cfg, pair.original.dtype, shape)
+    return original + -(-own // (shape[1] * shape[2]))
+
+
 def check_memory_plan(pair: Any, max_prompt_len: int, steps_per_call: int) -> None:
-    """Refuse, before any weight is placed, a mesh on which both models' weights (and
-    --max_rows slots when set) exceed a device's memory, with the numbers; the engine sizes
-    unset slots from what is left."""
+    """Refuse, before the engine spreads the weights over the mesh, a mesh on which both models'
+    weights (and --max_rows slots when set) exceed a device's memory, with the numbers; the
+    engine sizes unset slots from what is left."""
     import jax
 
     from lpe_jax.decoding import memory, sharding
@@ -356,6 +370,7 @@ def check_memory_plan(pair: Any, max_prompt_len: int, steps_per_call: int) -> No
         pair.original.cfg, None if v is None else v.cfg, pair.original.dtype,
         pair.original.dtype if v is None else v.dtype, shape, FLAGS.max_rows or 0, 0,
         FLAGS.max_new_tokens, prompt_bucket(max_prompt_len), steps_per_call, ATTENTION_BLOCK,
+        _weights_per_device(pair, shape),
     )  # fmt: skip
     limit = memory.device_limit_bytes(devices[0])
     if not plan.fits(limit):
@@ -388,7 +403,8 @@ def make_engine(pair: Any, max_prompt_len: int, **kw: Any) -> Any:
         mesh_shape=mesh_shape(),
         **kw,
     )
-    plan, limit = engine.memory_plan(), memory.device_limit_bytes(jax.local_devices()[0])
+    plan = engine.memory_plan(_weights_per_device(pair, engine.mesh_shape))
+    limit = memory.device_limit_bytes(jax.local_devices()[0])
     logging.info("%s", plan.summary(limit))
     if not plan.fits(limit):
         raise ValueError(f"{plan.summary(limit)}: does not fit a device; lower --max_rows.")

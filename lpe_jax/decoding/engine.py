@@ -326,13 +326,14 @@ class RolloutEngine:
         """(rows, tensor, experts): the device mesh the engine runs on."""
         return tuple(int(n) for n in self._spec.mesh.devices.shape)
 
-    def memory_plan(self) -> memory.MeshPlan:
-        """Planned bytes on each device at this engine's slots and prompt-table size."""
+    def memory_plan(self, weights: int | None = None) -> memory.MeshPlan:
+        """Planned bytes on each device at this engine's slots and prompt-table size (weights:
+        see `memory.plan_mesh`)."""
         (cfg_o, dt_o), (cfg_v, dt_v) = self._spec.kv_shapes
         return memory.plan_mesh(
             cfg_o, None if self.single else cfg_v, dt_o, dt_v, self.mesh_shape, self.slots,
             self.max_prompts, self.max_new_tokens, self.prompt_slots, self.steps_per_call,
-            attention_block=self._spec.attention_block,
+            attention_block=self._spec.attention_block, weights=weights,
         )  # fmt: skip
 
     # --- public API ---

@@ -324,15 +324,19 @@ def plan_mesh(
     prompt_slots: int,
     steps_per_call: int = 16,
     attention_block: int = 0,
+    weights: int | None = None,
 ) -> MeshPlan:
     """The per-device plan of an engine with `slots` slots and `prompts` table entries on a mesh
     (variant None: one model). Slots are split over rows (rounded up), weights and the table
-    copied over rows; see `param_bytes_per_device` and `split_over_tensor`."""
+    copied over rows; see `param_bytes_per_device` and `split_over_tensor`. weights: both
+    models' parameter bytes per device where the configs overstate them (a low-rank variant
+    shares the original's arrays); None: from the configs."""
     v_cfg = original.without_layers() if variant is None else variant
     shapes = (original, v_cfg, original_dtype, variant_dtype)
-    weights = param_bytes_per_device(original, original_dtype, mesh_shape)
-    if variant is not None:
-        weights += param_bytes_per_device(variant, variant_dtype, mesh_shape)
+    if weights is None:
+        weights = param_bytes_per_device(original, original_dtype, mesh_shape)
+        if variant is not None:
+            weights += param_bytes_per_device(variant, variant_dtype, mesh_shape)
     slot = bytes_per_slot(
         *shapes, max_new_tokens, prompt_slots, steps_per_call, attention_block=attention_block
     )
