@@ -300,16 +300,19 @@ class MeshPlan:
         return limit_bytes is None or self.total <= limit_bytes
 
     def summary(self, limit_bytes: int | None = None) -> str:
-        """One line: the mesh and each part in GiB (and the device's memory when known)."""
-        g = 2.0**30
+        """One line: the mesh and each part (and the device's memory when known)."""
         rows, t, e = self.mesh_shape
         line = (
             f"plan per device, mesh rows={rows} tensor={t} experts={e}: weights "
-            f"{self.weights / g:.2f} GiB + {self.slots} slots x {self.slot_bytes / 2**20:.1f} "
-            f"MiB + {self.prompts} prompts x {self.prompt_bytes / 2**20:.1f} MiB = "
-            f"{self.total / g:.2f} GiB"
+            f"{_size(self.weights)} + {self.slots} slots x {_size(self.slot_bytes)} + "
+            f"{self.prompts} prompts x {_size(self.prompt_bytes)} = {_size(self.total)}"
         )
-        return line if limit_bytes is None else f"{line} of {limit_bytes / g:.2f} GiB"
+        return line if limit_bytes is None else f"{line} of {_size(limit_bytes)}"
+
+
+def _size(nbytes: int) -> str:
+    """nbytes in GiB from 1 GiB up, else in MiB."""
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
 
 
 def plan_mesh(
