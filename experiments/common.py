@@ -145,6 +145,14 @@ def define_model_flags() -> None:
         "lm_head.weight: use the embedding (transformers 4) or lm_head.weight (transformers 5) "
         "as the output head. Unset, such a checkpoint is refused.",
     )
+    flags.DEFINE_string(
+        "mesh",
+        None,
+        "Device mesh rows,tensor,experts (e.g. 2,4,1; product = the local device count): rows "
+        "split the engine's slots; tensor splits attention heads, K/V heads, MLP and vocabulary; "
+        "experts a MoE's experts. Unset: every device on rows, both models whole on each. Rows "
+        "do not depend on it (tokens equal; log-probs to float32 rounding).",
+    )
     flags.DEFINE_enum(
         "variant_low_rank",
         "off",
@@ -331,13 +339,66 @@ def max_prompt_len(pair: Any, prompts: list[Any]) -> int:
     return max(len(prompt_ids(pair, p.text)) for p in prompts)
 
 
+def mesh_shape() -> tuple[int, int, int] | None:
+    """--mesh as (rows, tensor, experts); None when unset (every local device on rows)."""
+    from lpe_jax.decoding import sharding
+
+    return None if FLAGS.mesh is None else sharding.parse_mesh_shape(FLAGS.mesh)
+
+
+def _weights_per_device(pair: Any, shape: tuple[int, int, int]) -> int | None:
+    """Both models' parameter bytes per device with a low-rank variant (--variant_low_rank=auto):
+    the original's, plus the variant's own arrays (factors, tensors kept whole) taken as split
+    like the rest; None otherwise (memory.plan_mesh counts both models from their configs)."""
+    if FLAGS.variant_low_rank != "auto" or pair.variant is None:
+        return None
+    from lpe_jax.decoding import memory
+    from lpe_jax.model.low_rank import unique_param_bytes
+
+    own = unique_param_bytes(pair.original, pair.variant) - unique_param_bytes(pair.original)
+    original = memory.param_bytes_per_device(pair.original.cfg, pair.original.dtype, shape)
+    return original + -(-own // (shape[1] * shape[2]))
+
+
+def check_memory_plan(pair: Any, max_prompt_len: int, steps_per_call: int) -> None:
+    """Refuse, before the engine spreads the weights over the mesh, a mesh on which both models'
+    weights (and --max_rows slots when set) exceed a device's memory, with the numbers; the
+    engine sizes unset slots from what is left."""
+    import jax
+
+    from lpe_jax.decoding import memory, sharding
+    from lpe_jax.decoding.engine_device import ATTENTION_BLOCK
+    from lpe_jax.decoding.rollouts import prompt_bucket
+
+    devices = jax.local_devices()
+    shape = mesh_shape() or (len(devices), 1, 1)
+    v = pair.variant
+    sharding.check_mesh(shape, len(devices), [m.cfg for m in (pair.original, v) if m is not None])
+    plan = memory.plan_mesh(
+        pair.original.cfg, None if v is None else v.cfg, pair.original.dtype,
+        pair.original.dtype if v is None else v.dtype, shape, FLAGS.max_rows or 0, 0,
+        FLAGS.max_new_tokens, prompt_bucket(max_prompt_len), steps_per_call, ATTENTION_BLOCK,
+        _weights_per_device(pair, shape),
+    )  # fmt: skip
+    limit = memory.device_limit_bytes(devices[0])
+    if not plan.fits(limit):
+        raise ValueError(
+            f"{plan.summary(limit)}: does not fit a device. Spread the weights over more devices "
+            "(a larger tensor or experts size in --mesh), lower --max_rows, or use bfloat16."
+        )
+
+
 def make_engine(pair: Any, max_prompt_len: int, **kw: Any) -> Any:
     """The rollout engine on both models (--path, --max_new_tokens, --temperature, --max_rows,
-    --refills_per_step), memory planned for prompts of up to max_prompt_len tokens (kw:
-    RolloutEngine's)."""
+    --refills_per_step, --mesh), memory planned for prompts of up to max_prompt_len tokens (kw:
+    RolloutEngine's). Logs the per-device memory plan; refuses one that does not fit."""
+    import jax
+
+    from lpe_jax.decoding import memory
     from lpe_jax.decoding.engine import RolloutEngine
 
-    return RolloutEngine(
+    check_memory_plan(pair, max_prompt_len, kw.get("steps_per_call", 16))
+    engine = RolloutEngine(
         pair.original,
         pair.variant,
         path_shape(),
@@ -347,8 +408,15 @@ def make_engine(pair: Any, max_prompt_len: int, **kw: Any) -> Any:
         slots=FLAGS.max_rows,
         refills_per_step=FLAGS.refills_per_step,
         max_prompt_len=max_prompt_len,
+        mesh_shape=mesh_shape(),
         **kw,
     )
+    plan = engine.memory_plan(_weights_per_device(pair, engine.mesh_shape))
+    limit = memory.device_limit_bytes(jax.local_devices()[0])
+    logging.info("%s", plan.summary(limit))
+    if not plan.fits(limit):
+        raise ValueError(f"{plan.summary(limit)}: does not fit a device; lower --max_rows.")
+    return engine
 
 
 def make_scheduler(engine: Any, judge: Any = None, decode: Any = None, **kw: Any) -> Any:
@@ -401,6 +469,7 @@ def sampling_manifest(pair: Any, prompts: list[data.Prompt]) -> dict[str, Any]:
         # Recorded only when set, so runs sampled before the flag existed keep their manifest.
         **({"tied_head": FLAGS.tied_head} if FLAGS.tied_head else {}),
         **({"variant_low_rank": "auto"} if FLAGS.variant_low_rank == "auto" else {}),
+        **({"mesh": ",".join(map(str, mesh_shape()))} if FLAGS.mesh else {}),
     }
 
 

@@ -194,7 +194,12 @@ class RolloutEngine:
 
     original, variant, path, max_new_tokens, eos_token_ids, temperature, devices, tokenizer_ids:
         as for `PairedSampler` (rows match its rows for equal seeds).
-    slots: rows decoded at once (rounded down to a multiple of the device count); None sizes it
+    mesh_shape: (rows, tensor, experts) sizes of the device mesh over `devices`
+        (`sharding.pair_mesh`; checked against both models: whole heads, experts and equal
+        vocabulary shards per device); None: (devices, 1, 1), parameters replicated and rows
+        split over every device. Rows do not depend on the mesh (tokens equal; log-probs to
+        float32 rounding, since a split contraction sums in another order).
+    slots: rows decoded at once (rounded down to a multiple of the mesh's rows size); None sizes it
         from free device memory (`memory.plan_engine`), memory.DEFAULT_CPU_ROWS on CPU.
     max_prompts: prompts whose K/V prefix the device holds at once; None: from memory.
     steps_per_call: decode steps per generate call (how often the host reads results).
@@ -246,6 +251,7 @@ class RolloutEngine:
         refills_per_step: int | None = None,
         attention_block: int = dev.ATTENTION_BLOCK,
         pair_batch: bool | None = None,
+        mesh_shape: tuple[int, int, int] | None = None,
     ) -> None:
         before = compilations()
         self.single = variant is None
@@ -267,7 +273,7 @@ class RolloutEngine:
         self._cfgs = (pair[0].cfg, pair[1].cfg)
         self._spec, self._params = dev.DeviceSpec.build(
             original, variant, self.path.fn, self.max_new_tokens, eos, float(temperature),
-            sharding.row_mesh(devices), attention_block, pair_batch,
+            sharding.pair_mesh(mesh_shape, devices, self._cfgs), attention_block, pair_batch,
         )  # fmt: skip
         self.paired = self._spec.pair_whole is not None
         self.slots, self.max_prompts = self._plan(slots, max_prompts)
@@ -301,15 +307,18 @@ class RolloutEngine:
         if max_prompts is not None:
             as_int("max_prompts", max_prompts, 1)
         mesh = self._spec.mesh
+        shape = self.mesh_shape
         n_slots, n_prompts = memory.plan_engine(
             free_bytes=memory.device_free_bytes(mesh.devices.flat[0]),
-            slot_bytes=self._slot_bytes(),
-            prompt_bytes=memory.bytes_per_prompt(*self._kv_shapes(), self.prompt_slots),
-            num_devices=mesh.size,
+            slot_bytes=memory.split_over_tensor(self._slot_bytes(), shape),
+            prompt_bytes=memory.split_over_tensor(
+                memory.bytes_per_prompt(*self._kv_shapes(), self.prompt_slots), shape
+            ),
+            num_devices=sharding.row_groups(mesh),
             slots=slots,
             prompts=max_prompts,
         )
-        return sharding.round_to_devices(n_slots, mesh.size), n_prompts
+        return sharding.round_to_devices(n_slots, sharding.row_groups(mesh)), n_prompts
 
     def _kv_shapes(self) -> tuple:
         """(cfg_o, cfg_v, dtype_o, dtype_v), memory.py's argument order."""
@@ -320,6 +329,21 @@ class RolloutEngine:
         return memory.bytes_per_slot(
             *self._kv_shapes(), self.max_new_tokens, self.prompt_slots, self.steps_per_call,
             attention_block=self._spec.attention_block,
+        )  # fmt: skip
+
+    @property
+    def mesh_shape(self) -> tuple[int, int, int]:
+        """(rows, tensor, experts): the device mesh the engine runs on."""
+        return tuple(int(n) for n in self._spec.mesh.devices.shape)
+
+    def memory_plan(self, weights: int | None = None) -> memory.MeshPlan:
+        """Planned bytes on each device at this engine's slots and prompt-table size (weights:
+        see `memory.plan_mesh`)."""
+        (cfg_o, dt_o), (cfg_v, dt_v) = self._spec.kv_shapes
+        return memory.plan_mesh(
+            cfg_o, None if self.single else cfg_v, dt_o, dt_v, self.mesh_shape, self.slots,
+            self.max_prompts, self.max_new_tokens, self.prompt_slots, self.steps_per_call,
+            attention_block=self._spec.attention_block, weights=weights,
         )  # fmt: skip
 
     # --- public API ---

@@ -17,6 +17,10 @@ for a recurrent layer). The layer-state protocol, on the model config (`empty_pr
 leaves, indexed by slot or entry) and donates them as opaque pytrees. Implemented by
 `lpe_jax.model.qwen3.Qwen3` and `lpe_jax.model.qwen35.Qwen35`.
 
+On the mesh (`lpe_jax.decoding.sharding`: 'rows', 'tensor', 'experts') the params and the state
+are placed by rules and XLA partitions every function: slots split over rows, K/V by heads,
+logits [S, V] by vocabulary shards, which the step mixes and samples without gathering them.
+
 `DeviceSpec` is everything static apart from tunables: the refill cap (`refills`) is a static
 argument of `generate` alone, so changing it compiles one more step and never a prefill. Shapes
 (slots S, prompt entries P, prompt positions Pb, queue Q) come from the state `init_state` builds.
@@ -166,13 +170,14 @@ class DeviceSpec:
         attention_block: int = ATTENTION_BLOCK,
         pair_batch: bool | None = None,
     ) -> tuple[DeviceSpec, tuple[nnx.State, nnx.State | None]]:
-        """(spec, params replicated over the mesh). variant=None: `original` alone, sampled from
-        its own logits; no second state (planned and allocated as a model of no layers).
-        Both models implement the layer-state protocol (module docstring).
-        attention_block: see the field; 0 or a positive int. pair_batch: decode both models as
-        2S rows through one weight copy (see `pair_whole`); None: whenever the variant allows it
-        (`low_rank.pair_whole_tensors`), True: required (ValueError saying why it cannot),
-        False: never."""
+        """(spec, params placed on the mesh by `sharding.param_shardings`). variant=None:
+        `original` alone, sampled from its own logits; no second state (planned and allocated as
+        a model of no layers). Both models implement the layer-state protocol (module
+        docstring). mesh: axes ('rows', 'tensor', 'experts') (`sharding.pair_mesh`), checked
+        against both models here. attention_block: see the field; 0 or a positive int.
+        pair_batch: decode both models as 2S rows through one weight copy (see `pair_whole`);
+        None: whenever the variant allows it (`low_rank.pair_whole_tensors`), True: required
+        (ValueError saying why it cannot), False: never."""
         if isinstance(attention_block, bool) or not isinstance(attention_block, int):
             raise ValueError(f"attention_block must be an int >= 0; got {attention_block!r}.")
         if attention_block < 0:
@@ -194,10 +199,20 @@ class DeviceSpec:
             raise ValueError("pair_batch=True needs a variant; one model has no pair to batch.")
         cfg_v = original.cfg.without_layers() if single else variant.cfg
         dt_v = original.dtype if single else variant.dtype
+        if tuple(mesh.axis_names) != sharding.AXES:
+            raise ValueError(
+                f"the engine's mesh needs axes {sharding.AXES}; got {mesh.axis_names}. Build it "
+                "with lpe_jax.decoding.sharding.pair_mesh."
+            )
+        cfgs = (original.cfg,) if single else (original.cfg, variant.cfg)
+        sharding.check_mesh(tuple(mesh.devices.shape), mesh.size, cfgs)
         gd_o, st_o = nnx.split(original)
         gd_v, st_v = (None, None) if single else nnx.split(variant)
-        rep = sharding.replicated(mesh)
-        params = (jax.device_put(st_o, rep), None if single else jax.device_put(st_v, rep))
+
+        def place(st: nnx.State) -> nnx.State:
+            return jax.device_put(st, sharding.param_shardings(mesh, st))
+
+        params = (place(st_o), None if single else place(st_v))
         spec = cls(
             gd_o=gd_o,
             gd_v=gd_v,
@@ -220,8 +235,38 @@ def _own_logits(l_o: Array, l_v: Array, alpha: Array) -> Array:
     return l_o
 
 
-def _slot_sharded(spec: DeviceSpec, tree: Any) -> Any:
-    return jax.lax.with_sharding_constraint(tree, sharding.rows_sharding(spec.mesh))
+def _kv_sharded(spec: DeviceSpec, i: int, states: Any, lead: str | None) -> Any:
+    """Model i's layer states (slots: lead 'rows'; the prompt table: None) by the state rules."""
+    cfg = spec.kv_shapes[i][0]
+    return jax.lax.with_sharding_constraint(
+        states, sharding.state_shardings(spec.mesh, cfg, states, lead)
+    )
+
+
+def _slot_sharded(spec: DeviceSpec, slots: Slots) -> Slots:
+    """Every slot array split over 'rows'; layer states also by their rules (K/V heads)."""
+    rows = sharding.rows_sharding(spec.mesh)
+    kvs = [
+        SlotKV(
+            _kv_sharded(spec, i, kv.prompt, sharding.ROWS),
+            _kv_sharded(spec, i, kv.own, sharding.ROWS),
+        )
+        for i, kv in enumerate((slots.kv_o, slots.kv_v))
+    ]
+    rest = jax.lax.with_sharding_constraint(slots.replace(kv_o=(), kv_v=()), rows)
+    return rest.replace(kv_o=kvs[0], kv_v=kvs[1])
+
+
+def _table_sharded(spec: DeviceSpec, table: PromptTable) -> PromptTable:
+    """Prompt entries replicated over 'rows'; K/V heads and logits' vocabulary by the rules."""
+
+    def one(i: int, kv: PromptKV) -> PromptKV:
+        logits = jax.lax.with_sharding_constraint(
+            kv.logits, sharding.logits_sharding(spec.mesh, None)
+        )
+        return PromptKV(_kv_sharded(spec, i, kv.states, None), logits)
+
+    return table.replace(original=one(0, table.original), variant=one(1, table.variant))
 
 
 @functools.partial(
@@ -264,12 +309,13 @@ def init_state(
     )
     (cfg_o, dt_o), (cfg_v, dt_v) = spec.kv_shapes
     no_table = PromptKV((), jnp.zeros((prompts, 0), jnp.float32))
+    prompt_table = PromptTable(
+        jnp.ones((prompts,), jnp.int32),
+        table(cfg_o, dt_o),
+        table(cfg_v, dt_v) if spec.gd_v is not None else no_table,
+    )
     return EngineState(
-        prompts=PromptTable(
-            jnp.ones((prompts,), jnp.int32),
-            table(cfg_o, dt_o),
-            table(cfg_v, dt_v) if spec.gd_v is not None else no_table,
-        ),
+        prompts=_table_sharded(spec, prompt_table),
         queue=queue,
         slots=_slot_sharded(spec, slot_state),
     )
@@ -297,11 +343,12 @@ def prefill(
             logits=kv.logits.at[entry].set(logits),
         )
 
-    return PromptTable(
+    filled = PromptTable(
         length=table.length.at[entry].set(length),
         original=fill(spec.gd_o, params[0], table.original),
         variant=table.variant if spec.gd_v is None else fill(spec.gd_v, params[1], table.variant),
     )
+    return _table_sharded(spec, filled)
 
 
 @functools.partial(jax.jit, donate_argnames=("queue",))
@@ -376,6 +423,7 @@ def _model_logits(
     write = jnp.where(active, fed, spec.max_new_tokens)
     tables = (state.prompts.original, state.prompts.variant)
     fresh = (s.count == 0)[:, None]
+    vocab = sharding.logits_sharding(spec.mesh)
     if spec.pair_whole is not None:
         pair = paired_model(models[0], models[1], spec.pair_whole)
         args = (s.last, plen + fed, plen, write, active)
@@ -388,6 +436,8 @@ def _model_logits(
         slots = s.replace(kv_o=SlotKV(po, oo), kv_v=SlotKV(pv, ov))
         l_o = jnp.where(fresh, tables[0].logits[s.prompt], l_o)
         l_v = jnp.where(fresh, tables[1].logits[s.prompt], l_v)
+        l_o = jax.lax.with_sharding_constraint(l_o, vocab)
+        l_v = jax.lax.with_sharding_constraint(l_v, vocab)
         return l_o, l_v, state.replace(slots=slots)
     cond = {"alpha": s.alpha} if spec.conditioned else {}
     logits, kvs = [], [s.kv_o, s.kv_v]
@@ -406,7 +456,8 @@ def _model_logits(
             block=spec.attention_block,
             **cond,
         )
-        logits.append(jnp.where(fresh, table.logits[s.prompt], decoded))
+        mixed = jnp.where(fresh, table.logits[s.prompt], decoded)
+        logits.append(jax.lax.with_sharding_constraint(mixed, vocab))
         kvs[i] = SlotKV(prompt, own)
     slots = s.replace(kv_o=kvs[0], kv_v=kvs[1])
     return logits[0], logits[1], state.replace(slots=slots)
@@ -421,7 +472,10 @@ def _step(
     l_o, l_v, state = _model_logits(spec, models, state)
     s = state.slots
     keys = jax.random.wrap_key_data(s.key)
-    x = sample_step(spec.path_fn, spec.temperature, l_o, l_v, s.alpha, keys, s.count)
+    x = sample_step(
+        spec.path_fn, spec.temperature, l_o, l_v, s.alpha, keys, s.count,
+        vocab_sharding=sharding.logits_sharding(spec.mesh),
+    )  # fmt: skip
     busy = s.handle >= 0
     kept = busy & ~x.bad
     count = s.count + kept

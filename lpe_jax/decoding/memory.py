@@ -15,6 +15,8 @@ analysis.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -227,3 +229,142 @@ def plan_engine(
     if slots is None:
         slots = rows_that_fit(free_bytes, slot_bytes, prompts * prompt_bytes) * num_devices
     return slots, prompts
+
+
+# --- per device, on a mesh (rows, tensor, experts); see lpe_jax.decoding.sharding ---
+
+
+def param_bytes_per_device(cfg: ModelConfig, dtype: Any, mesh_shape: tuple[int, int, int]) -> int:
+    """Bytes of one model's parameters on each device of a (rows, tensor, experts) mesh, placed
+    by `lpe_jax.decoding.sharding`'s rules: query heads, K/V heads, dense MLP hidden units, each
+    expert's hidden units and the vocabulary (embedding, LM head) split over tensor; experts over
+    experts; norms, q/k norms and the router whole on every device; all of it copied over rows.
+    The mesh must divide the model (`sharding.check_mesh`). A Qwen3.5 model has no tensor or
+    expert rules: rows-only meshes (ValueError otherwise)."""
+    _, t, e = mesh_shape
+    b = jax.numpy.dtype(dtype).itemsize
+    if not isinstance(cfg, Qwen3Config):
+        if t * e > 1:
+            raise ValueError(
+                f"{type(cfg).__name__} is not placed by tensor/expert rules; plan it on a "
+                "rows-only mesh (N, 1, 1)."
+            )
+        return _total_params(cfg) * b
+    h, hd, v = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
+    heads, kv = cfg.num_heads, cfg.num_kv_heads
+    split = v * h * (1 if cfg.tie_word_embeddings else 2) // t  # embedding (+ LM head)
+    whole = h  # the final norm
+    for i in range(cfg.num_layers):
+        split += h * hd * (2 * heads + 2 * kv) // t
+        whole += 2 * hd + 2 * h  # q/k norms, two layer norms
+        if cfg.attention_bias:
+            split += hd * (heads + 2 * kv) // t
+            whole += h
+        if cfg.is_sparse(i):
+            split += 3 * cfg.num_experts * h * cfg.moe_intermediate_size // (t * e)
+            whole += h * cfg.num_experts  # router
+        else:
+            split += 3 * h * cfg.intermediate_size // t
+    return (split + whole) * b
+
+
+@functools.cache
+def _total_params(cfg: ModelConfig) -> int:
+    """Parameter count (a Qwen3.5 model's from its abstract shape: no memory, a trace)."""
+    if isinstance(cfg, Qwen3Config):
+        return cfg.num_params()
+    from flax import nnx  # noqa: PLC0415  (only to count a Qwen3.5 model's parameters)
+
+    from lpe_jax.model.qwen35 import Qwen35  # noqa: PLC0415
+
+    model = nnx.eval_shape(lambda: Qwen35(cfg, rngs=nnx.Rngs(0)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def split_over_tensor(nbytes: int, mesh_shape: tuple[int, int, int]) -> int:
+    """A slot's or prompt's bytes on one device of the mesh: its K/V (K/V heads), logits
+    (vocabulary) and one layer's temporaries (heads, MLP hidden units) are split over tensor; the
+    residual-stream vectors and the row's scalars, a few KiB, are counted split too."""
+    return -(-nbytes // mesh_shape[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshPlan:
+    """Planned device bytes on each device of a (rows, tensor, experts) mesh: both models'
+    weights, the slots on the device's row group (their K/V or state, logits, temporaries,
+    `bytes_per_slot`) and the prompt table (`bytes_per_prompt`), per device."""
+
+    mesh_shape: tuple[int, int, int]
+    weights: int
+    slots: int  # slots on each device (the engine's slots / rows)
+    slot_bytes: int  # one slot, on one device
+    prompts: int
+    prompt_bytes: int  # one prompt-table entry, on one device
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.slots * self.slot_bytes + self.prompts * self.prompt_bytes
+
+    def fits(self, limit_bytes: int | None) -> bool:
+        """Within limit_bytes (a device's memory); True where the backend reports none."""
+        return limit_bytes is None or self.total <= limit_bytes
+
+    def summary(self, limit_bytes: int | None = None) -> str:
+        """One line: the mesh and each part (and the device's memory when known)."""
+        rows, t, e = self.mesh_shape
+        line = (
+            f"plan per device, mesh rows={rows} tensor={t} experts={e}: weights "
+            f"{_size(self.weights)} + {self.slots} slots x {_size(self.slot_bytes)} + "
+            f"{self.prompts} prompts x {_size(self.prompt_bytes)} = {_size(self.total)}"
+        )
+        return line if limit_bytes is None else f"{line} of {_size(limit_bytes)}"
+
+
+def _size(nbytes: int) -> str:
+    """nbytes in GiB from 1 GiB up, else in MiB."""
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
+
+
+def plan_mesh(
+    original: ModelConfig,
+    variant: ModelConfig | None,
+    original_dtype: Any,
+    variant_dtype: Any,
+    mesh_shape: tuple[int, int, int],
+    slots: int,
+    prompts: int,
+    max_new_tokens: int,
+    prompt_slots: int,
+    steps_per_call: int = 16,
+    attention_block: int = 0,
+    weights: int | None = None,
+) -> MeshPlan:
+    """The per-device plan of an engine with `slots` slots and `prompts` table entries on a mesh
+    (variant None: one model). Slots are split over rows (rounded up), weights and the table
+    copied over rows; see `param_bytes_per_device` and `split_over_tensor`. weights: both
+    models' parameter bytes per device where the configs overstate them (a low-rank variant
+    shares the original's arrays); None: from the configs."""
+    v_cfg = original.without_layers() if variant is None else variant
+    shapes = (original, v_cfg, original_dtype, variant_dtype)
+    if weights is None:
+        weights = param_bytes_per_device(original, original_dtype, mesh_shape)
+        if variant is not None:
+            weights += param_bytes_per_device(variant, variant_dtype, mesh_shape)
+    slot = bytes_per_slot(
+        *shapes, max_new_tokens, prompt_slots, steps_per_call, attention_block=attention_block
+    )
+    prompt = bytes_per_prompt(*shapes, prompt_slots)
+    return MeshPlan(
+        mesh_shape=tuple(mesh_shape),
+        weights=weights,
+        slots=-(-slots // mesh_shape[0]),
+        slot_bytes=split_over_tensor(slot, mesh_shape),
+        prompts=prompts,
+        prompt_bytes=split_over_tensor(prompt, mesh_shape),
+    )
+
+
+def device_limit_bytes(device: jax.Device) -> int | None:
+    """The device's memory (memory_stats' bytes_limit); None where the backend reports none."""
+    stats = device.memory_stats()
+    return None if not stats or "bytes_limit" not in stats else int(stats["bytes_limit"])

@@ -245,6 +245,23 @@ def _token_logp(logits: jax.Array, tok: jax.Array) -> jax.Array:
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def _gumbel_max(keys: jax.Array, logits: jax.Array, sharding: Any) -> jax.Array:
+    """int32 [B]: argmax over V of logits [B, V] + Gumbel noise drawn from keys [B].
+
+    The same draw as `jax.vmap(jax.random.categorical)(keys, logits)` (its Gumbel noise and
+    argmax). `sharding` (a [B, V] sharding, or None) places the noise like the logits: JAX's
+    partitionable threefry makes noise element v a function of (key, v) alone, so each device
+    draws only its vocabulary shard and the tokens do not depend on the mesh; the argmax over a
+    sharded V is a per-shard argmax and a cross-shard max of [B, shards] (ties: lowest index).
+    """
+    v = logits.shape[-1]
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, (v,), logits.dtype))(keys)
+    if sharding is not None:
+        noise = jax.lax.with_sharding_constraint(noise, sharding)
+        logits = jax.lax.with_sharding_constraint(logits, sharding)
+    return jnp.argmax(noise + logits, axis=-1).astype(jnp.int32)
+
+
 def sample_step(
     path_fn: PathFn,
     temperature: float,
@@ -253,20 +270,27 @@ def sample_step(
     alpha: jax.Array,
     row_key: jax.Array,
     token_index: jax.Array,
+    vocab_sharding: Any = None,
 ) -> Sampled:
     """Sample token `token_index` ([B] or scalar) of each row from the path at alpha f32 [B].
 
     l_o, l_v: float32 logits [B, V] of both models on each row's context. The key is
     fold_in(row_key, token_index), so the draw depends only on the row and its own token index.
+    vocab_sharding: None, or the [B, V] sharding of the logits on a mesh (rows by vocabulary
+    shards): the path is mixed per shard, the Gumbel-max's noise drawn per shard, and the
+    log-softmaxes are reductions XLA partitions (a cross-shard max and sum); no full-vocabulary
+    array is gathered. Tokens equal the unsharded draw's.
     """
     l_path = path_fn(l_o, l_v, alpha[:, None]).astype(jnp.float32)
     if temperature != 1.0:
         l_path = l_path / temperature
+    if vocab_sharding is not None:
+        l_path = jax.lax.with_sharding_constraint(l_path, vocab_sharding)
     bad = _invalid(l_path) | _invalid(l_o) | _invalid(l_v)
     index = jnp.broadcast_to(token_index, alpha.shape)
     keys = jax.vmap(jax.random.fold_in)(row_key, index)
     safe = jnp.where(bad[:, None], 0.0, l_path)
-    tok = jax.vmap(jax.random.categorical)(keys, safe).astype(jnp.int32)
+    tok = _gumbel_max(keys, safe, vocab_sharding)
     return Sampled(tok, _token_logp(l_o, tok), _token_logp(l_v, tok), _token_logp(safe, tok), bad)
 
 

@@ -1,27 +1,275 @@
-"""Row sharding for the paired sampler: one mesh axis, 'rows', over the local devices.
+"""The pair's device mesh and its sharding rules: axes ('rows', 'tensor', 'experts').
 
-Row-batched arrays (tokens, per-row caches, keys) are split over 'rows'; params and the shared
-prompt cache are replicated. Every row's computation stays on one device, so results do not depend
-on the device count.
+- 'rows' splits the engine's slots (a data axis): every row's arrays live on one row group.
+- 'tensor' splits attention heads and K/V heads, the dense MLP's hidden units, each expert's hidden
+  units and the vocabulary (embedding, LM head, logits).
+- 'experts' splits a MoE layer's experts.
+
+As in jax-ml/jax-llm-examples' qwen3, every array dimension has a *logical* axis (`PARAM_AXES`
+by parameter name, `state_axes` by layer kind) and `ShardingRules` maps logical axes to mesh
+axes; arrays get `NamedSharding`s from these and XLA partitions the program, inserting the
+collectives. Nothing here communicates by hand: the sampler's cross-shard max (Gumbel-max) and
+log-sum-exp are ordinary reductions over the vocabulary-sharded logits. A mesh (n, 1, 1) is the
+row sharding of earlier versions: parameters replicated, rows split over n devices.
+
+`check_mesh` validates a mesh shape against the device count and the models' dimensions before
+anything is placed; every dimension a mesh axis splits must divide evenly (whole heads, whole
+experts, equal vocabulary shards).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-ROWS = "rows"
+from lpe_jax.model.qwen3 import Qwen3Config
+
+ROWS, TENSOR, EXPERTS = "rows", "tensor", "experts"
+AXES = (ROWS, TENSOR, EXPERTS)
+
+Logical = tuple[str | None, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical axis -> mesh axis (None: replicated along that dimension)."""
+
+    rows: str | None = ROWS
+    vocab: str | None = TENSOR
+    heads: str | None = TENSOR
+    kv_heads: str | None = TENSOR
+    ffw: str | None = TENSOR
+    experts: str | None = EXPERTS
+    expert_ffw: str | None = TENSOR
+    embed: str | None = None
+
+
+RULES = ShardingRules()
+
+# Logical axes of each parameter, keyed by the last names of its path (module attribute names;
+# layer indices dropped). The longest matching suffix wins ('experts', 'gate_proj' before
+# 'gate_proj'). Weights are stored [in, out].
+PARAM_AXES: dict[tuple[str, ...], Logical] = {
+    ("embed_tokens",): ("vocab", "embed"),
+    ("lm_head",): ("embed", "vocab"),
+    ("norm",): ("embed",),
+    ("input_layernorm",): ("embed",),
+    ("post_attention_layernorm",): ("embed",),
+    ("self_attn", "q_proj"): ("embed", "heads"),
+    ("self_attn", "k_proj"): ("embed", "kv_heads"),
+    ("self_attn", "v_proj"): ("embed", "kv_heads"),
+    ("self_attn", "o_proj"): ("heads", "embed"),
+    ("self_attn", "q_bias"): ("heads",),
+    ("self_attn", "k_bias"): ("kv_heads",),
+    ("self_attn", "v_bias"): ("kv_heads",),
+    ("self_attn", "o_bias"): ("embed",),
+    ("self_attn", "q_norm"): (None,),  # over head_dim: every head shard needs all of it
+    ("self_attn", "k_norm"): (None,),
+    ("mlp", "gate_proj"): ("embed", "ffw"),
+    ("mlp", "up_proj"): ("embed", "ffw"),
+    ("mlp", "down_proj"): ("ffw", "embed"),
+    ("mlp", "gate"): ("embed", None),  # the MoE router: every token scores every expert
+    ("experts", "gate_proj"): ("experts", "embed", "expert_ffw"),
+    ("experts", "up_proj"): ("experts", "embed", "expert_ffw"),
+    ("experts", "down_proj"): ("experts", "expert_ffw", "embed"),
+}
+
+# A low-rank weight (lpe_jax.model.low_rank.LowRankWeight) keeps the named parameter's base and
+# factors u [rows, r], vt [r, cols]: u follows the weight's rows, vt its columns.
+_LOW_RANK_LEAVES = ("base", "u", "vt")
+
+
+def logical_to_spec(logical: Logical, rules: ShardingRules = RULES) -> PartitionSpec:
+    """The PartitionSpec of an array whose dimensions have these logical axes."""
+    spec = [None if a is None else getattr(rules, a) for a in logical]
+    used = [a for a in spec if a is not None]
+    if len(set(used)) != len(used):
+        raise ValueError(f"logical axes {logical} map two dimensions to one mesh axis: {spec}.")
+    return PartitionSpec(*spec)
+
+
+def _names(path: Sequence[Any]) -> tuple[str, ...]:
+    """A pytree path's string keys, without 'value' (an nnx.Variable's) and layer indices."""
+    out = []
+    for k in path:
+        name = getattr(k, "key", getattr(k, "name", None))
+        if isinstance(name, str) and name != "value":
+            out.append(name)
+    return tuple(out)
+
+
+def param_axes(path: Sequence[Any], ndim: int) -> Logical | None:
+    """Logical axes of the parameter leaf at `path` (a pytree key path of a model's nnx.State),
+    or None when no rule names it. Low-rank factors follow their weight (see _LOW_RANK_LEAVES)."""
+    names = _names(path)
+    part = None
+    if names and names[-1] in _LOW_RANK_LEAVES:
+        part, names = names[-1], names[:-1]
+    for n in range(len(names), 0, -1):
+        axes = PARAM_AXES.get(names[-n:])
+        if axes is not None:
+            break
+    else:
+        return None
+    if part == "u":
+        axes = (axes[0], None)
+    elif part == "vt":
+        axes = (None, axes[-1])
+    return axes if len(axes) == ndim else None
+
+
+def _splits(mesh: Mesh) -> bool:
+    """Whether the mesh splits any parameter (a 'tensor' or 'experts' axis longer than 1)."""
+    return mesh.shape.get(TENSOR, 1) * mesh.shape.get(EXPERTS, 1) > 1
+
+
+def param_shardings(mesh: Mesh, params: Any, rules: ShardingRules = RULES) -> Any:
+    """NamedShardings for a model's parameter state (same tree), from `PARAM_AXES`.
+
+    On a mesh that splits parameters, a leaf no rule names raises ValueError (it would be
+    replicated on every device unnoticed); on a rows-only mesh everything is replicated.
+    """
+    split = _splits(mesh)
+
+    def one(path: Sequence[Any], x: Any) -> NamedSharding:
+        axes = param_axes(path, np.ndim(x))
+        if axes is None:
+            if split:
+                raise ValueError(
+                    f"no sharding rule for parameter {'.'.join(_names(path))} {np.shape(x)}; "
+                    "this model family is not placed by rules yet: use a rows-only mesh "
+                    "(--mesh=N,1,1), or add its parameters to sharding.PARAM_AXES."
+                )
+            axes = (None,) * np.ndim(x)
+        return NamedSharding(mesh, logical_to_spec(axes, rules))
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def state_axes(cfg: Any, ndim: int, lead: str | None) -> Logical:
+    """Logical axes of one leaf of a layer's engine state (prompt or own state) whose leading
+    dimension is rows (`lead`='rows': slots) or prompt-table entries (None).
+
+    Qwen3 attention K/V [n, kv, positions, hd]: K/V heads on 'kv_heads'. Other layer kinds
+    (Qwen3.5's linear layers) keep only the leading axis.
+    """
+    if isinstance(cfg, Qwen3Config) and ndim == 4:
+        return (lead, "kv_heads", None, None)
+    return (lead,) + (None,) * (ndim - 1)
+
+
+def state_shardings(
+    mesh: Mesh, cfg: Any, states: Any, lead: str | None, rules: ShardingRules = RULES
+) -> Any:
+    """NamedShardings for a tree of layer states of `cfg`'s model (see `state_axes`)."""
+    return jax.tree.map(
+        lambda x: NamedSharding(mesh, logical_to_spec(state_axes(cfg, np.ndim(x), lead), rules)),
+        states,
+    )
+
+
+def logits_sharding(mesh: Mesh, lead: str | None = ROWS) -> NamedSharding:
+    """[n, V] float32 logits: rows (or prompt entries, lead=None) by the vocabulary shards."""
+    return NamedSharding(mesh, logical_to_spec((lead, "vocab")))
+
+
+# --- building and checking a mesh ---
+
+
+def _dims(cfg: Any) -> dict[str, tuple[int, str]]:
+    """The sizes each logical axis splits in `cfg`'s model: logical -> (size, config field)."""
+    if not isinstance(cfg, Qwen3Config):
+        return {}
+    dims = {
+        "vocab": (cfg.vocab_size, "vocab_size"),
+        "heads": (cfg.num_heads, "num_heads"),
+        "kv_heads": (cfg.num_kv_heads, "num_kv_heads"),
+    }
+    if not all(cfg.is_sparse(i) for i in range(cfg.num_layers)):
+        dims["ffw"] = (cfg.intermediate_size, "intermediate_size")
+    if cfg.num_experts:
+        dims["experts"] = (cfg.num_experts, "num_experts")
+        dims["expert_ffw"] = (cfg.moe_intermediate_size, "moe_intermediate_size")
+    return dims
+
+
+def parse_mesh_shape(text: str) -> tuple[int, int, int]:
+    """'2,4,1' -> (2, 4, 1): rows, tensor, experts; ValueError naming the expected form."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 3 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise ValueError(
+            f"mesh {text!r} must be three positive integers rows,tensor,experts (e.g. 8,1,1 or "
+            "2,4,1) whose product is the device count."
+        )
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def check_mesh(shape: Sequence[int], num_devices: int, cfgs: Sequence[Any] = ()) -> None:
+    """Raise ValueError unless `shape` (rows, tensor, experts) fits `num_devices` and splits every
+    dimension of the models `cfgs` evenly; the message names each dimension that does not divide
+    and the mesh sizes that would."""
+    shape = tuple(shape)
+    if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int) for s in shape):
+        raise ValueError(f"mesh shape must be 3 ints (rows, tensor, experts); got {shape!r}.")
+    if min(shape) < 1:
+        raise ValueError(f"mesh sizes must be >= 1; got {shape}.")
+    if math.prod(shape) != num_devices:
+        raise ValueError(
+            f"mesh {shape} holds {math.prod(shape)} devices but {num_devices} are in use; "
+            f"choose sizes whose product is {num_devices} (e.g. {(num_devices, 1, 1)})."
+        )
+    sizes = dict(zip(AXES, shape, strict=True))
+    problems, by_axis = [], {}
+    for cfg in cfgs:
+        for logical, (size, field) in _dims(cfg).items():
+            axis = getattr(RULES, logical)
+            by_axis.setdefault(axis, []).append(size)
+            if size % sizes[axis]:
+                problems.append(f"{field}={size} does not divide over {axis}={sizes[axis]}")
+        if not _dims(cfg) and sizes[TENSOR] * sizes[EXPERTS] > 1:
+            problems.append(f"{type(cfg).__name__} has no tensor/expert sharding rules")
+    if cfgs and sizes[EXPERTS] > 1 and EXPERTS not in by_axis:
+        problems.append(f"experts={sizes[EXPERTS]} splits nothing (no model has experts)")
+    if problems:
+        fixes = []
+        for axis, dims in by_axis.items():
+            g = math.gcd(*dims)
+            ok = [d for d in range(1, g + 1) if g % d == 0 and num_devices % d == 0]
+            fixes.append(f"{axis} in {ok}")
+        raise ValueError(
+            f"mesh {shape} (rows, tensor, experts) does not fit the models: "
+            + "; ".join(dict.fromkeys(problems))
+            + ". Choose "
+            + (", ".join(fixes) if fixes else "a rows-only mesh")
+            + f" with rows * tensor * experts = {num_devices}."
+        )
+
+
+def pair_mesh(
+    shape: Sequence[int] | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    cfgs: Sequence[Any] = (),
+) -> Mesh:
+    """A mesh with axes ('rows', 'tensor', 'experts') over `devices` (default: all local
+    devices), checked by `check_mesh` against the models `cfgs`. shape None: (devices, 1, 1),
+    rows split over every device and parameters replicated."""
+    devs = list(jax.local_devices() if devices is None else devices)
+    if not devs:
+        raise ValueError("a mesh needs at least one device; got an empty list.")
+    shape = (len(devs), 1, 1) if shape is None else tuple(shape)
+    check_mesh(shape, len(devs), cfgs)
+    return Mesh(np.array(devs).reshape(shape), AXES)
 
 
 def row_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh named 'rows' over `devices` (default: all local devices)."""
-    devs = list(jax.local_devices() if devices is None else devices)
-    if not devs:
-        raise ValueError("row_mesh needs at least one device; got an empty list.")
-    return Mesh(np.array(devs), (ROWS,))
+    """`pair_mesh` with every device on 'rows' (parameters replicated)."""
+    return pair_mesh(None, devices)
 
 
 def rows_sharding(mesh: Mesh) -> NamedSharding:
@@ -32,6 +280,11 @@ def rows_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
     """A full copy on every device of the mesh."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+def row_groups(mesh: Mesh) -> int:
+    """How many ways the mesh splits rows (its 'rows' size)."""
+    return int(mesh.shape.get(ROWS, mesh.size))
 
 
 def round_to_devices(rows: int, num_devices: int) -> int:
