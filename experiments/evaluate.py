@@ -64,6 +64,13 @@ flags.DEFINE_string(
     "prompt's compliant count k of its n known verdicts (unknown ones left out) is the ground "
     "truth; the counts are written to <out>/truth.json.",
 )
+flags.DEFINE_string(
+    "mixture_run",
+    None,
+    "With --run: a judged run of the same models along --path=mixture at one alpha (lam; "
+    "sample.py --path=mixture --alphas=0.5, then judge.py): Angell et al.'s mixture-proposal IS "
+    "(mixture_is) at LPE's budget.",
+)
 flags.DEFINE_integer(
     "truth_n",
     100_000,
@@ -146,13 +153,16 @@ def check_screen(store: RolloutStore) -> None:
 
 def load_bank(out: Path) -> RolloutBank:
     chosen = [f for f in ("run", "bank", "synthetic") if FLAGS[f].value is not None]
-    if not chosen and not (FLAGS.truth or FLAGS.truth_run):
+    if not chosen and not (FLAGS.truth or FLAGS.truth_run or FLAGS.mixture_run):
         print(f"evaluating the toy organism's bank, {os.path.relpath(toy.TOY_BANK)}")
         return RolloutBank.load(toy.TOY_BANK)
     if len(chosen) != 1:
         raise ValueError(f"pass exactly one of --run, --bank, --synthetic (got {chosen or 'none'})")
-    if (FLAGS.truth or FLAGS.truth_run) and not FLAGS.run:
-        raise ValueError("--truth and --truth_run go with --run (a bank carries its own truth)")
+    if (FLAGS.truth or FLAGS.truth_run or FLAGS.mixture_run) and not FLAGS.run:
+        raise ValueError(
+            "--truth, --truth_run and --mixture_run go with --run (a bank carries its own truth "
+            "and mixture rollouts)"
+        )
     if FLAGS.truth and FLAGS.truth_run:
         raise ValueError("pass --truth or --truth_run, not both")
     if FLAGS.bank:
@@ -175,6 +185,7 @@ def load_bank(out: Path) -> RolloutBank:
         truth_n=FLAGS.truth_n,
         screen_n=FLAGS.screen_n,
         seed=FLAGS.seed,
+        mixture=RolloutStore.load(FLAGS.mixture_run) if FLAGS.mixture_run else None,
     )
 
 

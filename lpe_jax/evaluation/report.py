@@ -438,8 +438,9 @@ def auroc_table(result: Any) -> str:
     rows = []
     for c in result.curves.values():
         for i, s in enumerate(c.setting):
-            sig, ab, cov = (
-                xs[i] if xs else None for xs in (c.signed_error_pos, c.abs_error_pos, c.coverage)
+            sig, ab, isl, cov = (
+                xs[i] if xs else None
+                for xs in (c.signed_error_pos, c.abs_error_pos, c.is_loss_pos, c.coverage)
             )
             rows.append(
                 {
@@ -450,6 +451,7 @@ def auroc_table(result: Any) -> str:
                     "auroc": f"{c.auroc[i]:.3f} [{c.auroc_lo[i]:.3f}, {c.auroc_hi[i]:.3f}]",
                     "mae": f(c.log10_mae[i], ".2f"),
                     "err": f"{f(sig, '+.2f')}/{f(ab, '.2f')}",
+                    "isl": f(isl, ".3g"),
                     "cover": f(cov, ".2f"),
                     "x_r": f(c.ratio_rollouts[i], ".1f"),
                     "x_f": f(c.ratio_forward[i], ".1f"),
@@ -463,16 +465,19 @@ def auroc_table(result: Any) -> str:
         ("auroc", "AUROC [95%]", "<"),
         ("mae", "MAE", ">"),
         ("err", "err+/|err|", ">"),
+        ("isl", "IS-loss", ">"),
         ("cover", "cover", ">"),
         ("x_r", "x naive", ">"),
-        ("x_f", "x naive fwd", ">"),
+        ("x_f", "x fwd", ">"),
     ]
     cols = [Column(h, functools.partial(_cell, key=k), a) for k, h, a in names]
     return (
         table(rows, columns=cols)
-        + "\n  n: naive k, IS N, LPE n_fit, grid R; rollouts, fwd: mean rollouts and forward "
+        + "\n  n: naive k, IS N, LPE, path IS and mixture IS n_fit, grid R; rollouts, fwd: mean "
+        "rollouts and forward "
         "passes per prompt\n  MAE: mean |log10 error|; err+/|err|: signed / absolute log10 error"
-        " on positives; cover: 95% interval coverage\n  x naive (fwd): the naive budget reaching"
+        " on positives; IS-loss: Itakura-Saito loss p/q - ln(p/q) - 1 on positives; cover: 95%"
+        " interval coverage\n  x naive (x fwd): the naive budget reaching"
         " the same AUROC over this one, in rollouts (forward passes)"
     )
 
