@@ -323,16 +323,16 @@ def max_prompt_len(pair: Any, prompts: list[Any]) -> int:
     return max(len(prompt_ids(pair, p.text)) for p in prompts)
 
 
-def make_engine(pair: Any, max_prompt_len: int, **kw: Any) -> Any:
-    """The rollout engine on both models (--path, --max_new_tokens, --temperature, --max_rows,
-    --refills_per_step), memory planned for prompts of up to max_prompt_len tokens (kw:
-    RolloutEngine's)."""
+def make_engine(pair: Any, max_prompt_len: int, path: str | None = None, **kw: Any) -> Any:
+    """The rollout engine on both models (``path`` or --path, --max_new_tokens, --temperature,
+    --max_rows, --refills_per_step), memory planned for prompts of up to max_prompt_len tokens
+    (kw: RolloutEngine's)."""
     from lpe_jax.decoding.engine import RolloutEngine
 
     return RolloutEngine(
         pair.original,
         pair.variant,
-        path_shape(),
+        path or path_shape(),
         FLAGS.max_new_tokens,
         pair.eos_token_ids,
         temperature=FLAGS.temperature,
