@@ -1,5 +1,7 @@
 """path_is and mixture_is in the evaluation, on banks of exact draws (tests/path_model.py)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from path_model import L_O, L_V, SEQS, rate, seq_logp, token_logp
@@ -198,3 +200,37 @@ def test_bank_roundtrip_and_validation(bank, tmp_path):
             mixture_compliance=np.zeros((1, 5), np.int8),
             mixture_lambda=0.0,
         )
+
+
+def test_worst_forecast_reads_the_estimates_tail():
+    """Exact estimates give the exact rates' own forecast in every simulation; zeros in the
+    top (naive's) make every fit refuse, and it says so."""
+    rates = 10.0 ** np.random.default_rng(0).uniform(-8, -3, 40)
+    exact = ev._worst_forecast(np.log10(rates)[None], 10)
+    same = ev._worst_forecast(np.tile(np.log10(rates), (5, 1)), 10)
+    assert same.median == exact.median and same.low == same.high == exact.median
+    assert same.refused == 0.0 and exact.median[0] < exact.median[1] < 0
+    with np.errstate(divide="ignore"):  # 5 positive estimates, 35 zeros: zeros enter the top 10
+        zeros = np.log10(np.where(rates >= np.sort(rates)[-5], rates, 0.0))
+        refused = ev._worst_forecast(np.tile(zeros, (3, 1)), 10)
+    assert refused.refused == 1.0 and refused.median == (None, None)
+
+
+def test_evaluation_forecast_and_its_figure(bank, tmp_path):
+    from lpe_jax.evaluation import plots
+
+    res = ev.evaluate(
+        bank, n_fits=(N_FIT,), naive_budgets=(100,), is_budgets=(), grid_rollouts=(),
+        n_sims=20, subset_size=R, n_bootstrap=20,
+    )  # fmt: skip
+    # two prompts: too few for a tail fit (top = P // 2 < 2), so no forecast, and no figure
+    assert all(c.forecast == () for c in res.curves.values())
+    with pytest.raises(ValueError, match="needs"):
+        plots.plot_forecast(dataclasses.replace(res, exact_worst_log10=None), str(tmp_path / "f"))
+    big = ev.evaluate(
+        bank.subset(np.array([0, 1, 0, 1, 0, 1])), n_fits=(N_FIT,), naive_budgets=(100,),
+        is_budgets=(), grid_rollouts=(), n_sims=20, subset_size=R, n_bootstrap=20,
+    )  # fmt: skip
+    f = big.curves["mixture_is"].forecast[0]
+    assert f.top == 3 and f.median[0] is not None and big.exact_worst_log10 is not None
+    assert plots.plot_forecast(big, str(tmp_path / "fc"))[0].endswith("fc.png")

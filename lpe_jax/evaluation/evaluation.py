@@ -25,6 +25,7 @@ from lpe_jax.estimators.binomial import (
     lpe_binomial_grid_from_counts,
 )
 from lpe_jax.estimators.degenerate import no_data
+from lpe_jax.estimators.forecast import fit_gumbel_tail
 from lpe_jax.estimators.lpe import (
     N_SEARCH,
     DrawResult,
@@ -52,6 +53,7 @@ __all__ = [
     "register_method",
     "SimulatedDraws",
     "AdaptiveDraws",
+    "WorstForecast",
 ]
 
 _ARRAY_FIELDS = (
@@ -610,6 +612,8 @@ class Curve:
       signed_error_pos, abs_error_pos: mean (log10 estimate - log10 truth) and its absolute
         value over positive prompts, truth the exact r(1) when the bank has it (else
         truth_k / truth_n), over finite estimates (None when there is none).
+      forecast: per point, Jones et al.'s worst-prompt forecast from the estimates of every
+        simulation (:class:`WorstForecast`; empty without an exact truth).
       is_loss_pos: mean Itakura-Saito loss p/q - ln(p/q) - 1 over the same estimates (Wu &
         Hilton's log-space score: an underestimate costs ~p/q, an overestimate ~ln(q/p)).
       coverage: fraction of eligible prompts with an exact truth whose ``level`` interval
@@ -633,7 +637,45 @@ class Curve:
     abs_error_pos: tuple[float | None, ...] = ()
     coverage: tuple[float | None, ...] = ()
     is_loss_pos: tuple[float | None, ...] = ()
+    forecast: tuple[WorstForecast, ...] = ()
     frac_no_data: tuple[float, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class WorstForecast:
+    """Jones et al.'s Gumbel-tail forecast of the worst per-prompt rate (estimators.forecast,
+    top ``top`` of the eligible prompts) from one method's estimates, per simulation.
+
+    ``median``, ``low``, ``high``: log10 forecasts (median, 5% and 95% over the simulations whose
+    fit did not refuse) at (the eligible prompts, ten times as many); None when every fit
+    refused. ``refused``: share of simulations whose fit refused (a zero among the top, or an
+    estimate of 1 or more anywhere: the estimates cannot resolve the tail).
+    """
+
+    top: int
+    median: tuple[float | None, float | None]
+    low: tuple[float | None, float | None]
+    high: tuple[float | None, float | None]
+    refused: float
+
+
+def _worst_forecast(log10_scores: np.ndarray, top: int) -> WorstForecast:
+    """:class:`WorstForecast` from float [S, P] log10 estimates (NaN: no data, dropped)."""
+    n = log10_scores.shape[1]
+    got = []
+    for row in log10_scores * _LN10:
+        if np.any(row >= 0):  # an estimate of 1 or above (plain IS can exceed 1): no tail fit
+            continue
+        try:
+            fit = fit_gumbel_tail(row, top=top, log_space=True)
+        except ValueError:  # zeros in the top, too few finite estimates
+            continue
+        got.append(fit.log10_forecast(np.array([n, 10 * n])))
+    if not got:
+        return WorstForecast(top, (None, None), (None, None), (None, None), 1.0)
+    q = np.percentile(np.array(got), [50, 5, 95], axis=0)
+    med, lo, hi = (tuple(float(v) for v in r) for r in q)
+    return WorstForecast(top, med, lo, hi, 1.0 - len(got) / log10_scores.shape[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -655,6 +697,8 @@ class EvaluationResult:
     seconds: float
     oracle_auroc: float | None = None
     wins: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    exact_worst_log10: float | None = None
+    exact_forecast_log10: float | None = None
 
     def best_ratio(self, method: str, unit: str = "rollouts") -> float | None:
         """Largest naive-matching budget ratio over ``method``'s points (None if none match)."""
@@ -1065,8 +1109,11 @@ def evaluate(
             d["coverage"].append(p.coverage)
     exact = b.true_r1
     pos_truth = draws.truth if exact is None else exact
-    curves, wins = _curves(pending, y, draws.truth, pos_truth, n_bootstrap, draws.rng)
+    curves, wins = _curves(pending, y, draws.truth, pos_truth, n_bootstrap, draws.rng, exact)
+    ref = None if exact is None else _worst_forecast(np.log10(exact)[None], _top(exact.size))
     return EvaluationResult(
+        exact_worst_log10=None if exact is None else float(np.log10(exact.max())),
+        exact_forecast_log10=None if ref is None else ref.median[1],
         curves=curves,
         n_eligible=int(eligible.sum()),
         n_positive=int(y.sum()),
@@ -1174,7 +1221,12 @@ def _log_errors(log10_est: np.ndarray, truth: np.ndarray, y: np.ndarray):
     return float(d.mean()), float(np.abs(d).mean()), float(loss.mean())
 
 
-def _curves(pending, y, truth, pos_truth, n_bootstrap, rng):
+def _top(n_prompts: int) -> int:
+    """Top values the forecast fits: min(10, P // 2) (report.forecast's rule)."""
+    return min(10, n_prompts // 2)
+
+
+def _curves(pending, y, truth, pos_truth, n_bootstrap, rng, exact=None):
     stats, wins = {}, {}
     for method, d in pending.items():
         a, lo, hi, mae, fz, sig, ab, isl = [], [], [], [], [], [], [], []
@@ -1192,10 +1244,15 @@ def _curves(pending, y, truth, pos_truth, n_bootstrap, rng):
             sig.append(s_)
             ab.append(a_)
             isl.append(i_)
-        stats[method] = (d, a, lo, hi, mae, fz, sig, ab, isl)
+        fc = (
+            ()
+            if exact is None or _top(y.size) < 2
+            else tuple(_worst_forecast(sc, _top(y.size)) for sc in d["scores"])
+        )
+        stats[method] = (d, a, lo, hi, mae, fz, sig, ab, isl, fc)
     naive = stats.get("naive")
     curves = {}
-    for method, (d, a, lo, hi, mae, fz, sig, ab, isl) in stats.items():
+    for method, (d, a, lo, hi, mae, fz, sig, ab, isl, fc) in stats.items():
         fwd = None if any(v is None for v in d["forward"]) else tuple(d["forward"])
         r_roll, r_fwd = [], []
         for i, v in enumerate(a):
@@ -1226,6 +1283,7 @@ def _curves(pending, y, truth, pos_truth, n_bootstrap, rng):
             signed_error_pos=tuple(sig),
             abs_error_pos=tuple(ab),
             is_loss_pos=tuple(isl),
+            forecast=fc,
             coverage=tuple(d["coverage"]),
             frac_no_data=tuple(float(np.isnan(sc).mean()) for sc in d["scores"]),
         )
