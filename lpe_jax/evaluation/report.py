@@ -490,12 +490,12 @@ def auroc_table(result: Any) -> str:
     cols = [Column(h, functools.partial(_cell, key=k), a) for k, h, a in names]
     return (
         table(rows, columns=cols)
-        + "\n  n: naive k, IS N, LPE, path IS and mixture IS n_fit, grid R; rollouts, fwd: mean "
-        "rollouts and forward "
-        "passes per prompt\n  MAE: mean |log10 error|; err+/|err|: signed / absolute log10 error"
-        " on positives; IS-loss: Itakura-Saito loss p/q - ln(p/q) - 1 on positives; cover: 95%"
-        " interval coverage\n  x naive (x fwd): the naive budget reaching"
-        " the same AUROC over this one, in rollouts (forward passes)"
+        + "\n  n: naive k, IS N, LPE/path IS/mixture IS n_fit, grid R; rollouts, fwd: mean "
+        "rollouts and forward passes per prompt\n  MAE: mean |log10 error|; err+/|err|: signed / "
+        "absolute log10 error on positives; cover: 95% interval coverage\n  IS-loss: "
+        "Itakura-Saito loss p/q - ln(p/q) - 1 on positives (p the truth, q the estimate)\n"
+        "  x naive (x fwd): the naive budget reaching the same AUROC over this one, in rollouts "
+        "(forward passes)"
     )
 
 
