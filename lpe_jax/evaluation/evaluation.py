@@ -1050,6 +1050,9 @@ def evaluate(
       (positives and negatives resampled separately), with the Monte Carlo average held fixed.
     * Calibration: signed and absolute log10 error and Itakura-Saito loss on positives, against
       the exact r(1) when the bank has ``true_r1``.
+    * Forecast (banks with ``true_r1``, at least 4 eligible prompts): Jones et al.'s worst-prompt
+      forecast from each point's estimates in every simulation (:class:`WorstForecast`), beside
+      the exact worst rate and the exact rates' own forecast.
     * Interval coverage (banks with ``true_r1``): lpe_pooled's 95% interval in every
       simulation and prompt; lpe_binomial's and lpe_binomial_all's profile intervals on
       ``coverage_pairs`` (simulation, prompt) pairs drawn at random (they are computed one prompt
