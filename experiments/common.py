@@ -388,10 +388,11 @@ def check_memory_plan(pair: Any, max_prompt_len: int, steps_per_call: int) -> No
         )
 
 
-def make_engine(pair: Any, max_prompt_len: int, **kw: Any) -> Any:
-    """The rollout engine on both models (--path, --max_new_tokens, --temperature, --max_rows,
-    --refills_per_step, --mesh), memory planned for prompts of up to max_prompt_len tokens (kw:
-    RolloutEngine's). Logs the per-device memory plan; refuses one that does not fit."""
+def make_engine(pair: Any, max_prompt_len: int, path: str | None = None, **kw: Any) -> Any:
+    """The rollout engine on both models (``path`` or --path, --max_new_tokens, --temperature,
+    --max_rows, --refills_per_step, --mesh), memory planned for prompts of up to max_prompt_len
+    tokens (kw: RolloutEngine's). Logs the per-device memory plan; refuses one that does not
+    fit."""
     import jax
 
     from lpe_jax.decoding import memory
@@ -401,7 +402,7 @@ def make_engine(pair: Any, max_prompt_len: int, **kw: Any) -> Any:
     engine = RolloutEngine(
         pair.original,
         pair.variant,
-        path_shape(),
+        path or path_shape(),
         FLAGS.max_new_tokens,
         pair.eos_token_ids,
         temperature=FLAGS.temperature,

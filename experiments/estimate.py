@@ -16,7 +16,13 @@ Per prompt, live on the model pair with the judge:
 - path importance sampling (lpe_jax.estimators.path_is) from LPE's own draws, search draws
   included: each draw at alpha weighed by p_original(x) / p_alpha(x), combined over the alphas
   visited; unbiased, at no extra rollouts (left out, and said so, on the direction path and at
-  --temperature other than 1).
+  --temperature other than 1);
+- Angell et al.'s mixture-proposal IS (--mixture_lambda = lam): as many rollouts as LPE spent,
+  drawn per token from lam p_original + (1 - lam) p_variant (the `mixture` path at alpha = lam,
+  on a second engine once every prompt's LPE draws are in), each weighed by p_original(x) /
+  p_mixture(x) = exp(logp_original - logp_sampled): sequence sums, no per-token arrays. Left out
+  like path IS, and with --mixture_lambda=0. Its draws are not journaled: a kill while they run
+  redraws them (the same rows, same seed).
 After the table: scores against the truth (within a decade, interval coverage, log10 errors) and
 the Jones et al. forecast of the worst per-prompt rate at --forecast_prompts prompts from each
 method's estimates (with a truth: the exact rates' own forecast and worst rate beside it).
@@ -65,8 +71,8 @@ from lpe_jax.evaluation.report import LEFT_OUT
 from lpe_jax.organisms import toy
 from lpe_jax.runs.bank import read_truth_file
 from lpe_jax.runs.journal import Journal
-from lpe_jax.runs.pipeline import MainDraws, PathDraws, main_job
-from lpe_jax.runs.scheduler import JobPrompt, JudgeFailedError, judge_utilisation
+from lpe_jax.runs.pipeline import MainDraws, PathDraws, main_job, method_seed
+from lpe_jax.runs.scheduler import Draw, JobPrompt, JudgeFailedError, judge_utilisation
 from lpe_jax.runs.store import RolloutStore, atomic_write_json
 
 import common
@@ -114,6 +120,14 @@ flags.DEFINE_integer(
     "method's per-prompt estimates); default 10 x the prompts.",
     lower_bound=1,
 )
+flags.DEFINE_float(
+    "mixture_lambda",
+    0.5,
+    "Angell et al.'s mixture IS at LPE's budget: the original's share lam of the per-token "
+    "proposal lam p_original + (1 - lam) p_variant; 0 leaves it out.",
+    lower_bound=0.0,
+    upper_bound=1.0,
+)
 flags.DEFINE_integer(
     "steps_per_call",
     4,
@@ -156,12 +170,25 @@ def path_is_left_out() -> str | None:
     return None
 
 
-LABELS = {"is": "IS", "path_is": "path IS"}
+def mixture_left_out() -> str | None:
+    """Why mixture IS is left out on this run, or None when it runs."""
+    if FLAGS.mixture_lambda == 0.0:
+        return "--mixture_lambda=0"
+    if FLAGS.path == common.DIRECTION:
+        return "the direction path has no variant model to mix with"
+    return path_is_left_out()  # the same weights p_original(x) / q(x), at temperature 1
+
+
+LABELS = {"is": "IS", "path_is": "path IS", "mixture_is": "mixture IS"}
 
 
 def left_out_methods() -> dict[str, str | None]:
     """Each method that may be left out on this run, and why (None: it runs)."""
-    return {"is": importance_left_out(), "path_is": path_is_left_out()}
+    return {
+        "is": importance_left_out(),
+        "path_is": path_is_left_out(),
+        "mixture_is": mixture_left_out(),
+    }
 
 
 def path_is_result(path: PathDraws) -> dict[str, Any]:
@@ -217,6 +244,7 @@ def prompt_result(prompt: Any, ids: np.ndarray, draws: MainDraws) -> dict[str, A
         },
         "is": left_out(is_out) or _jsonable(is_res),
         "path_is": left_out(path_is_left_out()) or path_is_result(draws.path),
+        **({"mixture_is": left_out(mixture_left_out())} if mixture_left_out() else {}),
         "naive": _jsonable(naive_res),
         "rollouts": paper.rollouts,
         "unknown": unknown,
@@ -287,6 +315,63 @@ def estimate_prompts(
         )
         sys.exit(3)
     log_stats(sched, engine, judge, time.time() - t0)
+
+
+def mixture_job(prompt_id: str, n: int) -> Any:
+    """n rollouts of the mixture proposal at lam (its own stream per prompt); returns the Drawn."""
+    drawn = yield Draw(FLAGS.mixture_lambda, n, method_seed(FLAGS.seed, prompt_id, "mixture"))
+    return drawn
+
+
+def mixture_result(drawn: Any) -> dict[str, Any]:
+    """Mixture IS of one prompt from its Drawn rows, JSON-ready: plain and self-normalized
+    estimates of importance.importance_sampling with log w = logp_original - logp_sampled (a row
+    with a non-finite log-prob is unknown, never a refusal, and counted)."""
+    known = ~drawn.nonfinite & np.isfinite(drawn.logp_sampled) & np.isfinite(drawn.logp_original)
+    lw = np.where(known, drawn.logp_original.astype(np.float64) - drawn.logp_sampled, 0.0)
+    res = importance.importance_sampling(lw, np.where(known, drawn.verdicts, -1))
+    return {
+        **_jsonable(res),
+        "lambda": FLAGS.mixture_lambda,
+        "n_nonfinite": int((~known & (drawn.verdicts >= 0)).sum()),
+    }
+
+
+def add_mixture(pair: Any, judge: Any, prompts: list[Any], out: Path, max_len: int) -> None:
+    """Mixture IS for every prompt whose result lacks it, at the rollouts LPE spent on it, on an
+    engine along the ``mixture`` path (built once LPE's engine is done, so one is in memory)."""
+    files = {p.id: out / "prompts" / f"{p.id}.json" for p in prompts}
+    results = {pid: json.loads(f.read_text()) for pid, f in files.items()}
+    todo = [p for p in prompts if "mixture_is" not in results[p.id]]
+    if not todo:
+        return
+    engine = common.make_engine(pair, max_len, path="mixture", steps_per_call=FLAGS.steps_per_call)
+    sched = common.make_scheduler(
+        engine,
+        judge,
+        pair.decode,
+        max_jobs=FLAGS.prompts_in_flight,
+        max_judge_failure_share=FLAGS.max_judge_failure_share,
+        judge_failure_window=FLAGS.judge_failure_window,
+    )
+    for p in todo:
+        ids = np.asarray(common.prompt_ids(pair, p.text))
+        sched.add(p.id, JobPrompt(p.id, ids, p.text), mixture_job(p.id, results[p.id]["rollouts"]))
+    progress = common.Progress(len(todo), "mixture IS prompts", every=10.0)
+    try:
+        for pid, drawn in sched.run():
+            results[pid]["mixture_is"] = mixture_result(drawn)
+            atomic_write_json(files[pid], results[pid])
+            progress.update()
+    except JudgeFailedError as e:
+        print(
+            f"estimate.py: stopped: judge {judge.judge_id} failed on {e.failed} of the last "
+            f"{e.window} rows of mixture IS (> --max_judge_failure_share={e.max_share}); last "
+            f"error: {e.last_error}; rerun once the judge works: LPE's results are kept and the "
+            "mixture rows are drawn again (the same rows)",
+            file=sys.stderr,
+        )
+        sys.exit(3)
 
 
 def log_stats(sched: Any, engine: Any, judge: Any, seconds: float) -> None:
@@ -371,12 +456,17 @@ def add_pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def gather(out: Path, ids: list[str]) -> list[dict[str, Any]]:
-    """Wait (multi-host) until every prompt's file exists, then read them in prompt order."""
+    """Wait (multi-host) until every prompt's file exists with its mixture IS (when it runs),
+    then read them in prompt order."""
     deadline = time.time() + FLAGS.gather_timeout
     while True:
-        missing = [i for i in ids if not (out / "prompts" / f"{i}.json").exists()]
+        files = {i: out / "prompts" / f"{i}.json" for i in ids}
+        missing = [i for i, f in files.items() if not f.exists()]
         if not missing:
-            return [json.loads((out / "prompts" / f"{i}.json").read_text()) for i in ids]
+            results = [json.loads(files[i].read_text()) for i in ids]
+            missing = [r["id"] for r in results if "mixture_is" not in r]
+            if not missing or mixture_left_out():
+                return results
         if time.time() > deadline:
             raise TimeoutError(f"prompts {missing[:5]}... never finished; rerun to resume")
         time.sleep(1.0)
@@ -402,10 +492,13 @@ def main(argv: list[str]) -> None:
         "n_fit": FLAGS.n_fit,
         "n_search": FLAGS.n_search,
         "judge_id": judge.judge_id,
+        "mixture_lambda": FLAGS.mixture_lambda,
     }
     out = RolloutStore.open(FLAGS.out, manifest).root  # refuses a directory of another run
     max_len = common.max_prompt_len(pair, prompts)
     estimate_prompts(pair, judge, prompts[process::n_proc], out, truth, max_len)
+    if not mixture_left_out():
+        add_mixture(pair, judge, prompts[process::n_proc], out, max_len)
     if process != 0:
         return
     results = gather(out, [p.id for p in prompts])

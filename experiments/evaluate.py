@@ -13,7 +13,8 @@ Prints the AUROC table (with 95% bootstrap intervals over prompts, budgets in ro
 forward passes, and the naive-matching budget ratio) and a note for every budget the bank cannot
 serve (left out) or that is simulated rather than drawn (naive), writes <out>/evaluation.json,
 the table as Markdown (evaluation.md, every column spelled out), and Figure 1 as PNG and PDF
-(default --out: results/evaluation). No JAX is imported.
+(default --out: results/evaluation); with exact rates, Jones et al.'s worst-prompt forecast from
+each method's estimates (printed, and fig_forecast.png/pdf). No JAX is imported.
 
 The protocol (the paper's): the bank's run needs alpha = 0 and alpha = 1 in its grid, at least
 n_fit + 10 rollouts per alpha for each n_fit evaluated and --screen_n at alpha = 1. A prompt is
@@ -63,6 +64,13 @@ flags.DEFINE_string(
     "A judged run of the original at alpha = 1 (sample.py --alphas=1, then judge.py): each "
     "prompt's compliant count k of its n known verdicts (unknown ones left out) is the ground "
     "truth; the counts are written to <out>/truth.json.",
+)
+flags.DEFINE_string(
+    "mixture_run",
+    None,
+    "With --run: a judged run of the same models along --path=mixture at one alpha (lam; "
+    "sample.py --path=mixture --alphas=0.5, then judge.py): Angell et al.'s mixture-proposal IS "
+    "(mixture_is) at LPE's budget.",
 )
 flags.DEFINE_integer(
     "truth_n",
@@ -146,13 +154,16 @@ def check_screen(store: RolloutStore) -> None:
 
 def load_bank(out: Path) -> RolloutBank:
     chosen = [f for f in ("run", "bank", "synthetic") if FLAGS[f].value is not None]
-    if not chosen and not (FLAGS.truth or FLAGS.truth_run):
+    if not chosen and not (FLAGS.truth or FLAGS.truth_run or FLAGS.mixture_run):
         print(f"evaluating the toy organism's bank, {os.path.relpath(toy.TOY_BANK)}")
         return RolloutBank.load(toy.TOY_BANK)
     if len(chosen) != 1:
         raise ValueError(f"pass exactly one of --run, --bank, --synthetic (got {chosen or 'none'})")
-    if (FLAGS.truth or FLAGS.truth_run) and not FLAGS.run:
-        raise ValueError("--truth and --truth_run go with --run (a bank carries its own truth)")
+    if (FLAGS.truth or FLAGS.truth_run or FLAGS.mixture_run) and not FLAGS.run:
+        raise ValueError(
+            "--truth, --truth_run and --mixture_run go with --run (a bank carries its own truth "
+            "and mixture rollouts)"
+        )
     if FLAGS.truth and FLAGS.truth_run:
         raise ValueError("pass --truth or --truth_run, not both")
     if FLAGS.bank:
@@ -175,6 +186,7 @@ def load_bank(out: Path) -> RolloutBank:
         truth_n=FLAGS.truth_n,
         screen_n=FLAGS.screen_n,
         seed=FLAGS.seed,
+        mixture=RolloutStore.load(FLAGS.mixture_run) if FLAGS.mixture_run else None,
     )
 
 
@@ -261,6 +273,29 @@ def budgets_for(bank: RolloutBank) -> tuple[dict[str, list[int]], list[str]]:
     return budgets, notes
 
 
+def forecast_block(result: Any) -> str:
+    """Jones et al.'s worst-prompt forecast from each method's estimates at its largest setting
+    (median and 5-95% over the simulations) beside the exact worst rate and the exact rates' own
+    forecast at ten times the prompts."""
+    n = result.n_eligible
+    lines = [
+        f"worst-prompt forecast (Jones et al., log10; median [5%, 95%] over simulations) at the "
+        f"{n} prompts | at {10 * n}: exact worst {result.exact_worst_log10:+.2f} | exact rates' "
+        f"forecast {result.exact_forecast_log10:+.2f}"
+    ]
+    for m, c in result.curves.items():
+        if not c.forecast:
+            continue
+        f = c.forecast[-1]
+        if f.median[0] is None:
+            lines.append(f"  {m} {c.setting[-1]}: every fit refused (zeros or 1s in the top)")
+            continue
+        cells = [f"{f.median[j]:+.2f} [{f.low[j]:+.2f}, {f.high[j]:+.2f}]" for j in (0, 1)]
+        refused = f" ({f.refused:.0%} of fits refused)" if f.refused else ""
+        lines.append(f"  {m} {c.setting[-1]}: {cells[0]} | {cells[1]}{refused}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     del argv
     t0 = time.time()
@@ -285,6 +320,8 @@ def main(argv: list[str]) -> None:
     if FLAGS.save_bank:
         bank.save(FLAGS.save_bank)
     files = plots.plot_auroc(result, str(out / "fig1_auroc"))
+    if result.exact_worst_log10 is not None:
+        files += plots.plot_forecast(result, str(out / "fig_forecast"))
     print(report.auroc_table(result))
     print("".join(f"\nnote: {n}" for n in notes))
     print(
@@ -292,6 +329,8 @@ def main(argv: list[str]) -> None:
         f"{result.n_negative} negative), {result.n_sims} simulations, {result.seconds:.1f}s"
     )
     print(bank_unknowns(bank, result))
+    if result.exact_worst_log10 is not None:
+        print("\n" + forecast_block(result))
     for m in result.curves:
         if m != "naive":
             r = result.best_ratio(m)

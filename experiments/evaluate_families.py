@@ -68,13 +68,16 @@ flags.DEFINE_enum(
 )
 
 OURS = ("lpe_binomial", "lpe_binomial_all", "lpe_pooled")  # share the paper's draws
-SHOWN = ("lpe_paper", *OURS, "lpe_binomial_grid", "is", "snis")
+SEQUENCES = ("path_is", "mixture_is")  # banks with sequences only (the organisms' runs)
+SHOWN = ("lpe_paper", *OURS, "lpe_binomial_grid", *SEQUENCES, "is", "snis")
 PAIRS = (
     ("lpe_binomial", "lpe_paper"),
     ("lpe_binomial_all", "lpe_paper"),
     ("lpe_pooled", "lpe_paper"),
     ("lpe_binomial_all", "lpe_binomial"),
     ("lpe_pooled", "lpe_binomial_all"),
+    ("path_is", "lpe_paper"),
+    ("mixture_is", "lpe_paper"),
 )
 
 
@@ -168,7 +171,10 @@ def auroc_rows(name: str, res: EvaluationResult) -> list[str]:
     for m in SHOWN:
         if m in res.curves:
             c = res.curves[m]
-            pts = ", ".join(f"{r:.0f}: {a:.3f}" for r, a in zip(c.rollouts, c.auroc, strict=True))
+            pts = ", ".join(
+                f"{r:.0f}: {a:.3f} ({_f(s, '+.2f')})"
+                for r, a, s in zip(c.rollouts, c.auroc, c.signed_error_pos, strict=True)
+            )
             rows.append(f"| {name} | {m} | {pts} |")
     return rows
 
@@ -193,7 +199,7 @@ def pair_rows(name: str, res: EvaluationResult) -> tuple[list[str], list[str]]:
 
 def calibration_rows(name: str, res: EvaluationResult) -> list[str]:
     rows = []
-    for m in ("lpe_paper", *OURS):
+    for m in ("lpe_paper", *OURS, *SEQUENCES):
         if m not in res.curves:
             continue
         c = res.curves[m]
@@ -201,8 +207,8 @@ def calibration_rows(name: str, res: EvaluationResult) -> list[str]:
         for i in range(len(c.setting)):
             cov = c.coverage[i] if c.coverage else None
             cells.append(
-                f"{_f(c.signed_error_pos[i], '+.2f')} / {_f(c.abs_error_pos[i], '.2f')}"
-                + ("" if cov is None else f" / {cov:.2f}")
+                f"{_f(c.signed_error_pos[i], '+.2f')} / {_f(c.abs_error_pos[i], '.2f')} / "
+                f"{_f(c.is_loss_pos[i], '.2g')}" + ("" if cov is None else f" / {cov:.2f}")
             )
         rows.append(f"| {name} | {m} | " + " | ".join(cells) + " |")
     return rows
@@ -277,7 +283,8 @@ def main(argv: list[str]) -> None:
             "|---|---|---|---|---|",
             *head,
             "",
-            "| bank | method | AUROC at mean rollouts per prompt |",
+            "| bank | method | AUROC (signed log10 error on positives) at mean rollouts "
+            "per prompt |",
             "|---|---|---|",
             *aur,
             "",
@@ -285,7 +292,8 @@ def main(argv: list[str]) -> None:
             f"|---|---|{dashes}|",
             *pairs,
             "",
-            f"| bank | signed / abs log10 error on positives / 95% coverage | {settings} |",
+            f"| bank | signed / abs log10 error / Itakura-Saito loss on positives / 95% coverage "
+            f"| {settings} |",
             f"|---|---|{dashes}|",
             *cal,
             "",

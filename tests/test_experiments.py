@@ -212,7 +212,10 @@ def test_estimate_reports_path_is_and_the_forecast(estimate_run):
         assert math.isfinite(p["std_error"]) and p["lower"] <= p["estimate"] <= p["upper"]
         assert sum(p["n"]) == r["rollouts"] and p["n_unknown"] == 0
         assert {s["alpha"] for s in r["lpe"]["trace"]} == set(p["alphas"])
-    assert "path_is" in estimate_run["scores"]
+        m = r["mixture_is"]  # Angell et al.'s mixture IS at LPE's budget
+        assert m["n"] == r["rollouts"] and m["lambda"] == 0.5 and m["n_nonfinite"] == 0
+        assert m["status"] in ("ok", "no_compliant") and 0 <= m["estimate"] <= 1 / 0.5**64
+    assert "path_is" in estimate_run["scores"] and "mixture_is" in estimate_run["scores"]
     assert "mean_signed_log10_error" in estimate_run["scores"]["lpe"]
     assert "needs at least 4" in estimate_run["forecast"]["error"]
     assert estimate_run["left_out"] == {}
@@ -238,7 +241,8 @@ def test_estimate_on_the_direction_path(tmp_path):
         assert r["is"]["status"] == r["path_is"]["status"] == "left_out"
         assert r["naive"]["n"] == r["rollouts"] > 0
     assert "is" not in summary["scores"] and "path_is" not in summary["scores"]
-    assert set(summary["left_out"]) == {"is", "path_is"}
+    assert set(summary["left_out"]) == {"is", "path_is", "mixture_is"}
+    assert all(r["mixture_is"]["status"] == "left_out" for r in summary["prompts"])
 
 
 def test_judge_then_evaluate(tmp_path):
@@ -280,6 +284,9 @@ def test_estimate_on_the_toy_pair(tmp_path):
     # prints each method's and the exact rates' (measured: path IS 3/8 within a decade, all low_ess)
     assert s["path_is"]["within_one_decade"] >= 2, p.stdout
     assert "path IS" in p.stdout and "log10 error, signed/absolute" in p.stdout
+    # mixture IS (lam 0.5) at LPE's budget, a column beside IS (measured: 8/8, +0.01/0.09)
+    assert s["mixture_is"]["within_one_decade"] >= 7, p.stdout
+    assert "mixture IS" in p.stdout
     f = summary["forecast"]
     assert f["n_deploy"] == 80 and f["lpe_pooled"]["worst_at_deploy"] > 0
     assert f["truth"]["worst_among_prompts"] == max(

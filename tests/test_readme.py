@@ -40,6 +40,7 @@ FULL_GRID = ",".join(f"{0.05 * i:.2f}".rstrip("0").rstrip(".") for i in range(21
 REDUCED = {
     f"--alphas={FULL_GRID}": "--alphas=0,0.5,1",
     "--rollouts=120 --out=runs/toy_bank": "--rollouts=100 --limit=4 --out=runs/toy_bank",
+    "--rollouts=1000 --out=runs/toy_mixture": "--rollouts=100 --limit=4 --out=runs/toy_mixture",
 }
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from lpe_jax.decoding import paths
 from lpe_jax.decoding.sampler import PAD_ID, PairedSampler
+from lpe_jax.estimators.mixture import mixture_log_weights
 from lpe_jax.model import qwen3
 from lpe_jax.model.forward import model_logits
 
@@ -99,3 +100,21 @@ def test_eos_ends_rows_and_padding_follows(rollouts):
     assert not r.nonfinite.any()
     assert r.token_lists()[1][2] == r.generated_ids(1, 2)
     assert r.forward_passes == 2 * r.lengths.sum()
+
+
+def test_mixture_path_weights_need_only_sequence_sums(rollouts):
+    """The ``mixture`` path samples lam p_o + (1 - lam) p_v per token (probability space), so
+    logp_original - logp_sampled is Angell et al.'s sequence weight: equal to the per-token
+    formula of lpe_jax.estimators.mixture, with no per-token arrays needed."""
+    m_o, m_v, _ = rollouts
+    s = PairedSampler(m_o, m_v, paths.mixture, 10, EOS, max_rows=8)
+    r = s.sample(PROMPT, alphas=np.array([0.3, 0.8]), rollouts_per_alpha=8, seed=2, per_token=True)
+    for a, lam in enumerate((0.3, 0.8)):
+        want = mixture_log_weights(
+            r.token_logp_original[a], r.token_logp_variant[a], r.lengths[a], lam
+        )
+        np.testing.assert_allclose(r.logp_original[a] - r.logp_sampled[a], want, atol=2e-4)
+    # power: the geometric (linear) path's log-probs of the same rows differ by far more than
+    # the tolerance
+    lin = _sampled_logp(m_o, m_v, r).sum(-1)
+    assert np.abs(lin - r.logp_sampled).max() > 20 * 2e-4

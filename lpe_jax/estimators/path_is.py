@@ -27,7 +27,13 @@ from scipy.special import logsumexp
 
 from lpe_jax.estimators import degenerate as dg
 
-__all__ = ["LOW_ESS", "PathISResult", "path_importance_sampling", "verdict_codes"]
+__all__ = [
+    "LOW_ESS",
+    "PathISResult",
+    "crossfit_estimate",
+    "path_importance_sampling",
+    "verdict_codes",
+]
 
 LOW_ESS = "low_ess"
 """Status: the estimate rests on fewer than ``min_ess`` effective compliant draws."""
@@ -143,18 +149,42 @@ def _var(y: np.ndarray) -> float:
 def _crossfit_weights(n_h: np.ndarray, var_other: np.ndarray) -> np.ndarray:
     """Inverse-variance shares n_k / s_k^2 for one half, s_k^2 from the OTHER half only.
 
-    An alpha whose other half shows no spread (nothing complied there, or under 2 draws) is given
-    the largest spread seen at any alpha (the least informative credible value); when no alpha shows
-    spread, shares follow the draw counts. Alphas without draws in this half get 0.
+    n_h, var_other: [..., K] (any leading batch shape); shares sum to 1 over the last axis (0
+    everywhere where n_h has no draw). An alpha whose other half shows no spread (nothing complied
+    there, or under 2 draws) is given the largest spread seen at any alpha (the least informative
+    credible value); when no alpha shows spread, shares follow the draw counts. Alphas without
+    draws in this half get 0.
     """
-    usable = n_h > 0
+    n_h = np.asarray(n_h, np.float64)
     seen = np.isfinite(var_other) & (var_other > 0)
-    if not seen.any():
-        raw = n_h.astype(np.float64)
-    else:
-        s2 = np.where(seen, var_other, var_other[seen].max())
-        raw = np.where(usable, n_h / s2, 0.0)
-    return raw / raw.sum()
+    any_seen = seen.any(axis=-1, keepdims=True)
+    top = np.max(np.where(seen, var_other, 0.0), axis=-1, keepdims=True)
+    s2 = np.where(seen, var_other, np.where(any_seen, top, 1.0))
+    raw = np.where(any_seen, np.where(n_h > 0, n_h / s2, 0.0), n_h)
+    total = raw.sum(axis=-1, keepdims=True)
+    return np.where(total > 0, raw / np.where(total > 0, total, 1.0), 0.0)
+
+
+def crossfit_estimate(n_h: np.ndarray, sum_y: np.ndarray, var_h: np.ndarray) -> np.ndarray:
+    """The cross-fitted combination of :func:`path_importance_sampling`, batched.
+
+    Args:
+      n_h: [..., 2, K] usable draws per half (by position among an alpha's usable draws: even
+        positions half 0, odd half 1) and alpha.
+      sum_y: [..., 2, K] sums of the terms w * c over those draws (any common scale).
+      var_h: [..., 2, K] their sample variances (ddof 1; NaN below 2 draws).
+    Returns float64 [...]: sum over halves with draws and alphas of share * mean, averaged over
+    the halves (the estimate of r(1), in the scale of ``sum_y``; 0 where nothing has a draw).
+    """
+    n_h = np.asarray(n_h, np.float64)
+    has = n_h.sum(axis=-1) > 0  # [..., 2]
+    halves = np.maximum(has.sum(axis=-1), 1)[..., None, None]
+    share = np.stack(
+        [_crossfit_weights(n_h[..., h, :], var_h[..., 1 - h, :]) for h in (0, 1)], axis=-2
+    )
+    share = np.where(has[..., None], share, 0.0) / halves
+    mean = np.where(n_h > 0, sum_y / np.where(n_h > 0, n_h, 1.0), 0.0)
+    return (share * mean).sum(axis=(-2, -1))
 
 
 def _combine(group, usable, y_all, n_h, var_h, var_k):

@@ -25,12 +25,14 @@ from lpe_jax.estimators.binomial import (
     lpe_binomial_grid_from_counts,
 )
 from lpe_jax.estimators.degenerate import no_data
+from lpe_jax.estimators.forecast import fit_gumbel_tail
 from lpe_jax.estimators.lpe import (
     N_SEARCH,
     DrawResult,
     LPECountsResult,
     lpe_paper_from_counts,
 )
+from lpe_jax.estimators.path_is import crossfit_estimate
 from lpe_jax.estimators.pooled import DEFAULT_PRIOR, lpe_pooled_from_counts
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "register_method",
     "SimulatedDraws",
     "AdaptiveDraws",
+    "WorstForecast",
 ]
 
 _ARRAY_FIELDS = (
@@ -67,7 +70,13 @@ _ARRAY_FIELDS = (
     "truth_mean_tokens",
     "true_rates",
     "true_r1",
+    "path_log_weights",
+    "mixture_log_weights",
+    "mixture_compliance",
+    "mixture_lambda",
 )
+_NOT_PER_PROMPT = ("alphas", "mixture_lambda")
+_LN10 = np.log(10.0)
 
 
 def _verdicts(x: np.ndarray, name: str) -> np.ndarray:
@@ -95,6 +104,14 @@ class RolloutBank:
       screen_k, screen_n: int64 [P] the screening rollouts at alpha = 1 (paper: 100), or None.
       truth_mean_tokens: float64 [P] mean generated tokens per original rollout, or None.
       true_rates, true_r1: float64 [P, A] and [P], the exact rates (synthetic banks), or None.
+      path_log_weights: float64 [P, A, R] log p_original(x) - log q_alpha(x) of each path rollout
+        (q_alpha: the distribution it was drawn from; the run's ``logp_sampled``), for path
+        importance sampling; NaN where a log-probability is non-finite (such a row is left out of
+        path IS, never read as a refusal); or None.
+      mixture_log_weights: float64 [P, M] log p_original(x) - log q(x) of M rollouts drawn from
+        Angell et al.'s per-token mixture q = lam p_original + (1 - lam) p_variant (the
+        ``mixture`` path at alpha = lam), or None; mixture_compliance: int8 [P, M] their verdicts
+        (required with it); mixture_lambda: lam (required with it).
     """
 
     prompt_ids: tuple[str, ...]
@@ -111,6 +128,10 @@ class RolloutBank:
     truth_mean_tokens: np.ndarray | None = None
     true_rates: np.ndarray | None = None
     true_r1: np.ndarray | None = None
+    path_log_weights: np.ndarray | None = None
+    mixture_log_weights: np.ndarray | None = None
+    mixture_compliance: np.ndarray | None = None
+    mixture_lambda: float | None = None
 
     def __post_init__(self) -> None:
         s = object.__setattr__
@@ -157,6 +178,45 @@ class RolloutBank:
         self._opt("truth_mean_tokens", np.float64, (n_p,), nonneg=True)
         self._opt("true_rates", np.float64, (n_p, a.size), nonneg=True)
         self._opt("true_r1", np.float64, (n_p,), nonneg=True)
+        self._check_path_weights(c.shape)
+        self._check_mixture(n_p)
+
+    def _check_path_weights(self, shape: tuple) -> None:
+        if self.path_log_weights is None:
+            return
+        lw = np.asarray(self.path_log_weights, np.float64)
+        if lw.shape != shape:
+            raise ValueError(f"path_log_weights must be compliance's shape {shape}, got {lw.shape}")
+        if np.any(lw == np.inf):
+            raise ValueError("path_log_weights must not be +inf (NaN marks a non-finite row)")
+        object.__setattr__(self, "path_log_weights", lw)
+
+    def _check_mixture(self, n_p: int) -> None:
+        given = [
+            getattr(self, f) is not None
+            for f in ("mixture_log_weights", "mixture_compliance", "mixture_lambda")
+        ]
+        if not any(given):
+            return
+        if not all(given):
+            raise ValueError(
+                "mixture_log_weights, mixture_compliance and mixture_lambda must be given together"
+            )
+        lam = float(np.asarray(self.mixture_lambda))
+        if not 0.0 < lam <= 1.0:
+            raise ValueError(f"mixture_lambda (the original's share) must be in (0, 1]; got {lam}")
+        lw = np.asarray(self.mixture_log_weights, np.float64)
+        if lw.ndim != 2 or lw.shape[0] != n_p:
+            raise ValueError(f"mixture_log_weights must be [prompts={n_p}, M], got {lw.shape}")
+        mc = _verdicts(self.mixture_compliance, "mixture_compliance")
+        if mc.shape != lw.shape:
+            raise ValueError(f"mixture_compliance must be {lw.shape}, got {mc.shape}")
+        if not np.all(np.isfinite(lw[mc >= 0])):
+            raise ValueError("mixture_log_weights must be finite where the verdict is known")
+        s = object.__setattr__
+        s(self, "mixture_log_weights", lw)
+        s(self, "mixture_compliance", mc)
+        s(self, "mixture_lambda", lam)
 
     def _opt(self, name: str, dtype, shape: tuple, nonneg: bool = False) -> None:
         v = getattr(self, name)
@@ -178,13 +238,17 @@ class RolloutBank:
         idx = np.arange(self.n_prompts)[np.asarray(index)]
         kw = {f: getattr(self, f) for f in _ARRAY_FIELDS}
         for f in _ARRAY_FIELDS:
-            if f != "alphas" and kw[f] is not None:
+            if f not in _NOT_PER_PROMPT and kw[f] is not None:
                 kw[f] = kw[f][idx]
         return RolloutBank(prompt_ids=tuple(self.prompt_ids[i] for i in idx), **kw)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write every field to one compressed .npz (None fields are omitted)."""
+        """Write every field to one compressed .npz (None fields are omitted; the path and mixture
+        log-weights as float32, the precision of the log-probs they come from)."""
         arrays = {f: getattr(self, f) for f in _ARRAY_FIELDS if getattr(self, f) is not None}
+        for f in ("path_log_weights", "mixture_log_weights"):  # float32: the log-probs are
+            if f in arrays:
+                arrays[f] = arrays[f].astype(np.float32)
         np.savez_compressed(path, prompt_ids=np.array(self.prompt_ids, dtype=str), **arrays)
 
     @classmethod
@@ -197,6 +261,8 @@ class RolloutBank:
             if missing:
                 raise ValueError(f"{path} is not a rollout bank: missing {sorted(missing)}")
             kw = {f: z[f] for f in _ARRAY_FIELDS if f in z.files}
+            if "mixture_lambda" in kw:
+                kw["mixture_lambda"] = float(kw["mixture_lambda"])
             return cls(prompt_ids=tuple(z["prompt_ids"].tolist()), **kw)
 
 
@@ -439,6 +505,85 @@ def _is_scores(
     return {"is": plain / np.log(10), "snis": snis / np.log(10)}
 
 
+def _path_is_scores(
+    bank: RolloutBank, a: AdaptiveDraws, n_search: int, n_fit: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Path IS log10-scores [S, P] over exactly the rollouts LPE drew in each simulation.
+
+    The counts fix, per (simulation, prompt, alpha), how many of LPE's draws complied, were
+    refused or are unknown; under a uniformly random order the drawn rows of each class are a
+    uniformly random subset of the bank's rows of that class, and their positions a uniformly
+    random order. Drawing them that way gives the same joint law as replaying the order, and
+    :func:`path_is.crossfit_estimate` combines them as :func:`path_is.path_importance_sampling`
+    would (rows with a NaN weight are left out; status "no_data" (NaN) below half usable).
+    """
+    comp, lw = bank.compliance, bank.path_log_weights
+    finite = ~np.isnan(lw)
+    pools = [(comp == v) & m for v in (1, 0) for m in (finite, ~finite)]
+    c_fin, c_nan, r_fin, r_nan = (x.sum(-1) for x in pools)  # [P, A]
+    ok_c = pools[0] & (lw > -np.inf)
+    shift = _finite_max(np.where(ok_c, lw, -np.inf).reshape(lw.shape[0], -1))  # [P]
+    y = np.where(ok_c, np.exp(np.where(ok_c, lw, 0.0) - shift[:, None, None]), 0.0)
+    sk, sn, fk, fn = a.counts
+    scanned = np.arange(bank.alphas.size) >= a.paper.start_index[..., None]
+    drawn = a.paper.drawn
+    c = np.where(scanned, sk, 0) + np.where(drawn, fk, 0)
+    j = np.where(scanned, sn, 0) + np.where(drawn, fn, 0)
+    m = n_search * scanned + n_fit * drawn
+    hg = rng.hypergeometric
+    cf = c - hg(np.broadcast_to(c_nan, c.shape), np.broadcast_to(c_fin, c.shape), c)
+    rf = j - c - hg(np.broadcast_to(r_nan, c.shape), np.broadcast_to(r_fin, c.shape), j - c)
+    u = cf + rf
+    u0 = (u + 1) // 2
+    h0 = hg(cf, rf, u0)  # compliant usable rows at even positions (half 0)
+    n_h = np.stack([u0, u - u0], axis=-2)  # [S, P, 2, A]
+    sums, sq = np.zeros(n_h.shape), np.zeros(n_h.shape)
+    chunk = max(1, int(4e6 // y.size))
+    for s0 in range(0, c.shape[0], chunk):
+        s1 = min(c.shape[0], s0 + chunk)
+        keys = np.where(pools[0], rng.random((s1 - s0, *y.shape)), 2.0)
+        yp = np.take_along_axis(np.broadcast_to(y, keys.shape), np.argsort(keys, -1), -1)
+        for arr, vals in ((sums, yp), (sq, yp * yp)):
+            cs = np.concatenate([np.zeros((*yp.shape[:-1], 1)), vals.cumsum(-1)], -1)
+            lo = np.take_along_axis(cs, h0[s0:s1, ..., None], -1)[..., 0]
+            hi = np.take_along_axis(cs, cf[s0:s1, ..., None], -1)[..., 0]
+            arr[s0:s1, :, 0], arr[s0:s1, :, 1] = lo, hi - lo
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var = np.where(n_h > 1, (sq - sums**2 / np.maximum(n_h, 1)) / (n_h - 1), np.nan)
+        total = crossfit_estimate(n_h, sums, np.maximum(var, 0.0))
+        score = np.where(total > 0, (np.log(total) + shift) / np.log(10), -np.inf)
+    used, asked = u.sum(-1), m.sum(-1)
+    return np.where((used == 0) | (used < 0.5 * asked), np.nan, score)
+
+
+def _mixture_scores(
+    bank: RolloutBank, budgets: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Plain mixture-proposal IS log10-scores [S, P] over the first ``budgets`` [S, P] rows of a
+    random order of each prompt's mixture rollouts (capped at the M the bank holds), and the
+    rollouts used [S, P]. Unknown verdicts are left out of the mean; "no_data" (NaN) as for IS."""
+    lw, mc = bank.mixture_log_weights, bank.mixture_compliance
+    comp_lw = np.where(mc == 1, lw, -np.inf)
+    shift = _finite_max(comp_lw)
+    packed = np.empty(lw.shape, np.complex128)
+    packed.real = np.exp(comp_lw - shift[:, None])
+    packed.imag = (mc >= 0).astype(np.float64)
+    b = np.minimum(np.asarray(budgets, np.int64), lw.shape[1])
+    hit, judged = np.empty(b.shape), np.empty(b.shape)
+    chunk = max(1, int(4e6 // packed.size))
+    for s0 in range(0, b.shape[0], chunk):
+        s1 = min(b.shape[0], s0 + chunk)
+        perm = rng.permuted(np.broadcast_to(packed, (s1 - s0, *packed.shape)), axis=-1)
+        cs = perm.cumsum(-1)
+        at = np.take_along_axis(cs, np.maximum(b[s0:s1], 1)[..., None] - 1, -1)[..., 0]
+        hit[s0:s1], judged[s0:s1] = at.real, np.rint(at.imag)
+    with np.errstate(divide="ignore"):
+        p = np.where(hit > 0, np.log(np.maximum(hit, 1e-300)) + shift, -np.inf)
+        p = p - np.log(np.maximum(judged, 1))
+    p = np.where(no_data(b, judged) | (b < 1), np.nan, p / np.log(10))
+    return p, b
+
+
 def _finite_max(x: np.ndarray) -> np.ndarray:
     """Row maxima of x [P, N] ignoring -inf; 0.0 for rows with no finite entry."""
     m = np.max(np.where(np.isfinite(x), x, -np.inf), axis=1)
@@ -454,7 +599,8 @@ class Curve:
 
     Attributes:
       method: name.
-      setting: the knob per point (naive: k; is/snis: N; lpe_*: n_fit; lpe_binomial_grid: R).
+      setting: the knob per point (naive: k; is/snis: N; lpe_*, path_is, mixture_is: n_fit;
+        lpe_binomial_grid: R).
       rollouts: mean rollouts spent per prompt.
       forward_passes: mean forward passes per prompt (None when token counts are missing).
       auroc, auroc_lo, auroc_hi: mean AUROC over simulations, 95% bootstrap over prompts.
@@ -466,6 +612,10 @@ class Curve:
       signed_error_pos, abs_error_pos: mean (log10 estimate - log10 truth) and its absolute
         value over positive prompts, truth the exact r(1) when the bank has it (else
         truth_k / truth_n), over finite estimates (None when there is none).
+      forecast: per point, Jones et al.'s worst-prompt forecast from the estimates of every
+        simulation (:class:`WorstForecast`; empty without an exact truth).
+      is_loss_pos: mean Itakura-Saito loss p/q - ln(p/q) - 1 over the same estimates (Wu &
+        Hilton's log-space score: an underestimate costs ~p/q, an overestimate ~ln(q/p)).
       coverage: fraction of eligible prompts with an exact truth whose ``level`` interval
         covers it (None where the method has no interval or the bank no exact truth).
       frac_no_data: fraction of (simulation, prompt) estimates with status "no_data" (mostly
@@ -486,7 +636,46 @@ class Curve:
     signed_error_pos: tuple[float | None, ...] = ()
     abs_error_pos: tuple[float | None, ...] = ()
     coverage: tuple[float | None, ...] = ()
+    is_loss_pos: tuple[float | None, ...] = ()
+    forecast: tuple[WorstForecast, ...] = ()
     frac_no_data: tuple[float, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class WorstForecast:
+    """Jones et al.'s Gumbel-tail forecast of the worst per-prompt rate (estimators.forecast,
+    top ``top`` of the eligible prompts) from one method's estimates, per simulation.
+
+    ``median``, ``low``, ``high``: log10 forecasts (median, 5% and 95% over the simulations whose
+    fit did not refuse) at (the eligible prompts, ten times as many); None when every fit
+    refused. ``refused``: share of simulations whose fit refused (a zero among the top, or an
+    estimate of 1 or more anywhere: the estimates cannot resolve the tail).
+    """
+
+    top: int
+    median: tuple[float | None, float | None]
+    low: tuple[float | None, float | None]
+    high: tuple[float | None, float | None]
+    refused: float
+
+
+def _worst_forecast(log10_scores: np.ndarray, top: int) -> WorstForecast:
+    """:class:`WorstForecast` from float [S, P] log10 estimates (NaN: no data, dropped)."""
+    n = log10_scores.shape[1]
+    got = []
+    for row in log10_scores * _LN10:
+        if np.any(row >= 0):  # an estimate of 1 or above (plain IS can exceed 1): no tail fit
+            continue
+        try:
+            fit = fit_gumbel_tail(row, top=top, log_space=True)
+        except ValueError:  # zeros in the top, too few finite estimates
+            continue
+        got.append(fit.log10_forecast(np.array([n, 10 * n])))
+    if not got:
+        return WorstForecast(top, (None, None), (None, None), (None, None), 1.0)
+    q = np.percentile(np.array(got), [50, 5, 95], axis=0)
+    med, lo, hi = (tuple(float(v) for v in r) for r in q)
+    return WorstForecast(top, med, lo, hi, 1.0 - len(got) / log10_scores.shape[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -508,6 +697,8 @@ class EvaluationResult:
     seconds: float
     oracle_auroc: float | None = None
     wins: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    exact_worst_log10: float | None = None
+    exact_forecast_log10: float | None = None
 
     def best_ratio(self, method: str, unit: str = "rollouts") -> float | None:
         """Largest naive-matching budget ratio over ``method``'s points (None if none match)."""
@@ -520,9 +711,9 @@ class EvaluationResult:
         f = _fmt
         rows = [
             "| method | setting | rollouts | forward passes | AUROC [95% CI] | log10 MAE | "
-            "signed / abs log10 error (positives) | interval coverage | "
-            "ratio vs naive (rollouts) | ratio vs naive (fwd passes) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "signed / abs log10 error (positives) | Itakura-Saito loss (positives) | "
+            "interval coverage | ratio vs naive (rollouts) | ratio vs naive (fwd passes) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for c in self.curves.values():
             for i, s in enumerate(c.setting):
@@ -530,11 +721,12 @@ class EvaluationResult:
                 cov = c.coverage[i] if c.coverage else None
                 sig = c.signed_error_pos[i] if c.signed_error_pos else None
                 ab = c.abs_error_pos[i] if c.abs_error_pos else None
+                isl = c.is_loss_pos[i] if c.is_loss_pos else None
                 rows.append(
                     f"| {c.method} | {s} | {c.rollouts[i]:.0f} | {f(fp, '.3g')} | "
                     f"{c.auroc[i]:.3f} [{c.auroc_lo[i]:.3f}, {c.auroc_hi[i]:.3f}] | "
                     f"{f(c.log10_mae[i], '.2f')} | {f(sig, '+.2f')} / {f(ab, '.2f')} | "
-                    f"{f(cov, '.2f')} | {f(c.ratio_rollouts[i], '.1f')} | "
+                    f"{f(isl, '.3g')} | {f(cov, '.2f')} | {f(c.ratio_rollouts[i], '.1f')} | "
                     f"{f(c.ratio_forward[i], '.1f')} |"
                 )
         return "\n".join(rows)
@@ -748,6 +940,17 @@ def _lpe_pooled(d: SimulatedDraws, n_fit: int) -> MethodPoint:
     return MethodPoint(pooled.log10_estimate, a.paper.rollouts.mean(), a.forward_passes, cov)
 
 
+def _path_is(d: SimulatedDraws, n_fit: int) -> MethodPoint:
+    a = d.adaptive(n_fit)
+    scores = _path_is_scores(d.bank, a, d.n_search, n_fit, d.rng)
+    return MethodPoint(scores, a.paper.rollouts.mean(), a.forward_passes)
+
+
+def _mixture_is(d: SimulatedDraws, n_fit: int) -> MethodPoint:
+    scores, used = _mixture_scores(d.bank, d.adaptive(n_fit).paper.rollouts, d.rng)
+    return MethodPoint(scores, float(used.mean()))
+
+
 def _lpe_binomial_grid(d: SimulatedDraws, r: int) -> MethodPoint:
     b = d.bank
     gk, gn = d.counts()[r]
@@ -781,6 +984,8 @@ for _m in (
     Method("lpe_binomial_all", "n_fits", _lpe_binomial("all")),
     Method("lpe_pooled", "n_fits", _lpe_pooled),
     Method("lpe_binomial_grid", "grid_rollouts", _lpe_binomial_grid),
+    Method("path_is", "n_fits", _path_is, lambda b: b.path_log_weights is not None),
+    Method("mixture_is", "n_fits", _mixture_is, lambda b: b.mixture_log_weights is not None),
 ):
     register_method(_m)
 
@@ -832,18 +1037,29 @@ def evaluate(
       ``pooled_prior``);
       lpe_binomial_grid (R): R rollouts at every alpha, :func:`binomial.select_grid_points`.
       Two forward passes per token; LPE budgets are the mean rollouts actually spent.
+    * path_is (n_fit; banks with ``path_log_weights``): path importance sampling
+      (:mod:`estimators.path_is`) over exactly the rollouts lpe_paper drew in that simulation,
+      search draws included: the same budget, no extra rollout (:func:`_path_is_scores`).
+    * mixture_is (n_fit; banks with mixture rollouts): Angell et al.'s mixture-proposal IS, plain
+      mean of w c over the first b of a random order of the prompt's mixture rollouts, b = the
+      rollouts lpe_paper spent on that prompt in that simulation (equal budget, capped at the
+      bank's M; the curve's rollouts are those used). No forward passes (no token counts).
     * Forward passes for adaptive draws use the expected token count given the drawn counts
       (per-class mean tokens at that alpha), which is exact in expectation.
     * AUROC is averaged over simulations; the 95% interval is a bootstrap over prompts
       (positives and negatives resampled separately), with the Monte Carlo average held fixed.
-    * Calibration: signed and absolute log10 error on positives, against the exact r(1) when
-      the bank has ``true_r1``.
+    * Calibration: signed and absolute log10 error and Itakura-Saito loss on positives, against
+      the exact r(1) when the bank has ``true_r1``.
+    * Forecast (banks with ``true_r1``, at least 4 eligible prompts): Jones et al.'s worst-prompt
+      forecast from each point's estimates in every simulation (:class:`WorstForecast`), beside
+      the exact worst rate and the exact rates' own forecast.
     * Interval coverage (banks with ``true_r1``): lpe_pooled's 95% interval in every
       simulation and prompt; lpe_binomial's and lpe_binomial_all's profile intervals on
       ``coverage_pairs`` (simulation, prompt) pairs drawn at random (they are computed one prompt
       at a time, ~0.1 s each; 0 skips them).
 
-    Methods whose data the bank lacks are skipped (no IS arrays: no is/snis curves). An empty
+    Methods whose data the bank lacks are skipped (no IS arrays: no is/snis curves; no
+    path_log_weights: no path_is; no mixture rollouts: no mixture_is). An empty
     budget list skips that method. ``methods`` (default: every method of :data:`METHODS`, in
     registration order) names the curves to compute; :func:`register_method` adds your own
     estimator. Raises ValueError if the labels lack a class.
@@ -896,8 +1112,11 @@ def evaluate(
             d["coverage"].append(p.coverage)
     exact = b.true_r1
     pos_truth = draws.truth if exact is None else exact
-    curves, wins = _curves(pending, y, draws.truth, pos_truth, n_bootstrap, draws.rng)
+    curves, wins = _curves(pending, y, draws.truth, pos_truth, n_bootstrap, draws.rng, exact)
+    ref = None if exact is None else _worst_forecast(np.log10(exact)[None], _top(exact.size))
     return EvaluationResult(
+        exact_worst_log10=None if exact is None else float(np.log10(exact.max())),
+        exact_forecast_log10=None if ref is None else ref.median[1],
         curves=curves,
         n_eligible=int(eligible.sum()),
         n_positive=int(y.sum()),
@@ -990,21 +1209,30 @@ def _class_mean_all(bank: RolloutBank) -> np.ndarray:
     return bank.tokens.mean(-1)
 
 
-def _signed_abs(log10_est: np.ndarray, truth: np.ndarray, y: np.ndarray):
-    """(mean signed, mean absolute) log10 error over positives' finite estimates, or Nones."""
+def _log_errors(log10_est: np.ndarray, truth: np.ndarray, y: np.ndarray):
+    """(mean signed log10 error, mean absolute, mean Itakura-Saito loss) over positives' finite
+    estimates, or three Nones when there is none. The loss is :mod:`estimators.scores`'
+    e^d - d - 1 with d = ln(truth / estimate); an unbiased estimate above 1 is scored as it is."""
     e = log10_est[:, y]
     t = np.log10(np.broadcast_to(truth[y], e.shape))
     ok = np.isfinite(e) & np.isfinite(t)
     if not ok.any():
-        return None, None
+        return None, None, None
     d = (e - t)[ok]
-    return float(d.mean()), float(np.abs(d).mean())
+    with np.errstate(over="ignore"):
+        loss = np.expm1(-d * _LN10) + d * _LN10
+    return float(d.mean()), float(np.abs(d).mean()), float(loss.mean())
 
 
-def _curves(pending, y, truth, pos_truth, n_bootstrap, rng):
+def _top(n_prompts: int) -> int:
+    """Top values the forecast fits: min(10, P // 2) (report.forecast's rule)."""
+    return min(10, n_prompts // 2)
+
+
+def _curves(pending, y, truth, pos_truth, n_bootstrap, rng, exact=None):
     stats, wins = {}, {}
     for method, d in pending.items():
-        a, lo, hi, mae, fz, sig, ab = [], [], [], [], [], [], []
+        a, lo, hi, mae, fz, sig, ab, isl = [], [], [], [], [], [], [], []
         for setting, sc in zip(d["setting"], d["scores"], strict=True):
             win = _win_matrix(sc, y)
             wins[(method, setting)] = win
@@ -1015,13 +1243,19 @@ def _curves(pending, y, truth, pos_truth, n_bootstrap, rng):
             e, z = _log10_error(sc, truth)
             mae.append(e)
             fz.append(z)
-            s_, a_ = _signed_abs(sc, pos_truth, y)
+            s_, a_, i_ = _log_errors(sc, pos_truth, y)
             sig.append(s_)
             ab.append(a_)
-        stats[method] = (d, a, lo, hi, mae, fz, sig, ab)
+            isl.append(i_)
+        fc = (
+            ()
+            if exact is None or _top(y.size) < 2
+            else tuple(_worst_forecast(sc, _top(y.size)) for sc in d["scores"])
+        )
+        stats[method] = (d, a, lo, hi, mae, fz, sig, ab, isl, fc)
     naive = stats.get("naive")
     curves = {}
-    for method, (d, a, lo, hi, mae, fz, sig, ab) in stats.items():
+    for method, (d, a, lo, hi, mae, fz, sig, ab, isl, fc) in stats.items():
         fwd = None if any(v is None for v in d["forward"]) else tuple(d["forward"])
         r_roll, r_fwd = [], []
         for i, v in enumerate(a):
@@ -1051,6 +1285,8 @@ def _curves(pending, y, truth, pos_truth, n_bootstrap, rng):
             ratio_forward=tuple(r_fwd),
             signed_error_pos=tuple(sig),
             abs_error_pos=tuple(ab),
+            is_loss_pos=tuple(isl),
+            forecast=fc,
             coverage=tuple(d["coverage"]),
             frac_no_data=tuple(float(np.isnan(sc).mean()) for sc in d["scores"]),
         )

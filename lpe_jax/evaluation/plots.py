@@ -16,7 +16,7 @@ from lpe_jax.estimators.lpe import LPEResult, adaptive_draws, fit_paper  # noqa:
 from lpe_jax.evaluation.evaluation import BankDraw, EvaluationResult, RolloutBank  # noqa: E402
 from lpe_jax.evaluation.report import fmt_rate  # noqa: E402
 
-__all__ = ["plot_auroc", "plot_extrapolation", "plot_lpe_run"]
+__all__ = ["plot_auroc", "plot_extrapolation", "plot_forecast", "plot_lpe_run"]
 
 _STYLE = {
     "naive": ("black", "naive sampling"),
@@ -27,6 +27,8 @@ _STYLE = {
     "lpe_binomial_grid": ("tab:green", "LPE (binomial, fixed grid)"),
     "lpe_binomial_all": ("tab:red", "LPE (binomial, search draws too)"),
     "lpe_pooled": ("tab:purple", "LPE (pooled over prompts)"),
+    "path_is": ("tab:brown", "path IS (LPE's draws)"),
+    "mixture_is": ("tab:cyan", "mixture IS (Angell et al.)"),
 }
 
 
@@ -63,12 +65,14 @@ def _auroc_figure(result: EvaluationResult, methods: Sequence[str] | None, title
     unknown = [m for m in names if m not in result.curves]
     if unknown:
         raise ValueError(f"no curve for {unknown}; have {list(result.curves)}")
-    has_fwd = all(result.curves[m].forward_passes is not None for m in names)
+    has_fwd = any(result.curves[m].forward_passes is not None for m in names)
     fig, axes = plt.subplots(1, 2 if has_fwd else 1, figsize=(11 if has_fwd else 6, 4.2))
     axes = np.atleast_1d(axes)
     for ax, unit in zip(axes, ("rollouts", "forward passes"), strict=False):
         for m in names:
             c = result.curves[m]
+            if unit != "rollouts" and c.forward_passes is None:  # e.g. mixture_is: no tokens
+                continue
             x = np.array(c.rollouts if unit == "rollouts" else c.forward_passes)
             color, label = _STYLE.get(m, (None, m))
             ax.plot(x, c.auroc, "o-", color=color, label=label, ms=3)
@@ -86,6 +90,46 @@ def _auroc_figure(result: EvaluationResult, methods: Sequence[str] | None, title
         f"{result.n_sims} simulations"
     )
     return fig
+
+
+def plot_forecast(
+    result: EvaluationResult,
+    path_stem: str,
+    *,
+    methods: Sequence[str] | None = None,
+    title: str | None = None,
+    formats: Sequence[str] = ("png", "pdf"),
+) -> list[str]:
+    """Jones et al.'s worst-prompt forecast from each method's estimates at its largest setting:
+    the median over simulations with its 5-95% range, at the evaluated prompts (left; the exact
+    worst rate among them as a line) and at ten times as many (right; the exact rates' own
+    forecast as a line). Methods whose fit refused in every simulation are listed, not drawn.
+    Returns the written paths; ValueError when the result has no forecasts (no exact truth)."""
+    if result.exact_worst_log10 is None:
+        raise ValueError("the forecast figure needs a bank with exact rates (true_r1)")
+    names = [m for m in (methods or result.curves) if result.curves[m].forecast]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.6), sharey=True)
+    refs = (result.exact_worst_log10, result.exact_forecast_log10)
+    for j, (ax, ref) in enumerate(zip(axes, refs, strict=True)):
+        for i, m in enumerate(names):
+            c = result.curves[m]
+            f = c.forecast[-1]
+            med, lo, hi = f.median[j], f.low[j], f.high[j]
+            color, label = _STYLE.get(m, (None, m))
+            tag = f"{label}, n={c.setting[-1]}"
+            if med is None:
+                ax.text(0.02, i, f"{tag}: refused", transform=ax.get_yaxis_transform(), fontsize=7)
+                continue
+            ax.errorbar(med, i, xerr=[[med - lo], [hi - med]], fmt="o", color=color, ms=4)
+        ax.axvline(ref, color="black", ls="--", lw=1)
+        ax.grid(alpha=0.3)
+    n = result.n_eligible
+    axes[0].set_xlabel(f"log10 worst rate among the {n} prompts (dashed: exact)")
+    axes[1].set_xlabel(f"log10 forecast worst rate at {10 * n} prompts (dashed: exact rates')")
+    axes[0].set_yticks(range(len(names)))
+    axes[0].set_yticklabels([_STYLE.get(m, (None, m))[1] for m in names], fontsize=8)
+    fig.suptitle(title or f"Jones et al. forecast, {result.n_sims} simulations")
+    return _save(fig, path_stem, formats)
 
 
 def plot_extrapolation(

@@ -194,6 +194,13 @@ def _path_is(r: Result) -> Cell:
     return Cell(fmt_rate(p["estimate"]), (PATH_IS_MARKS[status],) if status != "ok" else ())
 
 
+def _mixture_is(r: Result) -> Cell:
+    if _left_out(r, "mixture_is"):
+        return Cell("-", (STATUS_MARKS[LEFT_OUT],))
+    est = r["mixture_is"]["estimate"]
+    return Cell(fmt_rate(est), ((ABOVE_ONE,) if est > 1 else ()) + _no_data(r, "mixture_is"))
+
+
 def _left_out(r: Result, method: str) -> bool:
     return r.get(method, {}).get("status") == LEFT_OUT
 
@@ -220,10 +227,12 @@ def estimate_columns(
     pooled: bool = False,
     unknown: bool = False,
     path_is: bool = False,
+    mixture_is: bool = False,
 ) -> list[Column]:
     """The main job's columns: prompt, truth (only when given), LPE, binomial LPE with its 95%
     interval, pooled LPE with its 95% interval (only if ``pooled``), IS, path IS over LPE's
-    draws (only if ``path_is``), naive k/n, rollouts spent by LPE, and (only if ``unknown``) the
+    draws (only if ``path_is``), Angell et al.'s mixture IS at LPE's budget (only if
+    ``mixture_is``), naive k/n, rollouts spent by LPE, and (only if ``unknown``) the
     prompt's unknown verdicts."""
     cols = [Column("prompt", lambda r: Cell(str(r["id"])), "<")]
     if truth:
@@ -234,6 +243,7 @@ def estimate_columns(
         *([Column("pooled LPE [95%]", _pooled)] if pooled else []),
         Column("IS", _is),
         *([Column("path IS", _path_is)] if path_is else []),
+        *([Column("mixture IS", _mixture_is)] if mixture_is else []),
         Column("naive", _naive, "<"),
         Column("rollouts", lambda r: Cell(str(r["rollouts"]))),
         *([Column("unknown", _unknown)] if unknown else []),
@@ -255,6 +265,7 @@ def table(
             pooled=_have_pooled(results),
             unknown=_has_unknown(results),
             path_is=_have(results, "path_is"),
+            mixture_is=_have(results, "mixture_is"),
         )
     cols = list(columns)
     cells = [[c.cell(r) for c in cols] for r in results]
@@ -281,10 +292,16 @@ _METHODS: dict[str, Callable[[Result], float]] = {
     "lpe_pooled": lambda r: r["lpe_pooled"]["estimate"],
     "is": lambda r: r["is"]["estimate"],
     "path_is": lambda r: r["path_is"]["estimate"],
+    "mixture_is": lambda r: r["mixture_is"]["estimate"],
     "naive": lambda r: r["naive"]["estimate"],
 }
 _INTERVALS = ("lpe_binomial", "lpe_pooled", "path_is")
-_LABELS = {"lpe_binomial": "binomial", "lpe_pooled": "pooled", "path_is": "path IS"}
+_LABELS = {
+    "lpe_binomial": "binomial",
+    "lpe_pooled": "pooled",
+    "path_is": "path IS",
+    "mixture_is": "mixture IS",
+}
 
 
 def _have_pooled(results: Sequence[Result]) -> bool:
@@ -438,8 +455,9 @@ def auroc_table(result: Any) -> str:
     rows = []
     for c in result.curves.values():
         for i, s in enumerate(c.setting):
-            sig, ab, cov = (
-                xs[i] if xs else None for xs in (c.signed_error_pos, c.abs_error_pos, c.coverage)
+            sig, ab, isl, cov = (
+                xs[i] if xs else None
+                for xs in (c.signed_error_pos, c.abs_error_pos, c.is_loss_pos, c.coverage)
             )
             rows.append(
                 {
@@ -450,6 +468,7 @@ def auroc_table(result: Any) -> str:
                     "auroc": f"{c.auroc[i]:.3f} [{c.auroc_lo[i]:.3f}, {c.auroc_hi[i]:.3f}]",
                     "mae": f(c.log10_mae[i], ".2f"),
                     "err": f"{f(sig, '+.2f')}/{f(ab, '.2f')}",
+                    "isl": f(isl, ".3g"),
                     "cover": f(cov, ".2f"),
                     "x_r": f(c.ratio_rollouts[i], ".1f"),
                     "x_f": f(c.ratio_forward[i], ".1f"),
@@ -463,17 +482,20 @@ def auroc_table(result: Any) -> str:
         ("auroc", "AUROC [95%]", "<"),
         ("mae", "MAE", ">"),
         ("err", "err+/|err|", ">"),
+        ("isl", "IS-loss", ">"),
         ("cover", "cover", ">"),
         ("x_r", "x naive", ">"),
-        ("x_f", "x naive fwd", ">"),
+        ("x_f", "x fwd", ">"),
     ]
     cols = [Column(h, functools.partial(_cell, key=k), a) for k, h, a in names]
     return (
         table(rows, columns=cols)
-        + "\n  n: naive k, IS N, LPE n_fit, grid R; rollouts, fwd: mean rollouts and forward "
-        "passes per prompt\n  MAE: mean |log10 error|; err+/|err|: signed / absolute log10 error"
-        " on positives; cover: 95% interval coverage\n  x naive (fwd): the naive budget reaching"
-        " the same AUROC over this one, in rollouts (forward passes)"
+        + "\n  n: naive k, IS N, LPE/path IS/mixture IS n_fit, grid R; rollouts, fwd: mean "
+        "rollouts and forward passes per prompt\n  MAE: mean |log10 error|; err+/|err|: signed / "
+        "absolute log10 error on positives; cover: 95% interval coverage\n  IS-loss: "
+        "Itakura-Saito loss p/q - ln(p/q) - 1 on positives (p the truth, q the estimate)\n"
+        "  x naive (x fwd): the naive budget reaching the same AUROC over this one, in rollouts "
+        "(forward passes)"
     )
 
 

@@ -5,6 +5,10 @@ NumPy only. Mapping (the paper's protocol):
 - alpha = 0 rollouts -> importance-sampling log-weights log p_o - log p_v and their verdicts;
 - alpha = 1 rollouts -> the screen (the first `screen_n`, paper: 100) and, when there are at
   least `truth_n` of them, the ground truth counts;
+- `logp_sampled` of the path rollouts (runs written since it exists) -> `path_log_weights`
+  log p_o - log q_alpha for path importance sampling (NaN where a row is non-finite);
+- optionally a second judged run drawn along the `mixture` path at one alpha = lam ->
+  Angell et al.'s mixture-proposal rollouts (`mixture_log_weights` = log p_o - logp_sampled);
 - otherwise ground truth given per prompt, either as counts (k, n) from a separate run of the
   original, or as exact rates (e.g. the toy organism's): counts drawn as Binomial(truth_n, rate)
   with a fixed seed, which is what sampling truth_n rollouts of the original gives in
@@ -112,8 +116,13 @@ def bank_from_store(
     truth_n: int = 100_000,
     screen_n: int = 100,
     seed: int = 0,
+    mixture: RolloutStore | None = None,
 ) -> RolloutBank:
     """A RolloutBank of every prompt with all alphas sampled and judged.
+
+    ``path_log_weights`` is filled when every path chunk has ``logp_sampled`` (else None).
+    ``mixture``: a judged run of the same models along the ``mixture`` path at one alpha (= lam),
+    with every prompt of this run; its rows become the mixture-proposal rollouts.
 
     Needs alpha = 0 (IS and the bottom of the path) and alpha = 1 (the screen) in the run's grid.
     Ground truth: `truth_counts` {id: (k, n)} or exact `truth_rates` {id: rate} if given, else
@@ -130,12 +139,13 @@ def bank_from_store(
     ids = sorted({p for p, _ in chunks if all((p, a) in chunks for a in grid)})
     if not ids:
         raise ValueError(f"{store.root} has no prompt with every alpha of {grid} sampled")
-    comp, toks, lw, is_c, is_t, sk, sn, tk, tn, tm = ([] for _ in range(10))
+    comp, toks, lw, is_c, is_t, sk, sn, tk, tn, tm, plw = ([] for _ in range(11))
     rng = np.random.default_rng(seed)
     for pid in ids:
         rows = [_verdicts(store, pid, a) for a in path_alphas]
         comp.append(np.stack([r["verdicts"] for r in rows]))
         toks.append(np.stack([r["lengths"] for r in rows]))
+        plw.append(_path_log_weights(rows))
         zero = rows[0]
         known = ~zero["nonfinite"]
         lw.append(np.where(known, zero["logp_original"] - zero["logp_variant"], 0.0))
@@ -163,7 +173,10 @@ def bank_from_store(
             tk.append(int((top[:truth_n] == 1).sum()))
             tn.append(truth_n)
     have_truth = len(tk) == len(ids)
+    have_path = all(x is not None for x in plw)
     return RolloutBank(
+        path_log_weights=np.stack(plw) if have_path else None,
+        **(_mixture_fields(mixture, store, ids) if mixture is not None else {}),
         prompt_ids=tuple(ids),
         alphas=np.array(path_alphas),
         compliance=np.stack(comp),
@@ -178,3 +191,42 @@ def bank_from_store(
         truth_mean_tokens=np.array(tm),
         true_r1=np.array([truth_rates[p] for p in ids]) if truth_rates is not None else None,
     )
+
+
+def _path_log_weights(rows: list[dict[str, np.ndarray]]) -> np.ndarray | None:
+    """[A, R] log p_o - logp_sampled of one prompt's path chunks (NaN where non-finite), or None
+    when a chunk predates ``logp_sampled``."""
+    if any("logp_sampled" not in r for r in rows):
+        return None
+    out = []
+    for r in rows:
+        lw = r["logp_original"].astype(np.float64) - r["logp_sampled"].astype(np.float64)
+        out.append(np.where(r["nonfinite"] | ~np.isfinite(r["logp_sampled"]), np.nan, lw))
+    return np.stack(out)
+
+
+def _mixture_fields(mix: RolloutStore, store: RolloutStore, ids: list[str]) -> dict:
+    """mixture_log_weights / mixture_compliance / mixture_lambda from a judged mixture run."""
+    m = mix.manifest
+    differ = [f for f in ("original_hash", "variant_hash", "tokenizer_hash", "max_new_tokens",
+                          "temperature") if m.get(f) != store.manifest.get(f)]  # fmt: skip
+    if m.get("path") != "mixture" or len(m.get("alphas", [])) != 1 or differ:
+        raise ValueError(
+            f"{mix.root} must be one run along --path=mixture at one alpha (lam) of the same "
+            f"models and decoding as {store.root}; it has path {m.get('path')!r}, alphas "
+            f"{m.get('alphas')}, and differs in {differ or 'nothing else'}"
+        )
+    lam = float(m["alphas"][0])
+    lw, mc = [], []
+    for pid in ids:
+        c = _verdicts(mix, pid, lam)
+        if "logp_sampled" not in c:
+            raise ValueError(f"{mix.root} predates logp_sampled; sample it again with sample.py")
+        known = ~c["nonfinite"] & np.isfinite(c["logp_sampled"])
+        lw.append(np.where(known, c["logp_original"] - c["logp_sampled"].astype(np.float64), 0.0))
+        mc.append(np.where(known, c["verdicts"], -1).astype(np.int8))
+    return {
+        "mixture_log_weights": np.stack(lw),
+        "mixture_compliance": np.stack(mc),
+        "mixture_lambda": lam,
+    }
