@@ -212,6 +212,9 @@ class RolloutEngine:
         positions, only up to the longest busy row (engine_device.ATTENTION_BLOCK by default);
         0 reads all max_new_tokens positions every step (the reference the bounded one is
         tested and benchmarked against). Rows agree to float32 rounding.
+    reserve_bytes: device bytes (per device) kept free for other work on the same device when
+        slots or max_prompts are sized from memory, e.g. a device judge's batch
+        (`memory.judge_batch_bytes`; its params are resident already, so not counted).
 
     One model (variant=None): every row is sampled from `original`'s own logits, one forward pass
     per token; the path only sets the alpha domain. A model whose class sets
@@ -239,8 +242,10 @@ class RolloutEngine:
         per_token: bool = False,
         refills_per_step: int | None = None,
         attention_block: int = dev.ATTENTION_BLOCK,
+        reserve_bytes: int = 0,
     ) -> None:
         before = compilations()
+        self.reserve_bytes = as_int("reserve_bytes", reserve_bytes, 0)
         self.single = variant is None
         pair = (original, original if self.single else variant)
         eos = check_pair(*pair, max_new_tokens, eos_token_ids, temperature, tokenizer_ids)
@@ -291,8 +296,9 @@ class RolloutEngine:
         if max_prompts is not None:
             as_int("max_prompts", max_prompts, 1)
         mesh = self._spec.mesh
+        free = memory.device_free_bytes(mesh.devices.flat[0])
         n_slots, n_prompts = memory.plan_engine(
-            free_bytes=memory.device_free_bytes(mesh.devices.flat[0]),
+            free_bytes=None if free is None else max(0, free - self.reserve_bytes),
             slot_bytes=self._slot_bytes(),
             prompt_bytes=memory.bytes_per_prompt(*self._kv_shapes(), self.prompt_slots),
             num_devices=mesh.size,

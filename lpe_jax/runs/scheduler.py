@@ -109,6 +109,9 @@ than this many x c rows (counted by the judge threads as calls start and end): t
 queue then holds about c of them at most, so a waited draw's rows, handed over later, wait about
 one latency behind them, while the judge still has a full set to work on."""
 
+AHEAD_BLOCK_DIV = 4
+"""Ahead draws are cut into blocks of block_rows // this many rows (at least 1)."""
+
 AHEAD_INFLIGHT = 0.5
 """Ahead draws' rows in flight (submitted, not yet judged) stay within this share of
 ``max_inflight_rows``; the rest is kept for waited draws, which never wait for Ahead rows to be
@@ -359,6 +362,7 @@ class _DrawState:
     draw: Draw
     start: int
     parts: list[dict[str, np.ndarray] | None]
+    block_rows: int = 1  # rows per part (RowBlock)
     waited: bool = True  # the job waits for it (False: an Ahead draw not yet collected)
     submitted: bool = False  # its blocks were made (an Ahead draw replayed is never submitted)
 
@@ -383,13 +387,13 @@ class _JobState:
     single: bool = True
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class _Tag:
     """RowBlock.tag: which part of which draw a block is."""
 
     state: _DrawState
     part: int
-    ahead: bool = False  # counted in the Ahead rows in flight (from submission to delivery)
+    ahead: bool = False  # counted in the Ahead rows in flight (set when it enters the flight)
 
 
 def _as_draws(request: Any, key: Hashable) -> list[Draw]:
@@ -716,8 +720,11 @@ class Scheduler:
             )
         start = self._offsets.get(stream, 0)
         self._offsets[stream] = start + int(draw.n)
-        n_parts = -(-int(draw.n) // self.block_rows)
-        return _DrawState(job, draw, start, [None] * n_parts, waited=waited)
+        # Ahead draws in smaller blocks: a block counts as in the engine until its last row
+        # ends, so small ones let Ahead rows fill the slots more closely (AHEAD_BLOCK_DIV).
+        rows = self.block_rows if waited else max(1, self.block_rows // AHEAD_BLOCK_DIV)
+        n_parts = -(-int(draw.n) // rows)
+        return _DrawState(job, draw, start, [None] * n_parts, rows, waited=waited)
 
     def _make_blocks(self, state: _DrawState) -> None:
         """Queue the draw's blocks for the engine (waited draws' first), or for the judge where
@@ -728,21 +735,22 @@ class Scheduler:
         job, draw, start = state.job, state.draw, state.start
         stream = _stream_of(draw.seed, draw.alpha)
         for part in range(len(state.parts)):
-            lo = part * self.block_rows
+            lo = part * state.block_rows
             block = RowBlock(
                 prompt_key=job.prompt.key,
                 prompt_ids=job.prompt.ids,
                 alpha=float(draw.alpha),
                 seed=int(draw.seed),
                 rollout_start=start + lo,
-                count=min(self.block_rows, int(draw.n) - lo),
-                tag=_Tag(state, part, ahead=not state.waited),
+                count=min(state.block_rows, int(draw.n) - lo),
+                tag=_Tag(state, part),
             )
             saved = self._saved.pop((job.key, *stream, start + lo, block.count), None)
             if saved is None:
                 priority = 0 if state.waited else 1
                 heapq.heappush(self._pending, (priority, job.index, next(self._seq), block))
             else:  # drawn by an earlier run: judge it, do not draw it again
+                block.tag.ahead = not state.waited
                 self._inflight += block.count
                 self._ahead_inflight += block.count if block.tag.ahead else 0
                 self.stats.reused_rows += block.count
@@ -768,6 +776,7 @@ class Scheduler:
             block = self._pending[0][-1]
             if self._inflight + block.count > self.max_inflight_rows:
                 return
+            block.tag.ahead = not block.tag.state.waited  # a collected draw's are waited now
             if block.tag.ahead and not self._room_ahead(block.count):
                 return  # the heap puts waited blocks first: none is left
             heapq.heappop(self._pending)
@@ -961,7 +970,7 @@ class Scheduler:
             st = tag.state
             rows = {k: v for k, v in rows.items() if k != "verdicts"}
             saved = SavedRows(
-                st.draw.seed, st.draw.alpha, st.start + tag.part * self.block_rows, rows
+                st.draw.seed, st.draw.alpha, st.start + tag.part * st.block_rows, rows
             )
             self._unjudged.setdefault(st.job.key, []).append(saved)
         for (key, *_), saved in self._saved.items():  # passed back, not yet asked for
