@@ -53,6 +53,7 @@ flags.DEFINE_float("latency_s", 0.2, "The judge's fixed latency per row (s).")
 flags.DEFINE_integer("concurrency", 64, "The judge's requests in flight at most.")
 flags.DEFINE_list("shapes", ["after", "ahead"], "Main-job shapes, of after, ahead.")
 flags.DEFINE_integer("seed", 0, "Run seed.")
+flags.DEFINE_integer("ahead_engine_rows", None, "Scheduler ahead_engine_rows (default: slots).")
 
 
 def _uniforms(seed: int, alpha: float, r: int) -> tuple[float, float]:
@@ -93,6 +94,7 @@ class SleepEngine:
         self.live: list[list] = []  # [block id, remaining steps]
         self.left: dict[int, int] = {}
         self.open: dict[int, tuple[RowBlock, Rows]] = {}
+        self.steps_run = self.slot_steps = 0  # decode steps, and busy slots summed over them
 
     def submit(self, block: RowBlock) -> None:
         rate = rate_of(block.prompt_key)(block.alpha)
@@ -125,6 +127,8 @@ class SleepEngine:
             self.live += [[b, n] for b, n in self.queue[:free]]
             del self.queue[:free]
             time.sleep(self.step_s)
+            self.steps_run += 1
+            self.slot_steps += len(self.live)
             for row in self.live:
                 row[1] -= 1
             for b, _ in (r for r in self.live if r[1] <= 0):
@@ -211,6 +215,7 @@ def run(shape: str, latency_s: float) -> dict:
         decode=decode,
         block_rows=min(64, FLAGS.slots),
         max_inflight_rows=4 * FLAGS.slots,
+        ahead_engine_rows=FLAGS.ahead_engine_rows,
     )
     make = ahead_job if shape == "ahead" else after_job
     for i in range(FLAGS.prompts):
@@ -223,8 +228,9 @@ def run(shape: str, latency_s: float) -> dict:
         judge.close()
     cpu1 = os.times()
     cpu = cpu1.user - cpu0.user + cpu1.system - cpu0.system
+    use = engine.slot_steps / max(1, engine.steps_run * engine.slots)
     return dict(results=results, seconds=time.perf_counter() - t0, cpu=cpu, stats=sched.stats,
-                judge=judge)  # fmt: skip
+                judge=judge, steps=engine.steps_run, use=use)  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
@@ -251,7 +257,8 @@ def main(argv: list[str]) -> None:
             f" s, W / max(D, J) = {w['seconds'] / max(d['seconds'], j):.2f}; in flight "
             f"{js.request_s / busy:.1f} of {width} while any rows were at the judge, {full:.1f} "
             f"({full / width:.2f}) while >= {width} were wanted ({js.backlog_s:.1f} s); results "
-            f"equal across judges and shapes: {same}; CPU {w['cpu']:.1f} s; "
+            f"equal across judges and shapes: {same}; engine steps {d['steps']} / {w['steps']}, "
+            f"slot use {d['use']:.2f} / {w['use']:.2f} (D / W runs); CPU {w['cpu']:.1f} s; "
             f"load {os.getloadavg()[0]:.1f}",
             flush=True,
         )
