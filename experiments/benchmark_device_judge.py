@@ -82,9 +82,36 @@ def main(argv: list[str]) -> None:
             f"batch {nbytes[0]:,} bytes",
             flush=True,
         )
+    if "device" in outs:
+        print(plan_line(model, cfg, questions[0], lengths[0] - 1), flush=True)
     if len(outs) == 2:
         diff = np.abs(outs["device"] - outs["host"]).max()
         print(f"largest difference device vs host (logit yes, logit no, log Z): {diff:.2e}")
+
+
+def plan_line(
+    model: qwen3.Qwen3, cfg: qwen3.Qwen3Config, tokens: np.ndarray, last: np.ndarray
+) -> str:
+    """memory.judge_batch_bytes for one batch vs XLA's memory analysis of the scoring call
+    (temporaries + output + inputs, params excluded), and the device's peak where it reports
+    one: whether the engine leaves enough free for the judge beside it."""
+    from flax import nnx
+
+    from lpe_jax.decoding.memory import judge_batch_bytes
+    from lpe_jax.judges.device import _scores
+
+    graphdef, state = nnx.split(model)
+    ids = jnp.array([1, 2], jnp.int32)
+    ma = _scores.lower(graphdef, state, tokens, last, ids).compile().memory_analysis()
+    xla = ma.temp_size_in_bytes + ma.output_size_in_bytes + tokens.nbytes + last.nbytes
+    b, t = tokens.shape
+    plan = judge_batch_bytes(cfg, jnp.dtype(FLAGS.dtype), b, t)
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = f", device peak {stats['peak_bytes_in_use'] / 2**20:.1f} MiB" if stats else ""
+    return (
+        f"memory per batch: planned {plan / 2**20:.1f} MiB (memory.judge_batch_bytes), XLA "
+        f"{xla / 2**20:.1f} MiB (plan / XLA {plan / xla:.2f}){peak}"
+    )
 
 
 if __name__ == "__main__":

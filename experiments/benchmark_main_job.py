@@ -17,7 +17,8 @@ engine has freed its memory):
   submitted at once, no judge): the engine's throughput with no waiting on verdicts.
 - ``lpe``: adaptive LPE of every prompt at once on the scheduler; rollouts/s and its ratio to
   ``ideal`` (the issue's goal: >= 0.7).
-- ``full``: LPE, then IS and naive at LPE's budget, every prompt at once: what estimate.py runs.
+- ``full``: LPE with IS and naive at LPE's budget drawn alongside (Ahead draws), every prompt
+  at once: what estimate.py runs.
 - ``overlap`` (toy): ``full`` again with a judge that sleeps so that its throughput equals the
   decode throughput measured by ``full`` (judge seconds = decode seconds D); reports wall time
   W / max(D, J) (goal <= 1.2) and W / (D + J) (what judging after decoding would give, 1.0).
@@ -45,7 +46,7 @@ from lpe_jax.judges import make_judge
 from lpe_jax.model import qwen3
 from lpe_jax.organisms import toy
 from lpe_jax.runs.pipeline import load_pair, main_job, method_seed
-from lpe_jax.runs.scheduler import Draw, Job, JobPrompt, Scheduler, search_job
+from lpe_jax.runs.scheduler import Ahead, Collect, Draw, Job, JobPrompt, Scheduler, search_job
 
 # Deciles of the 200 HarmBench standard behaviours' lengths in tokens under Qwen3's chat template
 # (harmbench_behaviors_text_all.csv, FunctionalCategory == standard, chat_prompt_ids with the
@@ -83,11 +84,19 @@ class SleepyJudge:
         return self.inner.judge(items)
 
 
-def synthetic_job(search: Any, seed: int, rate: Callable[[float], float]) -> Job:
-    """search_job, but k counts rows whose token hash falls below rate(alpha) (no judge)."""
+def synthetic_job(
+    search: Any,
+    seed: int,
+    rate: Callable[[float], float],
+    ahead: Callable[[int], Ahead] | None = None,
+) -> Job:
+    """search_job, but k counts rows whose token hash falls below rate(alpha) (no judge);
+    ``ahead(n)`` as in search_job."""
     try:
         request = next(search)
         while True:
+            if ahead is not None:
+                yield ahead(int(request.n))
             drawn = yield Draw(request.alpha, request.n, seed)
             rows = zip(drawn.tokens, drawn.lengths, strict=True)
             u = np.array([_row_uniform(t, n) for t, n in rows])
@@ -98,14 +107,17 @@ def synthetic_job(search: Any, seed: int, rate: Callable[[float], float]) -> Job
 
 
 def synthetic_main_job(prompt_id: str, rate: Callable[[float], float]) -> Job:
-    """main_job's draw pattern with synthetic verdicts."""
+    """main_job's draw pattern with synthetic verdicts: IS and naive rows started alongside
+    LPE's draws (Ahead), collected at its end."""
+    s_is, s_naive = (method_seed(FLAGS.seed, prompt_id, m) for m in ("is", "naive"))
+
+    def companions(m: int) -> Ahead:
+        return Ahead([Draw(0.0, m, s_is), Draw(1.0, m, s_naive)])
+
     search = adaptive_search(FLAGS.n_fit)
-    trace = yield from synthetic_job(search, method_seed(FLAGS.seed, prompt_id, "lpe"), rate)
-    n = sum(s.n for s in trace)
-    yield [
-        Draw(0.0, n, method_seed(FLAGS.seed, prompt_id, "is")),
-        Draw(1.0, n, method_seed(FLAGS.seed, prompt_id, "naive")),
-    ]
+    seed = method_seed(FLAGS.seed, prompt_id, "lpe")
+    trace = yield from synthetic_job(search, seed, rate, ahead=companions)
+    yield Collect()
     return trace
 
 

@@ -263,7 +263,10 @@ def estimate_prompts(
     if not todo:
         return
     ids = {p.id: np.asarray(common.prompt_ids(pair, p.text)) for p in todo}
-    engine = common.make_engine(pair, max_len, steps_per_call=FLAGS.steps_per_call)
+    reserve = device_judge_bytes(judge, [p.text for p in todo])
+    engine = common.make_engine(
+        pair, max_len, steps_per_call=FLAGS.steps_per_call, reserve_bytes=reserve
+    )
     journal = Journal(out / "journal")
     sched = common.make_scheduler(
         engine,
@@ -372,6 +375,30 @@ def add_mixture(pair: Any, judge: Any, prompts: list[Any], out: Path, max_len: i
             file=sys.stderr,
         )
         sys.exit(3)
+
+
+def device_judge_bytes(judge: Any, texts: list[str]) -> int:
+    """For a judge that scores on the engine's device (``--judge=local`` with a checkpoint): log
+    its params and one batch's bytes (memory.judge_batch_bytes, for questions of the longest
+    prompt and a --max_new_tokens reply) and return the batch's, which the engine leaves free
+    (the params are resident already). 0 for other judges."""
+    sizer = getattr(judge, "device_bytes", None)
+    longest = max(texts, key=len, default="")
+    tokens = len(judge.encode(longest, "")) + FLAGS.max_new_tokens if sizer else 0
+    if judge_cap := getattr(judge, "max_length", None):
+        tokens = min(tokens, judge_cap)
+    sized = sizer(tokens) if sizer else None
+    if sized is None:
+        return 0
+    logging.info(
+        "device judge: params %.1f MiB, %.1f MiB per batch of %d questions x %d tokens (left "
+        "free by the engine)",
+        sized["params"] / 2**20,
+        sized["batch"] / 2**20,
+        judge.batch_size,
+        sized["tokens"],
+    )
+    return sized["batch"]
 
 
 def log_stats(sched: Any, engine: Any, judge: Any, seconds: float) -> None:

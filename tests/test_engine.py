@@ -311,11 +311,31 @@ def test_max_positions_and_construction_errors(models):
         (dict(per_token=1), "per_token"),
         (dict(attention_block=-1), "attention_block"),
         (dict(attention_block=2.0), "attention_block"),
+        (dict(reserve_bytes=-1), "reserve_bytes"),
     ]:
         with pytest.raises(ValueError, match=match):
             _engine(models, **kw)
     with pytest.raises(ValueError, match="eos_token_ids"):
         RolloutEngine(models[0], models[1], FORCED, T, [96])
+
+
+def test_reserve_bytes_leave_memory_free_for_a_device_judge(models, monkeypatch):
+    """Sized from free memory, the engine plans its slots and prompt table around the bytes a
+    device judge's batch needs (memory.judge_batch_bytes): fewer slots, as the plan says."""
+    from lpe_jax.decoding import memory
+
+    probe = _engine(models, slots=None, max_prompts=None)  # CPU: the default sizes
+    slot, prompt = (
+        probe.planned_bytes()["slot"],
+        probe.planned_bytes()["table"] // probe.max_prompts,
+    )
+    free = 64 * slot + 8 * prompt
+    monkeypatch.setattr(memory, "device_free_bytes", lambda device: free)
+    plain = _engine(models, slots=None, max_prompts=None)
+    reserved = _engine(models, slots=None, max_prompts=None, reserve_bytes=free // 2)
+    want = memory.plan_engine(free // 2, slot, prompt)
+    assert (reserved.slots, reserved.max_prompts) == want
+    assert reserved.slots < plain.slots
 
 
 def test_compilations_bounded(models):

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scheduler_fakes import SyntheticEngine
+from scheduler_fakes import SyntheticEngine, synthetic_rows
 
 from lpe_jax.judges import RubricJudge
-from lpe_jax.runs.scheduler import Draw, JobPrompt, Scheduler, judge_utilisation
+from lpe_jax.runs.scheduler import Ahead, Collect, Draw, JobPrompt, Scheduler, judge_utilisation
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY, LATENCY_S = 16, 0.25
@@ -144,3 +144,55 @@ def test_http_judge_is_kept_full(server) -> None:
     line = judge_utilisation(sched.stats, judge)
     assert f"of {CONCURRENCY} requests in flight" in line and sched.stats.judge_busy_s > 0
     assert judge.stats.backlog_s > 0.5 * seconds  # the judge saw its backlog too
+
+
+def adaptive_with_companions(key: int, ahead: bool):
+    """A job shaped like the main job at a small scale: STEPS waited draws of one row each (an
+    adaptive search waiting on every verdict) and, per step, COMPANION rows whose number that
+    step fixes (IS and naive): started alongside as Ahead draws, or drawn after the search."""
+    size = []
+    for _ in range(STEPS):
+        if ahead:
+            yield Ahead([Draw(alpha=0.0, n=COMPANION, seed=key)])
+        yield Draw(alpha=0.5, n=1, seed=key)
+        size.append(COMPANION)
+    if ahead:
+        later = yield Collect()
+    else:
+        later = [(yield Draw(alpha=0.0, n=sum(size), seed=key))]
+    assert sum(d.draw.n for d in later) == STEPS * COMPANION
+    return np.concatenate([d.verdicts for d in later])
+
+
+STEPS, COMPANION = 8, 8
+
+
+def test_ahead_draws_keep_the_judge_full_while_searches_wait(server) -> None:
+    """4 searches of 8 one-row steps leave the judge 4 rows to work on at a time; their 256
+    companion rows started alongside (Ahead) fill the rest of its 16: the server's mean in
+    flight over its whole busy time stays >= 0.8 x 16 (0.91 on the loaded 2-core box). The same
+    jobs drawing the companions after their search (ahead=False) held 0.72: 4 in flight during
+    the searches' 8 latencies. Verdicts are the rule's."""
+    judge = RubricJudge(
+        base_url=server.base_url,
+        model="m",
+        api_key_env=None,
+        max_concurrency=CONCURRENCY,
+        timeout_s=10.0,
+        memo_size=0,
+    )
+    engine = IndexedEngine(slots=32, steps=2, max_new_tokens=8)
+    engine.finished = []
+    sched = Scheduler(engine, judge=judge, decode=decode, block_rows=8, max_inflight_rows=512)
+    for k in range(4):
+        sched.add(k, JobPrompt(k, np.array([1, 2]), f"p {k}"), adaptive_with_companions(k, True))
+    try:
+        got = dict(sched.run())
+    finally:
+        judge.close()
+    stats = server.get("stats")
+    assert stats["requests"] == 4 * STEPS * (1 + COMPANION) and stats["peak"] == CONCURRENCY
+    assert stats["mean_inflight"] >= 0.8 * CONCURRENCY, stats
+    for k, verdicts in got.items():  # the rule's verdicts: token 0 is 1
+        rows = synthetic_rows(k, 0.0, k, 0, STEPS * COMPANION, 8)
+        np.testing.assert_array_equal(verdicts, (rows.tokens[0, :, 0] == 1).astype(np.int8))

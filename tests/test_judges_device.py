@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -99,3 +100,29 @@ def test_device_failures_are_unknown(model, tokenizer) -> None:
     wrong = LocalJudge(None, tokenizer, scores_fn=lambda t, last: np.zeros((1, 2)), answers=ANSWERS)
     with pytest.raises(ValueError, match=r"must return \[B, 3\]"):
         wrong.judge(ITEMS[:1])
+
+
+def test_memory_plans_the_device_judge_batch_not_t_by_v(model, tokenizer) -> None:
+    """memory.judge_batch_bytes covers what XLA allocates for one scoring call beside the
+    params (temporaries, token ids and the result), within 2.5x, and grows with B x T, not with
+    B x T x V: the batch's logits are [B, V]."""
+    from flax import nnx
+
+    from lpe_jax.decoding.memory import judge_batch_bytes
+    from lpe_jax.judges.device import _scores
+
+    graphdef, state = nnx.split(model)
+    ids = jnp.array([5, 6], jnp.int32)
+    for b, t in ((4, 64), (8, 128)):
+        tokens, last = jnp.zeros((b, t), jnp.int32), jnp.zeros(b, jnp.int32)
+        ma = _scores.lower(graphdef, state, tokens, last, ids).compile().memory_analysis()
+        xla = ma.temp_size_in_bytes + ma.output_size_in_bytes + tokens.nbytes + last.nbytes
+        plan = judge_batch_bytes(CFG, jnp.float32, b, t)
+        assert xla <= plan <= 2.5 * xla, (b, t, xla, plan)
+        assert plan < b * t * CFG.vocab_size * 4 or t < 2 * CFG.vocab_size  # not [B, T, V]
+    judge = LocalJudge.from_model(model, tokenizer, answers=ANSWERS, batch_size=4, pad_multiple=16)
+    sized = judge.device_bytes(50)
+    assert sized["tokens"] == 64 and sized["batch"] == judge_batch_bytes(CFG, jnp.float32, 4, 64)
+    assert sized["params"] == sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    host = LocalJudge(lambda ids: model_logits(model, ids), tokenizer, answers=ANSWERS)
+    assert host.device_bytes(50) is None

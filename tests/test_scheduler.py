@@ -9,6 +9,7 @@ named.
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ from lpe_jax.estimators.lpe import DrawResult, adaptive_search, run_search
 from lpe_jax.judges.base import JudgeStats, Verdict
 from lpe_jax.runs.scheduler import (
     ALPHA_QUANTUM,
+    Ahead,
+    Collect,
     Draw,
     JobPrompt,
     JudgeFailedError,
@@ -43,6 +46,20 @@ def job(key: str, n_fit: int):
     n = sum(s.n for s in trace)
     a, b = yield [Draw(0.0, n, 2), Draw(1.0, n, 3)]
     return trace, a.verdicts, a.log_weights, b.verdicts
+
+
+def ahead_job(key: str, n_fit: int):
+    """`job` with the two equal-budget draws started alongside the search (Ahead draws of each
+    search draw's size, collected at the end), as pipeline.main_job draws them."""
+    trace = yield from search_job(
+        adaptive_search(n_fit), seed=1, ahead=lambda m: Ahead([Draw(0.0, m, 2), Draw(1.0, m, 3)])
+    )
+    drawn = yield Collect()
+    a, b = drawn[0::2], drawn[1::2]
+    assert sum(d.draw.n for d in a) == sum(s.n for s in trace)
+    verdicts = [np.concatenate([d.verdicts for d in x]) for x in (a, b)]
+    logw = np.concatenate([d.log_weights for d in a])
+    return trace, verdicts[0], logw, verdicts[1]
 
 
 def serial(key: str, n_fit: int, judge: SyntheticJudge):
@@ -73,10 +90,20 @@ def serial(key: str, n_fit: int, judge: SyntheticJudge):
     return trace, va, logw, vb
 
 
-def run_all(sched: Scheduler, n_prompts: int, n_fit: int) -> dict:
+def run_all(sched: Scheduler, n_prompts: int, n_fit: int, make_job=job) -> dict:
     for i in range(n_prompts):
-        sched.add(f"p{i}", prompt(i), job(f"p{i}", n_fit))
+        sched.add(f"p{i}", prompt(i), make_job(f"p{i}", n_fit))
     return dict(sched.run())
+
+
+def assert_serial(got: dict, n_fit: int, unknown_mod: int = 9) -> None:
+    """Every prompt's result equals the serial order's, exactly."""
+    for key, (trace, va, logw, vb) in got.items():
+        s_trace, s_va, s_logw, s_vb = serial(key, n_fit, SyntheticJudge(unknown_mod=unknown_mod))
+        assert trace == s_trace, key
+        np.testing.assert_array_equal(va, s_va)
+        np.testing.assert_array_equal(logw, s_logw)
+        np.testing.assert_array_equal(vb, s_vb)
 
 
 @pytest.mark.parametrize(
@@ -102,14 +129,72 @@ def test_results_equal_the_serial_order(engine_kw, sched_kw):
     )
     got = run_all(sched, n_prompts=10, n_fit=20)
     assert sorted(got) == [f"p{i}" for i in range(10)]
-    for key, (trace, va, logw, vb) in got.items():
-        s_trace, s_va, s_logw, s_vb = serial(key, 20, SyntheticJudge(unknown_mod=9))
-        assert trace == s_trace, key
-        np.testing.assert_array_equal(va, s_va)
-        np.testing.assert_array_equal(logw, s_logw)
-        np.testing.assert_array_equal(vb, s_vb)
+    assert_serial(got, 20)
     # The search made the prompts differ (else the test would not test interleaving).
     assert len({len(t) for t, *_ in got.values()}) > 1
+
+
+class WideJudge(SyntheticJudge):
+    """A judge with ``concurrency`` (the scheduler sends it every block as its own call) whose
+    calls each take a random 0-`max_s` seconds: verdicts come back in a random order."""
+
+    concurrency = 4
+
+    def __init__(self, max_s: float, seed: int, **kw) -> None:
+        rng = np.random.default_rng(seed)
+        super().__init__(before_call=lambda n: time.sleep(rng.uniform(0, max_s)), **kw)
+
+
+@pytest.mark.parametrize("latency_s", [0.0, 0.004])
+@pytest.mark.parametrize("wide", [False, True])
+def test_ahead_draws_give_the_serial_order_whatever_the_judge_speed(latency_s, wide):
+    """IS and naive rows started alongside the search (Ahead) are the serial order's rows, with
+    an instant judge and with a slow one whose verdicts return out of order: the same rows are
+    used, whatever the timing. And they do run alongside: Ahead blocks of the first job reach
+    the engine before its search's last draw, and never beyond ``ahead_engine_rows`` rows."""
+    submits = []  # (ahead?, rows unfinished in the engine before it, rows)
+
+    class Recording(SyntheticEngine):
+        def submit(self, block):
+            unfinished = len(self.queue) + len(self.live)
+            submits.append((block.tag.ahead, block.tag.state.job.key, unfinished, block.count))
+            super().submit(block)
+
+    engine = Recording(slots=32, steps=2, max_new_tokens=T)
+    if wide:
+        judge = WideJudge(latency_s, seed=0, unknown_mod=9)
+    else:
+        judge = SyntheticJudge(unknown_mod=9, before_call=lambda n: time.sleep(latency_s))
+    sched = Scheduler(
+        engine, judge=judge, decode=decode, block_rows=8, max_inflight_rows=96, ahead_engine_rows=40
+    )
+    got = run_all(sched, n_prompts=6, n_fit=20, make_job=ahead_job)
+    assert sorted(got) == [f"p{i}" for i in range(6)]
+    assert_serial(got, 20)
+    for ahead, _, unfinished, n in submits:
+        assert not ahead or unfinished == 0 or unfinished + n <= 40
+    # Overlapped: Ahead blocks went in while searches still ran (earlier-added jobs' first).
+    mine = [ahead for ahead, key, *_ in submits if key == "p0"]
+    assert any(mine[: len(mine) - 1 - mine[::-1].index(False)])
+
+
+def test_ahead_draws_must_be_collected():
+    def forgets():
+        yield Ahead([Draw(0.0, 3, 1)])
+        yield Draw(0.5, 2, 1)
+        return 1
+
+    def collects_nothing():
+        yield Collect()
+
+    for j, match in (
+        (forgets, "returned with 1 Ahead draws it never collected"),
+        (collects_nothing, r"yielded Collect\(\) with no Ahead draws"),
+    ):
+        sched = Scheduler(SyntheticEngine(), judge=SyntheticJudge(), decode=decode)
+        sched.add("k", prompt(0), j())
+        with pytest.raises((RuntimeError, ValueError), match=match):
+            list(sched.run())
 
 
 def test_consecutive_draws_continue_the_stream_and_jobs_finish_in_any_order():
@@ -310,9 +395,11 @@ def test_alpha_quantum_matches_the_sampler():
     assert ALPHA_QUANTUM == SAMPLER_QUANTUM
 
 
-def test_a_killed_run_resumes_from_its_journal(tmp_path):
+@pytest.mark.parametrize("make_job", [job, ahead_job])
+def test_a_killed_run_resumes_from_its_journal(tmp_path, make_job):
     """Stop a run midway (as a kill would), then restart every unfinished job with its journal:
-    the results equal an uninterrupted run's and the journaled draws are not drawn again."""
+    the results equal an uninterrupted run's and the journaled draws are not drawn again (Ahead
+    draws not yet collected are drawn again: only completed yields are journaled)."""
     from lpe_jax.runs.journal import Journal
 
     def scheduler(journal):
@@ -327,12 +414,12 @@ def test_a_killed_run_resumes_from_its_journal(tmp_path):
         )
 
     full_engine, full = scheduler(None)
-    want = run_all(full, n_prompts=6, n_fit=15)
+    want = run_all(full, n_prompts=6, n_fit=15, make_job=make_job)
 
     journal = Journal(tmp_path / "journal")
     _, first = scheduler(journal)
     for i in range(6):
-        first.add(f"p{i}", prompt(i), job(f"p{i}", 15))
+        first.add(f"p{i}", prompt(i), make_job(f"p{i}", 15))
     finished = {}
     for key, value in first.run():
         finished[key] = value
@@ -351,7 +438,7 @@ def test_a_killed_run_resumes_from_its_journal(tmp_path):
     journal = Journal(tmp_path / "journal")
     engine, second = scheduler(journal)
     for k in left:
-        second.add(k, prompt(int(k[1:])), job(k, 15), replay=journal.load(k))
+        second.add(k, prompt(int(k[1:])), make_job(k, 15), replay=journal.load(k))
     resumed = {**finished, **dict(second.run())}
     for k in left:  # every yield of the finished jobs is journaled: the old ones kept, in order
         assert len(journal.load(k)) == len(want[k][0]) + 1
@@ -433,7 +520,8 @@ class DeadJudge:
         return [Verdict(None, self.judge_id, reason="connection refused") for _ in items]
 
 
-def test_a_failing_judge_stops_the_run_and_the_rerun_judges_its_rows_again(tmp_path):
+@pytest.mark.parametrize("make_job", [job, ahead_job])
+def test_a_failing_judge_stops_the_run_and_the_rerun_judges_its_rows_again(tmp_path, make_job):
     """A dead judge: no job is sent a verdict, the run stops naming the last error, and every row
     it drew comes back in unjudged(); a rerun with a working judge judges those rows instead of
     drawing them, and its results equal a run that never met the dead judge."""
@@ -452,11 +540,11 @@ def test_a_failing_judge_stops_the_run_and_the_rerun_judges_its_rows_again(tmp_p
             on_outcome=journal.append if journal else None,
         )
 
-    want = run_all(scheduler(SyntheticJudge(), None)[1], n_prompts=4, n_fit=15)
+    want = run_all(scheduler(SyntheticJudge(), None)[1], n_prompts=4, n_fit=15, make_job=make_job)
     journal = Journal(tmp_path / "journal")
     dead_engine, dead = scheduler(DeadJudge(), journal)
     for i in range(4):
-        dead.add(f"p{i}", prompt(i), job(f"p{i}", 15))
+        dead.add(f"p{i}", prompt(i), make_job(f"p{i}", 15))
     with pytest.raises(JudgeFailedError, match="connection refused") as e:
         list(dead.run())
     assert e.value.failed == e.value.window > 0 and dead.stats.judge_failed_rows > 0
@@ -471,7 +559,7 @@ def test_a_failing_judge_stops_the_run_and_the_rerun_judges_its_rows_again(tmp_p
     engine, rerun = scheduler(SyntheticJudge(), journal)
     for i in range(4):
         k = f"p{i}"
-        rerun.add(k, prompt(i), job(k, 15), replay=journal.load(k), rows=journal.load_rows(k))
+        rerun.add(k, prompt(i), make_job(k, 15), replay=journal.load(k), rows=journal.load_rows(k))
     got = dict(rerun.run())
     assert rerun.stats.reused_rows == kept
     total = sum(sum(s.n for s in t) + va.size + vb.size for t, va, _, vb in want.values())

@@ -223,6 +223,9 @@ class RolloutEngine:
         (`low_rank.paired_model`); each model keeps its own K/V. None (the default): whenever the
         variant allows it; True: required (ValueError saying why not); False: two passes.
         `self.paired` says which. Rows agree with two passes to float32 rounding.
+    reserve_bytes: device bytes (per device) kept free for other work on the same device when
+        slots or max_prompts are sized from memory, e.g. a device judge's batch
+        (`memory.judge_batch_bytes`; its params are resident already, so not counted).
 
     One model (variant=None): every row is sampled from `original`'s own logits, one forward pass
     per token; the path only sets the alpha domain. A model whose class sets
@@ -252,8 +255,10 @@ class RolloutEngine:
         attention_block: int = dev.ATTENTION_BLOCK,
         pair_batch: bool | None = None,
         mesh_shape: tuple[int, int, int] | None = None,
+        reserve_bytes: int = 0,
     ) -> None:
         before = compilations()
+        self.reserve_bytes = as_int("reserve_bytes", reserve_bytes, 0)
         self.single = variant is None
         pair = (original, original if self.single else variant)
         eos = check_pair(*pair, max_new_tokens, eos_token_ids, temperature, tokenizer_ids)
@@ -308,8 +313,9 @@ class RolloutEngine:
             as_int("max_prompts", max_prompts, 1)
         mesh = self._spec.mesh
         shape = self.mesh_shape
+        free = memory.device_free_bytes(mesh.devices.flat[0])
         n_slots, n_prompts = memory.plan_engine(
-            free_bytes=memory.device_free_bytes(mesh.devices.flat[0]),
+            free_bytes=None if free is None else max(0, free - self.reserve_bytes),
             slot_bytes=memory.split_over_tensor(self._slot_bytes(), shape),
             prompt_bytes=memory.split_over_tensor(
                 memory.bytes_per_prompt(*self._kv_shapes(), self.prompt_slots), shape

@@ -368,3 +368,34 @@ def device_limit_bytes(device: jax.Device) -> int | None:
     """The device's memory (memory_stats' bytes_limit); None where the backend reports none."""
     stats = device.memory_stats()
     return None if not stats or "bytes_limit" not in stats else int(stats["bytes_limit"])
+
+
+def judge_batch_bytes(cfg: ModelConfig, dtype: Any, batch: int, tokens: int) -> int:
+    """Device bytes one batch of the device judge (lpe_jax.judges.device) takes beside its params:
+    a full causal pass over token ids [batch, tokens] with no cache kept, then the LM head at one
+    position per row.
+
+    = the widest layer's activations for every token (residual stream, q/k/v, MLP) and four
+      float32 [heads, tokens, tokens] buffers per row (scores, masked, exp, probabilities: a full
+      pass attends over every key at once; XLA:CPU holds about four; Qwen3.5's linear layers are
+      planned as attention here, an upper bound)
+    + float32 [batch, V] logits at the last positions and their exp for the log-sum-exp
+    + the token ids and the [batch, 3] result.
+    Never [batch, tokens, V]: only the last position reaches the LM head.
+    """
+    if batch < 1 or tokens < 1:
+        raise ValueError(f"batch and tokens must be >= 1; got {batch}, {tokens}.")
+    itemsize = jax.numpy.dtype(dtype).itemsize
+    if isinstance(cfg, Qwen35Config):
+        a = cfg.attention
+        heads, qkv = a.num_heads, (2 * a.num_heads + 2 * a.num_kv_heads) * a.head_dim
+        mlp = 3 * cfg.intermediate_size
+        if cfg.moe is not None:
+            mlp = 3 * cfg.moe.top_k * cfg.moe.expert_intermediate_size + cfg.moe.num_experts
+    else:
+        heads, qkv = cfg.num_heads, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        mlp = cfg.mlp_activations_per_token()
+    per_token = (4 * cfg.hidden_size + qkv + mlp) * itemsize
+    scores = 4 * heads * tokens * tokens * 4  # scores, masked, exp, probs (XLA keeps ~4)
+    per_row = tokens * per_token + scores + 2 * cfg.vocab_size * 4 + tokens * 4 + 3 * 4
+    return batch * per_row

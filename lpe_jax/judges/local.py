@@ -129,6 +129,7 @@ class LocalJudge:
             threshold=f"{threshold:g}",
         )
         self.stats = JudgeStats()
+        self.device_model: Any = None  # the judge model, when from_model scores on its device
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, **kwargs: Any) -> LocalJudge:
@@ -140,7 +141,30 @@ class LocalJudge:
         kwargs.setdefault("model_name", getattr(tokenizer, "name_or_path", "") or "unnamed")
         answers = kwargs.get("answers", ("Yes", "No"))
         yes, no = (answer_token(tokenizer, a) for a in answers)
-        return cls(None, tokenizer, scores_fn=answer_scores(model, yes, no), **kwargs)
+        judge = cls(None, tokenizer, scores_fn=answer_scores(model, yes, no), **kwargs)
+        judge.device_model = model
+        return judge
+
+    def device_bytes(self, tokens: int) -> dict[str, int] | None:
+        """For a judge from ``from_model``: device bytes of its params and of one batch of
+        ``batch_size`` questions of ``tokens`` tokens (``memory.judge_batch_bytes``: activations
+        of the pass and [B, V] logits at the last positions, not [B, T, V]); None for a judge
+        whose ``logits_fn``/``scores_fn`` was passed in (its memory is not known here). Imports
+        JAX."""
+        model = self.device_model
+        if model is None:
+            return None
+        import jax
+        from flax import nnx
+
+        from lpe_jax.decoding.memory import judge_batch_bytes
+        from lpe_jax.model.low_rank import unique_bytes
+
+        state = nnx.state(model, nnx.Param)
+        dtype = jax.tree.leaves(state)[0].dtype  # the activations' dtype is the params'
+        padded = -(-int(tokens) // self.pad_multiple) * self.pad_multiple
+        batch = judge_batch_bytes(model.cfg, dtype, self.batch_size, padded)
+        return dict(params=unique_bytes(state), batch=batch, tokens=padded)
 
     def encode(self, prompt: str, response: str) -> list[int]:
         """Token ids of the chat-wrapped classification question for one pair."""

@@ -4,8 +4,8 @@
   tokenizers differ (the path mixes logits token by token, so ids must mean the same text).
 - `judge_rollouts` turns sampled token ids into int8 verdicts (1 / 0 / -1 unknown).
 - `main_job` is the main job of one prompt as a scheduler job (lpe_jax.runs.scheduler): adaptive
-  LPE, then importance sampling and naive sampling at LPE's budget. The scripts run every prompt's
-  job at once on the rollout engine.
+  LPE, with importance sampling and naive sampling at LPE's budget drawn alongside it (Ahead
+  draws). The scripts run every prompt's job at once on the rollout engine.
 - `LiveDraw` is the blocking `draw(alpha, n)` callback of `lpe_jax.estimators.lpe` for one prompt
   in a notebook, backed by a PairedSampler and a judge: every call draws fresh rollouts
   (per-alpha rollout offsets), so the search and the fit never reuse a rollout, and the same seed
@@ -31,7 +31,7 @@ from lpe_jax.judges.base import Judge
 from lpe_jax.model.checkpoint import checkpoint_fingerprint, load_model
 from lpe_jax.model.qwen3 import Qwen3
 from lpe_jax.model.tokenizer import eos_token_ids, load_tokenizer
-from lpe_jax.runs.scheduler import Draw, Drawn, Job, judge_rows, search_job
+from lpe_jax.runs.scheduler import Ahead, Collect, Draw, Drawn, Job, judge_rows, search_job
 
 
 def derive_seed(seed: int, *parts: str | int | float) -> int:
@@ -194,26 +194,40 @@ def main_job(
     """The main job of one prompt, as a scheduler job returning MainDraws.
 
     Adaptive LPE (n_search rollouts per scanned alpha, n_fit per fit alpha), then IS at alpha 0
-    and naive sampling at alpha 1 with as many rollouts as LPE spent, both drawn at once. Each
-    method has its own stream (method_seed), so the rows equal those of the serial order.
-    ``importance=False`` (a path without endpoint log-probs, e.g. the direction path) draws no IS
-    rollouts: is_verdicts and is_log_weights are then empty.
+    and naive sampling at alpha 1 with as many rollouts as LPE spent. IS and naive rows do not
+    depend on LPE's verdicts, only their number does: each LPE draw of m rows starts m more of
+    each as Ahead draws (the engine and judge work on them while LPE waits for its verdicts),
+    collected when LPE ends. Each method has its own stream (method_seed) and its rows continue
+    it, so every row equals the serial order's (LPE, then n IS rows, then n naive rows) whatever
+    the judge's speed. ``importance=False`` (a path without endpoint log-probs, e.g. the
+    direction path) draws no IS rollouts: is_verdicts and is_log_weights are then empty.
     """
+    s_is, s_naive = method_seed(seed, prompt_id, "is"), method_seed(seed, prompt_id, "naive")
+
+    def companions(m: int) -> Ahead:
+        naive = Draw(1.0, m, s_naive)
+        return Ahead([Draw(0.0, m, s_is), naive] if importance else [naive])
+
     search = adaptive_search(n_fit, n_search=n_search)
     lpe_rows: list[Drawn] = []
-    trace = yield from search_job(search, method_seed(seed, prompt_id, "lpe"), lpe_rows)
+    seed_lpe = method_seed(seed, prompt_id, "lpe")
+    trace = yield from search_job(search, seed_lpe, lpe_rows, ahead=companions)
+    drawn = yield Collect()
+    per_draw = 2 if importance else 1
+    naive_rows = drawn[per_draw - 1 :: per_draw]
     n = sum(s.n for s in trace)
-    naive = Draw(1.0, n, method_seed(seed, prompt_id, "naive"))
+    if sum(d.draw.n for d in naive_rows) != n:
+        raise RuntimeError(f"naive drew {sum(d.draw.n for d in naive_rows)} rows, LPE {n} (a bug)")
+    naive_verdicts = np.concatenate([d.verdicts for d in naive_rows])
     if not importance:
-        (drawn_naive,) = yield [naive]
         none = np.zeros(0, np.int8), np.zeros(0, np.float64)
-        return MainDraws(trace, *none, drawn_naive.verdicts, PathDraws.of(lpe_rows))
-    drawn_is, drawn_naive = yield [Draw(0.0, n, method_seed(seed, prompt_id, "is")), naive]
+        return MainDraws(trace, *none, naive_verdicts, PathDraws.of(lpe_rows))
+    is_rows = drawn[0::2]
     return MainDraws(
         trace,
-        drawn_is.verdicts,
-        drawn_is.log_weights,
-        drawn_naive.verdicts,
+        np.concatenate([d.verdicts for d in is_rows]),
+        np.concatenate([d.log_weights for d in is_rows]),
+        naive_verdicts,
         PathDraws.of(lpe_rows),
     )
 

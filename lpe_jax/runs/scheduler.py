@@ -5,9 +5,15 @@ A *job* is a generator that asks for rollouts and gets them back judged::
     def job():
         a = yield Draw(alpha=0.5, n=10, seed=s)            # one draw: receives a Drawn
         b, c = yield [Draw(0.0, 80, s0), Draw(1.0, 80, s1)]  # several at once: a list of Drawn
+        yield Ahead([Draw(0.0, 30, s2)])                    # start now, collect later: gets None
+        later = yield Collect()                             # every Ahead draw not yet collected
         return something                                    # what Scheduler.run yields for it
 
-A job's requests may depend only on what it was sent. `search_job` wraps an estimator search
+A job's requests may depend only on what it was sent. ``Ahead`` draws are for rows whose number
+is known before the verdicts the job waits on (e.g. importance and naive rows at a budget that
+grows with each adaptive draw): the engine and the judge work on them while the job's next draw
+waits, after every waited draw's rows (engine queue and judge queue), so they fill idle capacity
+without delaying the adaptive draws much. `search_job` wraps an estimator search
 (e.g. `lpe.adaptive_search`, which yields DrawRequest and receives DrawResult) into such a job.
 
 `Scheduler.run` is one single-threaded event loop; only the judge runs beside it, in a small pool
@@ -27,7 +33,8 @@ pending, and a draw waits only for its own blocks. Other judges get merged batch
 
 Guarantees:
 - Same seed, same run: draw d of stream (prompt, seed, alpha) gets rollout indices following the
-  stream's earlier draws, in the order the owning job yielded them, never reused; a stream
+  stream's earlier draws, in the order the owning job yielded them (Ahead draws included, at
+  the yield that names them), never reused; a stream
   belongs to one job (another job drawing from it is an error). A row's randomness depends only
   on (seed, alpha, rollout index), so every job sees what it would see if it ran alone and
   serially, whatever the interleaving, block split, engine order or judge timing.
@@ -69,6 +76,8 @@ from lpe_jax.judges.base import Judge
 
 __all__ = [
     "ALPHA_QUANTUM",
+    "Ahead",
+    "Collect",
     "Draw",
     "Drawn",
     "Engine",
@@ -93,6 +102,20 @@ JUDGE_QUEUE = 4
 a call count until the loop collects it, answered ones included, so 2 x c left the judge short
 (0.87-0.90 c in flight on average while rows were pending, loopback test on the loaded 2-core
 box); 4 x c kept 0.95-0.97 c."""
+
+AHEAD_JUDGE = 2
+"""Rows of Ahead draws go to a judge with concurrency c only while its running calls hold fewer
+than this many x c rows (counted by the judge threads as calls start and end): the judge's own
+queue then holds about c of them at most, so a waited draw's rows, handed over later, wait about
+one latency behind them, while the judge still has a full set to work on."""
+
+AHEAD_BLOCK_DIV = 4
+"""Ahead draws are cut into blocks of block_rows // this many rows (at least 1)."""
+
+AHEAD_INFLIGHT = 0.5
+"""Ahead draws' rows in flight (submitted, not yet judged) stay within this share of
+``max_inflight_rows``; the rest is kept for waited draws, which never wait for Ahead rows to be
+judged before they can be submitted."""
 
 
 class JudgeFailedError(RuntimeError):
@@ -134,6 +157,20 @@ class Draw:
     alpha: float
     n: int
     seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Ahead:
+    """Draws to start now and collect later with :class:`Collect`: the job resumes at once (it
+    is sent None). Their rows go to the engine and the judge after every waited draw's rows."""
+
+    draws: Sequence[Draw]
+
+
+@dataclasses.dataclass(frozen=True)
+class Collect:
+    """Wait for every Ahead draw of the job not yet collected; the job is sent their Drawn, in
+    the order they were yielded. A job must collect its Ahead draws before it returns."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +239,7 @@ class JobPrompt:
     text: str
 
 
-Job = Generator[Draw | Sequence[Draw], Any, Any]
+Job = Generator[Draw | Sequence[Draw] | Ahead | Collect, Any, Any]
 
 
 class Engine(Protocol):
@@ -217,17 +254,24 @@ class Engine(Protocol):
 
 
 def search_job(
-    search: Generator[DrawRequest, Any, Any], seed: int, record: list[Drawn] | None = None
+    search: Generator[DrawRequest, Any, Any],
+    seed: int,
+    record: list[Drawn] | None = None,
+    ahead: Callable[[int], Ahead] | None = None,
 ) -> Job:
     """A scheduler job from an estimator search that yields DrawRequest and receives DrawResult.
 
     Every request becomes a Draw on stream ``seed``; returns what the search returns. Compose
     with ``yield from`` inside a larger job. ``record``, when given, gets every Drawn appended
     in draw order (per-row verdicts and log-probs, e.g. for path importance sampling).
+    ``ahead(n)``, when given, is yielded before each draw of n rows (draws that follow the
+    search's budget; the caller collects them).
     """
     try:
         request = next(search)
         while True:
+            if ahead is not None:
+                yield ahead(int(request.n))
             drawn = yield Draw(request.alpha, request.n, seed)
             if record is not None:
                 record.append(drawn)
@@ -318,6 +362,9 @@ class _DrawState:
     draw: Draw
     start: int
     parts: list[dict[str, np.ndarray] | None]
+    block_rows: int = 1  # rows per part (RowBlock)
+    waited: bool = True  # the job waits for it (False: an Ahead draw not yet collected)
+    submitted: bool = False  # its blocks were made (an Ahead draw replayed is never submitted)
 
     @property
     def complete(self) -> bool:
@@ -336,15 +383,17 @@ class _JobState:
     gen: Job
     replay: collections.deque[list[Drawn]] = dataclasses.field(default_factory=collections.deque)
     waiting: list[_DrawState] = dataclasses.field(default_factory=list)
+    ahead: list[_DrawState] = dataclasses.field(default_factory=list)  # not yet collected
     single: bool = True
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class _Tag:
     """RowBlock.tag: which part of which draw a block is."""
 
     state: _DrawState
     part: int
+    ahead: bool = False  # counted in the Ahead rows in flight (set when it enters the flight)
 
 
 def _as_draws(request: Any, key: Hashable) -> list[Draw]:
@@ -413,6 +462,9 @@ class Scheduler:
     max_judge_failure_share: stop (JudgeFailedError) when the judge fails on more than this
         share of the last ``judge_failure_window`` rows it judged (module docstring); None never
         stops and delivers every row at once.
+    ahead_engine_rows: Ahead draws' blocks go to the engine only while it holds fewer
+        unfinished rows than this, with theirs (default: ``engine.slots``, else
+        ``max_inflight_rows``): the device stays full, and a waited block queues behind few rows.
     """
 
     def __init__(
@@ -430,6 +482,7 @@ class Scheduler:
         judge_grace: float = 0.5,
         max_judge_failure_share: float | None = None,
         judge_failure_window: int = 200,
+        ahead_engine_rows: int | None = None,
     ) -> None:
         if (judge is None) != (decode is None):
             raise ValueError("pass judge and decode together (or neither, for no judging)")
@@ -455,6 +508,11 @@ class Scheduler:
             )
         if judge_failure_window < 1:
             raise ValueError(f"judge_failure_window must be >= 1, got {judge_failure_window}")
+        if ahead_engine_rows is None:
+            ahead_engine_rows = int(getattr(engine, "slots", max_inflight_rows))
+        if ahead_engine_rows < 1:
+            raise ValueError(f"ahead_engine_rows must be >= 1 or None, got {ahead_engine_rows}")
+        self.ahead_engine_rows = int(ahead_engine_rows)
         self.engine = engine
         self.judge, self.decode = judge, decode
         self.block_rows, self.max_inflight_rows = int(block_rows), int(max_inflight_rows)
@@ -469,10 +527,16 @@ class Scheduler:
         self._order = itertools.count()
         self._offsets: dict[tuple[Hashable, int, int], int] = {}
         self._owners: dict[tuple[Hashable, int, int], Hashable] = {}
-        self._pending: list[tuple[int, int, Any]] = []  # heap of (job index, seq, RowBlock)
+        # Heap of (0 waited / 1 Ahead, job index, seq, RowBlock): waited draws' blocks first.
+        self._pending: list[tuple[int, int, int, Any]] = []
         self._seq = itertools.count()
         self._inflight = 0
         self._to_judge: collections.deque[tuple[_Tag, dict[str, np.ndarray]]] = collections.deque()
+        self._to_judge_ahead: collections.deque[tuple[_Tag, dict[str, np.ndarray]]] = (
+            collections.deque()
+        )
+        self._engine_rows = 0  # rows submitted to the engine and not yet finished by it
+        self._ahead_inflight = 0  # of self._inflight, rows of Ahead draws (_Tag.ahead)
         self._judging: dict[cf.Future, list[tuple[_Tag, dict[str, np.ndarray]]]] = {}
         self._done: collections.deque[tuple[Hashable, Any]] = collections.deque()
         self._meter = _BusyMeter()
@@ -558,33 +622,95 @@ class Scheduler:
             try:
                 request = job.gen.send(value)
             except StopIteration as stop:
+                if job.ahead:
+                    raise RuntimeError(
+                        f"job {job.key!r} returned with {len(job.ahead)} Ahead draws it never "
+                        "collected; yield Collect() before returning"
+                    ) from None
                 del self._active[job.key]
                 self._done.append((job.key, stop.value))
                 return
             except Exception as e:
                 raise RuntimeError(f"job {job.key!r} raised {type(e).__name__}: {e}") from e
+            if not job.replay:  # the journal's yields are all replayed: draw what they deferred
+                for state in job.ahead:
+                    self._make_blocks(state)
+            if isinstance(request, Ahead):
+                draws = _as_draws(list(request.draws), job.key)
+                states = [self._allocate(job, d, waited=False) for d in draws]
+                job.ahead += states
+                if not job.replay:
+                    for state in states:
+                        self._make_blocks(state)
+                value = None
+                continue
+            if isinstance(request, Collect):
+                value = self._collect(job)
+                if value is None:
+                    return
+                continue
             job.single = isinstance(request, Draw)
             draws = _as_draws(request, job.key)
             if not job.replay:
-                job.waiting = [self._register(job, d) for d in draws]
+                job.waiting = [self._allocate(job, d) for d in draws]
+                for state in job.waiting:
+                    self._make_blocks(state)
                 return
             recorded = self._replayed(job, draws, job.replay.popleft())
             value = recorded[0] if job.single else recorded
 
+    def _collect(self, job: _JobState) -> list[Drawn] | None:
+        """A Collect: the Ahead draws' outcomes if they are known now (replayed, or all judged
+        already), else None (the job waits for them)."""
+        states, job.ahead = job.ahead, []
+        if not states:
+            raise ValueError(f"job {job.key!r} yielded Collect() with no Ahead draws to collect")
+        job.single = False
+        if job.replay:
+            recorded = job.replay.popleft()
+            return self._check_replay(job, [(s.draw, s.start) for s in states], recorded)
+        for state in states:
+            state.waited = True
+        self._promote(states)
+        job.waiting = states
+        if not all(s.complete for s in states):
+            return None
+        drawn = [s.drawn() for s in states]
+        if self.on_outcome is not None:
+            self.on_outcome(job.key, drawn)
+        return drawn
+
+    def _promote(self, states: list[_DrawState]) -> None:
+        """Collected Ahead draws are waited for now: their queued blocks and rows go first."""
+        ids = {id(s) for s in states}
+        self._pending = [(0 if id(e[3].tag.state) in ids else e[0], *e[1:]) for e in self._pending]
+        heapq.heapify(self._pending)
+        moved = [x for x in self._to_judge_ahead if id(x[0].state) in ids]
+        self._to_judge_ahead = collections.deque(
+            x for x in self._to_judge_ahead if id(x[0].state) not in ids
+        )
+        self._to_judge.extend(moved)
+
     def _replayed(self, job: _JobState, draws: list[Draw], recorded: list[Drawn]) -> list[Drawn]:
         """Check a recorded yield against the job's request and advance the streams past it."""
-        starts = [self._allocate(job, d) for d in draws]
+        starts = [self._allocate(job, d).start for d in draws]
+        return self._check_replay(job, list(zip(draws, starts, strict=True)), recorded)
+
+    def _check_replay(
+        self, job: _JobState, asked: list[tuple[Draw, int]], recorded: list[Drawn]
+    ) -> list[Drawn]:
+        """`recorded` if it holds the (draw, rollout start) pairs the job asks for now."""
         got = [(d.draw, d.rollout_start) for d in recorded]
-        if got != list(zip(draws, starts, strict=True)):
+        if got != asked:
             raise ValueError(
                 f"the recorded draws of job {job.key!r} ({got}) are not what it asks for now "
-                f"({list(zip(draws, starts, strict=True))}): the journal comes from a run with "
-                "other settings; delete it or rerun with those settings"
+                f"({asked}): the journal comes from a run with other settings (or another "
+                "lpe_jax); delete it or rerun with those settings"
             )
         return recorded
 
-    def _allocate(self, job: _JobState, draw: Draw) -> int:
-        """The first rollout index of the draw in its stream; advances the stream."""
+    def _allocate(self, job: _JobState, draw: Draw, waited: bool = True) -> _DrawState:
+        """The draw's state, at the next rollout index of its stream; advances the stream."""
         stream = (job.prompt.key, *_stream_of(draw.seed, draw.alpha))
         owner = self._owners.setdefault(stream, job.key)
         if owner != job.key:
@@ -594,39 +720,49 @@ class Scheduler:
             )
         start = self._offsets.get(stream, 0)
         self._offsets[stream] = start + int(draw.n)
-        return start
+        # Ahead draws in smaller blocks: a block counts as in the engine until its last row
+        # ends, so small ones let Ahead rows fill the slots more closely (AHEAD_BLOCK_DIV).
+        rows = self.block_rows if waited else max(1, self.block_rows // AHEAD_BLOCK_DIV)
+        n_parts = -(-int(draw.n) // rows)
+        return _DrawState(job, draw, start, [None] * n_parts, rows, waited=waited)
 
-    def _register(self, job: _JobState, draw: Draw) -> _DrawState:
-        start = self._allocate(job, draw)
-        n_parts = -(-int(draw.n) // self.block_rows)
-        state = _DrawState(job, draw, start, [None] * n_parts)
-        for part in range(n_parts):
-            lo = part * self.block_rows
+    def _make_blocks(self, state: _DrawState) -> None:
+        """Queue the draw's blocks for the engine (waited draws' first), or for the judge where
+        an earlier run drew them; once."""
+        if state.submitted:
+            return
+        state.submitted = True
+        job, draw, start = state.job, state.draw, state.start
+        stream = _stream_of(draw.seed, draw.alpha)
+        for part in range(len(state.parts)):
+            lo = part * state.block_rows
             block = RowBlock(
                 prompt_key=job.prompt.key,
                 prompt_ids=job.prompt.ids,
                 alpha=float(draw.alpha),
                 seed=int(draw.seed),
                 rollout_start=start + lo,
-                count=min(self.block_rows, int(draw.n) - lo),
+                count=min(state.block_rows, int(draw.n) - lo),
                 tag=_Tag(state, part),
             )
-            stream = _stream_of(draw.seed, draw.alpha)
             saved = self._saved.pop((job.key, *stream, start + lo, block.count), None)
             if saved is None:
-                heapq.heappush(self._pending, (job.index, next(self._seq), block))
+                priority = 0 if state.waited else 1
+                heapq.heappush(self._pending, (priority, job.index, next(self._seq), block))
             else:  # drawn by an earlier run: judge it, do not draw it again
+                block.tag.ahead = not state.waited
                 self._inflight += block.count
+                self._ahead_inflight += block.count if block.tag.ahead else 0
                 self.stats.reused_rows += block.count
-                self._to_judge.append((block.tag, saved.rows))
-        return state
+                self._queue_judge(block.tag, saved.rows)
 
     def _deliver(self, tag: _Tag, rows: dict[str, np.ndarray]) -> None:
         """One block's rows are final (judged if there is a judge)."""
         self._inflight -= len(rows["lengths"])
+        self._ahead_inflight -= len(rows["lengths"]) if tag.ahead else 0
         tag.state.parts[tag.part] = rows
         job = tag.state.job
-        if not all(s.complete for s in job.waiting):
+        if not tag.state.waited or not all(s.complete for s in job.waiting):
             return
         drawn = [s.drawn() for s in job.waiting]
         if self.on_outcome is not None:
@@ -637,15 +773,29 @@ class Scheduler:
 
     def _submit(self) -> None:
         while self._pending:
-            block = self._pending[0][2]
+            block = self._pending[0][-1]
             if self._inflight + block.count > self.max_inflight_rows:
                 return
+            block.tag.ahead = not block.tag.state.waited  # a collected draw's are waited now
+            if block.tag.ahead and not self._room_ahead(block.count):
+                return  # the heap puts waited blocks first: none is left
             heapq.heappop(self._pending)
             self.engine.submit(block)
             self._inflight += block.count
+            self._engine_rows += block.count
+            self._ahead_inflight += block.count if block.tag.ahead else 0
             self.stats.blocks += 1
             self.stats.rows += block.count
             self.stats.max_inflight_rows = max(self.stats.max_inflight_rows, self._inflight)
+
+    def _room_ahead(self, n: int) -> bool:
+        """Whether n rows of an Ahead draw may go to the engine now: the engine has room for
+        them in its slots (so a waited block submitted next queues behind few rows) and Ahead
+        rows keep within their share of the rows in flight (AHEAD_INFLIGHT)."""
+        if self._engine_rows == 0:
+            return True
+        fits = self._engine_rows + n <= self.ahead_engine_rows
+        return fits and self._ahead_inflight + n <= AHEAD_INFLIGHT * self.max_inflight_rows
 
     def _poll(self) -> None:
         self.stats.polls += 1
@@ -664,33 +814,52 @@ class Scheduler:
                 f"engine returned {len(rows['lengths'])} rows for a block of {result.block.count}"
             )
         self.stats.rows_done += len(rows["lengths"])
+        self._engine_rows -= len(rows["lengths"])
         self.stats.tokens += int(rows["lengths"].sum())
         if self._unjudged is not None:  # stopping: keep it for the rerun
             self._held.append((tag, rows))
         elif self.judge is None:
             self._deliver(tag, rows)
         else:
-            self._to_judge.append((tag, rows))
+            self._queue_judge(tag, rows)
 
     # -- judge -------------------------------------------------------------------------------
+
+    def _queue_judge(self, tag: _Tag, rows: dict[str, np.ndarray]) -> None:
+        """A finished block waits for the judge: waited draws' blocks before Ahead ones."""
+        (self._to_judge if tag.state.waited else self._to_judge_ahead).append((tag, rows))
 
     def _dispatch_judging(self, pool: cf.ThreadPoolExecutor) -> None:
         if self.judge_width is not None:
             # Every finished block goes out at once, so the judge starts a row the moment one
-            # ends, whatever the loop does (see JUDGE_QUEUE).
-            while self._to_judge and self._judge_rows < JUDGE_QUEUE * self.judge_width:
+            # ends, whatever the loop does (see JUDGE_QUEUE); Ahead rows while the judge has
+            # little queued (AHEAD_JUDGE), so waited rows find a short queue.
+            width = self.judge_width
+            while self._to_judge and self._judge_rows < JUDGE_QUEUE * width:
                 self._send(pool, [self._to_judge.popleft()])
+            while self._to_judge_ahead and self._judge_rows < JUDGE_QUEUE * width:
+                level = self._meter.level()
+                if level and level + self._rows_of_ahead() > AHEAD_JUDGE * width:
+                    break
+                self._send(pool, [self._to_judge_ahead.popleft()])
             return
         # Each worker gets a second batch queued behind its current one: a worker that finishes
         # while the loop is inside engine.poll starts on it at once instead of idling until the
         # loop hands it more (with a judge as slow as the decode that idling cost ~20% of it).
-        while self._to_judge and len(self._judging) < 2 * self.judge_workers:
+        # A batch takes waited draws' blocks first, then Ahead ones.
+        while self._next_to_judge() and len(self._judging) < 2 * self.judge_workers:
             batch, n = [], 0
-            while self._to_judge and (not batch or n + self._rows_of(0) <= self.judge_batch_rows):
-                tag, rows = self._to_judge.popleft()
+            while (queue := self._next_to_judge()) and (
+                not batch or n + len(queue[0][1]["lengths"]) <= self.judge_batch_rows
+            ):
+                tag, rows = queue.popleft()
                 batch.append((tag, rows))
                 n += len(rows["lengths"])
             self._send(pool, batch)
+
+    def _next_to_judge(self) -> collections.deque:
+        """The queue the judge's next block comes from (empty when neither has one)."""
+        return self._to_judge or self._to_judge_ahead
 
     def _send(self, pool: cf.ThreadPoolExecutor, batch: list) -> None:
         """One judge call over the blocks of `batch` ([(tag, rows)]) on a pool thread."""
@@ -703,8 +872,8 @@ class Scheduler:
         self.stats.judge_batches += 1
         self.stats.judged_rows += n
 
-    def _rows_of(self, i: int) -> int:
-        return len(self._to_judge[i][1]["lengths"])
+    def _rows_of_ahead(self) -> int:
+        return len(self._to_judge_ahead[0][1]["lengths"])
 
     def _judge_safely(self, parts: list[tuple[str, Any, Any, Any]], n: int) -> tuple[list, str]:
         self._meter.add(n)
@@ -773,7 +942,7 @@ class Scheduler:
             share, seen = self.max_judge_failure_share, len(self._window)
             self._stop(JudgeFailedError(failed, seen, share, self._last_judge_error))
         full = len(self._window) == self._window.maxlen
-        if full or (not self._judging and not self._to_judge and self.engine.idle):
+        if full or (not self._judging and not self._next_to_judge() and self.engine.idle):
             held, self._held = self._held, []
             for tag, rows in held:
                 self._deliver(tag, rows)
@@ -788,19 +957,20 @@ class Scheduler:
             batch = self._judging.pop(future)
             self._judge_rows -= sum(len(rows["lengths"]) for _, rows in batch)
             self._held += batch
-        self._held += list(self._to_judge)
+        self._held += [*self._to_judge, *self._to_judge_ahead]
         self._to_judge.clear()
+        self._to_judge_ahead.clear()
         while not self.engine.idle:
             self._poll()  # _finished adds the rows to _held
         blocks = [(t, r) for t, r in self._held]
         for job in self._active.values():
-            for state in job.waiting:
+            for state in [*job.waiting, *job.ahead]:
                 blocks += [(_Tag(state, i), p) for i, p in enumerate(state.parts) if p is not None]
         for tag, rows in blocks:
             st = tag.state
             rows = {k: v for k, v in rows.items() if k != "verdicts"}
             saved = SavedRows(
-                st.draw.seed, st.draw.alpha, st.start + tag.part * self.block_rows, rows
+                st.draw.seed, st.draw.alpha, st.start + tag.part * st.block_rows, rows
             )
             self._unjudged.setdefault(st.job.key, []).append(saved)
         for (key, *_), saved in self._saved.items():  # passed back, not yet asked for
@@ -840,6 +1010,11 @@ class _BusyMeter:
                 self._busy_s += now - self._since
                 self._row_s += self._level * (now - self._since)
             self._level, self._since = self._level + n, now
+
+    def level(self) -> int:
+        """Rows inside judge calls now."""
+        with self._lock:
+            return self._level
 
     def read(self) -> tuple[float, float]:
         """(busy seconds, row-seconds) so far."""
