@@ -379,7 +379,12 @@ def test_token_frequencies_follow_the_path():
     m_o, m_v = qwen3.init_random(cfg, seed=0), qwen3.init_random(cfg, seed=1)
     for m in (m_o, m_v):
         m.lm_head[...] = m.lm_head[...] * 20.0
-    e = RolloutEngine(m_o, m_v, "linear", 2, [], slots=256, max_prompts=2, steps_per_call=8)
+    # Rows of 2 tokens free half the slots every step: refilling them all at once (the default
+    # cap starts at 16) keeps 3,000 rows to ~24 steps. A row's tokens depend on its key, not on
+    # when it got a slot, so the cap changes no token.
+    e = RolloutEngine(
+        m_o, m_v, "linear", 2, [], slots=256, max_prompts=2, steps_per_call=8, refills_per_step=256
+    )
     cases = {"a": (np.array([7, 3, 12], np.int32), 0.5), "b": (np.array([40, 2], np.int32), 0.3)}
     for key, (ids, alpha) in cases.items():
         e.submit(RowBlock(key, ids, alpha, 11, 0, 1500))

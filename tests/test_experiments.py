@@ -246,9 +246,12 @@ def test_estimate_on_the_direction_path(tmp_path):
 
 
 def test_judge_then_evaluate(tmp_path):
+    # The reference run's 4 prompts (1 positive, 3 negative on the toy), alphas and engine size
+    # (its compiled programs come from the run's XLA cache), at the screen's 100 rollouts: the
+    # smallest bank evaluate.py takes with both labels.
     out = tmp_path / "bank"
-    alphas = ",".join(f"{a:.1f}" for a in np.arange(0, 1.0001, 0.1))
-    run("sample.py", f"--out={out}", f"--alphas={alphas}", "--rollouts=100", "--limit=8")
+    flags = [f for f in SAMPLE_FLAGS if not f.startswith("--rollouts=")]
+    run("sample.py", f"--out={out}", *flags, "--rollouts=100")
     p = run("judge.py", f"--run={out}")
     assert " 0 unknown verdicts" in p.stdout
     c = RolloutStore.load(out).read_chunk(*next(RolloutStore.load(out).chunks()))

@@ -34,13 +34,17 @@ ROOT = Path(__file__).resolve().parents[1]
 MARK = re.compile(r"<!-- readme-test: (run|reduced|skip)(?:: (.+?))? -->\n```(bash|python)\n")
 BLOCK = re.compile(r"```(bash|python)\n(.*?)\n```", re.S)
 FULL_GRID = ",".join(f"{0.05 * i:.2f}".rstrip("0").rstrip(".") for i in range(21))
-# The toy bank's remake samples 32 prompts x 21 alphas x 120 rollouts (minutes on 2 cores): the
-# test keeps its commands and flags but samples 4 prompts at 3 alphas (enough for both labels),
-# 100 rollouts each (the screen's 100; n_fit 100 is then left out, with a note).
+# Substitutions for the `reduced` blocks (each must be found in some reduced block, and each
+# reduced block must use one). The toy bank's remake samples 32 prompts x 21 alphas x 120
+# rollouts (minutes on 2 cores): the test keeps its commands and flags but samples 4 prompts at 3
+# alphas (enough for both labels), 100 rollouts each (the screen's 100; n_fit 100 is then left
+# out, with a note). The second organism's main job estimates 6 of its 24 prompts: every prompt
+# runs the same code, and drawing 24 is most of the block's CPU time.
 REDUCED = {
     f"--alphas={FULL_GRID}": "--alphas=0,0.5,1",
     "--rollouts=120 --out=runs/toy_bank": "--rollouts=100 --limit=4 --out=runs/toy_bank",
     "--rollouts=1000 --out=runs/toy_mixture": "--rollouts=100 --limit=4 --out=runs/toy_mixture",
+    "--limit=24 --n_fit=30 --max_new_tokens=24": "--limit=6 --n_fit=30 --max_new_tokens=24",
 }
 
 
@@ -74,7 +78,7 @@ def fresh_copy(dest: Path) -> Path:
 def test_readme_blocks_are_marked():
     blocks = readme_blocks()
     modes = [mode for mode, *_ in blocks]
-    assert modes.count("run") >= 4 and "reduced" in modes
+    assert modes.count("run") >= 3 and modes.count("reduced") >= 2
     assert all(reason for mode, reason, *_ in blocks if mode != "run")
 
 
@@ -92,14 +96,16 @@ def test_readme_toy_blocks_run_as_written(tmp_path):
     # not the one this environment's editable install points at.
     env["PYTHONPATH"] = str(repo)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
-    outputs = []
+    outputs, substituted = [], set()
     for mode, _, lang, code in readme_blocks():
         if mode == "skip":
             continue
         if mode == "reduced":
-            for old, new in REDUCED.items():
-                assert old in code, f"the README block no longer says {old}; update REDUCED"
-                code = code.replace(old, new)
+            found = [old for old in REDUCED if old in code]
+            assert found, f"a reduced README block uses none of REDUCED:\n{code}"
+            for old in found:
+                code = code.replace(old, REDUCED[old])
+            substituted.update(found)
         argv = ["bash", "-e", "-c", code] if lang == "bash" else ["python", "-"]
         start, cpu = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
         p = subprocess.run(
@@ -119,6 +125,8 @@ def test_readme_toy_blocks_run_as_written(tmp_path):
         assert "Unable to initialize backend" not in p.stderr, p.stderr[-2000:]
         outputs.append(p.stdout)
 
+    missing = set(REDUCED) - substituted
+    assert not missing, f"the README no longer says {missing}; update REDUCED"
     # The second organism's recipe: the twin, its direction, the main job's files, umask kept.
     lpe = repo / "results/toy2_lpe_abliterated"
     assert (repo / "results/toy2_abliterated/refusal_direction.npy").is_file()
