@@ -205,10 +205,12 @@ def wide_pair(hf_checkpoint, tmp_path_factory):
 def test_estimate_runs_in_bf16(wide_pair):
     root, original, variant, prompts = wide_pair
     out = root / "estimate"
+    # mixture IS off: the dtype is the point here (test_experiments runs mixture IS)
     run(
         "estimate.py", f"--original={original}", f"--variant={variant}", "--dtype=bfloat16",
         f"--prompts={prompts}", "--judge=string", "--n_fit=3", "--n_search=3",
-        "--max_new_tokens=3", "--max_rows=8", "--nofigures", f"--out={out}",
+        "--max_new_tokens=3", "--max_rows=8", "--mixture_lambda=0", "--nofigures",
+        f"--out={out}",
     )  # fmt: skip
     results = json.loads((out / "results.json").read_text())
     assert results["manifest"]["dtype"] == "bfloat16"

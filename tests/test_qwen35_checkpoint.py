@@ -174,8 +174,8 @@ def _script(script: str, *args: str) -> None:
 def test_abliterate_then_sample_on_a_tiny_qwen35(family, tmp_path):
     """abliterate.py makes the variant of a tiny Qwen3.5 (dense, or MoE saved one tensor per
     expert by save_pretrained), searching the direction through the hook; sample.py then draws
-    on the (original, abliterated) pair unchanged. (CI candidate: ~1 min per family on 2 cores,
-    mostly compiling.)"""
+    on the (original, abliterated) pair unchanged, and on the MoE pair estimate.py runs too. (CI
+    candidate: ~1 min per family on 2 cores, mostly compiling.)"""
     import transformers
     from hybrid_fixtures import make_qwen35_tokenizer
 
@@ -240,3 +240,12 @@ def test_abliterate_then_sample_on_a_tiny_qwen35(family, tmp_path):
         f"--out={tmp_path / 'sample'}",
     )  # fmt: skip
     assert len(list(RolloutStore.load(tmp_path / "sample").chunks())) == 2
+    if family == "moe":  # and the main job on the same MoE pair (the dense pair: test above)
+        out = tmp_path / "estimate"
+        _script(
+            "estimate.py", f"--original={src}", f"--variant={variant}", f"--prompts={prompts}",
+            "--judge=string", "--n_fit=3", "--n_search=3", "--max_new_tokens=3", "--max_rows=8",
+            "--mixture_lambda=0", "--nofigures", f"--out={out}",
+        )  # fmt: skip
+        results = json.loads((out / "results.json").read_text())
+        assert [r["id"] for r in results["prompts"]] == ["p0"]
