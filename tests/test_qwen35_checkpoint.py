@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_fixtures import run_script
 from hybrid_fixtures import QWEN35_TEXT, qwen35_text_config, randomize, state_dict_numpy
 
 from lpe_jax.model.checkpoint import load_model
@@ -160,16 +161,6 @@ def test_estimate_runs_on_a_tiny_qwen35_pair(tmp_path):
     assert [r["id"] for r in results["prompts"]] == ["p0"]
 
 
-def _script(script: str, *args: str) -> None:
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
-    p = subprocess.run(
-        [sys.executable, str(root / "experiments" / script), *args],
-        capture_output=True, text=True, env=env, cwd=root, timeout=600,
-    )  # fmt: skip
-    assert p.returncode == 0, f"{script} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
-
-
 @pytest.mark.parametrize("family", ["dense", "moe"])
 def test_abliterate_then_sample_on_a_tiny_qwen35(family, tmp_path):
     """abliterate.py makes the variant of a tiny Qwen3.5 (dense, or MoE saved one tensor per
@@ -205,7 +196,7 @@ def test_abliterate_then_sample_on_a_tiny_qwen35(family, tmp_path):
         )
     )
     harmless.write_text(json.dumps([{"instruction": text("nopqrstuvwxyz")} for _ in range(6)]))
-    _script(
+    run_script(
         "abliterate.py", f"--original={src}", f"--out={variant}", f"--harmful={harmful}",
         f"--harmless={harmless}", "--harmful_split=2,2,2", "--harmless_split=2,2,2",
         "--refusal_tokens=a,b", "--nofilter_train", "--prune_layer_fraction=0",
@@ -234,7 +225,7 @@ def test_abliterate_then_sample_on_a_tiny_qwen35(family, tmp_path):
         assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"id": "p0", "prompt": "a b c"}) + "\n")
-    _script(
+    run_script(
         "sample.py", f"--original={src}", f"--variant={variant}", f"--prompts={prompts}",
         "--alphas=0,1", "--rollouts=3", "--max_new_tokens=3", "--max_rows=8",
         f"--out={tmp_path / 'sample'}",
@@ -242,7 +233,7 @@ def test_abliterate_then_sample_on_a_tiny_qwen35(family, tmp_path):
     assert len(list(RolloutStore.load(tmp_path / "sample").chunks())) == 2
     if family == "moe":  # and the main job on the same MoE pair (the dense pair: test above)
         out = tmp_path / "estimate"
-        _script(
+        run_script(
             "estimate.py", f"--original={src}", f"--variant={variant}", f"--prompts={prompts}",
             "--judge=string", "--n_fit=3", "--n_search=3", "--max_new_tokens=3", "--max_rows=8",
             "--mixture_lambda=0", "--nofigures", f"--out={out}",

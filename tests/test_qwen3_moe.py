@@ -3,18 +3,14 @@ the architecture dispatch), logit parity with transformers' Qwen3MoeForCausalLM 
 cached decoding and the engine's rows, and the engine against the lockstep oracle."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hf_fixtures import QWEN3_MOE, hf_logits, hf_reference, make_tokenizer
+from hf_fixtures import QWEN3_MOE, hf_logits, hf_reference, make_tokenizer, run_script
 from sampler_oracle import LockstepSampler
 
 from lpe_jax.abliteration.direction_path import DirectionalQwen3
@@ -151,16 +147,6 @@ def test_architecture_dispatch_and_refusal(moe_dir, tmp_path):
         load_model(bad)
 
 
-def _run_script(script: str, *args: str) -> None:
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
-    p = subprocess.run(
-        [sys.executable, str(root / "experiments" / script), *args],
-        capture_output=True, text=True, env=env, cwd=root, timeout=600,
-    )  # fmt: skip
-    assert p.returncode == 0, f"{script} failed:\n{p.stdout}\n{p.stderr[-4000:]}"
-
-
 def test_scripts_run_on_a_qwen3_moe_pair(moe_dir, tmp_path):
     """abliterate.py makes the variant of a tiny Qwen3-MoE; estimate.py and sample.py then run on
     the (original, abliterated) pair unchanged."""
@@ -178,7 +164,7 @@ def test_scripts_run_on_a_qwen3_moe_pair(moe_dir, tmp_path):
     )
     harmless.write_text(json.dumps([{"instruction": text(40, 80)} for _ in range(8)]))
     variant = tmp_path / "abliterated"
-    _run_script(
+    run_script(
         "abliterate.py", f"--original={src}", f"--out={variant}", f"--harmful={harmful}",
         f"--harmless={harmless}", "--harmful_split=4,2,2", "--harmless_split=4,2,2",
         "--refusal_tokens=w0,w1", "--nofilter_train", "--prune_layer_fraction=0",
@@ -193,14 +179,14 @@ def test_scripts_run_on_a_qwen3_moe_pair(moe_dir, tmp_path):
     )
     pair = (f"--original={src}", f"--variant={variant}", f"--prompts={prompts}")
     # mixture IS off: the family is the point here (test_experiments runs mixture IS)
-    _run_script(
+    run_script(
         "estimate.py", *pair, "--judge=string", "--n_fit=3", "--n_search=3",
         "--max_new_tokens=3", "--max_rows=8", "--mixture_lambda=0", "--nofigures",
         f"--out={tmp_path / 'estimate'}",
     )  # fmt: skip
     results = json.loads((tmp_path / "estimate" / "results.json").read_text())
     assert [p["id"] for p in results["prompts"]] == ["p0", "p1"]
-    _run_script(
+    run_script(
         "sample.py", *pair, "--alphas=0,1", "--rollouts=4", "--max_new_tokens=3",
         "--max_rows=8", f"--out={tmp_path / 'sample'}",
     )  # fmt: skip
