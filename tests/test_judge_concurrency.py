@@ -109,7 +109,9 @@ def server(monkeypatch: pytest.MonkeyPatch):
     s.close()
 
 
-def test_http_judge_is_kept_full(server) -> None:
+def judged_scheduler(server) -> tuple[RubricJudge, IndexedEngine, Scheduler]:
+    """A rubric judge on the loopback server (CONCURRENCY requests at most, no memo) and a
+    scheduler feeding it from a fake engine that records when each row finished."""
     judge = RubricJudge(
         base_url=server.base_url,
         model="m",
@@ -121,6 +123,11 @@ def test_http_judge_is_kept_full(server) -> None:
     engine = IndexedEngine(slots=32, steps=2, max_new_tokens=8)
     engine.finished = []
     sched = Scheduler(engine, judge=judge, decode=decode, block_rows=8, max_inflight_rows=512)
+    return judge, engine, sched
+
+
+def test_http_judge_is_kept_full(server) -> None:
+    judge, engine, sched = judged_scheduler(server)
     seen: list = []
     for k in range(JOBS):
         sched.add(k, JobPrompt(k, np.array([1, 2]), f"prompt {k}"), job(k, seen))
@@ -173,17 +180,7 @@ def test_ahead_draws_keep_the_judge_full_while_searches_wait(server) -> None:
     flight over its whole busy time stays >= 0.8 x 16 (0.91 on the loaded 2-core box). The same
     jobs drawing the companions after their search (ahead=False) held 0.72: 4 in flight during
     the searches' 8 latencies. Verdicts are the rule's."""
-    judge = RubricJudge(
-        base_url=server.base_url,
-        model="m",
-        api_key_env=None,
-        max_concurrency=CONCURRENCY,
-        timeout_s=10.0,
-        memo_size=0,
-    )
-    engine = IndexedEngine(slots=32, steps=2, max_new_tokens=8)
-    engine.finished = []
-    sched = Scheduler(engine, judge=judge, decode=decode, block_rows=8, max_inflight_rows=512)
+    judge, engine, sched = judged_scheduler(server)
     for k in range(4):
         sched.add(k, JobPrompt(k, np.array([1, 2]), f"p {k}"), adaptive_with_companions(k, True))
     try:
