@@ -252,6 +252,29 @@ def prompt_result(prompt: Any, ids: np.ndarray, draws: MainDraws) -> dict[str, A
     }
 
 
+def engine_and_scheduler(
+    pair: Any, judge: Any, prompts: list[Any], max_len: int, path: str | None, **kw: Any
+) -> tuple[Any, Any]:
+    """The rollout engine (along --path, or `path`) and its scheduler for `prompts`' draws: a
+    device judge's batch left free on the device (`device_judge_bytes`), --prompts_in_flight
+    jobs at once, the judge watched by --max_judge_failure_share / --judge_failure_window.
+    kw: the scheduler's (e.g. on_outcome)."""
+    reserve = device_judge_bytes(judge, [p.text for p in prompts])
+    engine = common.make_engine(
+        pair, max_len, path=path, steps_per_call=FLAGS.steps_per_call, reserve_bytes=reserve
+    )
+    sched = common.make_scheduler(
+        engine,
+        judge,
+        pair.decode,
+        max_jobs=FLAGS.prompts_in_flight,
+        max_judge_failure_share=FLAGS.max_judge_failure_share,
+        judge_failure_window=FLAGS.judge_failure_window,
+        **kw,
+    )
+    return engine, sched
+
+
 def estimate_prompts(
     pair: Any, judge: Any, prompts: list[Any], out: Path, truth: dict[str, float], max_len: int
 ) -> None:
@@ -263,19 +286,9 @@ def estimate_prompts(
     if not todo:
         return
     ids = {p.id: np.asarray(common.prompt_ids(pair, p.text)) for p in todo}
-    reserve = device_judge_bytes(judge, [p.text for p in todo])
-    engine = common.make_engine(
-        pair, max_len, steps_per_call=FLAGS.steps_per_call, reserve_bytes=reserve
-    )
     journal = Journal(out / "journal")
-    sched = common.make_scheduler(
-        engine,
-        judge,
-        pair.decode,
-        max_jobs=FLAGS.prompts_in_flight,
-        on_outcome=journal.append,
-        max_judge_failure_share=FLAGS.max_judge_failure_share,
-        judge_failure_window=FLAGS.judge_failure_window,
+    engine, sched = engine_and_scheduler(
+        pair, judge, todo, max_len, path=None, on_outcome=journal.append
     )
     by_id, replayed, kept = {p.id: p for p in todo}, 0, 0
     for p in todo:
@@ -348,15 +361,7 @@ def add_mixture(pair: Any, judge: Any, prompts: list[Any], out: Path, max_len: i
     todo = [p for p in prompts if "mixture_is" not in results[p.id]]
     if not todo:
         return
-    engine = common.make_engine(pair, max_len, path="mixture", steps_per_call=FLAGS.steps_per_call)
-    sched = common.make_scheduler(
-        engine,
-        judge,
-        pair.decode,
-        max_jobs=FLAGS.prompts_in_flight,
-        max_judge_failure_share=FLAGS.max_judge_failure_share,
-        judge_failure_window=FLAGS.judge_failure_window,
-    )
+    _, sched = engine_and_scheduler(pair, judge, todo, max_len, path="mixture")
     for p in todo:
         ids = np.asarray(common.prompt_ids(pair, p.text))
         sched.add(p.id, JobPrompt(p.id, ids, p.text), mixture_job(p.id, results[p.id]["rollouts"]))
