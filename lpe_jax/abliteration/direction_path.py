@@ -19,7 +19,7 @@ that importance sampling weights need: the engine returns them as NaN.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +28,8 @@ from flax import nnx
 
 from lpe_jax.abliteration.abliterate import project_out
 from lpe_jax.abliteration.orthogonalize import unit_direction
-from lpe_jax.model.qwen3 import DecodeKV, Hook, Qwen3, Qwen3Config
-from lpe_jax.model.qwen35 import LayerState, Qwen35, Qwen35Config
+from lpe_jax.model.qwen3 import DecodeKV, Hook, Qwen3
+from lpe_jax.model.qwen35 import LayerState, Qwen35
 
 Array = jax.Array
 
@@ -55,22 +55,23 @@ def _hook(alpha: Array | float | None, unit: Array) -> Hook:
     return hook
 
 
-class DirectionalQwen3(Qwen3):
-    """A Qwen3 plus a unit direction; every pass takes alpha (a scalar, or [B] per row).
+D = TypeVar("D", bound="_Directional")
 
-    Build with `DirectionalQwen3.wrap(model, direction)` (shares the model's parameters).
+
+class _Directional:
+    """What both families' directional models add to their model class (listed first among the
+    bases): a unit direction [H] as a variable, `wrap`, and the hook of M(alpha).
     `conditioned_on_alpha` tells `RolloutEngine` to pass each row's alpha and to prefill prompts
-    per alpha.
-    """
+    per alpha."""
 
     conditioned_on_alpha = True
 
-    def __init__(self, cfg: Qwen3Config, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: Any, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)
         self.direction = nnx.Variable(jnp.zeros((cfg.hidden_size,), jnp.float32))
 
     @classmethod
-    def wrap(cls, model: Qwen3, direction: np.ndarray) -> DirectionalQwen3:
+    def wrap(cls: type[D], model: Qwen3 | Qwen35, direction: np.ndarray) -> D:
         """`model`'s parameters (shared, not copied) with `direction` [H] (normalized here)."""
         unit = unit_direction(direction, model.cfg.hidden_size)
         out = nnx.eval_shape(lambda: cls(model.cfg, dtype=model.dtype, rngs=nnx.Rngs(0)))
@@ -80,6 +81,13 @@ class DirectionalQwen3(Qwen3):
 
     def _hook(self, alpha: Array | float | None) -> Hook:
         return _hook(alpha, self.direction[...])
+
+
+class DirectionalQwen3(_Directional, Qwen3):
+    """A Qwen3 plus a unit direction; every pass takes alpha (a scalar, or [B] per row).
+
+    Build with `DirectionalQwen3.wrap(model, direction)` (shares the model's parameters).
+    """
 
     def hidden_states(  # type: ignore[override]
         self, tokens: Array, alpha: Array | float | None = None
@@ -112,34 +120,19 @@ class DirectionalQwen3(Qwen3):
         return super().decode_step(tokens, positions, kv, self._hook(alpha))
 
 
-class DirectionalQwen35(Qwen35):
+class DirectionalQwen35(_Directional, Qwen35):
     """A Qwen3.5 (dense or MoE) plus a unit direction; every pass takes alpha (a scalar, or [B]
     per row), as `DirectionalQwen3`. Build with `DirectionalQwen35.wrap(model, direction)`."""
 
-    conditioned_on_alpha = True
-
-    def __init__(self, cfg: Qwen35Config, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        super().__init__(cfg, dtype=dtype, rngs=rngs)
-        self.direction = nnx.Variable(jnp.zeros((cfg.hidden_size,), jnp.float32))
-
-    @classmethod
-    def wrap(cls, model: Qwen35, direction: np.ndarray) -> DirectionalQwen35:
-        """`model`'s parameters (shared, not copied) with `direction` [H] (normalized here)."""
-        unit = unit_direction(direction, model.cfg.hidden_size)
-        out = nnx.eval_shape(lambda: cls(model.cfg, dtype=model.dtype, rngs=nnx.Rngs(0)))
-        nnx.update(out, nnx.state(model, nnx.Param))
-        out.direction = nnx.Variable(jnp.asarray(unit))
-        return out
-
     def __call__(self, tokens: Array, alpha: Array | float | None = None) -> Array:  # type: ignore[override]
         """float32 logits [B, T, V] of M(alpha) over tokens int [B, T]."""
-        return super().__call__(tokens, _hook(alpha, self.direction[...]))
+        return super().__call__(tokens, self._hook(alpha))
 
     def prefill_states(  # type: ignore[override]
         self, prompt_tokens: Array, length: Array, *, alpha: Array | float | None = None
     ) -> tuple[Array, tuple[Any, ...]]:
         """`Qwen35.prefill_states` of M(alpha) (alpha a scalar)."""
-        return super().prefill_states(prompt_tokens, length, _hook(alpha, self.direction[...]))
+        return super().prefill_states(prompt_tokens, length, self._hook(alpha))
 
     def decode_slots(  # type: ignore[override]
         self,
@@ -155,7 +148,7 @@ class DirectionalQwen35(Qwen35):
         alpha: Array | None = None,
     ) -> tuple[Array, tuple[Any, ...], tuple[Any, ...]]:
         """`Qwen35.decode_slots` with slot s of M(alpha[s]) (alpha f32 [S])."""
-        hook = _hook(alpha, self.direction[...])
+        hook = self._hook(alpha)
         return super().decode_slots(
             tokens, positions, prompt_length, write, active, prompt, own, block, hook
         )
@@ -164,13 +157,13 @@ class DirectionalQwen35(Qwen35):
         self, tokens: Array, lengths: Array, capacity: int, *, alpha: Array | float | None = None
     ) -> tuple[Array, tuple[LayerState, ...]]:
         """`Qwen35.prefill` of row b of M(alpha[b]) (alpha a scalar or f32 [B])."""
-        return super().prefill(tokens, lengths, capacity, _hook(alpha, self.direction[...]))
+        return super().prefill(tokens, lengths, capacity, self._hook(alpha))
 
     def decode_step(  # type: ignore[override]
         self, tokens: Array, states: tuple[LayerState, ...], *, alpha: Array | None = None
     ) -> tuple[Array, tuple[LayerState, ...]]:
         """`Qwen35.decode_step` with row b of M(alpha[b]) (alpha f32 [B])."""
-        return super().decode_step(tokens, states, _hook(alpha, self.direction[...]))
+        return super().decode_step(tokens, states, self._hook(alpha))
 
 
 def _strength(alpha: Array | float | None) -> Array:
