@@ -342,12 +342,17 @@ def mixture_job(prompt_id: str, n: int) -> Any:
 def mixture_result(drawn: Any) -> dict[str, Any]:
     """Mixture IS of one prompt from its Drawn rows, JSON-ready: plain and self-normalized
     estimates of importance.importance_sampling with log w = logp_original - logp_sampled (a row
-    with a non-finite log-prob is unknown, never a refusal, and counted)."""
+    with a non-finite log-prob is unknown, never a refusal, and counted); ``ess`` is over all
+    rows, ``ess_estimate`` over the compliant rows the estimate sums."""
     known = ~drawn.nonfinite & np.isfinite(drawn.logp_sampled) & np.isfinite(drawn.logp_original)
     lw = np.where(known, drawn.logp_original.astype(np.float64) - drawn.logp_sampled, 0.0)
-    res = importance.importance_sampling(lw, np.where(known, drawn.verdicts, -1))
+    verdicts = np.where(known, drawn.verdicts, -1)
+    res = importance.importance_sampling(lw, verdicts)
+    hit = verdicts == 1  # the Kish ESS of the rows the estimate sums (report marks it if < 10)
+    ess_estimate = importance.importance_sampling(lw[hit], np.ones(hit.sum(), bool)).ess
     return {
         **_jsonable(res),
+        "ess_estimate": ess_estimate,
         "lambda": FLAGS.mixture_lambda,
         "n_nonfinite": int((~known & (drawn.verdicts >= 0)).sum()),
     }

@@ -215,6 +215,7 @@ def test_estimate_reports_path_is_and_the_forecast(estimate_run):
         m = r["mixture_is"]  # Angell et al.'s mixture IS at LPE's budget
         assert m["n"] == r["rollouts"] and m["lambda"] == 0.5 and m["n_nonfinite"] == 0
         assert m["status"] in ("ok", "no_compliant") and 0 <= m["estimate"] <= 1 / 0.5**64
+        assert 0 < m["ess_estimate"] <= m["n_compliant"] + 1e-6 or m["n_compliant"] == 0
     assert "path_is" in estimate_run["scores"] and "mixture_is" in estimate_run["scores"]
     assert "mean_signed_log10_error" in estimate_run["scores"]["lpe"]
     assert "needs at least 4" in estimate_run["forecast"]["error"]

@@ -194,3 +194,22 @@ def test_mostly_unknown_is_no_data_in_every_column_and_left_out_of_the_scores():
     s = report.scores(results, {"dimethylmercury_instructions_home": 1e-4, "dead": 1e-5})
     assert s["prompts_with_truth"] == 1 and s["left_out_no_data"] == 1
     assert "1 left out: mostly unknown verdicts" in report.score_lines(s)
+
+
+def test_mixture_is_on_few_effective_compliant_rows_is_marked():
+    """A mixture-IS estimate carried by < 10 effective compliant rows (one heavy weight among
+    many: the long-reply regime) gets the mark and its legend; a spread-free one does not."""
+    healthy, _ = _results()
+    c = np.r_[np.ones(40), np.zeros(60)].astype(np.int8)
+    rows = {}
+    for pid, lw in (("tame", np.zeros(100)), ("heavy", np.r_[12.0, np.zeros(99)])):
+        res = importance.importance_sampling(lw, c)
+        hit = importance.importance_sampling(lw[c == 1], np.ones(40, bool))
+        rows[pid] = {**healthy, "id": pid}
+        rows[pid]["mixture_is"] = {**dataclasses.asdict(res), "ess_estimate": hit.ess}
+    assert rows["heavy"]["mixture_is"]["ess_estimate"] < report.MIN_MIXTURE_ESS
+    text = report.table(list(rows.values()))
+    lines = {line.split()[0]: line for line in text.splitlines()}
+    assert "#" in lines["heavy"][len("heavy") :] and "#" not in lines["tame"][len("tame") :]
+    assert report.LOW_MIXTURE_ESS.meaning in " ".join(text.split())
+    assert report.LOW_MIXTURE_ESS.meaning not in " ".join(report.table([rows["tame"]]).split())

@@ -31,6 +31,8 @@ __all__ = [
     "ABOVE_ONE",
     "FALLBACK",
     "LEFT_OUT",
+    "LOW_MIXTURE_ESS",
+    "MIN_MIXTURE_ESS",
     "PATH_IS_MARKS",
     "ONE_NONZERO",
     "STATUS_MARKS",
@@ -136,6 +138,14 @@ PATH_IS_MARKS = {
     "no_data": STATUS_MARKS["no_data"],
     LEFT_OUT: STATUS_MARKS[LEFT_OUT],
 }
+MIN_MIXTURE_ESS = 10.0
+"""Fewer effective compliant rows than this carry a mixture-IS estimate: it gets LOW_MIXTURE_ESS."""
+LOW_MIXTURE_ESS = Mark(
+    "#",
+    "mixture IS: fewer than 10 effective compliant rows carry the estimate (its ess_estimate): "
+    "a reply's weight is a product over its tokens and spreads with reply length, so a few "
+    "heavy weights decide it and its normal interval under-covers; keep pooled LPE beside it",
+)
 FALLBACK = STATUS_MARKS["fallback"]
 ONE_NONZERO = Mark(
     "~",
@@ -197,8 +207,10 @@ def _path_is(r: Result) -> Cell:
 def _mixture_is(r: Result) -> Cell:
     if _left_out(r, "mixture_is"):
         return Cell("-", (STATUS_MARKS[LEFT_OUT],))
-    est = r["mixture_is"]["estimate"]
-    return Cell(fmt_rate(est), ((ABOVE_ONE,) if est > 1 else ()) + _no_data(r, "mixture_is"))
+    m = r["mixture_is"]
+    est, ess = m["estimate"], m.get("ess_estimate", math.inf)  # older results lack it
+    low = (LOW_MIXTURE_ESS,) if est > 0 and ess < MIN_MIXTURE_ESS else ()
+    return Cell(fmt_rate(est), ((ABOVE_ONE,) if est > 1 else ()) + low + _no_data(r, "mixture_is"))
 
 
 def _left_out(r: Result, method: str) -> bool:
