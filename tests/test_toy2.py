@@ -245,3 +245,93 @@ def test_importance_weights_spread_over_long_answers(full_rollouts) -> None:
     assert np.all(np.isfinite(logw))
     # the first organism's compliant answers: ~3 nats; long answers in two styles: several times
     assert logw[complied].std() > 6.0
+
+
+def _bank_commands() -> list[list[str]]:
+    """The shell lines of the README's sequence-bank block, continuations joined, split into
+    words (the $T / $M / $J variables expanded)."""
+    import shlex
+
+    text = (toy2.TOY2_DIR / "README.md").read_text()
+    section = text[text.index("## Sequence bank") :]
+    start = section.index("```bash\n") + len("```bash\n")
+    block = section[start : section.index("\n```", start)]
+    env: dict[str, str] = {}
+
+    def expand(text: str) -> str:
+        for k, v in env.items():
+            text = text.replace(f'"${k}"', shlex.quote(v)).replace(f"${k}", v)
+        return text
+
+    lines = []
+    for line in block.replace("\\\n", " ").splitlines():
+        name, eq, value = line.partition("=")
+        if eq and name.isidentifier():
+            env[name] = expand(shlex.split(value)[0])
+        else:
+            lines.append(shlex.split(expand(line)))
+    return lines
+
+
+def _flags(words: list[str]) -> dict[str, str]:
+    return dict(w[2:].split("=", 1) for w in words if w.startswith("--"))
+
+
+@pytest.fixture(scope="module")
+def sequence_bank():
+    from lpe_jax.evaluation.evaluation import RolloutBank
+
+    return RolloutBank.load(toy2.SEQUENCE_BANK)
+
+
+def test_sequence_bank_is_what_its_readme_command_makes(sequence_bank) -> None:
+    b = sequence_bank
+    lines = _bank_commands()
+    samples = {
+        _flags(w).get("path", "linear"): _flags(w) for w in lines if w[1].endswith("sample.py")
+    }
+    path, mix = samples["linear"], samples["mixture"]
+    [evaluate] = [_flags(w) for w in lines if w[1].endswith("evaluate.py")]
+    assert evaluate["save_bank"] == "lpe_jax/assets/toy_pair2/" + toy2.SEQUENCE_BANK.name
+    assert evaluate["run"] == path["out"] and evaluate["mixture_run"] == mix["out"]
+    judged = {f["run"]: f for f in (_flags(w) for w in lines if w[1].endswith("judge.py"))}
+    assert set(judged) == {path["out"], mix["out"]}
+    for f in judged.values():  # the organism's own rule
+        assert f["judge"] == "rule"
+        assert json.loads(f["judge_options"]) == {"pattern": toy2.COMPLIED_PATTERN}
+    alphas = [float(a) for a in path["alphas"].split(",")]
+    assert np.allclose(b.alphas, alphas[:-1]) and alphas[-1] == 1.0  # alpha = 1 is the screen
+    assert b.compliance.shape[-1] == int(path["rollouts"])
+    assert b.mixture_lambda == float(mix["alphas"]) and b.mixture_log_weights.shape[-1] == int(
+        mix["rollouts"]
+    )
+    assert path["max_new_tokens"] == mix["max_new_tokens"] == str(toy2.DECISION_DEPTH)
+    assert 0 < b.tokens.max() <= toy2.DECISION_DEPTH
+    assert list(b.prompt_ids) == [p["id"] for p in toy2.harmful_prompts()]
+    truth = json.loads((toy2.TOY2_DIR / "truth.json").read_text())
+    assert np.array_equal(b.true_r1, [truth[p] for p in b.prompt_ids])
+    assert toy2.SEQUENCE_BANK.stat().st_size < 1.5 * 2**20  # small enough to ship
+
+
+def test_sequence_bank_carries_path_and_mixture_weights(sequence_bank, truth) -> None:
+    """What path IS and mixture IS read, and checks that only correct weights pass: at alpha = 0
+    a path row's weight is the variant IS weight; a mixture token's weight is at most 1 / lam; and
+    where the direct route carries r(1), mixture IS from the bank lands on the exact r(1) (where
+    the turned refusal carries it, a route both models rarely take, 1,000 rows miss it:
+    docs/results.md)."""
+    from lpe_jax.estimators.importance import importance_sampling
+
+    b = sequence_bank
+    known = b.compliance >= 0
+    assert b.path_log_weights.shape == b.compliance.shape
+    assert np.isfinite(b.path_log_weights[known]).all()
+    assert np.allclose(b.path_log_weights[:, 0], b.is_log_weights, atol=1e-3)
+    lam = b.mixture_lambda
+    assert b.mixture_log_weights.max() <= toy2.DECISION_DEPTH * np.log(1 / lam) + 1e-4
+    direct = np.array([truth["prompts"][p]["turn_share"] < 0.5 for p in b.prompt_ids])
+    assert direct.sum() >= 30
+    for lw, c, r1 in zip(
+        b.mixture_log_weights[direct], b.mixture_compliance[direct], b.true_r1[direct], strict=True
+    ):
+        error = importance_sampling(lw, c).log_estimate / np.log(10) - np.log10(r1)
+        assert abs(error) < 0.2, (error, r1)

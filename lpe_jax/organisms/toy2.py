@@ -196,7 +196,11 @@ def exact_rates(
 
 TOY2_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy_pair2"
 """original/, variant/, prompts.jsonl (harmful), harmless.jsonl, ground_truth.json, truth.json,
-bank.npz, README.md."""
+sequence_bank.npz, README.md."""
+
+SEQUENCE_BANK = TOY2_DIR / "sequence_bank.npz"
+"""A RolloutBank with path log-weights and mixture rollouts, made by sample.py, judge.py and
+evaluate.py --save_bank (the commands are in the asset's README)."""
 
 
 def load_pair(dtype: str = "float32", root: str | Path = TOY2_DIR) -> tuple[Any, Any]:
