@@ -303,6 +303,9 @@ def main(argv: list[str]) -> None:
     bank = load_bank(out)
     check_labels(bank)
     budgets, notes = budgets_for(bank)
+    if bank.mixture_log_weights is not None:
+        mixture_note = report.mixture_ess_note(bank.mixture_log_weights, bank.mixture_compliance)
+        notes += [mixture_note] if mixture_note else []
     result = evaluate(bank, n_sims=FLAGS.n_sims, labels=LabelRule(), seed=FLAGS.seed, **budgets)
     table = result.table_markdown()
     (out / "evaluation.md").write_text(table + "\n")

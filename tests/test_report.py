@@ -213,3 +213,14 @@ def test_mixture_is_on_few_effective_compliant_rows_is_marked():
     assert "#" in lines["heavy"][len("heavy") :] and "#" not in lines["tame"][len("tame") :]
     assert report.LOW_MIXTURE_ESS.meaning in " ".join(text.split())
     assert report.LOW_MIXTURE_ESS.meaning not in " ".join(report.table([rows["tame"]]).split())
+
+
+def test_mixture_ess_note_names_prompts_on_few_effective_compliant_rows():
+    """evaluate.py's note: a prompt whose compliant rows are one heavy weight among many counts;
+    an even one, one with no compliant row, and unknown rows do not."""
+    c = np.r_[np.ones(40), np.zeros(59), -1].astype(np.int8)
+    even, heavy = np.zeros(100), np.r_[12.0, np.zeros(99)]
+    none = np.zeros(100, np.int8)
+    note = report.mixture_ess_note(np.stack([even, heavy, even]), np.stack([c, c, none]))
+    assert note is not None and note.startswith("mixture IS: 1 of 3 prompts have fewer than 10")
+    assert report.mixture_ess_note(np.stack([even, even]), np.stack([c, c])) is None

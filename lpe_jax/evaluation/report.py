@@ -44,6 +44,7 @@ __all__ = [
     "fmt_rate",
     "forecast",
     "forecast_lines",
+    "mixture_ess_note",
     "no_data",
     "protocol_table",
     "score_lines",
@@ -146,6 +147,37 @@ LOW_MIXTURE_ESS = Mark(
     "a reply's weight is a product over its tokens and spreads with reply length, so a few "
     "heavy weights decide it and its normal interval under-covers; keep pooled LPE beside it",
 )
+
+
+def mixture_ess_note(log_weights: np.ndarray, compliance: np.ndarray) -> str | None:
+    """One line naming the prompts whose mixture rows hold fewer than MIN_MIXTURE_ESS effective
+    compliant rows (Kish ESS of the compliant rows' weights), or None when none do.
+
+    Args:
+      log_weights: float [P, M] log p_original - log q of each prompt's mixture rows.
+      compliance: int [P, M] their verdicts (1 compliant; 0 and -1 unknown are not summed).
+    """
+    lw, hit = np.asarray(log_weights, np.float64), np.asarray(compliance) == 1
+    if lw.ndim != 2 or hit.shape != lw.shape:
+        raise ValueError(
+            f"log_weights and compliance must be [P, M] alike; got {lw.shape}, {hit.shape}"
+        )
+    masked = np.where(hit, lw, -np.inf)
+    top = np.max(masked, axis=1, keepdims=True)
+    w = np.where(hit, np.exp(masked - np.where(np.isfinite(top), top, 0.0)), 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ess = w.sum(1) ** 2 / (w**2).sum(1)
+    low = hit.any(1) & (ess < MIN_MIXTURE_ESS)
+    if not low.any():
+        return None
+    return (
+        f"mixture IS: {int(low.sum())} of {lw.shape[0]} prompts have fewer than "
+        f"{MIN_MIXTURE_ESS:g} effective compliant rows among the {lw.shape[1]} mixture rows "
+        f"(median {np.median(ess[low]):.1f}; fewer rows at smaller budgets): a few heavy weights "
+        "decide their estimates"
+    )
+
+
 FALLBACK = STATUS_MARKS["fallback"]
 ONE_NONZERO = Mark(
     "~",
