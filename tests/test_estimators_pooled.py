@@ -189,11 +189,13 @@ def _logistic_population(n_prompts: int, n_fit: int, seed: int):
 def test_the_logit_link_removes_the_saturation_bias_and_link_picks_it():
     runs, truth = _logistic_population(40, 400, seed=8)
     err = {}
-    for prior in ("coupled", "logit", "link"):
+    ests = {}
+    for prior in ("coupled", "logit", "link", "averaged"):
         res = fit_pooled(runs, prior=prior)
-        est = np.array([p.log10_estimate for p in res.prompts])
+        ests[prior] = est = np.array([p.log10_estimate for p in res.prompts])
         assert all(0 <= p.lower <= p.estimate <= p.upper <= 1 for p in res.prompts)
         err[prior] = (np.mean(est - truth), res.population.logit)
+    np.testing.assert_allclose(ests["averaged"], 0.5 * (ests["coupled"] + ests["logit"]))
     assert err["coupled"][0] > 0.25 and not err["coupled"][1]  # the log-rate line's own bias
     assert abs(err["logit"][0]) < 0.15 and err["logit"][1]
     assert err["link"] == err["logit"]  # the counts prefer the logit link here ...

@@ -1,7 +1,10 @@
 """Pooled LPE (ours): one empirical-Bayes binomial model over all prompts of a model pair.
 
 Prompt i's line is the binomial LPE line; slopes are pooled through a population model
-(``prior="coupled"`` by default; "end", "common" and "joint" kept for comparison), fitted by
+(``prior="coupled"`` by default; "end", "common" and "joint" kept for comparison; "logit",
+"link", "averaged" and "curved" are the coupled population on other lines for bent paths: log
+odds, the link the counts prefer, the mean of the log-rate and log-odds estimates, a line in
+z = x + q x^2 with q shared by the pool; scored in docs/results.md), fitted by
 empirical Bayes (Laplace EM); each prompt keeps its own level, with a Laplace (Wald) interval at
 alpha = 1. The prior is a normal population of slopes whose spread is estimated from the prompts,
 so a prompt's own counts outweigh it as they grow (its weight is 1 / tau^2 against the counts'
@@ -53,7 +56,7 @@ __all__ = [
 LN10 = float(np.log(10.0))
 _TAU_MIN = 0.05 * LN10  # ln units per unit alpha: the population never collapses to one slope
 _BETA1_FIXED = {"common": 0.0, "end": 1.0}
-PRIORS = ("coupled", "end", "common", "joint", "curved", "logit", "link")
+PRIORS = ("coupled", "end", "common", "joint", "curved", "logit", "link", "averaged")
 _CLIPPED_BETA1 = ("coupled", "curved", "logit", "link")  # "coupled" with another line
 _FITTED_BETA1 = ("joint", *_CLIPPED_BETA1)  # the coupling of slope to level is estimated
 # "curved": the line in z = x + q x^2 (x = alpha - 1), q shared by the pool and chosen from this
@@ -141,7 +144,8 @@ class PooledBatch:
       curvature: float64 [*G], the pool's q: log r is linear in z = (alpha - 1) + q (alpha - 1)^2
         (0 unless ``prior="curved"``), so ``slope`` is the slope at alpha = 1.
       logit: bool [*G], the line is in log odds rather than log rate (``prior="logit"``, or
-        ``"link"`` where the counts prefer it).
+        ``"link"`` where the counts prefer it; ``"averaged"``: False, the log-rate fit's fields
+        beside the two lines' mean estimate).
     """
 
     log10_estimate: np.ndarray
@@ -309,6 +313,14 @@ def fit_pooled_batch(
     """
     if prior not in PRIORS or firth not in _FIRTH:
         raise ValueError(f"prior must be one of {PRIORS} and firth one of {_FIRTH}")
+    if prior == "averaged":
+        if curvature is not None:
+            raise ValueError(f'curvature is for prior="curved", not {prior!r}; drop it')
+        kw = dict(level=level, fallback=fallback, firth=firth)
+        return _averaged(
+            fit_pooled_batch(alphas, k, n, mask, prior="coupled", **kw),
+            fit_pooled_batch(alphas, k, n, mask, prior="logit", **kw),
+        )
     a = np.asarray(alphas, np.float64)
     k, n, mask = np.asarray(k), np.asarray(n), np.asarray(mask, bool)
     if k.shape != n.shape or k.shape != mask.shape or k.ndim < 2 or k.shape[-1] != a.size:
@@ -367,6 +379,21 @@ def fit_pooled_batch(
         iterations=iters.reshape(gshape),
         curvature=q.reshape(gshape),
         logit=logit_g.reshape(gshape),
+    )
+
+
+def _averaged(log: PooledBatch, odds: PooledBatch) -> PooledBatch:
+    """``prior="averaged"``: the mean of the log-rate and the log-odds lines' log10 r(1) (each
+    biased by about 0.3-0.45 decades, in opposite directions, where the other link is the true
+    one, and the counts at n_fit <= 50 cannot tell which: docs/results.md), with the hull of the
+    two intervals. Population fields (coef, tau, iterations) are the log-rate fit's."""
+    est = 0.5 * (log.log10_estimate + odds.log10_estimate)
+    return dataclasses.replace(
+        log,
+        log10_estimate=est,
+        log10_lower=np.minimum(np.minimum(log.log10_lower, odds.log10_lower), est),
+        log10_upper=np.maximum(np.maximum(log.log10_upper, odds.log10_upper), est),
+        slope=0.5 * (log.slope + odds.slope),
     )
 
 
