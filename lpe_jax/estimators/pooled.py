@@ -244,12 +244,13 @@ def _map_rows(x, k, n, m, prior, b0, b1, max_iter: int = _NEWTON_ITER):
         (i00, i01, i11), mu = _info(b0[active], b1[active], xa, na, ma, pa)
         det = i00 * i11 - i01 * i01
         lg = pa.logit[:, None]
+        rest = np.where(lg, 1.0, 1.0 - mu)  # the log link's 1 - mu (1 on logit rows)
         lev = 0.0  # the Jeffreys term via each point's leverage h (Firth's modified score)
         if pa.firth.any():
-            w = np.where(ma, na * mu * np.where(lg, 1.0 - mu, 1.0 / (1.0 - mu)), 0.0)
+            w = np.where(ma, na * mu * np.where(lg, 1.0 - mu, 1.0 / rest), 0.0)
             lev = w * (i11[:, None] - 2 * i01[:, None] * xa + i00[:, None] * xa**2)
             lev = np.where(pa.firth[:, None], lev / det[:, None], 0.0)
-        s_log = (ka + 0.5 * lev - na * mu) / (1.0 - mu)  # log link: h / 2 extra compliant
+        s_log = (ka + 0.5 * lev - na * mu) / rest  # log link: h / 2 extra compliant
         s_logit = ka + lev * (0.5 - mu) - na * mu  # logit link: Firth (1993)
         s = np.where(ma, np.where(lg, s_logit, s_log), 0.0)
         g0, g1 = pa.grad(b0[active], b1[active])
