@@ -60,8 +60,8 @@ PRIORS = ("coupled", "end", "common", "joint", "curved", "logit", "link", "avera
 _CLIPPED_BETA1 = ("coupled", "curved", "logit", "link")  # "coupled" with another line
 _FITTED_BETA1 = ("joint", *_CLIPPED_BETA1)  # the coupling of slope to level is estimated
 # "curved": the line in z = x + q x^2 (x = alpha - 1), q shared by the pool and chosen from this
-# grid by the Laplace marginal likelihood plus a N(0, _Q_SD^2) prior on q. q < 0.5 keeps z
-# increasing on [-1, 0] (a rate that never rises towards the variant).
+# grid by the prompts' own evidence plus a N(0, _Q_SD^2) prior on q (choose_curvature). q < 0.5
+# keeps z increasing on [-1, 0] (a rate that never rises towards the variant).
 CURVATURE_GRID = (-1.5, -1.0, -0.6, -0.3, -0.15, 0.0, 0.1, 0.2, 0.3, 0.4)
 _Q_SD = 0.5
 DEFAULT_PRIOR = "coupled"
@@ -437,7 +437,8 @@ def choose_curvature(
 
 def _profile(z, k, n, m, line, group, n_g, logit: bool = False):
     """Sum over each group's line rows of the row's maximised log-likelihood of log r = b0 + b1 z
-    [G] (a ridge of sd 100 nats keeps rows whose counts do not bound the line finite)."""
+    (``logit``: log odds = b0 + b1 z) [G] (a ridge of sd 100 nats keeps rows whose counts do not
+    bound the line finite)."""
     rows = np.flatnonzero(line)
     if rows.size == 0:
         return np.zeros(n_g)
