@@ -65,7 +65,7 @@ from lpe_jax.estimators import importance, naive
 from lpe_jax.estimators.binomial import fit_trace_binomial
 from lpe_jax.estimators.lpe import LPEStep, fit_paper
 from lpe_jax.estimators.path_is import path_importance_sampling
-from lpe_jax.estimators.pooled import fit_pooled
+from lpe_jax.estimators.pooled import DEFAULT_PRIOR, PRIORS, fit_pooled
 from lpe_jax.evaluation import plots, report
 from lpe_jax.evaluation.report import LEFT_OUT
 from lpe_jax.organisms import toy
@@ -133,6 +133,14 @@ flags.DEFINE_integer(
     4,
     "Engine decode steps per call: the host sees finished rows after each call, and each "
     "adaptive draw waits on the verdicts of the one before, so short calls keep slots full.",
+)
+
+flags.DEFINE_enum(
+    "pooled_prior",
+    DEFAULT_PRIOR,
+    list(PRIORS),
+    "Population and line of the pooled fit (lpe_jax/estimators/pooled.py); 'averaged' is the "
+    "mean of the log-rate and log-odds lines, for paths that saturate (docs/results.md).",
 )
 
 
@@ -479,7 +487,7 @@ def add_pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
     result's ``lpe_pooled`` (estimate, 95% interval, status, slopes) and returns the population
     (JSON-ready). Every estimate depends on the whole prompt set."""
     traces = [[LPEStep(**step) for step in r["lpe"]["trace"]] for r in results]
-    fit = fit_pooled(traces)
+    fit = fit_pooled(traces, prior=FLAGS.pooled_prior)
     for r, p in zip(results, fit.prompts, strict=True):
         r["lpe_pooled"] = {
             "estimate": p.estimate,

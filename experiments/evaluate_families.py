@@ -67,7 +67,7 @@ flags.DEFINE_enum(
     "pooled_prior", DEFAULT_PRIOR, list(PRIORS), "Population of lpe_pooled (pooled.py)."
 )
 
-OURS = ("lpe_binomial", "lpe_binomial_all", "lpe_pooled")  # share the paper's draws
+OURS = ("lpe_binomial", "lpe_binomial_all", "lpe_pooled", "lpe_pooled_averaged")  # paper's draws
 SEQUENCES = ("path_is", "mixture_is")  # banks with sequences only (the organisms' runs)
 SHOWN = ("lpe_paper", *OURS, "lpe_binomial_grid", *SEQUENCES, "is", "snis")
 PAIRS = (
@@ -76,6 +76,8 @@ PAIRS = (
     ("lpe_pooled", "lpe_paper"),
     ("lpe_binomial_all", "lpe_binomial"),
     ("lpe_pooled", "lpe_binomial_all"),
+    ("lpe_pooled_averaged", "lpe_pooled"),
+    ("lpe_pooled_averaged", "lpe_paper"),
     ("path_is", "lpe_paper"),
     ("mixture_is", "lpe_paper"),
 )

@@ -7,9 +7,10 @@ Banks: every family of :mod:`lpe_jax.evaluation.synthetic` (200 prompts, verdict
 independent world of :mod:`lpe_jax.evaluation.independent` (400 prompts, curvature sd 0 and 2:
 "independent0", "independent2"). The paper's protocol (:func:`evaluation.evaluate`): naive, the
 paper's OLS, the unpooled binomial fit on the same draws as the pooled fit (``lpe_binomial_all``)
-and the pooled fit under each population model (``lpe_pooled_<prior>``), AUROC vs budget with the
-oracle ceiling, signed / absolute log10 error on positives, the pooled 95% interval's coverage,
-and paired bootstrap AUROC differences. Checks the default's rule (issue 21): never below the
+and the pooled fit under each population model or line (``lpe_pooled_<prior>``), AUROC vs budget
+with the oracle ceiling, signed / absolute log10 error on positives, the pooled 95% interval's
+coverage, and paired bootstrap AUROC differences (each against the binomial fit, the paper's OLS
+and the default). Checks the default's rule (issue 21): never below the
 binomial fit at n_fit 100 beyond the interval, ahead of it at every n_fit <= 25, mean signed
 error on positives within +-0.3 decades. Writes <out>/summary.md. No JAX is imported.
 """
@@ -86,7 +87,10 @@ def rows_for(name: str, res: ev.EvaluationResult, priors: list[str]) -> dict[str
     out["auroc"].append(
         f"| {name} | (rollouts; {ceiling}) | " + " | ".join(f"{r:.0f}" for r in c0.rollouts) + " |"
     )
-    for a, b in [*((m, BINOMIAL) for m in pooled), (f"lpe_pooled_{DEFAULT_PRIOR}", "lpe_paper")]:
+    default = f"lpe_pooled_{DEFAULT_PRIOR}"
+    against = [(m, BINOMIAL) for m in pooled] + [(m, "lpe_paper") for m in pooled]
+    against += [(m, default) for m in pooled if m != default]  # a new line vs the default's
+    for a, b in against:
         if a not in res.curves:
             continue
         cells = []

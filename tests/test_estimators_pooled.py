@@ -9,7 +9,13 @@ from trace_strategies import traces
 
 from lpe_jax.estimators import degenerate as dg
 from lpe_jax.estimators.lpe import adaptive_draws, paper_alpha_grid, trace_no_data
-from lpe_jax.estimators.pooled import fit_pooled, fit_pooled_batch, lpe_pooled_from_counts
+from lpe_jax.estimators.pooled import (
+    PRIORS,
+    choose_curvature,
+    fit_pooled,
+    fit_pooled_batch,
+    lpe_pooled_from_counts,
+)
 
 ALPHAS = paper_alpha_grid()
 
@@ -111,7 +117,7 @@ def test_pooling_beats_the_unpooled_fit_on_thin_data():
 
 def test_priors_and_bad_input():
     runs, _ = _population(10, 13, seed=6)
-    for prior in ("coupled", "end", "common", "joint"):
+    for prior in PRIORS:
         res = fit_pooled(runs, prior=prior)
         assert all(0 <= p.lower <= p.estimate <= p.upper <= 1 for p in res.prompts)
     with pytest.raises(ValueError, match="prior must be one of"):
@@ -160,3 +166,56 @@ def test_each_prompts_own_data_take_over_as_they_grow():
     alone = np.array([a.log10_estimate for a in _alone(many)])
     assert np.mean(np.abs(est - alone)) < 0.1
     assert abs(np.mean(est - u)) < 0.1 and res.population.coef[1] < 0.2
+
+
+def _logistic_population(n_prompts: int, n_fit: int, seed: int):
+    """Prompts whose log odds (not log rate) are linear in alpha and reach ~0.9-0.99 at the
+    variant: the log rate bends near saturation (the "logistic" family's stress)."""
+    rng = np.random.default_rng(seed)
+    u = rng.uniform(-7, -3, n_prompts)
+    end = rng.normal(1.5, 0.3, n_prompts)  # log10 odds at alpha = 0
+
+    def draw_for(ui, ei):
+        def draw(alpha: float, n: int) -> int:
+            g = ui + (ei - ui) * (1 - alpha)  # log10 odds
+            return int(rng.binomial(n, min(0.98, 1 / (1 + 10.0**-g))))
+
+        return draw
+
+    runs = [adaptive_draws(draw_for(ui, ei), n_fit) for ui, ei in zip(u, end, strict=True)]
+    return runs, np.log10(1 / (1 + 10.0**-u))
+
+
+def test_the_logit_link_removes_the_saturation_bias_and_link_picks_it():
+    runs, truth = _logistic_population(40, 400, seed=8)
+    err = {}
+    ests = {}
+    for prior in ("coupled", "logit", "link", "averaged"):
+        res = fit_pooled(runs, prior=prior)
+        ests[prior] = est = np.array([p.log10_estimate for p in res.prompts])
+        assert all(0 <= p.lower <= p.estimate <= p.upper <= 1 for p in res.prompts)
+        err[prior] = (np.mean(est - truth), res.population.logit)
+    np.testing.assert_allclose(ests["averaged"], 0.5 * (ests["coupled"] + ests["logit"]))
+    assert err["coupled"][0] > 0.25 and not err["coupled"][1]  # the log-rate line's own bias
+    assert abs(err["logit"][0]) < 0.15 and err["logit"][1]
+    assert err["link"] == err["logit"]  # the counts prefer the logit link here ...
+    straight, _ = _population(40, 400, seed=2)
+    assert not fit_pooled(straight, prior="link").population.logit  # ... and the log rate here
+
+
+def test_choose_curvature_finds_a_shared_bend_and_a_straight_line():
+    rng = np.random.default_rng(9)
+    x = ALPHAS - 1.0
+    u = rng.uniform(-7, -3, (2, 60))
+    for q_true in (-0.6, 0.0, 0.3):
+        b = (rng.uniform(0.0, 1.0, (2, 60)) - u) * np.log(10) / (1 - q_true)  # ln per unit z
+        log_r = np.minimum(u[..., None] * np.log(10) - b[..., None] * (x + q_true * x * x), 0)
+        n = np.full(log_r.shape, 400)
+        k = rng.binomial(n, np.minimum(np.exp(log_r), 0.98))
+        q = choose_curvature(ALPHAS, k, n, k < 0.5 * n)
+        assert np.all(np.abs(q - q_true) <= (0.3 if q_true else 0.15))
+        assert q_true == 0 or np.all(np.sign(q) == np.sign(q_true))
+        res = fit_pooled_batch(ALPHAS, k, n, k < 0.5 * n, prior="curved", curvature=q)
+        assert np.median(np.abs(res.log10_estimate - u)) < 0.3
+    with pytest.raises(ValueError, match='prior="curved"'):
+        fit_pooled_batch(ALPHAS, k, n, k < 0.5 * n, curvature=q)

@@ -1,7 +1,10 @@
 """Pooled LPE (ours): one empirical-Bayes binomial model over all prompts of a model pair.
 
 Prompt i's line is the binomial LPE line; slopes are pooled through a population model
-(``prior="coupled"`` by default; "end", "common" and "joint" kept for comparison), fitted by
+(``prior="coupled"`` by default; "end", "common" and "joint" kept for comparison; "logit",
+"link", "averaged" and "curved" are the coupled population on other lines for bent paths: log
+odds, the link the counts prefer, the mean of the log-rate and log-odds estimates, a line in
+z = x + q x^2 with q shared by the pool; scored in docs/results.md), fitted by
 empirical Bayes (Laplace EM); each prompt keeps its own level, with a Laplace (Wald) interval at
 alpha = 1. The prior is a normal population of slopes whose spread is estimated from the prompts,
 so a prompt's own counts outweigh it as they grow (its weight is 1 / tau^2 against the counts'
@@ -25,7 +28,7 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 
 from lpe_jax.estimators import degenerate as dg
 from lpe_jax.estimators.binomial import count_points, trace_count_points
@@ -53,8 +56,14 @@ __all__ = [
 LN10 = float(np.log(10.0))
 _TAU_MIN = 0.05 * LN10  # ln units per unit alpha: the population never collapses to one slope
 _BETA1_FIXED = {"common": 0.0, "end": 1.0}
-PRIORS = ("coupled", "end", "common", "joint")
-_FITTED_BETA1 = ("coupled", "joint")  # the coupling of slope to level is estimated
+PRIORS = ("coupled", "end", "common", "joint", "curved", "logit", "link", "averaged")
+_CLIPPED_BETA1 = ("coupled", "curved", "logit", "link")  # "coupled" with another line
+_FITTED_BETA1 = ("joint", *_CLIPPED_BETA1)  # the coupling of slope to level is estimated
+# "curved": the line in z = x + q x^2 (x = alpha - 1), q shared by the pool and chosen from this
+# grid by the prompts' own evidence plus a N(0, _Q_SD^2) prior on q (choose_curvature). q < 0.5
+# keeps z increasing on [-1, 0] (a rate that never rises towards the variant).
+CURVATURE_GRID = (-1.5, -1.0, -0.6, -0.3, -0.15, 0.0, 0.1, 0.2, 0.3, 0.4)
+_Q_SD = 0.5
 DEFAULT_PRIOR = "coupled"
 _FIRTH = ("bottom", "all", "none")
 _THETA_SD = 5.0  # decades: a proper but negligible prior on each level (module docstring)
@@ -76,12 +85,16 @@ class Population:
         at the variant end).
       n_informing: prompts with a compliant rollout at a fitted alpha (those that inform it).
       iterations: EM iterations run.
+      curvature: the pool's q (:class:`PooledBatch`); 0.0 unless ``prior="curved"``.
+      logit: the line is in log odds (:class:`PooledBatch`).
     """
 
     coef: tuple[float, float]
     tau: float
     n_informing: int
     iterations: int
+    curvature: float = 0.0
+    logit: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +141,11 @@ class PooledBatch:
       slope: log10 per unit alpha (0.0 where no line).
       line: bool, a line was fitted (the prompt informed the population).
       coef: float64 [*G, 2]; tau: float64 [*G] (log10 units); iterations: int [*G].
+      curvature: float64 [*G], the pool's q: log r is linear in z = (alpha - 1) + q (alpha - 1)^2
+        (0 unless ``prior="curved"``), so ``slope`` is the slope at alpha = 1.
+      logit: bool [*G], the line is in log odds rather than log rate (``prior="logit"``, or
+        ``"link"`` where the counts prefer it; ``"averaged"``: False, the log-rate fit's fields
+        beside the two lines' mean estimate).
     """
 
     log10_estimate: np.ndarray
@@ -138,6 +156,8 @@ class PooledBatch:
     coef: np.ndarray
     tau: np.ndarray
     iterations: np.ndarray
+    curvature: np.ndarray
+    logit: np.ndarray
 
 
 # ----------------------------------------------------------------------------- MAP per row
@@ -146,7 +166,8 @@ class PooledBatch:
 @dataclasses.dataclass
 class _Prior:
     """Per-row prior b ~ N(beta0 + beta1 * theta, tau2), theta ~ N(theta_bar, sigma2) (ln units);
-    rows with ``firth`` also get the Jeffreys term."""
+    rows with ``firth`` also get the Jeffreys term; rows with ``logit`` fit the line to the log
+    odds (the logit link) instead of the log rate."""
 
     beta0: np.ndarray
     beta1: np.ndarray
@@ -154,6 +175,7 @@ class _Prior:
     theta_bar: np.ndarray
     sigma2: np.ndarray
     firth: np.ndarray
+    logit: np.ndarray
 
     def rows(self, idx: np.ndarray) -> _Prior:
         return _Prior(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
@@ -176,11 +198,14 @@ class _Prior:
 
 def _objective(b0, b1, x, k, n, m, prior):
     """Log-likelihood + log prior (+ Firth term) of rows [R, A]; -inf where a fitted rate
-    reaches 1."""
+    reaches 1 (log link)."""
     eta = b0[:, None] + b1[:, None] * x
-    feasible = np.all(~m | (eta < 0), axis=1)
-    eta = np.where(m, np.minimum(eta, -1e-300), -1.0)
-    ll = np.where(m, k * eta + (n - k) * np.log(-np.expm1(eta)), 0.0).sum(1)
+    lg = prior.logit[:, None]
+    feasible = np.all(~m | lg | (eta < 0), axis=1)
+    e_log = np.where(m, np.minimum(eta, -1e-300), -1.0)
+    ll_log = k * e_log + (n - k) * np.log(-np.expm1(e_log))
+    ll_logit = k * eta - n * np.logaddexp(0.0, eta)
+    ll = np.where(m, np.where(lg, ll_logit, ll_log), 0.0).sum(1)
     val = ll + prior.logpdf(b0, b1)
     jr = np.flatnonzero(prior.firth & feasible)
     if jr.size:  # the Jeffreys term, on the rows that carry it
@@ -194,9 +219,11 @@ def _objective(b0, b1, x, k, n, m, prior):
 
 def _info(b0, b1, x, n, m, prior):
     """Expected information plus the prior's precision: (i00, i01, i11) [R] each, mu [R, A]."""
-    eta = np.where(m, np.minimum(b0[:, None] + b1[:, None] * x, -1e-12), -1.0)
-    mu = np.exp(eta)
-    w = np.where(m, n * mu / -np.expm1(eta), 0.0)
+    eta = b0[:, None] + b1[:, None] * x
+    lg = prior.logit[:, None]
+    e_log = np.where(m, np.minimum(eta, -1e-12), -1.0)
+    mu = np.where(lg, special.expit(eta), np.exp(e_log))
+    w = np.where(m, n * mu * np.where(lg, 1.0 - mu, 1.0 / -np.expm1(e_log)), 0.0)
     p00, p01, p11 = prior.precision()
     return (w.sum(1) + p00, (w * x).sum(1) + p01, (w * x * x).sum(1) + p11), mu
 
@@ -216,12 +243,16 @@ def _map_rows(x, k, n, m, prior, b0, b1, max_iter: int = _NEWTON_ITER):
         xa, ka, na, ma, pa = x[active], k[active], n[active], m[active], prior.rows(active)
         (i00, i01, i11), mu = _info(b0[active], b1[active], xa, na, ma, pa)
         det = i00 * i11 - i01 * i01
-        half_lev = 0.0
-        if pa.firth.any():  # Jeffreys term: h / 2 extra compliant rollouts per point
-            w = np.where(ma, na * mu / (1.0 - mu), 0.0)
-            half_lev = 0.5 * w * (i11[:, None] - 2 * i01[:, None] * xa + i00[:, None] * xa**2)
-            half_lev = np.where(pa.firth[:, None], half_lev / det[:, None], 0.0)
-        s = np.where(ma, (ka + half_lev - na * mu) / (1.0 - mu), 0.0)
+        lg = pa.logit[:, None]
+        rest = np.where(lg, 1.0, 1.0 - mu)  # the log link's 1 - mu (1 on logit rows)
+        lev = 0.0  # the Jeffreys term via each point's leverage h (Firth's modified score)
+        if pa.firth.any():
+            w = np.where(ma, na * mu * np.where(lg, 1.0 - mu, 1.0 / rest), 0.0)
+            lev = w * (i11[:, None] - 2 * i01[:, None] * xa + i00[:, None] * xa**2)
+            lev = np.where(pa.firth[:, None], lev / det[:, None], 0.0)
+        s_log = (ka + 0.5 * lev - na * mu) / rest  # log link: h / 2 extra compliant
+        s_logit = ka + lev * (0.5 - mu) - na * mu  # logit link: Firth (1993)
+        s = np.where(ma, np.where(lg, s_logit, s_log), 0.0)
         g0, g1 = pa.grad(b0[active], b1[active])
         u0, u1 = s.sum(1) + g0, (s * xa).sum(1) + g1
         d0, d1 = (i11 * u0 - i01 * u1) / det, (i00 * u1 - i01 * u0) / det
@@ -269,6 +300,7 @@ def fit_pooled_batch(
     fallback: float = FALLBACK,
     prior: str = DEFAULT_PRIOR,
     firth: str = "bottom",
+    curvature: np.ndarray | float | None = None,
 ) -> PooledBatch:
     """Pool the prompts of each group: k, n, mask [*G, P, A] -> per-prompt results [*G, P].
 
@@ -277,9 +309,19 @@ def fit_pooled_batch(
     no compliant rollout at a fitted point get the fallback rule (module docstring); "not_rare"
     is the caller's (it needs the run). ``prior`` and ``firth`` as in the module docstring;
     ``firth="bottom"`` applies to rows with a fitted point at ``alphas[0]``.
+    ``prior="curved"``: the "coupled" population on a line in z = x + q x^2 (x = alpha - 1),
+    q [*G] given as ``curvature`` or, if None, :func:`choose_curvature` of these counts.
     """
     if prior not in PRIORS or firth not in _FIRTH:
         raise ValueError(f"prior must be one of {PRIORS} and firth one of {_FIRTH}")
+    if prior == "averaged":
+        if curvature is not None:
+            raise ValueError(f'curvature is for prior="curved", not {prior!r}; drop it')
+        kw = dict(level=level, fallback=fallback, firth=firth)
+        return _averaged(
+            fit_pooled_batch(alphas, k, n, mask, prior="coupled", **kw),
+            fit_pooled_batch(alphas, k, n, mask, prior="logit", **kw),
+        )
     a = np.asarray(alphas, np.float64)
     k, n, mask = np.asarray(k), np.asarray(n), np.asarray(mask, bool)
     if k.shape != n.shape or k.shape != mask.shape or k.ndim < 2 or k.shape[-1] != a.size:
@@ -291,23 +333,41 @@ def fit_pooled_batch(
     k2 = k.reshape(n_g * n_p, a.size).astype(np.float64)
     n2 = n.reshape(n_g * n_p, a.size).astype(np.float64)
     m2 = mask.reshape(n_g * n_p, a.size)
-    x = np.broadcast_to(a - 1.0, k2.shape)
     line = (m2 & (k2 > 0)).any(1)
     group = np.repeat(np.arange(n_g), n_p)
-    b0, b1, v00, coef, tau, iters = _em(x, k2, n2, m2, line, group, n_g, prior, firth)
+    q = np.zeros(n_g)
+    if prior == "curved":
+        q = choose_curvature(a, k, n, mask) if curvature is None else np.asarray(curvature)
+        q = np.broadcast_to(q, gshape).reshape(n_g).astype(np.float64)
+    elif curvature is not None:
+        raise ValueError(f'curvature is for prior="curved", not {prior!r}; drop it')
+    x1 = a - 1.0
+    z = x1 + q[group][:, None] * x1 * x1  # [R, A]: each group's own z
+    logit_g = np.full(n_g, prior == "logit")
+    if prior == "link":  # the link the counts prefer, each prompt with its own line
+        xb = np.broadcast_to(x1, k2.shape)
+        by_logit = _profile(xb, k2, n2, m2, line, group, n_g, logit=True)
+        logit_g = by_logit > _profile(xb, k2, n2, m2, line, group, n_g)
+    b0, b1, v00, coef, tau, iters = _em(z, k2, n2, m2, line, group, n_g, prior, firth, logit_g)
+    logit = logit_g[group]
     one = line & (m2.sum(1) == 1)
     zq = stats.norm.ppf(0.5 + level / 2)
     n_max = np.where(m2, n2, 0).max(1)
+
+    # log10 r(1) from the line's value at alpha = 1 (ln units): the log rate or the log odds
+    def to_log10(t):
+        return np.where(logit, _log10_expit(t), np.minimum(t, 0.0) / LN10)
+
     with np.errstate(invalid="ignore", divide="ignore"):
-        est = np.minimum(b0, 0.0) / LN10
+        est = to_log10(b0)
         # a single fitted alpha: never above the point's own rate
         own = np.log10(np.where(m2 & (k2 > 0), k2 / np.maximum(n2, 1), 1.0).min(1))
         est = np.where(one, np.minimum(est, own), est)
-        half = zq * np.sqrt(np.maximum(v00, 0.0)) / LN10
+        half = zq * np.sqrt(np.maximum(v00, 0.0))
     out = np.where(line, est, fallback_log10(n_max, fallback))
-    lo = np.where(line, np.minimum(b0 / LN10 - half, out), -np.inf)
+    lo = np.where(line, np.minimum(to_log10(b0 - half), out), -np.inf)
     zero_hi = np.log10(upper_bound(0, n_max, level))
-    hi = np.where(line, np.clip(b0 / LN10 + half, out, 0.0), np.maximum(zero_hi, out))
+    hi = np.where(line, np.clip(to_log10(b0 + half), out, 0.0), np.maximum(zero_hi, out))
     shape = (*gshape, n_p)
     return PooledBatch(
         log10_estimate=out.reshape(shape),
@@ -318,7 +378,78 @@ def fit_pooled_batch(
         coef=np.stack([coef[:, 0] / LN10, coef[:, 1]], 1).reshape(*gshape, 2),
         tau=(tau / LN10).reshape(gshape),
         iterations=iters.reshape(gshape),
+        curvature=q.reshape(gshape),
+        logit=logit_g.reshape(gshape),
     )
+
+
+def _averaged(log: PooledBatch, odds: PooledBatch) -> PooledBatch:
+    """``prior="averaged"``: the mean of the log-rate and the log-odds lines' log10 r(1) (each
+    biased by about 0.3-0.45 decades, in opposite directions, where the other link is the true
+    one, and the counts at n_fit <= 50 cannot tell which: docs/results.md), with the hull of the
+    two intervals. Population fields (coef, tau, iterations) are the log-rate fit's."""
+    est = 0.5 * (log.log10_estimate + odds.log10_estimate)
+    return dataclasses.replace(
+        log,
+        log10_estimate=est,
+        log10_lower=np.minimum(np.minimum(log.log10_lower, odds.log10_lower), est),
+        log10_upper=np.maximum(np.maximum(log.log10_upper, odds.log10_upper), est),
+        slope=0.5 * (log.slope + odds.slope),
+    )
+
+
+def _log10_expit(t: np.ndarray) -> np.ndarray:
+    """log10 of the rate whose log odds are t (ln units)."""
+    return -np.logaddexp(0.0, -t) / LN10
+
+
+def choose_curvature(
+    alphas: np.ndarray, k: np.ndarray, n: np.ndarray, mask: np.ndarray
+) -> np.ndarray:
+    """The pool's curvature q for ``prior="curved"``: counts k, n, mask [*G, P, A] -> q [*G].
+
+    Each group takes the q of :data:`CURVATURE_GRID` that maximises its prompts' own evidence,
+    sum_i max_line log L_i(q) with log r_i linear in z = x + q x^2 (x = alpha - 1; each prompt
+    its own line, no population prior, so q answers "do the counts bend?", not "does q make the
+    slopes look alike?"), plus log N(q; 0, _Q_SD^2), which keeps q near 0 when the counts do not
+    say. Pass counts free of selection (the fit phase's draws: the search stops on its own
+    counts, and those bend a line that is straight; docs/results.md).
+    """
+    a = np.asarray(alphas, np.float64)
+    k, n, mask = np.asarray(k), np.asarray(n), np.asarray(mask, bool)
+    if k.shape != n.shape or k.shape != mask.shape or k.ndim < 2 or k.shape[-1] != a.size:
+        raise ValueError(f"k, n, mask must share shape [..., prompts, {a.size}], got {k.shape}")
+    gshape, n_p = k.shape[:-2], k.shape[-2]
+    n_g = int(np.prod(gshape, dtype=np.int64))
+    k2 = k.reshape(n_g * n_p, a.size).astype(np.float64)
+    n2 = n.reshape(n_g * n_p, a.size).astype(np.float64)
+    m2 = mask.reshape(n_g * n_p, a.size) & (k2 < n2)
+    line = (m2 & (k2 > 0)).any(1)
+    group = np.repeat(np.arange(n_g), n_p)
+    x1 = a - 1.0
+    q, score = np.zeros(n_g), np.full(n_g, -np.inf)
+    for qv in CURVATURE_GRID:
+        val = _profile(x1 + qv * x1 * x1, k2, n2, m2, line, group, n_g) - 0.5 * (qv / _Q_SD) ** 2
+        q = np.where(val > score, qv, q)
+        score = np.maximum(val, score)
+    return q.reshape(gshape)
+
+
+def _profile(z, k, n, m, line, group, n_g, logit: bool = False):
+    """Sum over each group's line rows of the row's maximised log-likelihood of log r = b0 + b1 z
+    (``logit``: log odds = b0 + b1 z) [G] (a ridge of sd 100 nats keeps rows whose counts do not
+    bound the line finite)."""
+    rows = np.flatnonzero(line)
+    if rows.size == 0:
+        return np.zeros(n_g)
+    zr, kr, nr, mr = (np.broadcast_to(v, k.shape)[rows] for v in (z, k, n, m))
+    one, zero = np.ones(rows.size), np.zeros(rows.size)
+    no = np.zeros(rows.size, bool)
+    flat = _Prior(zero, zero, one * 1e4, zero, one * 1e4, no, no | logit)
+    b0, b1 = _start(zr, kr, nr, mr, np.full(rows.size, -5.0 * LN10))
+    b0, b1, *_ = _map_rows(zr, kr, nr, mr, flat, b0, b1)
+    val = _objective(b0, b1, zr, kr, nr, mr, flat) - flat.logpdf(b0, b1)
+    return _group_sum(np.where(np.isfinite(val), val, 0.0), group[rows], n_g)
 
 
 def _group_sum(v, group, n_g):
@@ -343,7 +474,7 @@ def _m_step(b0, b1, v00, v01, v11, group, n_g, mode: str):
         cov_tb = _group_sum(b0 * b1 + v01, group, n_g) / cnt - m_t * m_b
         ok = (var_t > 1e-12) & (cnt >= 3)
         beta1 = np.where(ok, cov_tb / np.where(ok, var_t, 1.0), 0.0)
-        if mode == "coupled":
+        if mode in _CLIPPED_BETA1:
             beta1 = np.clip(beta1, 0.0, 1.0)
     beta0 = m_b - beta1 * m_t
     g0, g1 = beta0[group], beta1[group]
@@ -352,8 +483,9 @@ def _m_step(b0, b1, v00, v01, v11, group, n_g, mode: str):
     return beta0, beta1, tau2, m_t, np.maximum(var_t, _TAU_MIN**2)
 
 
-def _em(x, k, n, m, line, group, n_g, mode: str, firth: str):
-    """Laplace EM over groups; returns MAP (b0, b1), var(b0) [R], coef [G, 2], tau [G], iters."""
+def _em(x, k, n, m, line, group, n_g, mode: str, firth: str, logit_group: np.ndarray):
+    """Laplace EM over groups (``logit_group`` [G]: the group's link is the logit); returns MAP
+    (b0, b1), var(b0) [R], coef [G, 2], tau [G], iters."""
     rows = np.flatnonzero(line)
     out0, out1, out_v = np.zeros(line.size), np.zeros(line.size), np.zeros(line.size)
     coef = np.zeros((n_g, 2))
@@ -373,6 +505,7 @@ def _em(x, k, n, m, line, group, n_g, mode: str, firth: str):
     width = max(int(mr.sum(1).max()), 1)
     xr, kr, nr, mr = (np.take_along_axis(v[rows], order, 1)[:, :width] for v in (x, k, n, m))
     gr = group[rows]
+    logit = logit_group[gr]
     # start: each group's median slope over rows with compliance at two alphas
     lp = np.log((kr + 0.5) / (nr + 1.0))
     crude = _crude_slope(xr, lp, mr & (kr > 0))
@@ -386,7 +519,7 @@ def _em(x, k, n, m, line, group, n_g, mode: str, firth: str):
     v00, v01, v11 = (np.zeros(rows.size) for _ in range(3))
     for it in range(_EM_ITER):
         live = np.flatnonzero(~done[gr])  # rows of groups still moving
-        prior = _Prior(coef[gr, 0], coef[gr, 1], tau2[gr], theta_bar[gr], sigma2[gr], jeff)
+        prior = _Prior(coef[gr, 0], coef[gr, 1], tau2[gr], theta_bar[gr], sigma2[gr], jeff, logit)
         fit = _map_rows(
             xr[live], kr[live], nr[live], mr[live], prior.rows(live), c0[live], c1[live], 3
         )
@@ -402,7 +535,7 @@ def _em(x, k, n, m, line, group, n_g, mode: str, firth: str):
         done |= change < _EM_TOL
         if done.all():
             break
-    prior = _Prior(coef[gr, 0], coef[gr, 1], tau2[gr], theta_bar[gr], sigma2[gr], jeff)
+    prior = _Prior(coef[gr, 0], coef[gr, 1], tau2[gr], theta_bar[gr], sigma2[gr], jeff, logit)
     c0, c1, v00, _, _ = _map_rows(xr, kr, nr, mr, prior, c0, c1)
     out0[rows], out1[rows], out_v[rows] = c0, c1, v00
     return out0, out1, out_v, coef, np.sqrt(tau2), iters
@@ -453,8 +586,17 @@ def lpe_pooled_from_counts(
         paper=paper,
     )
     fk, fn = np.asarray(fit_k), np.asarray(fit_n)
-    mask = mask & ~(paper.not_rare | paper.no_data)[..., None]
-    out = fit_pooled_batch(alphas, k, n, mask, fallback=fallback, prior=prior, firth=firth)
+    own = ~(paper.not_rare | paper.no_data)[..., None]  # prompts the population's line is for
+    mask = mask & own
+    q = None
+    if prior == "curved":  # the bend from the fit phase's draws (choose_curvature)
+        _, kf, nf, mf = count_points(
+            search_k, search_n, fit_k, fit_n, alphas, n_fit, n_search=n_search, paper=paper
+        )
+        q = choose_curvature(alphas, kf, nf, mf & own)
+    out = fit_pooled_batch(
+        alphas, k, n, mask, fallback=fallback, prior=prior, firth=firth, curvature=q
+    )
     top = fk[..., -1] / np.maximum(fn[..., -1], 1)
     with np.errstate(divide="ignore"):
         top = np.log10(top)
@@ -504,8 +646,16 @@ def fit_pooled(
         k[0, i, j], n[0, i, j], mask[0, i, j] = kk, nn, sel
         if tc.paper.not_rare or tc.paper.no_data:
             mask[0, i] = False  # its own rule, not the population's line
+    q = None
+    if prior == "curved":  # the bend from the fit phase's draws, as lpe_pooled_from_counts
+        kf, nf, mf = np.zeros_like(k), np.zeros_like(n), np.zeros_like(mask)
+        for i, t in enumerate(traces):
+            tc, kk, nn, sel = trace_count_points(t, "fit", start_threshold, fallback)
+            j = np.searchsorted(grid, tc.alphas)
+            kf[0, i, j], nf[0, i, j], mf[0, i, j] = kk, nn, sel & mask[0, i].any()
+        q = choose_curvature(grid, kf, nf, mf)
     batch = fit_pooled_batch(
-        grid, k, n, mask, level=level, fallback=fallback, prior=prior, firth=firth
+        grid, k, n, mask, level=level, fallback=fallback, prior=prior, firth=firth, curvature=q
     )
     out = []
     for i, (tc, *_) in enumerate(pts):
@@ -545,5 +695,7 @@ def fit_pooled(
         tau=float(batch.tau[0]),
         n_informing=int(batch.line.sum()),
         iterations=int(batch.iterations[0]),
+        curvature=float(batch.curvature[0]),
+        logit=bool(batch.logit[0]),
     )
     return PooledResult(prompts=tuple(out), population=pop, level=level)

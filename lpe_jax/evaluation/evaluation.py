@@ -11,6 +11,7 @@ the ground truth. The protocol's details are on :func:`evaluate`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -923,7 +924,7 @@ def _lpe_binomial(draws: str) -> Callable[[SimulatedDraws, int], MethodPoint]:
     return score
 
 
-def _lpe_pooled(d: SimulatedDraws, n_fit: int) -> MethodPoint:
+def _lpe_pooled(d: SimulatedDraws, n_fit: int, prior: str | None = None) -> MethodPoint:
     a = d.adaptive(n_fit)
     pooled = lpe_pooled_from_counts(
         *a.counts,
@@ -931,7 +932,7 @@ def _lpe_pooled(d: SimulatedDraws, n_fit: int) -> MethodPoint:
         n_fit,
         n_search=d.n_search,
         paper=a.paper,
-        prior=d.pooled_prior,
+        prior=d.pooled_prior if prior is None else prior,
     )
     cov, exact = None, d.bank.true_r1
     if exact is not None:
@@ -986,6 +987,8 @@ for _m in (
     Method("lpe_binomial_grid", "grid_rollouts", _lpe_binomial_grid),
     Method("path_is", "n_fits", _path_is, lambda b: b.path_log_weights is not None),
     Method("mixture_is", "n_fits", _mixture_is, lambda b: b.mixture_log_weights is not None),
+    # no randomness: added last, it leaves every other method's draws as they were
+    Method("lpe_pooled_averaged", "n_fits", functools.partial(_lpe_pooled, prior="averaged")),
 ):
     register_method(_m)
 
@@ -1034,7 +1037,8 @@ def evaluate(
       lpe_binomial_all: the same draws, search draws included in the fit (every rollout paid
       for; :func:`binomial.trace_points`); lpe_pooled: the same draws as lpe_binomial_all,
       pooled over the eligible prompts of each simulation (:mod:`estimators.pooled`, prior
-      ``pooled_prior``);
+      ``pooled_prior``); lpe_pooled_averaged: the same, ``prior="averaged"`` (the mean of the
+      log-rate and log-odds lines' log10 r(1): the line for bent paths, docs/results.md);
       lpe_binomial_grid (R): R rollouts at every alpha, :func:`binomial.select_grid_points`.
       Two forward passes per token; LPE budgets are the mean rollouts actually spent.
     * path_is (n_fit; banks with ``path_log_weights``): path importance sampling
