@@ -42,7 +42,7 @@ from flax import nnx, struct
 from lpe_jax.decoding import sharding
 from lpe_jax.decoding.paths import PathFn
 from lpe_jax.decoding.rollouts import PAD_ID, row_keys, sample_step
-from lpe_jax.model.low_rank import LowRankQwen3, buffer_key, pair_whole_tensors, paired_model
+from lpe_jax.model.low_rank import pair_whole_tensors, paired_model
 
 Array = jax.Array
 
@@ -209,13 +209,9 @@ class DeviceSpec:
         gd_o, st_o = nnx.split(original)
         gd_v, st_v = (None, None) if single else nnx.split(variant)
 
-        def place(st: nnx.State) -> nnx.State:
-            return jax.device_put(st, sharding.param_shardings(mesh, st))
-
-        placed_o = place(st_o)
-        if not single and isinstance(variant, LowRankQwen3):
-            st_v = _onto_placed(st_v, st_o, placed_o)
-        params = (placed_o, None if single else place(st_v))
+        placed_o = sharding.place_params(mesh, st_o)
+        # a low-rank variant's bases are the original's arrays: placed once, not copied
+        params = (placed_o, None if single else sharding.place_params(mesh, st_v, (st_o, placed_o)))
         spec = cls(
             gd_o=gd_o,
             gd_v=gd_v,
@@ -230,17 +226,6 @@ class DeviceSpec:
             pair_whole=pair_whole,
         )
         return spec, params
-
-
-def _onto_placed(st_v: nnx.State, st_o: nnx.State, placed_o: nnx.State) -> nnx.State:
-    """The low-rank variant's state with every array it shares with the original (a factor's
-    base, a shared tensor) replaced by the original's placed array, so placing the variant
-    (same rules: same sharding) copies nothing and the mesh holds each shared weight once."""
-    placed = {}
-    for a, b in zip(jax.tree.leaves(st_o), jax.tree.leaves(placed_o), strict=True):
-        if (key := buffer_key(a)) is not None:
-            placed[key] = b
-    return jax.tree.map(lambda a: placed.get(buffer_key(a) or (), a), st_v)
 
 
 def _own_logits(l_o: Array, l_v: Array, alpha: Array) -> Array:

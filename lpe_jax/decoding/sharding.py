@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.tree_util import GetAttrKey
 
-from lpe_jax.model.low_rank import LowRankWeight
+from lpe_jax.model.low_rank import LowRankWeight, buffer_key
 from lpe_jax.model.qwen3 import Qwen3Config
 
 ROWS, TENSOR, EXPERTS = "rows", "tensor", "experts"
@@ -175,6 +175,20 @@ def param_shardings(mesh: Mesh, params: Any, rules: ShardingRules = RULES) -> An
         param_logical(params, _splits(mesh)),
         is_leaf=lambda x: isinstance(x, tuple),
     )
+
+
+def place_params(mesh: Mesh, params: Any, like: tuple[Any, Any] | None = None) -> Any:
+    """A model's parameter state placed on the mesh by `param_shardings`. like: (state, placed
+    state) of a model whose arrays `params` may share (a low-rank variant's bases, shared
+    tensors: the same device buffers): those become the placed arrays themselves, so the mesh
+    holds each shared weight once (the same rules give them the same sharding)."""
+    if like is not None:
+        placed = {}
+        for a, b in zip(jax.tree.leaves(like[0]), jax.tree.leaves(like[1]), strict=True):
+            if (key := buffer_key(a)) is not None:
+                placed[key] = b
+        params = jax.tree.map(lambda a: placed.get(buffer_key(a) or (), a), params)
+    return jax.device_put(params, param_shardings(mesh, params))
 
 
 def param_bytes_on_device(
