@@ -132,12 +132,8 @@ def low_rank_runs(arrays: dict, meta: dict) -> None:
             arrays[f"{tag}/{k}"] = v
         meta[tag] = {"paired": e.paired, "param_bytes": held_bytes(e)}
         if shape is not None:
-            meta[tag]["planned"] = memory.low_rank_param_bytes_per_device(
-                original, low_rank, shape
-            )
-            meta[tag]["two_models"] = 2 * memory.param_bytes_per_device(
-                TIED_MOE, np.float32, shape
-            )
+            meta[tag]["planned"] = memory.low_rank_param_bytes_per_device(original, low_rank, shape)
+            meta[tag]["two_models"] = 2 * memory.param_bytes_per_device(TIED_MOE, np.float32, shape)
             meta[tag]["collectives"] = step_collectives(e)
 
 
