@@ -16,8 +16,13 @@ params held (distinct buffers), XLA's cost-analysis bytes accessed per step and 
 memory (distinct argument buffers + outputs - donated + temporaries, from XLA's memory analysis).
 --mode=two|low_rank|paired: one way per process, with the live JAX buffers at the end and the
 process's peak RSS.
+--mesh=rows,tensor,experts: params and states placed on that mesh of the local devices by the
+engine's sharding rules (the low-rank variant's bases are the original's placed arrays); params
+held and bytes accessed are then per device (XLA's figures of the partitioned program).
 
   .venv/bin/python experiments/benchmark_pair_batch.py --mode=all
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
+      .venv/bin/python experiments/benchmark_pair_batch.py --mode=all --mesh=1,4,1
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from absl import app, flags
 from flax import nnx
 
 from lpe_jax.abliteration.orthogonalize import orthogonalize_model
+from lpe_jax.decoding import sharding
 from lpe_jax.model import qwen3
 from lpe_jax.model.low_rank import (
     as_low_rank,
@@ -55,6 +61,7 @@ flags.DEFINE_integer("rows", 8, "Rows per model decoded per step.")
 flags.DEFINE_integer("prompt", 16, "Prompt positions per row.")
 flags.DEFINE_integer("steps", 16, "Timed steps per round.")
 flags.DEFINE_integer("rounds", 5, "Rounds (--mode=all alternates the ways each round).")
+flags.DEFINE_string("mesh", None, "rows,tensor,experts mesh of the local devices; unset: one.")
 
 MIB = 2.0**20
 WAYS = ("two", "low_rank", "paired")
@@ -105,6 +112,24 @@ class Way:
         self.kv = [(prompt(), cfg.empty_own_states(dt, rows, capacity)) for _ in range(2)]
         self.last = jnp.zeros((rows,), jnp.int32)
         self.i = 0
+        self.devices = 1
+        if FLAGS.mesh is not None:
+            self._place(sharding.parse_mesh_shape(FLAGS.mesh), cfg)
+
+    def _place(self, shape: tuple[int, int, int], cfg: qwen3.Qwen3Config) -> None:
+        """Params and states on the mesh by the engine's rules; param_bytes per device."""
+        mesh = sharding.pair_mesh(shape, cfgs=[cfg])
+        placed_o = sharding.place_params(mesh, self.st_o)
+        self.st_v = sharding.place_params(mesh, self.st_v, (self.st_o, placed_o))
+        self.st_o = placed_o
+        self.kv = [
+            jax.device_put(kv, sharding.state_shardings(mesh, cfg, kv, sharding.ROWS))
+            for kv in self.kv
+        ]
+        self.last = jax.device_put(self.last, sharding.rows_sharding(mesh))
+        # every array is split evenly or replicated: one device holds the total / devices
+        self.devices = mesh.size
+        self.param_bytes = unique_bytes(self.st_o, self.st_v) // self.devices
 
     def _args(self) -> tuple[Any, ...]:
         gd = (self.gd_o, self.gd_v, self.whole, self.st_o, self.st_v)
@@ -119,7 +144,7 @@ class Way:
         ma = compiled.memory_analysis()
         # XLA counts an argument buffer once per parameter; the low-rank variant's bases are the
         # original's buffers, so the arguments are counted by distinct buffer instead.
-        args = unique_bytes(self.st_o, self.st_v, self.kv)
+        args = unique_bytes(self.st_o, self.st_v, self.kv) // self.devices
         held = args + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
         return float(cost.get("bytes accessed", float("nan"))), float(held)
 
@@ -157,7 +182,7 @@ def main(argv: list[str]) -> None:
     del argv
     cfg = _config()
     print(f"config {dataclasses.asdict(cfg)}; dtype {FLAGS.dtype}; rows {FLAGS.rows} per model")
-    print(f"device {jax.devices()[0].device_kind}")
+    print(f"device {jax.devices()[0].device_kind}; mesh {FLAGS.mesh or 'one device'}")
     ways = _ways(FLAGS.mode)
     setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
     for name, w in ways.items():

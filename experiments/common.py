@@ -348,16 +348,13 @@ def mesh_shape() -> tuple[int, int, int] | None:
 
 def _weights_per_device(pair: Any, shape: tuple[int, int, int]) -> int | None:
     """Both models' parameter bytes per device with a low-rank variant (--variant_low_rank=auto):
-    the original's, plus the variant's own arrays (factors, tensors kept whole) taken as split
-    like the rest; None otherwise (memory.plan_mesh counts both models from their configs)."""
+    the original's, plus the variant's own arrays (factors, tensors kept whole) as the mesh's
+    rules place them; None otherwise (memory.plan_mesh counts both models from their configs)."""
     if FLAGS.variant_low_rank != "auto" or pair.variant is None:
         return None
     from lpe_jax.decoding import memory
-    from lpe_jax.model.low_rank import unique_param_bytes
 
-    own = unique_param_bytes(pair.original, pair.variant) - unique_param_bytes(pair.original)
-    original = memory.param_bytes_per_device(pair.original.cfg, pair.original.dtype, shape)
-    return original + -(-own // (shape[1] * shape[2]))
+    return memory.low_rank_param_bytes_per_device(pair.original, pair.variant, shape)
 
 
 def check_memory_plan(pair: Any, max_prompt_len: int, steps_per_call: int) -> None:

@@ -3,7 +3,11 @@
 One engine pair holds both model families at once, to compile half as much: the original a tiny
 dense Qwen3 (tied embedding), the variant a tiny Qwen3-MoE (untied LM head, a dense layer and a
 sparse one). It decodes on one device and on each mesh; rows, per-device parameter bytes and the
-compiled step's collectives go to <out>.npz / <out>.json."""
+compiled step's collectives go to <out>.npz / <out>.json.
+
+A second pair (keys 'lr/...'): a tied tiny Qwen3-MoE original and its abliteration, run as two
+models on one device and, held as rank-1 factors on the original's arrays, decoded as 2S rows
+through one weight copy on each mesh."""
 
 from __future__ import annotations
 
@@ -15,15 +19,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lpe_jax.abliteration.orthogonalize import orthogonalize_model
 from lpe_jax.decoding import engine_device as dev
-from lpe_jax.decoding import paths, sharding
+from lpe_jax.decoding import memory, paths, sharding
 from lpe_jax.decoding.engine import RolloutEngine, RowBlock
 from lpe_jax.model import qwen3
+from lpe_jax.model.low_rank import LowRankQwen3, as_low_rank
 
 MESHES = ((1, 8, 1), (2, 4, 1), (2, 2, 2))
 DENSE = qwen3.Qwen3Config(512, 64, 2, 8, 8, 16, 128, tie_word_embeddings=True)
 MOE = qwen3.Qwen3Config(
     512, 64, 2, 8, 8, 16, 128, tie_word_embeddings=False, num_experts=4,
+    num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=(0,),
+)  # fmt: skip
+TIED_MOE = qwen3.Qwen3Config(
+    512, 64, 2, 8, 8, 16, 128, tie_word_embeddings=True, num_experts=4,
     num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=(0,),
 )  # fmt: skip
 PROMPTS = {"a": [3, 17, 99, 4, 250], "b": [7, 8, 300, 11, 12, 13, 14, 40, 41]}
@@ -88,9 +98,49 @@ def param_bytes(e: RolloutEngine) -> list[int]:
     return [per[d] for d in e._spec.mesh.devices.flat]
 
 
+def held_bytes(e: RolloutEngine) -> list[int]:
+    """Bytes of the distinct parameter buffers on each device (a buffer both models hold, the
+    low-rank variant's base, counted once)."""
+    per = {d: {} for d in e._spec.mesh.devices.flat}
+    for leaf in jax.tree.leaves(e._params):
+        for shard in leaf.addressable_shards:
+            per[shard.device][shard.data.unsafe_buffer_pointer()] = shard.data.nbytes
+    return [sum(per[d].values()) for d in e._spec.mesh.devices.flat]
+
+
+def low_rank_pair() -> tuple[qwen3.Qwen3, qwen3.Qwen3, LowRankQwen3]:
+    """(original, its abliteration, that as rank-1 factors on the original's arrays). The
+    writers are scaled up so a tied head does not just repeat the current token."""
+    original = qwen3.init_random(TIED_MOE, seed=2)
+    for layer in original.layers:
+        layer.self_attn.o_proj[...] = layer.self_attn.o_proj[...] * 8.0
+        mlp = getattr(layer.mlp, "experts", layer.mlp)
+        mlp.down_proj[...] = mlp.down_proj[...] * 8.0
+    variant = orthogonalize_model(original, np.random.default_rng(4).normal(size=64))
+    low_rank, _ = as_low_rank(original, variant)
+    assert isinstance(low_rank, LowRankQwen3)
+    return original, variant, low_rank
+
+
+def low_rank_runs(arrays: dict, meta: dict) -> None:
+    """The low-rank pair: two models on one device, then paired on each mesh."""
+    original, variant, low_rank = low_rank_pair()
+    for shape in (None, *MESHES):
+        tag = "lr/one" if shape is None else "lr/" + ",".join(map(str, shape))
+        e = engine([original, variant if shape is None else low_rank], shape)
+        for k, v in rows(e).items():
+            arrays[f"{tag}/{k}"] = v
+        meta[tag] = {"paired": e.paired, "param_bytes": held_bytes(e)}
+        if shape is not None:
+            meta[tag]["planned"] = memory.low_rank_param_bytes_per_device(original, low_rank, shape)
+            meta[tag]["two_models"] = 2 * memory.param_bytes_per_device(TIED_MOE, np.float32, shape)
+            meta[tag]["collectives"] = step_collectives(e)
+
+
 def main(out: str) -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
     arrays, meta = {}, {}
+    low_rank_runs(arrays, meta)
     models = [qwen3.init_random(DENSE, seed=0), qwen3.init_random(MOE, seed=1)]
     for shape in (None, *MESHES):
         tag = "one" if shape is None else ",".join(map(str, shape))

@@ -67,6 +67,8 @@ def test_param_rules_by_name():
     # a low-rank factor follows its weight's rows or columns
     lr = (*_path("layers", "0", "self_attn", "o_proj"), GetAttrKey("u"))
     assert sharding.param_axes(lr, 2) == ("heads", None)
+    vt = (*experts, GetAttrKey("vt"))  # stacked experts' factors keep the expert axis
+    assert sharding.param_axes(vt, 3) == ("experts", None, "embed")
     assert sharding.param_axes(_path("layers", "0", "linear_attn", "in_proj_qkvz"), 2) is None
     spec = sharding.logical_to_spec(("experts", "embed", "expert_ffw"))
     assert spec == jax.sharding.PartitionSpec("experts", None, "tensor")
@@ -123,6 +125,33 @@ def test_mesh_step_never_gathers_the_vocabulary(mesh_run, shape):
     assert not [c for c in collectives if vocab in _dims(c)]
     # the control: gathering the logits shows up as a collective with a vocabulary dimension
     assert [c for c in meta[shape]["control"] if vocab in _dims(c)]
+
+
+@pytest.mark.parametrize("shape", ["1,8,1", "2,4,1", "2,2,2"])
+def test_low_rank_paired_mesh_rows_match_two_models_on_one_device(mesh_run, shape):
+    """A tied Qwen3-MoE and its abliteration: held as rank-1 factors on the original's arrays
+    and decoded as 2S rows through one weight copy on the mesh, the rows equal the two-model run
+    on one device (tokens, lengths; log-probs within 1e-5); the step gathers no vocabulary (the
+    tied head is the embedding placed by vocabulary shards); each device holds exactly the
+    planned bytes (`memory.low_rank_param_bytes_per_device`: shared bases once, factors split
+    with their weights), less than the two models' whole placement."""
+    arrays, meta = mesh_run
+    keys = [k.removeprefix("lr/one/") for k in arrays.files if k.startswith("lr/one/")]
+    assert len(keys) == 3 * 6
+    for k in keys:
+        one, mesh = arrays[f"lr/one/{k}"], arrays[f"lr/{shape}/{k}"]
+        if one.dtype.kind == "f":
+            np.testing.assert_allclose(mesh, one, rtol=1e-5, atol=1e-5, err_msg=k)
+        else:
+            np.testing.assert_array_equal(mesh, one, err_msg=k)
+    one = {k: arrays[f"lr/one/{k}"] for k in keys}
+    assert one["a0.3/lengths"].min() > 1 and len(np.unique(one["a0.3/tokens"])) > 3
+    assert np.abs(one["a0.3/logp_variant"] - one["a0.3/logp_original"]).max() > 1e-2
+    m = meta[f"lr/{shape}"]
+    assert m["paired"] and not meta["lr/one"]["paired"]
+    assert not [c for c in m["collectives"] if meta["one"]["vocab"] in _dims(c)]
+    assert m["param_bytes"] == [m["planned"]] * 8
+    assert m["planned"] < 0.6 * m["two_models"], m
 
 
 def _dims(collective: str) -> list[int]:

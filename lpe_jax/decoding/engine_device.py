@@ -209,10 +209,9 @@ class DeviceSpec:
         gd_o, st_o = nnx.split(original)
         gd_v, st_v = (None, None) if single else nnx.split(variant)
 
-        def place(st: nnx.State) -> nnx.State:
-            return jax.device_put(st, sharding.param_shardings(mesh, st))
-
-        params = (place(st_o), None if single else place(st_v))
+        placed_o = sharding.place_params(mesh, st_o)
+        # a low-rank variant's bases are the original's arrays: placed once, not copied
+        params = (placed_o, None if single else sharding.place_params(mesh, st_v, (st_o, placed_o)))
         spec = cls(
             gd_o=gd_o,
             gd_v=gd_v,

@@ -20,7 +20,10 @@ import functools
 from typing import Any
 
 import jax
+from flax import nnx
 
+from lpe_jax.decoding import sharding
+from lpe_jax.model.low_rank import buffer_key
 from lpe_jax.model.qwen3 import Qwen3Config
 from lpe_jax.model.qwen35 import Qwen35Config
 
@@ -268,13 +271,26 @@ def param_bytes_per_device(cfg: ModelConfig, dtype: Any, mesh_shape: tuple[int, 
     return (split + whole) * b
 
 
+def low_rank_param_bytes_per_device(
+    original: Any, variant: Any, mesh_shape: tuple[int, int, int]
+) -> int:
+    """Both models' parameter bytes on each device of a (rows, tensor, experts) mesh when the
+    variant is low rank on the original's arrays (`lpe_jax.model.low_rank`): the original's
+    (`param_bytes_per_device`) plus the variant's own arrays, factors and whole tensors, each as
+    `sharding.param_shardings` places it (u follows its weight's rows, vt its columns); arrays
+    the variant shares with the original are held once. Exact: what the engine places."""
+    shared = {buffer_key(a) for a in jax.tree.leaves(nnx.state(original, nnx.Param))}
+    own = sharding.param_bytes_on_device(
+        nnx.state(variant, nnx.Param), mesh_shape, keep=lambda a: buffer_key(a) not in shared
+    )
+    return param_bytes_per_device(original.cfg, original.dtype, mesh_shape) + own
+
+
 @functools.cache
 def _total_params(cfg: ModelConfig) -> int:
     """Parameter count (a Qwen3.5 model's from its abstract shape: no memory, a trace)."""
     if isinstance(cfg, Qwen3Config):
         return cfg.num_params()
-    from flax import nnx  # noqa: PLC0415  (only to count a Qwen3.5 model's parameters)
-
     from lpe_jax.model.qwen35 import Qwen35  # noqa: PLC0415
 
     model = nnx.eval_shape(lambda: Qwen35(cfg, rngs=nnx.Rngs(0)))

@@ -27,7 +27,9 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.tree_util import GetAttrKey
 
+from lpe_jax.model.low_rank import LowRankWeight, buffer_key
 from lpe_jax.model.qwen3 import Qwen3Config
 
 ROWS, TENSOR, EXPERTS = "rows", "tensor", "experts"
@@ -81,7 +83,9 @@ PARAM_AXES: dict[tuple[str, ...], Logical] = {
 }
 
 # A low-rank weight (lpe_jax.model.low_rank.LowRankWeight) keeps the named parameter's base and
-# factors u [rows, r], vt [r, cols]: u follows the weight's rows, vt its columns.
+# factors u [rows, r], vt [r, cols] (stacked experts: [E, rows, r], [E, r, cols]): u follows the
+# weight's rows, vt its columns. A transposed base (a tied original's embedding [V, H] serving as
+# the head [H, V]) is placed as the embedding is, so it is the original's placed array itself.
 _LOW_RANK_LEAVES = ("base", "u", "vt")
 
 
@@ -118,10 +122,41 @@ def param_axes(path: Sequence[Any], ndim: int) -> Logical | None:
     else:
         return None
     if part == "u":
-        axes = (axes[0], None)
+        axes = (*axes[:-1], None)
     elif part == "vt":
-        axes = (None, axes[-1])
+        axes = (*axes[:-2], None, axes[-1])
     return axes if len(axes) == ndim else None
+
+
+def _is_low_rank(x: Any) -> bool:
+    return isinstance(x, LowRankWeight)
+
+
+def param_logical(params: Any, split: bool) -> Any:
+    """Logical axes of every array of a model's parameter state (same tree; a `LowRankWeight`
+    gets one of the same kind holding its arrays' axes, its base's reversed when transposed).
+    A leaf no rule names: replicated when not `split`, else ValueError naming it and the fix."""
+
+    def one(path: Sequence[Any], x: Any) -> Any:
+        axes = param_axes(path, len(x.shape))
+        if axes is None:
+            if split:
+                raise ValueError(
+                    f"no sharding rule for parameter {'.'.join(_names(path))} {x.shape}; "
+                    "this model family is not placed by rules yet: use a rows-only mesh "
+                    "(--mesh=N,1,1), or add its parameters to sharding.PARAM_AXES."
+                )
+            axes = (None,) * len(x.shape)
+        if not _is_low_rank(x):
+            return axes
+
+        def factor(a: Any, part: str) -> Logical | None:
+            return None if a is None else param_axes((*path, GetAttrKey(part)), a.ndim)
+
+        base = axes[::-1] if x.transpose else axes
+        return x.replace(base=base, u=factor(x.u, "u"), vt=factor(x.vt, "vt"))
+
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_low_rank)
 
 
 def _splits(mesh: Mesh) -> bool:
@@ -135,21 +170,51 @@ def param_shardings(mesh: Mesh, params: Any, rules: ShardingRules = RULES) -> An
     On a mesh that splits parameters, a leaf no rule names raises ValueError (it would be
     replicated on every device unnoticed); on a rows-only mesh everything is replicated.
     """
-    split = _splits(mesh)
+    return jax.tree.map(
+        lambda axes: NamedSharding(mesh, logical_to_spec(axes, rules)),
+        param_logical(params, _splits(mesh)),
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
 
-    def one(path: Sequence[Any], x: Any) -> NamedSharding:
-        axes = param_axes(path, np.ndim(x))
-        if axes is None:
-            if split:
-                raise ValueError(
-                    f"no sharding rule for parameter {'.'.join(_names(path))} {np.shape(x)}; "
-                    "this model family is not placed by rules yet: use a rows-only mesh "
-                    "(--mesh=N,1,1), or add its parameters to sharding.PARAM_AXES."
-                )
-            axes = (None,) * np.ndim(x)
-        return NamedSharding(mesh, logical_to_spec(axes, rules))
 
-    return jax.tree_util.tree_map_with_path(one, params)
+def place_params(mesh: Mesh, params: Any, like: tuple[Any, Any] | None = None) -> Any:
+    """A model's parameter state placed on the mesh by `param_shardings`. like: (state, placed
+    state) of a model whose arrays `params` may share (a low-rank variant's bases, shared
+    tensors: the same device buffers): those become the placed arrays themselves, so the mesh
+    holds each shared weight once (the same rules give them the same sharding)."""
+    if like is not None:
+        placed = {}
+        for a, b in zip(jax.tree.leaves(like[0]), jax.tree.leaves(like[1]), strict=True):
+            if (key := buffer_key(a)) is not None:
+                placed[key] = b
+        params = jax.tree.map(lambda a: placed.get(buffer_key(a) or (), a), params)
+    return jax.device_put(params, param_shardings(mesh, params))
+
+
+def param_bytes_on_device(
+    params: Any,
+    mesh_shape: Sequence[int],
+    keep: Any = None,
+    rules: ShardingRules = RULES,
+) -> int:
+    """Bytes of the parameter state's arrays held on each device of a (rows, tensor, experts)
+    mesh when placed by `param_shardings` (every dimension a mesh axis splits must divide; see
+    `check_mesh`). From shapes alone: no devices needed. keep(array) -> bool: count only these
+    (default all)."""
+    sizes = dict(zip(AXES, mesh_shape, strict=True))
+    logical = param_logical(params, sizes[TENSOR] * sizes[EXPERTS] > 1)
+    is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
+    total = 0
+    for axes, x in zip(
+        jax.tree.leaves(logical, is_leaf=is_axes), jax.tree.leaves(params), strict=True
+    ):
+        if keep is not None and not keep(x):
+            continue
+        spec = logical_to_spec(axes, rules)
+        split = (1 if a is None else sizes[a] for a in spec)
+        n = math.prod(d // k for d, k in zip(x.shape, split, strict=True))
+        total += n * x.dtype.itemsize
+    return total
 
 
 def state_axes(cfg: Any, ndim: int, lead: str | None) -> Logical:

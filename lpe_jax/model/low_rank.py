@@ -600,15 +600,19 @@ def _plan_tensor(
     return TensorPlan(name, shape, "low_rank", rank=u.shape[-1], rel_error=rel, max_ulp=ulp), value
 
 
+def buffer_key(a: Any) -> tuple[Any, ...] | None:
+    """Identifies a concrete array's device buffers (equal keys: the same memory); None for
+    anything else."""
+    if not isinstance(a, jax.Array):
+        return None
+    shards = tuple((s.device.id, s.data.unsafe_buffer_pointer()) for s in a.addressable_shards)
+    return (a.shape, a.dtype, shards)
+
+
 def _same_buffers(a: Any, b: Any) -> bool:
     """Whether two concrete arrays are views of the same device buffers."""
-    if not (isinstance(a, jax.Array) and isinstance(b, jax.Array)) or a.shape != b.shape:
-        return False
-    sa, sb = a.addressable_shards, b.addressable_shards
-    return len(sa) == len(sb) and all(
-        x.data.unsafe_buffer_pointer() == y.data.unsafe_buffer_pointer()
-        for x, y in zip(sa, sb, strict=True)
-    )
+    key = buffer_key(a)
+    return key is not None and key == buffer_key(b)
 
 
 def pair_whole_tensors(original: Qwen3, variant: Qwen3) -> tuple[str, ...] | str:
