@@ -49,8 +49,8 @@ class Completed:
     stderr: str
 
 
-def run_main(script: str, *args: str) -> Completed:
-    """`python experiments/<script> *args` from the repository root, in this process.
+def run_main(script: str, *args: str, cwd: Path = ROOT) -> Completed:
+    """`python experiments/<script> *args` from the directory `cwd`, in this process.
 
     The exit status is the process's: SystemExit's (0 when main returns, 1 for an input error
     reported by common.run), 1 with the traceback on stderr for any other exception. stdout and
@@ -80,7 +80,7 @@ def run_main(script: str, *args: str) -> Completed:
     try:
         sys.argv = argv
         sys.path.insert(0, str(EXP))  # as `python experiments/x.py` puts the script's folder first
-        os.chdir(ROOT)
+        os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             runpy.run_path(str(EXP / script), run_name="__main__")
     except SystemExit as e:
