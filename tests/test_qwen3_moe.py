@@ -179,7 +179,7 @@ def test_scripts_run_on_a_qwen3_moe_pair(moe_dir, tmp_path):
         "".join(json.dumps({"id": f"p{i}", "prompt": text(0, 80)}) + "\n" for i in range(2))
     )
     pair = (f"--original={src}", f"--variant={variant}", f"--prompts={prompts}")
-    # mixture IS off: the family is the point here (test_experiments runs mixture IS)
+    # mixture IS off: the family is the point here (test_experiments_estimate runs mixture IS)
     run_script(
         "estimate.py", *pair, "--judge=string", "--n_fit=3", "--n_search=3",
         "--max_new_tokens=3", "--max_rows=8", "--mixture_lambda=0", "--nofigures",
