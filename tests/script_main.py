@@ -7,8 +7,9 @@ does is the same: the module is executed afresh as ``__main__`` under ``common.r
 checks, its one-line input errors, absl's flag parsing and exit codes), with every flag the
 previous script defined removed first, so each run starts from the script's own defaults.
 The command line itself (argv, the interpreter, imports from a bare checkout) is covered by the
-tests that still launch each script as a process (tests/test_experiments.py,
-tests/test_scripts_cli.py).
+tests that still launch each script as a process (the 2-process runs of tests/test_experiments.py
+and tests/test_experiments_estimate.py, the SIGKILLed estimate.py, abliterate.py's end-to-end run
+in tests/test_abliterate_script.py, tests/test_scripts_cli.py, the README's bash blocks).
 """
 
 from __future__ import annotations
