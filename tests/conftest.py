@@ -31,11 +31,46 @@ def pytest_configure(config: pytest.Config) -> None:
     counts stay exact: the cache starts empty each run, and the tests that count compilations use
     shapes no other test compiles. A user's own JAX_COMPILATION_CACHE_DIR is kept."""
     global _created_xla_cache
+    if getattr(config.option, "dist", "no") == "loadfile":
+        # xdist's controller schedules files in the workers' collection order (see SLOWEST_FILES)
+        config.option.loadscopereorder = False
     if "JAX_COMPILATION_CACHE_DIR" in os.environ:
         return
     _created_xla_cache = tempfile.mkdtemp(prefix="lpe_jax_test_xla_cache_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _created_xla_cache
     os.environ.update(_XLA_CACHE_VARS)
+
+
+# The files that take longest (wall seconds on an idle 2-core box; docs/benchmarks.md "Stop 25:
+# test time"), longest first. `make test` runs whole files per worker (`--dist loadfile`) and
+# pytest-xdist hands them out in collection order, after reordering them by their number of tests
+# unless told not to: that put these few-test files last, where one of them could still run on
+# one worker for minutes after the other had run out of files. Handing out the longest first
+# (xdist's reordering off, pytest_configure) lets the many short files fill in behind them.
+# Files not listed keep their usual order after these.
+SLOWEST_FILES = (
+    "test_readme.py",
+    "test_experiments_estimate.py",
+    "test_bf16.py",
+    "test_real_model_recipe.py",
+    "test_mesh.py",
+    "test_qwen35_checkpoint.py",
+    "test_engine.py",
+    "test_notebooks.py",
+    "test_qwen3_moe.py",
+    "test_experiments.py",
+    "test_low_rank.py",
+    "test_abliterate_hybrid.py",
+    "test_judge_failure.py",
+    "test_abliterate_script.py",
+    "test_sampler_determinism.py",
+    "test_toy.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept within
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -1,7 +1,9 @@
 """experiments/abliterate.py as a user runs it, and the bad inputs it must name.
 
 One end-to-end run on a tiny tied checkpoint with a Qwen3-style template (~30 s on 2 cores,
-most of it compiling); the failing runs stop before any model is loaded.
+most of it compiling), as a process; the failing runs stop before any model is loaded, and run in
+this process (tests/script_main.py: the same module, flags, exit status and log lines, without a
+process's ~4 s of imports each).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hf_fixtures import make_tokenizer
+from script_main import run_main
 
 from lpe_jax.abliteration import abliterate as ab
 from lpe_jax.abliteration.orthogonalize import (
@@ -99,7 +102,7 @@ def test_script_writes_a_loadable_abliteration_with_provenance_and_report(setup)
     original = load_model(src)
     assert not np.array_equal(abliterated.embed_tokens[...], original.embed_tokens[...])
     # an existing --out is refused before any work; the message names the fix
-    again = run(*flags(setup, out))
+    again = run_main("abliterate.py", *flags(setup, out))
     assert again.returncode != 0 and "--overwrite" in again.stderr
 
 
@@ -112,7 +115,7 @@ def test_script_writes_a_loadable_abliteration_with_provenance_and_report(setup)
 )
 def test_script_names_bad_flags_before_loading_the_model(setup, extra, message):
     root = setup[0]
-    p = run(*flags(setup, root / "never", *extra))
+    p = run_main("abliterate.py", *flags(setup, root / "never", *extra))
     assert p.returncode != 0 and message in p.stderr, p.stderr[-2000:]
     assert "loaded" not in p.stderr and not (root / "never").exists()
 

@@ -2,7 +2,8 @@
 
 The judge is the rubric judge over HTTP, pointed at a loopback port: closed (dead), then served by
 a tiny OpenAI-compatible server that answers with the toy organism's rule (working), or fails on
-a fixed 30% of the responses (flaky). Subprocesses, as a user runs estimate.py.
+a fixed 30% of the responses (flaky). estimate.py runs in this process (tests/script_main.py:
+the same module, flags, exit status and log lines as `python experiments/estimate.py`).
 """
 
 from __future__ import annotations
@@ -10,19 +11,16 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+
+from script_main import Completed, run_main
 
 from lpe_jax.organisms import toy
 
-ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ("--limit=2", "--n_fit=13", "--figures=false", "--judge=rubric")
 
 
@@ -82,36 +80,24 @@ def serve_judge(port: int, flaky: bool = False) -> Iterator[None]:
         server.server_close()
 
 
-def estimate(*args: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": str(ROOT),
-        "NO_PROXY": "127.0.0.1",
-        "no_proxy": "127.0.0.1",
-    }
-    return subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "estimate.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
+def estimate(*args: str) -> Completed:
+    return run_main("estimate.py", *args)
 
 
-def _drawn(p: subprocess.CompletedProcess) -> tuple[int, int]:
+def _drawn(p: Completed) -> tuple[int, int]:
     """(rows drawn, rows drawn by an earlier run and judged) from estimate.py's log line."""
     m = re.search(r"drew (\d+) rollouts .* judged (\d+) drawn earlier", p.stderr)
     assert m, p.stderr[-3000:]
     return int(m.group(1)), int(m.group(2))
 
 
-def test_dead_judge_stops_then_a_flaky_one_resumes_without_drawing_again(tmp_path):
-    """Two runs of one job (each run of estimate.py costs ~20 s of CPU, so the flaky judge is the
+def test_dead_judge_stops_then_a_flaky_one_resumes_without_drawing_again(tmp_path, monkeypatch):
+    """Two runs of one job (each run of estimate.py costs seconds of CPU, so the flaky judge is the
     judge that comes back): dead -> a clear stop; then 30% failures with the share raised by
     flag -> the run completes, judges the dead run's rows instead of drawing them, and counts
     its unknowns."""
+    for var in ("NO_PROXY", "no_proxy"):  # the loopback judge, never through a proxy
+        monkeypatch.setenv(var, "127.0.0.1")
     port, out = _free_port(), tmp_path / "run"
     args = (f"--out={out}", *FLAGS, f"--judge_options={_judge_options(port)}")
     dead = estimate(*args)  # nothing listens on the port

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hf_fixtures import QWEN3_MOE, hf_logits, hf_reference, make_tokenizer, run_script
+from hf_fixtures import QWEN3_MOE, hf_logits, hf_reference, make_tokenizer
 from sampler_oracle import LockstepSampler
+from script_main import run_script
 
 from lpe_jax.abliteration.direction_path import DirectionalQwen3
 from lpe_jax.abliteration.orthogonalize import orthogonalize_model, unit_direction
@@ -149,7 +150,7 @@ def test_architecture_dispatch_and_refusal(moe_dir, tmp_path):
 
 def test_scripts_run_on_a_qwen3_moe_pair(moe_dir, tmp_path):
     """abliterate.py makes the variant of a tiny Qwen3-MoE; estimate.py and sample.py then run on
-    the (original, abliterated) pair unchanged."""
+    the (original, abliterated) pair unchanged (in this process: tests/script_main.py)."""
     src = tmp_path / "original"
     shutil.copytree(moe_dir, src)
     make_tokenizer(src, words=80, generation_eos=[2, 0])
@@ -178,7 +179,7 @@ def test_scripts_run_on_a_qwen3_moe_pair(moe_dir, tmp_path):
         "".join(json.dumps({"id": f"p{i}", "prompt": text(0, 80)}) + "\n" for i in range(2))
     )
     pair = (f"--original={src}", f"--variant={variant}", f"--prompts={prompts}")
-    # mixture IS off: the family is the point here (test_experiments runs mixture IS)
+    # mixture IS off: the family is the point here (test_experiments_estimate runs mixture IS)
     run_script(
         "estimate.py", *pair, "--judge=string", "--n_fit=3", "--n_search=3",
         "--max_new_tokens=3", "--max_rows=8", "--mixture_lambda=0", "--nofigures",
