@@ -9,7 +9,7 @@ from hybrid_fixtures import qwen35_text_config, randomize, rel_err, state_dict_n
 
 from lpe_jax.model.gated_attention import GatedAttention, GatedAttentionConfig, hf_weight_table
 from lpe_jax.model.hf_keymap import assign_hf
-from lpe_jax.model.qwen3 import LayerKV
+from lpe_jax.model.qwen3 import FULL_PASS_BLOCK, LayerKV
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
 _call = nnx.jit(lambda m, x, pos: m(x, pos))
@@ -42,12 +42,15 @@ def test_config_reads_partial_rotary(hf_layer):
         )
 
 
-def test_full_pass_matches_hf(hf_layer):
+@pytest.mark.parametrize("t", [11, FULL_PASS_BLOCK + 37], ids=["one_block", "blocked"])
+def test_full_pass_matches_hf(hf_layer, t):
+    # Past FULL_PASS_BLOCK tokens the full pass attends block by block (qwen3.attend_causal);
+    # HF's eager attention is one [T, T] softmax.
     import torch
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5TextRotaryEmbedding
 
     hf_cfg, hf, weights = hf_layer
-    b, t = 2, 11
+    b = 2
     x = np.random.default_rng(0).normal(size=(b, t, hf_cfg.hidden_size)).astype(np.float32)
     pos = np.broadcast_to(np.arange(t) + 5, (b, t))  # offset: rotary at nonzero positions
     xt = torch.from_numpy(x)

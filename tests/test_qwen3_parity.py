@@ -55,3 +55,15 @@ def test_parity_float32_and_bfloat16(name, hf_checkpoint):
     print(f"{name}: max|logits|={np.abs(ref).max():.2f} rel f32={err32:.2e} bf16={err16:.2e}")
     assert err32 <= 1e-4, err32
     assert err16 <= 3e-2, err16
+
+
+def test_parity_past_the_full_pass_block(hf_checkpoint):
+    """A sequence longer than qwen3.FULL_PASS_BLOCK: our full pass attends block by block
+    (qwen3.attend_causal), HF's is one [T, T] softmax; float32 logits agree as at 20 tokens."""
+    from lpe_jax.model.qwen3 import FULL_PASS_BLOCK
+
+    path = hf_checkpoint(**CONFIGS["gqa4_sharded"])
+    tokens = np.random.default_rng(1).integers(0, 96, size=(2, 2 * FULL_PASS_BLOCK + 21))
+    ref = hf_logits(path, tokens)
+    err = _rel_err(model_logits(load_model(path, dtype="float32"), tokens), ref)
+    assert err <= 1e-4, err

@@ -24,7 +24,7 @@ from flax import nnx
 
 from lpe_jax.decoding import sharding
 from lpe_jax.model.low_rank import buffer_key
-from lpe_jax.model.qwen3 import Qwen3Config
+from lpe_jax.model.qwen3 import Qwen3Config, causal_block_length
 from lpe_jax.model.qwen35 import Qwen35Config
 
 ModelConfig = Qwen3Config | Qwen35Config
@@ -391,27 +391,28 @@ def judge_batch_bytes(cfg: ModelConfig, dtype: Any, batch: int, tokens: int) -> 
     a full causal pass over token ids [batch, tokens] with no cache kept, then the LM head at one
     position per row.
 
-    = the widest layer's activations for every token (residual stream, q/k/v, MLP) and four
-      float32 [heads, tokens, tokens] buffers per row (scores, masked, exp, probabilities: a full
-      pass attends over every key at once; XLA:CPU holds about four; Qwen3.5's linear layers are
-      planned as attention here, an upper bound)
+    = the widest layer's activations for every token (residual stream, q/k/v, the attention's
+      output, MLP) and four float32 [heads, b, b] buffers per row (scores, masked, exp,
+      probabilities of one block pair; XLA:CPU holds about four), b the block length
+      `qwen3.attend_causal` uses (`causal_block_length`: the whole T up to FULL_PASS_BLOCK, so the
+      pass never holds [heads, T, T] beyond it)
     + float32 [batch, V] logits at the last positions and their exp for the log-sum-exp
     + the token ids and the [batch, 3] result.
-    Never [batch, tokens, V]: only the last position reaches the LM head.
+    Never [batch, tokens, V]: only the last position reaches the LM head. Qwen3 and Qwen3-MoE
+    judge models only (the device judge runs no Qwen3.5 model): a `Qwen35Config` is refused.
     """
     if batch < 1 or tokens < 1:
         raise ValueError(f"batch and tokens must be >= 1; got {batch}, {tokens}.")
-    itemsize = jax.numpy.dtype(dtype).itemsize
     if isinstance(cfg, Qwen35Config):
-        a = cfg.attention
-        heads, qkv = a.num_heads, (2 * a.num_heads + 2 * a.num_kv_heads) * a.head_dim
-        mlp = 3 * cfg.intermediate_size
-        if cfg.moe is not None:
-            mlp = 3 * cfg.moe.top_k * cfg.moe.expert_intermediate_size + cfg.moe.num_experts
-    else:
-        heads, qkv = cfg.num_heads, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-        mlp = cfg.mlp_activations_per_token()
-    per_token = (4 * cfg.hidden_size + qkv + mlp) * itemsize
-    scores = 4 * heads * tokens * tokens * 4  # scores, masked, exp, probs (XLA keeps ~4)
+        raise ValueError(
+            "the device judge runs Qwen3 / Qwen3-MoE judge models only; use a Qwen3 judge "
+            "checkpoint or the HTTP judge for a Qwen3.5 one."
+        )
+    itemsize = jax.numpy.dtype(dtype).itemsize
+    heads, hd = cfg.num_heads, cfg.head_dim
+    qkv_out = (2 * heads + 2 * cfg.num_kv_heads) * hd
+    per_token = (4 * cfg.hidden_size + qkv_out + cfg.mlp_activations_per_token()) * itemsize
+    b = causal_block_length(tokens)
+    scores = 4 * heads * b * b * 4  # one block pair's scores, masked, exp, probs (XLA keeps ~4)
     per_row = tokens * per_token + scores + 2 * cfg.vocab_size * 4 + tokens * 4 + 3 * 4
     return batch * per_row

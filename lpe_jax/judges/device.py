@@ -3,10 +3,12 @@
 ``answer_scores(model, yes_id, no_id)`` gives a function for ``LocalJudge(scores_fn=...)``:
 (token ids int32 [B, T] right-padded, last int [B] = each row's last real position) -> float32
 NumPy [B, 3] = (logit of yes, logit of no, log-sum-exp over the vocabulary) at that position.
-One jitted call runs the model's causal pass, takes each row's last hidden state, applies the LM
-head to those B rows only ([B, V], never [B, T, V]) and reduces over the vocabulary on the
-device. Host memory per batch: the token ids and B x 3 floats. A row whose logits there are not
-all finite gets NaN in all three (its verdict is unknown). Imports JAX.
+One jitted call runs the model's causal pass (attention in blocks past
+``qwen3.FULL_PASS_BLOCK`` tokens, ``qwen3.attend_causal``: memory grows with T, not T^2), takes
+each row's last hidden state, applies the LM head to those B rows only ([B, V], never [B, T, V])
+and reduces over the vocabulary on the device. Host memory per batch: the token ids and B x 3
+floats. A row whose logits there are not all finite gets NaN in all three (its verdict is
+unknown). Imports JAX.
 """
 
 from __future__ import annotations
@@ -37,7 +39,13 @@ def _scores(
 
 
 def answer_scores(model: Qwen3, yes_id: int, no_id: int) -> ScoresFn:
-    """The scoring function of the module docstring for ``model`` (from ``load_model``)."""
+    """The scoring function of the module docstring for ``model`` (a Qwen3 or Qwen3-MoE model
+    from ``load_model``; a Qwen3.5 model is refused: its pass is not planned here)."""
+    if not isinstance(model, Qwen3):
+        raise TypeError(
+            f"the device judge runs Qwen3 / Qwen3-MoE judge models; got {type(model).__name__}. "
+            "Use a Qwen3 judge checkpoint, or the HTTP judge for another family."
+        )
     vocab = model.cfg.vocab_size
     for name, i in (("yes_id", yes_id), ("no_id", no_id)):
         if not 0 <= i < vocab:

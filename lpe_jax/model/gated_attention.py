@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lpe_jax.model.hf_keymap import HFParam, same, transposed
-from lpe_jax.model.qwen3 import LayerKV, attend, rope
+from lpe_jax.model.qwen3 import LayerKV, attend_causal, rope
 from lpe_jax.model.qwen35_norms import rms_norm_offset
 
 Array = jax.Array
@@ -149,11 +149,9 @@ class GatedAttention(nnx.Module):
 
         Returns (out [B, T, H], k and v [B, kv, T, hd], the cache layout).
         """
-        t = x.shape[1]
         q, k, v, gate = self.project_qkv(x, positions)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        causal = jnp.tril(jnp.ones((1, t, t), bool))
-        return self.output(attend(q, [(k, v, causal)]), gate), k, v
+        return self.output(attend_causal(q, k, v), gate), k, v
 
     def decode(self, x: Array, positions: Array, kv: LayerKV) -> tuple[Array, LayerKV]:
         """One new token per row, x [B, 1, H]: store its k/v in this layer's cache `kv`, then

@@ -15,7 +15,8 @@ layer kind with another state (a recurrent layer's fixed-size state) fits the sa
 
 One attention implementation (`attend`, over one or more key/value segments; `attend_bounded`
 computes the same in blocks, reading the rows' tokens only up to the longest row, for a decode
-step whose state sets `block`). A decode step first
+step whose state sets `block`; `attend_causal`, the full pass's, computes a causal softmax in
+query x key blocks past `FULL_PASS_BLOCK` tokens, so no [T, T] scores are held). A decode step first
 stores each new token's keys/values in the layer's `LayerKV`, then attends over that cache: the
 prompt prefix and the row's own tokens, itself included. Writing before reading lets XLA update
 the donated cache in place; the reverse order makes it copy the whole cache every step.
@@ -311,6 +312,83 @@ def attend_bounded(
     return out.astype(v.dtype).reshape(b, t, heads, hd)
 
 
+FULL_PASS_BLOCK = 128
+"""Query and key block length of a full causal pass (`attend_causal`): longer sequences are
+attended block by block, so a pass's attention temporaries grow with T, not T^2."""
+
+
+def causal_block_length(t: int, block: int | None = None) -> int:
+    """The query/key block length `attend_causal` uses for a T-token pass: T when T <= block
+    (one block), else ceil(T / ceil(T / block)) (the fewest blocks, padded as little as possible).
+    block None: `FULL_PASS_BLOCK`."""
+    block = FULL_PASS_BLOCK if block is None else block
+    if block < 1 or t < 1:
+        raise ValueError(f"block={block} and t={t} must be >= 1.")
+    return -(-t // -(-t // block))
+
+
+def attend_causal(q: Array, k: Array, v: Array, block: int | None = None) -> Array:
+    """Causal grouped-query attention of q [B, T, heads, hd] over k/v [B, kv, T, hd] (query t sees
+    keys 0..t), the full pass of a sequence (a judge's batch, a prefill, `model_logits`).
+
+    block: None reads `FULL_PASS_BLOCK` when traced. T <= block: `attend` with a causal mask (one
+    [T, T] softmax). T > block: the sequence is cut into n = ceil(T / block) blocks of
+    `causal_block_length(T, block)` = ceil(T / n) positions (the tail zero-padded; padded keys
+    lie after every real query, so causality hides them) and one `lax.scan` runs over the
+    n (n + 1) / 2 (query block, key block) pairs on or below the diagonal, query block by query
+    block, folding each key block into an online softmax (running max, sum and weighted values, all
+    float32) as `attend_bounded` does. Temporaries: one pair's float32 scores [B, heads, b, b] and
+    the [B, T, heads, hd] output, never [B, heads, T, T]; blocks above the diagonal are never
+    computed. The same float32 sums as `attend` in another order: f32 results agree to rounding
+    (bf16: the unnormalised probabilities are rounded to v's dtype, `attend` rounds the normalised
+    ones). Reverse-mode differentiable (a fixed-length scan). Returns [B, T, heads, hd] in v's
+    dtype.
+    """
+    b, t, heads, hd = q.shape
+    size = causal_block_length(t, block)
+    if size == t:
+        return attend(q, [(k, v, jnp.tril(jnp.ones((1, t, t), bool)))])
+    kv, g = k.shape[1], heads // k.shape[1]
+    n = -(-t // size)
+    pad = n * size - t
+    qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, size, kv, g, hd)
+    kb = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b, kv, n, size, hd)
+    vb = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b, kv, n, size, hd)
+    pairs = jnp.asarray([(i, j) for i in range(n) for j in range(i + 1)], jnp.int32)
+    diagonal = jnp.tril(jnp.ones((size, size), bool))
+    scale = math.sqrt(hd)
+
+    def step(carry: tuple[Array, ...], pair: Array) -> tuple[tuple[Array, ...], None]:
+        out, m, total, acc = carry
+        i, j = pair[0], pair[1]
+        first = j == 0  # a new query block: the running softmax starts afresh
+        m = jnp.where(first, -jnp.inf, m)
+        total, acc = jnp.where(first, 0.0, total), jnp.where(first, 0.0, acc)
+        qi = jax.lax.dynamic_index_in_dim(qb, i, axis=1, keepdims=False)  # [B, b, kv, g, hd]
+        kj = jax.lax.dynamic_index_in_dim(kb, j, axis=2, keepdims=False)  # [B, kv, b, hd]
+        vj = jax.lax.dynamic_index_in_dim(vb, j, axis=2, keepdims=False)
+        s = einsum_f32("btkgd,bksd->bkgts", qi, kj) / scale
+        s = jnp.where((j < i) | diagonal, s, -jnp.inf)  # key block 0 leaves every query a key
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+        p = jnp.exp(s - m_new)
+        corr = jnp.exp(m - m_new)
+        total = total * corr + jnp.sum(p, axis=-1, keepdims=True)
+        acc = acc * corr + einsum_f32("bkgts,bksd->bkgtd", p.astype(v.dtype), vj)
+        # Written at every pair; the query block's last pair (j == i) writes the final value.
+        out = jax.lax.dynamic_update_index_in_dim(out, (acc / total).astype(v.dtype), i, axis=0)
+        return (out, m_new, total, acc), None
+
+    init = (
+        jnp.zeros((n, b, kv, g, size, hd), v.dtype),
+        jnp.full((b, kv, g, size, 1), -jnp.inf, jnp.float32),
+        jnp.zeros((b, kv, g, size, 1), jnp.float32),
+        jnp.zeros((b, kv, g, size, hd), jnp.float32),
+    )
+    (out, _, _, _), _ = jax.lax.scan(step, init, pairs)
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, n * size, heads, hd)  # [B, T', heads, hd]
+    return out[:, :t]
+
+
 class Attention(nnx.Module):
     """Grouped-query attention; weights stored [in, out] (HF's transposed)."""
 
@@ -361,8 +439,7 @@ class Attention(nnx.Module):
         q, k, v = self.project_qkv(x, positions)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if state is None:
-            causal = jnp.tril(jnp.ones((1, x.shape[1], x.shape[1]), bool))
-            return self._out(attend(q, [(k, v, causal)])), (k, v)
+            return self._out(attend_causal(q, k, v)), (k, v)
         state, out = state.decode(q, k, v)
         return self._out(out), state
 
