@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -175,3 +176,79 @@ def test_sample_mesh_flag_is_planned_recorded_and_checked(tmp_path):
     assert p.returncode != 0
     assert "vocab_size=95 does not divide over tensor=2" in p.stderr, p.stderr[-2000:]
     assert "tensor in [1]" in p.stderr
+
+
+# --- a vocabulary the tensor size does not divide: padded at placement, masked when sampled ---
+
+ODD = qwen3.Qwen3Config(95, 64, 1, 8, 8, 8, 64, tie_word_embeddings=False)
+
+
+def test_check_mesh_pads_the_vocabulary_instead_of_refusing():
+    sharding.check_mesh((1, 8, 1), 8, [ODD])  # 95 does not divide over 8: padded to 96
+    assert [sharding.padded_vocab(95, t) for t in (1, 2, 4, 8)] == [95, 96, 96, 96]
+    wide = qwen3.Qwen3Config(96, 64, 1, 8, 8, 8, 64, tie_word_embeddings=False)
+    for shape in [(1, 8, 1), (2, 4, 1), (4, 2, 1)]:  # the plan counts the padded rows exactly
+        assert memory.param_bytes_per_device(ODD, np.float32, shape) == (
+            memory.param_bytes_per_device(wide, np.float32, shape)
+        )
+    assert memory.param_bytes_per_device(ODD, np.float32, (1, 1, 1)) == ODD.num_params() * 4
+
+
+def test_pad_vocab_pads_only_vocabulary_dimensions():
+    params = nnx.split(qwen3.init_random(ODD))[1]
+    padded = sharding.pad_vocab(params, 95, 8)
+    assert padded["embed_tokens"][...].shape == (96, 64)
+    assert padded["lm_head"][...].shape == (64, 96)
+    for name in ("embed_tokens", "lm_head"):
+        x, y = np.asarray(params[name][...]), np.asarray(padded[name][...])
+        np.testing.assert_array_equal(y[tuple(slice(0, n) for n in x.shape)], x)
+        assert not np.any(y[95:] if name == "embed_tokens" else y[:, 95:])
+    same = jax.tree.leaves(params["layers"]), jax.tree.leaves(padded["layers"])
+    assert all(a is b for a, b in zip(*same, strict=True))
+    again = sharding.pad_vocab(padded, 95, 8)  # already padded: unchanged
+    assert again["lm_head"][...].shape == (64, 96)
+    host = sharding.pad_vocab({"lm_head": np.ones((4, 95), np.float32)}, 95, 4)
+    assert isinstance(host["lm_head"], np.ndarray) and host["lm_head"].shape == (4, 96)
+
+
+@pytest.mark.parametrize("partitionable", [True, False])
+def test_gumbel_noise_of_real_ids_does_not_depend_on_the_padding(partitionable):
+    """Partitionable threefry (jax's default) draws the same noise for ids < V at any width;
+    the old threefry does not, and `_gumbel_max` then draws V columns only."""
+    from lpe_jax.decoding import rollouts
+
+    keys = rollouts.row_keys(np.arange(4, dtype=np.uint32), 3, np.arange(4, dtype=np.uint32))
+    with jax.threefry_partitionable(partitionable):
+        real = jax.vmap(lambda k: jax.random.gumbel(k, (95,)))(keys)
+        wide = jax.vmap(lambda k: jax.random.gumbel(k, (128,)))(keys)
+        assert np.array_equal(wide[:, :95], real) == partitionable
+        row = np.where(np.arange(128) < 95, 0.0, -np.inf).astype(np.float32)
+        tok = rollouts._gumbel_max(keys, jnp.asarray(np.tile(row, (4, 1))), None, 95)
+        np.testing.assert_array_equal(tok, jnp.argmax(real, -1))
+
+
+def test_padded_sample_step_equals_the_unpadded_one():
+    """Padded columns (any value, here large) are never sampled and add nothing to a log-sum-exp:
+    tokens, log-probs and bad flags equal the unpadded step's; a bad row's token stays < V."""
+    from lpe_jax.decoding import paths, rollouts
+
+    rng = np.random.default_rng(0)
+    l_o, l_v = (rng.normal(0, 3, (6, 95)).astype(np.float32) for _ in range(2))
+    l_o[1, :90] = -np.inf  # few candidates
+    l_v[2, 7] = np.nan  # a bad row
+    alpha = np.array([0.0, 0.3, 0.5, 1.0, 1.5, 0.7], np.float32)
+    keys = rollouts.row_keys(np.uint32(5), 2, np.arange(6, dtype=np.uint32))
+    base = rollouts.sample_step(paths.linear.fn, 1.0, l_o, l_v, alpha, keys, 3)
+    pad = np.full((6, 33), 50.0, np.float32)
+    wide = rollouts.sample_step(
+        paths.linear.fn, 1.0, np.concatenate([l_o, pad], 1), np.concatenate([l_v, pad], 1),
+        alpha, keys, 3, vocab_size=95,
+    )  # fmt: skip
+    np.testing.assert_array_equal(wide.bad, base.bad)
+    assert bool(base.bad[2]) and int(wide.token.max()) < 95
+    ok = ~np.asarray(base.bad)
+    np.testing.assert_array_equal(np.asarray(wide.token)[ok], np.asarray(base.token)[ok])
+    for f in ("logp_o", "logp_v", "logp_path"):
+        np.testing.assert_allclose(
+            np.asarray(getattr(wide, f))[ok], np.asarray(getattr(base, f))[ok], rtol=1e-6
+        )

@@ -14,7 +14,10 @@ row sharding of earlier versions: parameters replicated, rows split over n devic
 
 `check_mesh` validates a mesh shape against the device count and the models' dimensions before
 anything is placed; every dimension a mesh axis splits must divide evenly (whole heads, whole
-experts, equal vocabulary shards).
+experts). The vocabulary need not divide: `pad_vocab` pads every parameter's vocabulary dimension
+(embedding rows, LM head columns, their low-rank factors) with zeros to `padded_vocab`, the next
+multiple of the tensor size, and the engine masks the padded logits to -inf (never sampled, adding
+nothing to any log-sum-exp), so tokens and log-probs are those of the unpadded model.
 """
 
 from __future__ import annotations
@@ -124,6 +127,35 @@ def param_axes(path: Sequence[Any], ndim: int) -> Logical | None:
     return axes if len(axes) == ndim else None
 
 
+def padded_vocab(vocab: int, tensor: int) -> int:
+    """The vocabulary size placed on a mesh with `tensor` vocabulary shards: the next multiple of
+    `tensor` (equal shards), `vocab` itself where it divides."""
+    return -(-vocab // tensor) * tensor
+
+
+def pad_vocab(params: Any, vocab: int, tensor: int) -> Any:
+    """`params` (a model's nnx.State, or its pure tree) with every vocabulary dimension
+    (`PARAM_AXES`' 'vocab': embedding rows, LM head columns, low-rank factors of either) of size
+    `vocab` zero-padded to `padded_vocab(vocab, tensor)`; a dimension already padded, and every
+    other leaf, is returned as is. numpy leaves stay numpy (host), jax arrays stay jax arrays.
+    The padded logits are 0 here, meaningless: the engine masks them to -inf."""
+    size = padded_vocab(vocab, tensor)
+    if size == vocab:
+        return params
+
+    def one(path: Sequence[Any], x: Any) -> Any:
+        axes = param_axes(path, np.ndim(x)) or ()
+        widths = [
+            (0, size - n if a == "vocab" and n == vocab else 0)
+            for a, n in zip(axes, np.shape(x), strict=True)
+        ]
+        if not any(w for _, w in widths):
+            return x
+        return np.pad(x, widths) if isinstance(x, np.ndarray) else jax.numpy.pad(x, widths)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
 def _splits(mesh: Mesh) -> bool:
     """Whether the mesh splits any parameter (a 'tensor' or 'experts' axis longer than 1)."""
     return mesh.shape.get(TENSOR, 1) * mesh.shape.get(EXPERTS, 1) > 1
@@ -183,11 +215,11 @@ def logits_sharding(mesh: Mesh, lead: str | None = ROWS) -> NamedSharding:
 
 
 def _dims(cfg: Any) -> dict[str, tuple[int, str]]:
-    """The sizes each logical axis splits in `cfg`'s model: logical -> (size, config field)."""
+    """The sizes each logical axis splits in `cfg`'s model that must divide: logical -> (size,
+    config field). Not the vocabulary: `pad_vocab` pads it to the next multiple."""
     if not isinstance(cfg, Qwen3Config):
         return {}
     dims = {
-        "vocab": (cfg.vocab_size, "vocab_size"),
         "heads": (cfg.num_heads, "num_heads"),
         "kv_heads": (cfg.num_kv_heads, "num_kv_heads"),
     }
@@ -212,7 +244,8 @@ def parse_mesh_shape(text: str) -> tuple[int, int, int]:
 
 def check_mesh(shape: Sequence[int], num_devices: int, cfgs: Sequence[Any] = ()) -> None:
     """Raise ValueError unless `shape` (rows, tensor, experts) fits `num_devices` and splits every
-    dimension of the models `cfgs` evenly; the message names each dimension that does not divide
+    dimension of the models `cfgs` evenly (heads, K/V heads, MLP hidden units, experts; not the
+    vocabulary, which is padded: `pad_vocab`); the message names each dimension that does not divide
     and the mesh sizes that would."""
     shape = tuple(shape)
     if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int) for s in shape):
