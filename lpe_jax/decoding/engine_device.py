@@ -219,11 +219,10 @@ class DeviceSpec:
 
         vocab, tensor = original.cfg.vocab_size, mesh.shape[sharding.TENSOR]
 
-        def place(st: nnx.State) -> nnx.State:
-            st = sharding.pad_vocab(st, vocab, tensor)
-            return jax.device_put(st, sharding.param_shardings(mesh, st))
-
-        params = (place(st_o), None if single else place(st_v))
+        params = (
+            sharding.place_params(mesh, st_o, vocab),
+            None if single else sharding.place_params(mesh, st_v, vocab),
+        )
         spec = cls(
             gd_o=gd_o,
             gd_v=gd_v,

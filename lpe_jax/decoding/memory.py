@@ -347,7 +347,9 @@ def plan_mesh(
     shares the original's arrays); None: from the configs."""
     v_cfg = original.without_layers() if variant is None else variant
     # logits are as wide as the vocabulary padded to the tensor size (sharding.pad_vocab)
-    wide = dataclasses.replace(original, vocab_size=padded_vocab(original.vocab_size, mesh_shape[1]))
+    wide = dataclasses.replace(
+        original, vocab_size=padded_vocab(original.vocab_size, mesh_shape[1])
+    )
     shapes = (wide, v_cfg, original_dtype, variant_dtype)
     if weights is None:
         weights = param_bytes_per_device(original, original_dtype, mesh_shape)

@@ -184,6 +184,33 @@ def param_shardings(mesh: Mesh, params: Any, rules: ShardingRules = RULES) -> An
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+def place_params(mesh: Mesh, params: Any, vocab: int, rules: ShardingRules = RULES) -> Any:
+    """`params` (a model's nnx.State or pure tree; leaves in host memory or on devices) placed on
+    `mesh`: vocabulary dimensions padded (`pad_vocab`) and every leaf put into its rule sharding
+    (`param_shardings`). From host memory, jax.device_put copies each device only its own shard,
+    so on a mesh that splits the weights no device ever holds a whole one."""
+    params = pad_vocab(params, vocab, mesh.shape[TENSOR])
+    return jax.device_put(params, param_shardings(mesh, params, rules))
+
+
+def place_param(
+    mesh: Mesh,
+    names: Sequence[str | int],
+    host: np.ndarray,
+    vocab: int,
+    rules: ShardingRules = RULES,
+) -> jax.Array:
+    """One parameter from host memory into its sharding on `mesh` (`place_params`); `names` is
+    its attribute path in the model, e.g. ('layers', 0, 'self_attn', 'q_proj')."""
+    tree: Any = host
+    for n in reversed(names):
+        tree = {n: tree}
+    placed = place_params(mesh, tree, vocab, rules)
+    for n in names:
+        placed = placed[n]
+    return placed
+
+
 def state_axes(cfg: Any, ndim: int, lead: str | None) -> Logical:
     """Logical axes of one leaf of a layer's engine state (prompt or own state) whose leading
     dimension is rows (`lead`='rows': slots) or prompt-table entries (None).
@@ -242,11 +269,14 @@ def parse_mesh_shape(text: str) -> tuple[int, int, int]:
     return int(parts[0]), int(parts[1]), int(parts[2])
 
 
-def check_mesh(shape: Sequence[int], num_devices: int, cfgs: Sequence[Any] = ()) -> None:
+def check_mesh(
+    shape: Sequence[int], num_devices: int, cfgs: Sequence[Any] = (), whole_pair: bool = True
+) -> None:
     """Raise ValueError unless `shape` (rows, tensor, experts) fits `num_devices` and splits every
     dimension of the models `cfgs` evenly (heads, K/V heads, MLP hidden units, experts; not the
     vocabulary, which is padded: `pad_vocab`); the message names each dimension that does not divide
-    and the mesh sizes that would."""
+    and the mesh sizes that would. whole_pair=False: `cfgs` are part of the pair (one model at
+    load), so an experts axis only the other model splits is not an error."""
     shape = tuple(shape)
     if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int) for s in shape):
         raise ValueError(f"mesh shape must be 3 ints (rows, tensor, experts); got {shape!r}.")
@@ -267,7 +297,7 @@ def check_mesh(shape: Sequence[int], num_devices: int, cfgs: Sequence[Any] = ())
                 problems.append(f"{field}={size} does not divide over {axis}={sizes[axis]}")
         if not _dims(cfg) and sizes[TENSOR] * sizes[EXPERTS] > 1:
             problems.append(f"{type(cfg).__name__} has no tensor/expert sharding rules")
-    if cfgs and sizes[EXPERTS] > 1 and EXPERTS not in by_axis:
+    if whole_pair and cfgs and sizes[EXPERTS] > 1 and EXPERTS not in by_axis:
         problems.append(f"experts={sizes[EXPERTS]} splits nothing (no model has experts)")
     if problems:
         fixes = []
