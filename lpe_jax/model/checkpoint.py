@@ -602,9 +602,10 @@ def _head_reading(
 
 
 Loader = Callable[..., nnx.Module]
-"""`loader(path, hf, dtype, cache_dir, *, tied_head) -> model`: builds the model of checkpoint
-directory `path` (parsed config.json `hf`) with parameters in `dtype` ('float32'|'bfloat16'),
-using the converted-params cache `cache_dir` (or None); see `load_model`."""
+"""`loader(path, hf, dtype, cache_dir, *, tied_head, mesh) -> model`: builds the model of
+checkpoint directory `path` (parsed config.json `hf`) with parameters in `dtype`
+('float32'|'bfloat16'), using the converted-params cache `cache_dir` (or None), placed on `mesh`
+(or one device); see `load_model`."""
 
 
 def load_model(
@@ -646,8 +647,6 @@ def load_model(
     _np_dtype(dtype)  # a bad dtype is refused before anything is read
     hf = read_config(path)
     loader = ARCHITECTURES[model_type_of(hf)]
-    if mesh is None:
-        return loader(path, hf, dtype, cache_dir, tied_head=tied_head)
     return loader(path, hf, dtype, cache_dir, tied_head=tied_head, mesh=mesh)
 
 
