@@ -119,8 +119,10 @@ class Way:
     def _place(self, shape: tuple[int, int, int], cfg: qwen3.Qwen3Config) -> None:
         """Params and states on the mesh by the engine's rules; param_bytes per device."""
         mesh = sharding.pair_mesh(shape, cfgs=[cfg])
-        placed_o = sharding.place_params(mesh, self.st_o)
-        self.st_v = sharding.place_params(mesh, self.st_v, (self.st_o, placed_o))
+        placed_o = sharding.place_params(mesh, self.st_o, cfg.vocab_size)
+        self.st_v = sharding.place_params(
+            mesh, self.st_v, cfg.vocab_size, like=(self.st_o, placed_o)
+        )
         self.st_o = placed_o
         self.kv = [
             jax.device_put(kv, sharding.state_shardings(mesh, cfg, kv, sharding.ROWS))

@@ -276,7 +276,8 @@ def load_direction(path: str, hidden_size: int) -> np.ndarray:
 
 
 def load_pair() -> Any:
-    """The model pair of --original/--variant (--dtype, --params_cache, --tied_head); with
+    """The model pair of --original/--variant (--dtype, --params_cache, --tied_head), placed on
+    the --mesh by the sharding rules as it is read (`load_model(mesh=)`); with
     --variant_low_rank=auto the variant as low-rank deltas on the original, read tensor by
     tensor (`load_low_rank_variant`, which ignores --params_cache for the variant; plan logged);
     with --path=direction, the original wrapped as the direction path's one model
@@ -307,7 +308,21 @@ def load_pair() -> Any:
         cache_dir=FLAGS.params_cache,
         tied_head=FLAGS.tied_head,
         variant_loader=loader,
+        # each model loaded straight onto the --mesh by the sharding rules (never whole on one
+        # device); the low-rank loader compares the variant with the original whole
+        mesh=load_mesh() if loader is None else None,
     )
+
+
+def load_mesh() -> Any:
+    """The --mesh over the local devices (unset: every device on rows); `load_model` checks it
+    against each model before reading. None on one device (the plain one-device load)."""
+    import jax
+
+    from lpe_jax.decoding import sharding
+
+    devices = jax.local_devices()
+    return None if len(devices) == 1 else sharding.pair_mesh(mesh_shape(), devices)
 
 
 def _load_direction_pair() -> Any:

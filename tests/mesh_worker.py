@@ -11,9 +11,13 @@ through one weight copy on each mesh."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
+import shutil
 import sys
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +49,16 @@ COLLECTIVE = re.compile(
     r"= (\([^)]*\)|\S+) (all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter)"
     r"(?:-start)?\("
 )
+
+
+# bfloat16 at a realistic width (XLA:CPU rejects some bf16 dots that tiny shapes never reach), a
+# vocabulary no tensor size divides (1001: padded to 1002, 1004, 1008), one layer.
+BF16 = qwen3.Qwen3Config(1001, 256, 1, 8, 8, 32, 512, tie_word_embeddings=False)
+BF16_MESHES = ((1, 8, 1), (2, 4, 1))
+
+
+def bf16_models() -> list:
+    return [qwen3.init_random(BF16, dtype=jnp.bfloat16, seed=s) for s in (2, 3)]
 
 
 def engine(models: list, shape: tuple[int, int, int] | None) -> RolloutEngine:
@@ -151,10 +165,149 @@ def main(out: str) -> None:
         if shape is not None:
             meta[tag]["collectives"] = step_collectives(e)
             meta[tag]["control"] = gather_control(e)
+    for shape in (None, *BF16_MESHES):
+        tag = "one" if shape is None else ",".join(map(str, shape))
+        for k, v in rows(engine(bf16_models(), shape)).items():
+            arrays[f"bf16/{tag}/{k}"] = v
     np.savez(out + ".npz", **arrays)
     with open(out + ".json", "w") as f:
         json.dump(meta, f)
 
 
+# --- the scripts on the mesh: the main job (estimate.py) and the bank (sample.py, judge.py,
+# evaluate.py), called in this process (main() after re-parsing the flags) once per mesh ---
+
+# A pair every mesh divides (8 heads and K/V heads; 4 experts) on the toy's tokenizer, whose 95
+# ids the tensor size never divides: the vocabulary is padded to 96 on every tensor mesh.
+SCRIPT_DENSE = qwen3.Qwen3Config(95, 64, 2, 8, 8, 16, 128, tie_word_embeddings=True)
+SCRIPT_MOE = qwen3.Qwen3Config(
+    95, 64, 2, 8, 8, 16, 128, tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2,
+    moe_intermediate_size=32, mlp_only_layers=(0,),
+)  # fmt: skip
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+JUDGE = ("--judge=rule", '--judge_options={"pattern": "tools|wallet|poem"}')  # ~1 row in 5
+COMMON = ("--limit=2", "--max_new_tokens=6", "--max_rows=8", "--seed=3")
+ESTIMATE = (*COMMON, *JUDGE, "--n_fit=4", "--n_search=4", "--figures=false")
+SAMPLE = (*COMMON, "--alphas=0,0.5,1", "--rollouts=12")
+EVALUATE = ("--n_fits=2", "--n_sims=20", "--screen_n=2")
+TRUTH = {"toy00": [1, 100], "toy01": [0, 100]}  # one prompt of each label (AUROC needs both)
+
+
+def write_pair(root: Path) -> tuple[Path, Path]:
+    """The script pair (SCRIPT_DENSE original, SCRIPT_MOE variant) as HF directories."""
+    from lpe_jax.model.checkpoint import save_model
+    from lpe_jax.organisms import toy
+
+    dirs = []
+    for name, cfg, seed in (("original", SCRIPT_DENSE, 0), ("variant", SCRIPT_MOE, 1)):
+        d = save_model(qwen3.init_random(cfg, seed=seed), root / name)
+        for f in TOKENIZER_FILES:
+            shutil.copy(toy.TOY_DIR / "original" / f, d / f)
+        dirs.append(d)
+    return dirs[0], dirs[1]
+
+
+def run_script(name: str, argv: list[str]) -> None:
+    """experiments/<name>.py's main with these flags, in this process (its flags defined on first
+    use; every other script's removed, so scripts sharing flag names can follow each other)."""
+    from absl import flags
+
+    import common  # its own flags stay defined: the scripts read them
+
+    FLAGS = flags.FLAGS
+    if not hasattr(run_script, "base"):
+        run_script.base = set(FLAGS)
+    module = sys.modules.get(name)
+    if module is None or getattr(run_script, "current", None) != name:
+        for flag in set(FLAGS) - run_script.base:
+            delattr(FLAGS, flag)
+        sys.modules.pop(name, None)
+        module = importlib.import_module(name)
+        run_script.current = name
+    FLAGS.unparse_flags()
+    FLAGS([f"{name}.py", *argv])
+    del common
+    module.main([])
+
+
+def scripts(out: str) -> None:
+    """Both scripts' outputs on one device (8 devices absent) or on every mesh in MESHES, under
+    <out>/<tag>/: est (estimate.py), run (sample.py, then judge.py) and eval (evaluate.py); the
+    wall and process CPU seconds of each script per mesh (compilation included) go to
+    <out>/<tag>/seconds.json; with 8 devices, `sharded_loads` to <out>/load.json."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    root = Path(out)
+    original, variant = write_pair(root / "pair")
+    pair = (f"--original={original}", f"--variant={variant}")
+    one = len(jax.devices()) == 1
+    shapes = [None] if one else list(MESHES)
+    seconds = {}
+    for script, argv in (("estimate", ESTIMATE), ("sample", SAMPLE)):
+        for shape in shapes:
+            tag = "one" if shape is None else ",".join(map(str, shape))
+            where = root / tag
+            mesh = [] if shape is None else [f"--mesh={tag}"]
+            dest = where / ("est" if script == "estimate" else "run")
+            t0, c0 = time.perf_counter(), time.process_time()
+            run_script(script, [*pair, *argv, *mesh, f"--out={dest}"])
+            seconds.setdefault(tag, {})[script] = {
+                "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0,
+            }  # fmt: skip
+    (root / "truth.json").write_text(json.dumps(TRUTH))
+    for shape in shapes:
+        where = root / ("one" if shape is None else ",".join(map(str, shape)))
+        run_script("judge", [f"--run={where / 'run'}", *JUDGE])
+        run_script(
+            "evaluate",
+            [f"--run={where / 'run'}", *EVALUATE, f"--truth={root / 'truth.json'}",
+             f"--out={where / 'eval'}"],
+        )  # fmt: skip
+    for tag, s in seconds.items():
+        (root / tag / "seconds.json").write_text(json.dumps(s))
+    if not one:
+        (root / "load.json").write_text(json.dumps(sharded_loads(root, original, variant)))
+
+
+def sharded_loads(root: Path, original: Path, variant: Path) -> dict:
+    """load_model(mesh=) of both models on each mesh, without the params cache, filling it and
+    reading it back: per mesh, the bytes each device holds, whether every array carries its rule
+    sharding, and whether its values (padding cut off) equal the one-device load's."""
+    from flax import nnx
+
+    from lpe_jax.model.checkpoint import load_model
+
+    whole = [nnx.state(load_model(d), nnx.Param) for d in (original, variant)]
+    out = {}
+    for shape in MESHES:
+        mesh = sharding.pair_mesh(shape, jax.devices())
+        cache = root / f"cache{shape[0]}{shape[1]}{shape[2]}"
+        for how, kw in (
+            ("direct", {}),
+            ("fill", {"cache_dir": cache}),
+            ("hit", {"cache_dir": cache}),
+        ):
+            states = [
+                nnx.state(load_model(d, mesh=mesh, **kw), nnx.Param) for d in (original, variant)
+            ]
+            per = {d: 0 for d in mesh.devices.flat}
+            rules = values = True
+            for state, ref in zip(states, whole, strict=True):
+                want = sharding.param_shardings(mesh, state)
+                for x, w, r in zip(*(jax.tree.leaves(t) for t in (state, want, ref)), strict=True):
+                    rules &= x.sharding.is_equivalent_to(w, x.ndim)
+                    cut = np.asarray(x)[tuple(slice(0, n) for n in r.shape)]
+                    values &= bool(np.array_equal(cut, np.asarray(r)))
+                    for shard in x.addressable_shards:
+                        per[shard.device] += shard.data.nbytes
+            out[f"{','.join(map(str, shape))}/{how}"] = {
+                "bytes": [per[d] for d in mesh.devices.flat], "rules": bool(rules),
+                "values": values,
+            }  # fmt: skip
+    return out
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--scripts":
+        scripts(sys.argv[2])
+    else:
+        main(sys.argv[1])

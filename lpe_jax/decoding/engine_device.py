@@ -20,6 +20,10 @@ leaves, indexed by slot or entry) and donates them as opaque pytrees. Implemente
 On the mesh (`lpe_jax.decoding.sharding`: 'rows', 'tensor', 'experts') the params and the state
 are placed by rules and XLA partitions every function: slots split over rows, K/V by heads,
 logits [S, V] by vocabulary shards, which the step mixes and samples without gathering them.
+Where the tensor size does not divide the vocabulary V, the vocabulary dimensions of the params
+are zero-padded to the next multiple Vp (`sharding.pad_vocab`) and the logits are [S, Vp]; the
+step masks columns >= V to -inf after the mix (never sampled, nothing added to any log-sum-exp),
+so rows equal the unpadded model's.
 
 `DeviceSpec` is everything static apart from tunables: the refill cap (`refills`) is a static
 argument of `generate` alone, so changing it compiles one more step and never a prefill. Shapes
@@ -156,6 +160,10 @@ class DeviceSpec:
     # original's arrays and a step decodes both as 2S rows through one copy of the weights
     # (low_rank.paired_model); it names the variant's whole tensors (read for its half only).
     pair_whole: tuple[str, ...] | None = None
+    # The models' vocabulary V and its width on the mesh (`sharding.padded_vocab`): logits are
+    # [.., padded_vocab] and columns >= vocab_size are masked before sampling.
+    vocab_size: int = 0
+    padded_vocab: int = 0
 
     @classmethod
     def build(
@@ -209,9 +217,13 @@ class DeviceSpec:
         gd_o, st_o = nnx.split(original)
         gd_v, st_v = (None, None) if single else nnx.split(variant)
 
-        placed_o = sharding.place_params(mesh, st_o)
+        vocab, tensor = original.cfg.vocab_size, mesh.shape[sharding.TENSOR]
+        placed_o = sharding.place_params(mesh, st_o, vocab)
         # a low-rank variant's bases are the original's arrays: placed once, not copied
-        params = (placed_o, None if single else sharding.place_params(mesh, st_v, (st_o, placed_o)))
+        params = (
+            placed_o,
+            None if single else sharding.place_params(mesh, st_v, vocab, like=(st_o, placed_o)),
+        )
         spec = cls(
             gd_o=gd_o,
             gd_v=gd_v,
@@ -224,6 +236,8 @@ class DeviceSpec:
             conditioned=bool(getattr(original, "conditioned_on_alpha", False)),
             attention_block=attention_block,
             pair_whole=pair_whole,
+            vocab_size=vocab,
+            padded_vocab=sharding.padded_vocab(vocab, tensor),
         )
         return spec, params
 
@@ -278,7 +292,7 @@ def init_state(
 
     def table(cfg: Any, dtype: Any) -> PromptKV:
         states = cfg.empty_prompt_states(dtype, prompts, prompt_slots)
-        return PromptKV(states, jnp.zeros((prompts, cfg.vocab_size), jnp.float32))
+        return PromptKV(states, jnp.zeros((prompts, spec.padded_vocab), jnp.float32))
 
     q = jnp.zeros((queue_rows,), jnp.int32)
     u = jnp.zeros((queue_rows,), jnp.uint32)
@@ -473,7 +487,7 @@ def _step(
     keys = jax.random.wrap_key_data(s.key)
     x = sample_step(
         spec.path_fn, spec.temperature, l_o, l_v, s.alpha, keys, s.count,
-        vocab_sharding=sharding.logits_sharding(spec.mesh),
+        vocab_sharding=sharding.logits_sharding(spec.mesh), vocab_size=spec.vocab_size,
     )  # fmt: skip
     busy = s.handle >= 0
     kept = busy & ~x.bad

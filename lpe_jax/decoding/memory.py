@@ -23,6 +23,7 @@ import jax
 from flax import nnx
 
 from lpe_jax.decoding import sharding
+from lpe_jax.decoding.sharding import padded_vocab
 from lpe_jax.model.low_rank import buffer_key
 from lpe_jax.model.qwen3 import Qwen3Config, causal_block_length
 from lpe_jax.model.qwen35 import Qwen35Config
@@ -253,7 +254,7 @@ def param_bytes_per_device(cfg: ModelConfig, dtype: Any, mesh_shape: tuple[int, 
                 "rows-only mesh (N, 1, 1)."
             )
         return _total_params(cfg) * b
-    h, hd, v = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
+    h, hd, v = cfg.hidden_size, cfg.head_dim, padded_vocab(cfg.vocab_size, t)
     heads, kv = cfg.num_heads, cfg.num_kv_heads
     split = v * h * (1 if cfg.tie_word_embeddings else 2) // t  # embedding (+ LM head)
     whole = h  # the final norm
@@ -361,7 +362,11 @@ def plan_mesh(
     models' parameter bytes per device where the configs overstate them (a low-rank variant
     shares the original's arrays); None: from the configs."""
     v_cfg = original.without_layers() if variant is None else variant
-    shapes = (original, v_cfg, original_dtype, variant_dtype)
+    # logits are as wide as the vocabulary padded to the tensor size (sharding.pad_vocab)
+    wide = dataclasses.replace(
+        original, vocab_size=padded_vocab(original.vocab_size, mesh_shape[1])
+    )
+    shapes = (wide, v_cfg, original_dtype, variant_dtype)
     if weights is None:
         weights = param_bytes_per_device(original, original_dtype, mesh_shape)
         if variant is not None:

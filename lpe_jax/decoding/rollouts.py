@@ -245,7 +245,9 @@ def _token_logp(logits: jax.Array, tok: jax.Array) -> jax.Array:
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-def _gumbel_max(keys: jax.Array, logits: jax.Array, sharding: Any) -> jax.Array:
+def _gumbel_max(
+    keys: jax.Array, logits: jax.Array, sharding: Any, vocab_size: int | None = None
+) -> jax.Array:
     """int32 [B]: argmax over V of logits [B, V] + Gumbel noise drawn from keys [B].
 
     The same draw as `jax.vmap(jax.random.categorical)(keys, logits)` (its Gumbel noise and
@@ -253,9 +255,16 @@ def _gumbel_max(keys: jax.Array, logits: jax.Array, sharding: Any) -> jax.Array:
     partitionable threefry makes noise element v a function of (key, v) alone, so each device
     draws only its vocabulary shard and the tokens do not depend on the mesh; the argmax over a
     sharded V is a per-shard argmax and a cross-shard max of [B, shards] (ties: lowest index).
+    vocab_size: the real V of logits padded wider (their padded columns -inf). Partitionable
+    threefry draws the same noise for columns < V whatever the width (tested); without it the
+    draw depends on the width, so only V columns are drawn and the rest padded with zeros.
     """
     v = logits.shape[-1]
-    noise = jax.vmap(lambda k: jax.random.gumbel(k, (v,), logits.dtype))(keys)
+    if vocab_size is not None and vocab_size < v and not jax.config.jax_threefry_partitionable:
+        real = jax.vmap(lambda k: jax.random.gumbel(k, (vocab_size,), logits.dtype))(keys)
+        noise = jnp.pad(real, ((0, 0), (0, v - vocab_size)))
+    else:
+        noise = jax.vmap(lambda k: jax.random.gumbel(k, (v,), logits.dtype))(keys)
     if sharding is not None:
         noise = jax.lax.with_sharding_constraint(noise, sharding)
         logits = jax.lax.with_sharding_constraint(logits, sharding)
@@ -271,6 +280,7 @@ def sample_step(
     row_key: jax.Array,
     token_index: jax.Array,
     vocab_sharding: Any = None,
+    vocab_size: int | None = None,
 ) -> Sampled:
     """Sample token `token_index` ([B] or scalar) of each row from the path at alpha f32 [B].
 
@@ -280,17 +290,28 @@ def sample_step(
     shards): the path is mixed per shard, the Gumbel-max's noise drawn per shard, and the
     log-softmaxes are reductions XLA partitions (a cross-shard max and sum); no full-vocabulary
     array is gathered. Tokens equal the unsharded draw's.
+    vocab_size: the real vocabulary V where the logits are padded wider (`sharding.pad_vocab`):
+    columns >= V are set to -inf in l_o, l_v and the mixed path (after the mix, whose -inf - -inf
+    would be NaN), so they are never sampled and add nothing to a log-sum-exp; the Gumbel noise of
+    columns < V does not depend on the width (`_gumbel_max`), so tokens and log-probs equal the
+    unpadded draw's. None: no padding.
     """
     l_path = path_fn(l_o, l_v, alpha[:, None]).astype(jnp.float32)
     if temperature != 1.0:
         l_path = l_path / temperature
+    padded = vocab_size is not None and vocab_size < l_o.shape[-1]
+    if padded:
+        real = jnp.arange(l_o.shape[-1]) < vocab_size
+        l_o, l_v, l_path = (jnp.where(real, x, -jnp.inf) for x in (l_o, l_v, l_path))
     if vocab_sharding is not None:
         l_path = jax.lax.with_sharding_constraint(l_path, vocab_sharding)
     bad = _invalid(l_path) | _invalid(l_o) | _invalid(l_v)
     index = jnp.broadcast_to(token_index, alpha.shape)
     keys = jax.vmap(jax.random.fold_in)(row_key, index)
     safe = jnp.where(bad[:, None], 0.0, l_path)
-    tok = _gumbel_max(keys, safe, vocab_sharding)
+    if padded:  # a bad row's token too stays a real id
+        safe = jnp.where(real, safe, -jnp.inf)
+    tok = _gumbel_max(keys, safe, vocab_sharding, vocab_size if padded else None)
     return Sampled(tok, _token_logp(l_o, tok), _token_logp(l_v, tok), _token_logp(safe, tok), bad)
 
 

@@ -14,7 +14,10 @@ row sharding of earlier versions: parameters replicated, rows split over n devic
 
 `check_mesh` validates a mesh shape against the device count and the models' dimensions before
 anything is placed; every dimension a mesh axis splits must divide evenly (whole heads, whole
-experts, equal vocabulary shards).
+experts). The vocabulary need not divide: `pad_vocab` pads every parameter's vocabulary dimension
+(embedding rows, LM head columns, their low-rank factors) with zeros to `padded_vocab`, the next
+multiple of the tensor size, and the engine masks the padded logits to -inf (never sampled, adding
+nothing to any log-sum-exp), so tokens and log-probs are those of the unpadded model.
 """
 
 from __future__ import annotations
@@ -159,6 +162,36 @@ def param_logical(params: Any, split: bool) -> Any:
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_low_rank)
 
 
+def padded_vocab(vocab: int, tensor: int) -> int:
+    """The vocabulary size placed on a mesh with `tensor` vocabulary shards: the next multiple of
+    `tensor` (equal shards), `vocab` itself where it divides."""
+    return -(-vocab // tensor) * tensor
+
+
+def pad_vocab(params: Any, vocab: int, tensor: int) -> Any:
+    """`params` (a model's nnx.State, or its pure tree) with every vocabulary dimension
+    (`PARAM_AXES`' 'vocab' by `param_logical`: embedding rows, LM head columns, a tied head's
+    transposed base, low-rank factors of either) of size `vocab` zero-padded to
+    `padded_vocab(vocab, tensor)`; a dimension already padded, and every other leaf, is returned
+    as is. numpy leaves stay numpy (host), jax arrays stay jax arrays. The padded logits are 0
+    here, meaningless: the engine masks them to -inf."""
+    size = padded_vocab(vocab, tensor)
+    if size == vocab:
+        return params
+
+    def one(axes: Logical, x: Any) -> Any:
+        widths = [
+            (0, size - n if a == "vocab" and n == vocab else 0)
+            for a, n in zip(axes, np.shape(x), strict=True)
+        ]
+        if not any(w for _, w in widths):
+            return x
+        return np.pad(x, widths) if isinstance(x, np.ndarray) else jax.numpy.pad(x, widths)
+
+    logical = param_logical(params, split=False)
+    return jax.tree.map(one, logical, params, is_leaf=lambda x: isinstance(x, tuple))
+
+
 def _splits(mesh: Mesh) -> bool:
     """Whether the mesh splits any parameter (a 'tensor' or 'experts' axis longer than 1)."""
     return mesh.shape.get(TENSOR, 1) * mesh.shape.get(EXPERTS, 1) > 1
@@ -175,20 +208,6 @@ def param_shardings(mesh: Mesh, params: Any, rules: ShardingRules = RULES) -> An
         param_logical(params, _splits(mesh)),
         is_leaf=lambda x: isinstance(x, tuple),
     )
-
-
-def place_params(mesh: Mesh, params: Any, like: tuple[Any, Any] | None = None) -> Any:
-    """A model's parameter state placed on the mesh by `param_shardings`. like: (state, placed
-    state) of a model whose arrays `params` may share (a low-rank variant's bases, shared
-    tensors: the same device buffers): those become the placed arrays themselves, so the mesh
-    holds each shared weight once (the same rules give them the same sharding)."""
-    if like is not None:
-        placed = {}
-        for a, b in zip(jax.tree.leaves(like[0]), jax.tree.leaves(like[1]), strict=True):
-            if (key := buffer_key(a)) is not None:
-                placed[key] = b
-        params = jax.tree.map(lambda a: placed.get(buffer_key(a) or (), a), params)
-    return jax.device_put(params, param_shardings(mesh, params))
 
 
 def param_bytes_on_device(
@@ -212,9 +231,53 @@ def param_bytes_on_device(
             continue
         spec = logical_to_spec(axes, rules)
         split = (1 if a is None else sizes[a] for a in spec)
-        n = math.prod(d // k for d, k in zip(x.shape, split, strict=True))
+        # ceil: a vocabulary dimension is padded to the tensor size (pad_vocab)
+        n = math.prod(-(-d // k) for d, k in zip(x.shape, split, strict=True))
         total += n * x.dtype.itemsize
     return total
+
+
+def place_params(
+    mesh: Mesh,
+    params: Any,
+    vocab: int,
+    like: tuple[Any, Any] | None = None,
+    rules: ShardingRules = RULES,
+) -> Any:
+    """`params` (a model's nnx.State or pure tree; leaves in host memory or on devices) placed on
+    `mesh`: vocabulary dimensions padded (`pad_vocab`) and every leaf put into its rule sharding
+    (`param_shardings`). From host memory, jax.device_put copies each device only its own shard,
+    so on a mesh that splits the weights no device ever holds a whole one.
+
+    like: (state, placed state) of a model whose arrays `params` may share (a low-rank variant's
+    bases, shared tensors: the same device buffers): those become the placed arrays themselves,
+    so the mesh holds each shared weight once (the same rules give them the same sharding)."""
+    if like is not None:
+        placed = {}
+        for a, b in zip(jax.tree.leaves(like[0]), jax.tree.leaves(like[1]), strict=True):
+            if (key := buffer_key(a)) is not None:
+                placed[key] = b
+        params = jax.tree.map(lambda a: placed.get(buffer_key(a) or (), a), params)
+    params = pad_vocab(params, vocab, mesh.shape[TENSOR])
+    return jax.device_put(params, param_shardings(mesh, params, rules))
+
+
+def place_param(
+    mesh: Mesh,
+    names: Sequence[str | int],
+    host: np.ndarray,
+    vocab: int,
+    rules: ShardingRules = RULES,
+) -> jax.Array:
+    """One parameter from host memory into its sharding on `mesh` (`place_params`); `names` is
+    its attribute path in the model, e.g. ('layers', 0, 'self_attn', 'q_proj')."""
+    tree: Any = host
+    for n in reversed(names):
+        tree = {n: tree}
+    placed = place_params(mesh, tree, vocab, rules=rules)
+    for n in names:
+        placed = placed[n]
+    return placed
 
 
 def state_axes(cfg: Any, ndim: int, lead: str | None) -> Logical:
@@ -248,11 +311,11 @@ def logits_sharding(mesh: Mesh, lead: str | None = ROWS) -> NamedSharding:
 
 
 def _dims(cfg: Any) -> dict[str, tuple[int, str]]:
-    """The sizes each logical axis splits in `cfg`'s model: logical -> (size, config field)."""
+    """The sizes each logical axis splits in `cfg`'s model that must divide: logical -> (size,
+    config field). Not the vocabulary: `pad_vocab` pads it to the next multiple."""
     if not isinstance(cfg, Qwen3Config):
         return {}
     dims = {
-        "vocab": (cfg.vocab_size, "vocab_size"),
         "heads": (cfg.num_heads, "num_heads"),
         "kv_heads": (cfg.num_kv_heads, "num_kv_heads"),
     }
@@ -275,10 +338,14 @@ def parse_mesh_shape(text: str) -> tuple[int, int, int]:
     return int(parts[0]), int(parts[1]), int(parts[2])
 
 
-def check_mesh(shape: Sequence[int], num_devices: int, cfgs: Sequence[Any] = ()) -> None:
+def check_mesh(
+    shape: Sequence[int], num_devices: int, cfgs: Sequence[Any] = (), whole_pair: bool = True
+) -> None:
     """Raise ValueError unless `shape` (rows, tensor, experts) fits `num_devices` and splits every
-    dimension of the models `cfgs` evenly; the message names each dimension that does not divide
-    and the mesh sizes that would."""
+    dimension of the models `cfgs` evenly (heads, K/V heads, MLP hidden units, experts; not the
+    vocabulary, which is padded: `pad_vocab`); the message names each dimension that does not divide
+    and the mesh sizes that would. whole_pair=False: `cfgs` are part of the pair (one model at
+    load), so an experts axis only the other model splits is not an error."""
     shape = tuple(shape)
     if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int) for s in shape):
         raise ValueError(f"mesh shape must be 3 ints (rows, tensor, experts); got {shape!r}.")
@@ -299,7 +366,7 @@ def check_mesh(shape: Sequence[int], num_devices: int, cfgs: Sequence[Any] = ())
                 problems.append(f"{field}={size} does not divide over {axis}={sizes[axis]}")
         if not _dims(cfg) and sizes[TENSOR] * sizes[EXPERTS] > 1:
             problems.append(f"{type(cfg).__name__} has no tensor/expert sharding rules")
-    if cfgs and sizes[EXPERTS] > 1 and EXPERTS not in by_axis:
+    if whole_pair and cfgs and sizes[EXPERTS] > 1 and EXPERTS not in by_axis:
         problems.append(f"experts={sizes[EXPERTS]} splits nothing (no model has experts)")
     if problems:
         fixes = []

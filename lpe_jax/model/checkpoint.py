@@ -450,11 +450,23 @@ def check_names(cfg: Qwen3Config, names: set[str]) -> None:
         )
 
 
-def _convert(model: Qwen3, cfg: Qwen3Config, files: list[Path], dtype: np.dtype) -> None:
+def _convert(
+    model: Qwen3, cfg: Qwen3Config, files: list[Path], dtype: np.dtype, mesh: Any = None
+) -> None:
     """Fill the abstract `model` in place from the safetensors `files`: each parameter is put on
-    the device once (see `_host_tensors`)."""
+    the device once (see `_host_tensors`); with `mesh`, straight into its sharding there
+    (`sharding.place_param`: each device receives only its shard); mesh=False: kept in host
+    memory (numpy)."""
+    from lpe_jax.decoding import sharding  # the model package does not import decoding at load
+
     for path, host in _host_tensors(model, cfg, files, dtype):
-        _variable(model, path).set_value(jax.device_put(host))
+        if mesh is False:
+            value = host
+        elif mesh is None:
+            value = jax.device_put(host)
+        else:
+            value = sharding.place_param(mesh, path, host, cfg.vocab_size)
+        _variable(model, path).set_value(value)
 
 
 def qwen3_tensors(
@@ -590,9 +602,10 @@ def _head_reading(
 
 
 Loader = Callable[..., nnx.Module]
-"""`loader(path, hf, dtype, cache_dir, *, tied_head) -> model`: builds the model of checkpoint
-directory `path` (parsed config.json `hf`) with parameters in `dtype` ('float32'|'bfloat16'),
-using the converted-params cache `cache_dir` (or None); see `load_model`."""
+"""`loader(path, hf, dtype, cache_dir, *, tied_head, mesh) -> model`: builds the model of
+checkpoint directory `path` (parsed config.json `hf`) with parameters in `dtype`
+('float32'|'bfloat16'), using the converted-params cache `cache_dir` (or None), placed on `mesh`
+(or one device); see `load_model`."""
 
 
 def load_model(
@@ -601,6 +614,7 @@ def load_model(
     cache_dir: str | os.PathLike | None = None,
     *,
     tied_head: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> nnx.Module:
     """Load an HF checkpoint directory with parameters in `dtype` ('float32'|'bfloat16').
 
@@ -619,12 +633,21 @@ def load_model(
     uses the embedding as the head (transformers 4), 'lm_head' the stored lm_head (transformers 5).
     Left None, such a checkpoint is refused with a ValueError naming the difference; an equal
     copy loads as tied.
+
+    `mesh` (axes ('rows', 'tensor', 'experts'), `lpe_jax.decoding.sharding.pair_mesh`; checked
+    against the model by `sharding.check_mesh`): every parameter goes from host memory straight
+    into its rule sharding (`sharding.place_params`), so on a mesh that splits the weights no
+    device ever holds the whole model (or a whole weight). Its vocabulary dimensions are then
+    zero-padded to a multiple of the tensor size (`sharding.pad_vocab`): the model's logits are
+    [..., padded] with meaningless padded columns, which the rollout engine masks; the config
+    keeps the real vocab_size. The params cache reads and writes the unpadded arrays (through
+    host memory), so its entries serve loads with and without a mesh. None: one device.
     """
     path = Path(path)
     _np_dtype(dtype)  # a bad dtype is refused before anything is read
     hf = read_config(path)
     loader = ARCHITECTURES[model_type_of(hf)]
-    return loader(path, hf, dtype, cache_dir, tied_head=tied_head)
+    return loader(path, hf, dtype, cache_dir, tied_head=tied_head, mesh=mesh)
 
 
 def _load_qwen3(
@@ -634,24 +657,47 @@ def _load_qwen3(
     cache_dir: str | os.PathLike | None,
     *,
     tied_head: str | None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Qwen3:
     """A Qwen3 or Qwen3-MoE checkpoint as a `Qwen3`: Linear weights [in, out]; embed_tokens
     [V, H]; lm_head [H, V] when untied; experts stacked [E, ...] (see `load_model`)."""
     np_dtype = _np_dtype(dtype)
     files = weight_files(path)
     cfg = _head_reading(config_from_hf(hf), files, tied_head, path)
+    if mesh is not None:
+        _check_mesh(mesh, cfg)
     model = _abstract_model(cfg, np_dtype)
     if cache_dir is None:
-        _convert(model, cfg, files, np_dtype)
+        _convert(model, cfg, files, np_dtype, mesh)
         return model
     # An untied reading of a tied config has other params (an lm_head): its own entry.
     reading = "-lm_head" if cfg.tie_word_embeddings != bool(hf.get("tie_word_embeddings")) else ""
     key = _content_key(path, files, Path(cache_dir))
     entry = Path(cache_dir) / f"{key}-{np_dtype.name}{reading}"
-    if _cache_restore(model, entry):
-        return model
-    _convert(model, cfg, files, np_dtype)
+    if _cache_restore(model, entry, mesh):
+        return _placed(model, mesh)
+    _convert(model, cfg, files, np_dtype, None if mesh is None else False)
     _cache_save(model, entry)
+    return _placed(model, mesh)
+
+
+def _check_mesh(mesh: jax.sharding.Mesh, cfg: Any) -> None:
+    """`sharding.check_mesh` of one model of a pair on `mesh`, before anything is read (a dense
+    model on a mesh whose experts axis only its partner splits is placed whole over it)."""
+    from lpe_jax.decoding import sharding
+
+    sharding.check_mesh(tuple(mesh.devices.shape), mesh.size, [cfg], whole_pair=False)
+
+
+def _placed(model: nnx.Module, mesh: jax.sharding.Mesh | None) -> nnx.Module:
+    """`model` (params in host memory when mesh is set) with its params on `mesh` by the rules
+    (`sharding.place_params`); unchanged when mesh is None."""
+    if mesh is None:
+        return model
+    from lpe_jax.decoding import sharding
+
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, sharding.place_params(mesh, state, model.cfg.vocab_size))
     return model
 
 
@@ -662,6 +708,7 @@ def _load_qwen35(
     cache_dir: str | os.PathLike | None,
     *,
     tied_head: str | None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Qwen35:
     """A Qwen3.5 checkpoint (`lpe_jax.model.qwen35_checkpoint.load_qwen35`), through the
     converted-params cache as `_load_qwen3` (keyed by content: the entries of the two families
@@ -670,16 +717,18 @@ def _load_qwen35(
 
     if tied_head is not None:
         raise ValueError(f"{path} is a Qwen3.5 checkpoint; tied_head applies to Qwen3 only.")
+    if mesh is not None:  # Qwen3.5 has no tensor/expert rules: a rows-only mesh, params whole
+        _check_mesh(mesh, abstract_model(path, dtype).cfg)
     if cache_dir is None:
-        return load_qwen35(path, dtype)
+        return _placed(load_qwen35(path, dtype), mesh)
     model = abstract_model(path, dtype)  # checks config and headers before the cache is read
     key = _content_key(path, weight_files(path), Path(cache_dir))
     entry = Path(cache_dir) / f"{key}-{_np_dtype(dtype).name}"
     if _cache_restore(model, entry):
-        return model
+        return _placed(model, mesh)
     model = load_qwen35(path, dtype)
     _cache_save(model, entry)
-    return model
+    return _placed(model, mesh)
 
 
 # model_type -> loader. One entry per architecture; `load_model` refuses every other model type.
@@ -783,8 +832,9 @@ def _import_orbax() -> Any:
     return ocp
 
 
-def _cache_restore(model: nnx.Module, entry: Path) -> bool:
-    """Fill the abstract `model` from cache `entry`; False when there is no such entry."""
+def _cache_restore(model: nnx.Module, entry: Path, host: Any = None) -> bool:
+    """Fill the abstract `model` from cache `entry` (on the first device; into host memory, numpy,
+    when `host` is set, for `_placed` to spread); False when there is no such entry."""
     if not entry.exists():  # orbax renames a finished save into place, so present = complete
         return False
     ocp = _import_orbax()
@@ -792,7 +842,11 @@ def _cache_restore(model: nnx.Module, entry: Path) -> bool:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     state = nnx.state(model, nnx.Param)
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        lambda x: (
+            np.empty(x.shape, x.dtype)  # untouched pages until orbax writes them
+            if host is not None
+            else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
+        ),
         nnx.to_pure_dict(state),
     )
     with ocp.StandardCheckpointer() as ckptr:

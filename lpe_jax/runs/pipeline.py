@@ -90,12 +90,18 @@ def load_pair(
     cache_dir: str | os.PathLike | None = None,
     tied_head: str | None = None,
     variant_loader: Callable[[Qwen3], Qwen3] | None = None,
+    mesh: Any = None,
 ) -> ModelPair:
     """Load both checkpoints and check they share a tokenizer (ValueError naming both if not).
 
     ``tied_head`` is passed to :func:`~lpe_jax.model.checkpoint.load_model` for both models.
     ``variant_loader``: builds the variant from the loaded original instead of `load_model`
-    (e.g. `lpe_jax.model.low_rank.load_low_rank_variant`, which never holds it whole)."""
+    (e.g. `lpe_jax.model.low_rank.load_low_rank_variant`, which never holds it whole).
+    ``mesh``: a `jax.sharding.Mesh` both models are loaded onto by the sharding rules
+    (`load_model(mesh=)`: no device holds a whole model on a weight-splitting mesh); not with a
+    ``variant_loader``. None: one device."""
+    if mesh is not None and variant_loader is not None:
+        raise ValueError("load_pair: a variant_loader reads the original whole; pass mesh=None.")
     tok_o, tok_v = load_tokenizer(original_dir), load_tokenizer(variant_dir)
     f_o, f_v = tokenizer_fingerprint(tok_o), tokenizer_fingerprint(tok_v)
     if f_o != f_v:
@@ -106,9 +112,12 @@ def load_pair(
         )
     # From the loaded tokenizers (a real one takes seconds to load; each knows its directory).
     eos = tuple(sorted(set(eos_token_ids(tok_o)) | set(eos_token_ids(tok_v))))
-    original = load_model(original_dir, dtype=dtype, cache_dir=cache_dir, tied_head=tied_head)
+    on = {} if mesh is None else {"mesh": mesh}
+    original = load_model(original_dir, dtype=dtype, cache_dir=cache_dir, tied_head=tied_head, **on)
     if variant_loader is None:
-        variant = load_model(variant_dir, dtype=dtype, cache_dir=cache_dir, tied_head=tied_head)
+        variant = load_model(
+            variant_dir, dtype=dtype, cache_dir=cache_dir, tied_head=tied_head, **on
+        )
     else:
         variant = variant_loader(original)
     return ModelPair(
