@@ -308,7 +308,8 @@ def _total_params(cfg: ModelConfig) -> int:
 
 
 def split_over_tensor(nbytes: int, mesh_shape: tuple[int, int, int]) -> int:
-    """A slot's or prompt's bytes on one device of the mesh: its K/V (K/V heads), logits
+    """A slot's or prompt's bytes on one device of the mesh: its K/V (K/V heads), a Qwen3.5
+    linear layer's state (conv window by channels, delta state by value heads), logits
     (vocabulary) and one layer's temporaries (heads, MLP hidden units) are split over tensor; the
     residual-stream vectors and the row's scalars, a few KiB, are counted split too."""
     return -(-nbytes // mesh_shape[1])
