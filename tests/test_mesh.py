@@ -3,7 +3,8 @@ identical to one device on 8 simulated devices (tests/mesh_worker.py, in its own
 
 The worker compiles one engine per mesh (4 in all, ~50 s of CPU on the loaded 2-core box): a
 candidate for the slow list; its models are as small as the meshes allow (8 heads and K/V heads,
-so tensor=8 splits them)."""
+so tensor=8 splits them). Its Qwen3.5 cases add 3 engines and a bf16 model (~45 s wall at load
+~4, docs/benchmarks.md): candidates too."""
 
 import json
 import os
