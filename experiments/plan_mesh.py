@@ -6,7 +6,7 @@ splits the weights least (tensor, then experts, grown until each row group holds
 weights per device, and the slots the engine would size: (MEMORY_FRACTION of the device - weights
 - the prompt table) / one slot's bytes per device, times the rows size (at most MAX_AUTO_ROWS per
 device, as the engine caps them).
-Qwen3.5 has no tensor or expert rules yet: rows-only meshes.
+Qwen3.5 is placed by the same rules (its Gated DeltaNet layers by key and value heads).
 
   .venv/bin/python experiments/plan_mesh.py --max_new_tokens=512
 """

@@ -57,6 +57,25 @@ def randomize(module: Any, seed: int = 0) -> Any:
     return module.eval()
 
 
+def random_hf_weights(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
+    """HF-named float32 tensors of these shapes drawn as `randomize` draws them, without torch
+    (for processes that should not import it, e.g. tests/mesh_worker.py)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in shapes.items():
+        leaf = name.rsplit(".", 1)[-1]
+        if name.endswith("norm.weight") or leaf == "dt_bias":
+            w = 1.0 + 0.3 * rng.standard_normal(shape)
+        elif leaf == "A_log":
+            w = np.log(rng.random(shape) * 4 + 0.1)
+        elif len(shape) >= 2:
+            w = rng.standard_normal(shape) / shape[-1] ** 0.5
+        else:
+            w = rng.standard_normal(shape)
+        out[name] = w.astype(np.float32)
+    return out
+
+
 def state_dict_numpy(module: Any, prefix: str = "") -> dict[str, np.ndarray]:
     """The module's state dict as float32 NumPy arrays, names prefixed."""
     return {prefix + k: v.detach().float().numpy() for k, v in module.state_dict().items()}

@@ -13,6 +13,7 @@ from lpe_jax.model.gated_deltanet import (
     GatedDeltaNetConfig,
     chunk_gated_delta_rule,
     hf_weight_table,
+    qkv_channel_order,
     recurrent_gated_delta_rule,
 )
 from lpe_jax.model.hf_keymap import assign_hf
@@ -62,8 +63,11 @@ def test_prefill_matches_hf_chunked(hf_layer):
     y, state = _prefill(_ours(hf_cfg, weights), jnp.asarray(x))
     assert np.abs(ref).max() > 0.1
     assert rel_err(y, ref) <= 1e-4, rel_err(y, ref)
-    # HF keeps K conv inputs (the oldest is never read again); ours the last K-1.
-    assert rel_err(state.conv, cache.get_conv_state(0)[..., 1:].numpy()) <= 1e-6
+    # HF keeps K conv inputs (the oldest is never read again); ours the last K-1, with the
+    # channels grouped by key head (qkv_channel_order).
+    order = qkv_channel_order(GatedDeltaNetConfig.from_hf(hf_cfg.to_dict()))
+    assert sorted(order) == list(range(len(order)))
+    assert rel_err(state.conv, cache.get_conv_state(0)[:, order, 1:].numpy()) <= 1e-6
     assert rel_err(state.recurrent, cache.get_recurrent_state(0).numpy()) <= 1e-4
 
 

@@ -243,17 +243,13 @@ def param_bytes_per_device(cfg: ModelConfig, dtype: Any, mesh_shape: tuple[int, 
     by `lpe_jax.decoding.sharding`'s rules: query heads, K/V heads, dense MLP hidden units, each
     expert's hidden units and the vocabulary (embedding, LM head) split over tensor; experts over
     experts; norms, q/k norms and the router whole on every device; all of it copied over rows.
-    The mesh must divide the model (`sharding.check_mesh`). A Qwen3.5 model has no tensor or
-    expert rules: rows-only meshes (ValueError otherwise)."""
+    Qwen3.5 (`_hybrid_param_counts`) adds its Gated DeltaNet layers' key/value heads and the shared
+    expert over tensor. The mesh must divide the model (`sharding.check_mesh`)."""
     _, t, e = mesh_shape
     b = jax.numpy.dtype(dtype).itemsize
-    if not isinstance(cfg, Qwen3Config):
-        if t * e > 1:
-            raise ValueError(
-                f"{type(cfg).__name__} is not placed by tensor/expert rules; plan it on a "
-                "rows-only mesh (N, 1, 1)."
-            )
-        return _total_params(cfg) * b
+    if isinstance(cfg, Qwen35Config):
+        split, whole = _hybrid_param_counts(cfg, t, e)
+        return (split // t + whole) * b
     h, hd, v = cfg.hidden_size, cfg.head_dim, padded_vocab(cfg.vocab_size, t)
     heads, kv = cfg.num_heads, cfg.num_kv_heads
     split = v * h * (1 if cfg.tie_word_embeddings else 2) // t  # embedding (+ LM head)
@@ -287,6 +283,37 @@ def low_rank_param_bytes_per_device(
     return param_bytes_per_device(original.cfg, original.dtype, mesh_shape) + own
 
 
+def _hybrid_param_counts(cfg: Qwen35Config, tensor: int, experts: int) -> tuple[int, int]:
+    """A Qwen3.5 model's parameters as (split over tensor, whole on every device), per device of
+    an `experts`-way expert split (expert weights counted already divided by it), the vocabulary
+    padded to a multiple of `tensor` (`sharding.pad_vocab`)."""
+    h, v = cfg.hidden_size, padded_vocab(cfg.vocab_size, tensor)
+    a, lin = cfg.attention, cfg.linear
+    split = v * h * (1 if cfg.tie_word_embeddings else 2)  # embedding (+ LM head)
+    whole = h  # the final norm
+    # gated attention: q_proj (query | gate per head), k/v, o_proj; q/k norms whole
+    attn = h * a.head_dim * (2 * a.num_heads + 2 * a.num_kv_heads) + a.num_heads * a.head_dim * h
+    # Gated DeltaNet: in_proj_qkv, conv1d, in_proj_z, in_proj_b/a, A_log, dt_bias, out_proj
+    linear = h * lin.conv_dim + lin.conv_dim * lin.conv_kernel + 2 * h * lin.value_dim
+    linear += 2 * h * lin.num_v_heads + 2 * lin.num_v_heads
+    for kind in cfg.layer_types:
+        whole += 2 * h  # two layer norms
+        if kind == "full_attention":
+            split += attn
+            whole += 2 * a.head_dim
+        else:
+            split += linear
+            whole += lin.head_v_dim  # the gated RMSNorm's weight
+        if cfg.moe is None:
+            split += 3 * h * cfg.intermediate_size
+            continue
+        m = cfg.moe
+        split += 3 * m.num_experts * h * m.expert_intermediate_size // experts
+        split += 3 * h * m.shared_expert_intermediate_size
+        whole += h * m.num_experts + (h if m.shared_expert_intermediate_size else 0)
+    return split, whole
+
+
 @functools.cache
 def _total_params(cfg: ModelConfig) -> int:
     """Parameter count (a Qwen3.5 model's from its abstract shape: no memory, a trace)."""
@@ -299,7 +326,8 @@ def _total_params(cfg: ModelConfig) -> int:
 
 
 def split_over_tensor(nbytes: int, mesh_shape: tuple[int, int, int]) -> int:
-    """A slot's or prompt's bytes on one device of the mesh: its K/V (K/V heads), logits
+    """A slot's or prompt's bytes on one device of the mesh: its K/V (K/V heads), a Qwen3.5
+    linear layer's state (conv window by channels, delta state by value heads), logits
     (vocabulary) and one layer's temporaries (heads, MLP hidden units) are split over tensor; the
     residual-stream vectors and the row's scalars, a few KiB, are counted split too."""
     return -(-nbytes // mesh_shape[1])

@@ -5,6 +5,14 @@
   units and the vocabulary (embedding, LM head, logits).
 - 'experts' splits a MoE layer's experts.
 
+Qwen3.5 (dense and MoE) follows the same rules: gated attention's q_proj (each head's query and
+output gate, adjacent per head), K/V and o_proj by heads as Qwen3's; a Gated DeltaNet layer by
+its key heads, each with the value heads it serves (`in_proj_qkv`, `conv1d` and the conv window
+hold q|k|v grouped by key head, re-laid out once at load: `gated_deltanet.qkv_channel_order`),
+and by value heads (`in_proj_z`, `in_proj_b/a`, `A_log`, `dt_bias`, `out_proj`, the delta
+state); the shared expert's hidden units over 'tensor'; the router and the shared expert's gate
+whole.
+
 As in jax-ml/jax-llm-examples' qwen3, every array dimension has a *logical* axis (`PARAM_AXES`
 by parameter name, `state_axes` by layer kind) and `ShardingRules` maps logical axes to mesh
 axes; arrays get `NamedSharding`s from these and XLA partitions the program, inserting the
@@ -34,6 +42,7 @@ from jax.tree_util import GetAttrKey
 
 from lpe_jax.model.low_rank import LowRankWeight, buffer_key
 from lpe_jax.model.qwen3 import Qwen3Config
+from lpe_jax.model.qwen35 import Qwen35Config
 
 ROWS, TENSOR, EXPERTS = "rows", "tensor", "experts"
 AXES = (ROWS, TENSOR, EXPERTS)
@@ -52,6 +61,9 @@ class ShardingRules:
     ffw: str | None = TENSOR
     experts: str | None = EXPERTS
     expert_ffw: str | None = TENSOR
+    shared_ffw: str | None = TENSOR  # Qwen3.5-MoE's shared expert
+    lin_groups: str | None = TENSOR  # Gated DeltaNet q|k|v channels, grouped by key head
+    lin_v_heads: str | None = TENSOR  # Gated DeltaNet value heads
     embed: str | None = None
 
 
@@ -83,6 +95,22 @@ PARAM_AXES: dict[tuple[str, ...], Logical] = {
     ("experts", "gate_proj"): ("experts", "embed", "expert_ffw"),
     ("experts", "up_proj"): ("experts", "embed", "expert_ffw"),
     ("experts", "down_proj"): ("experts", "expert_ffw", "embed"),
+    # Qwen3.5-MoE's shared expert and its gate (self_attn above covers gated attention: q_proj's
+    # columns are heads x (query | gate), so a split by heads keeps each head's pair together).
+    ("shared_expert", "gate_proj"): ("embed", "shared_ffw"),
+    ("shared_expert", "up_proj"): ("embed", "shared_ffw"),
+    ("shared_expert", "down_proj"): ("shared_ffw", "embed"),
+    ("shared_expert_gate",): ("embed", None),
+    # Qwen3.5's Gated DeltaNet (q|k|v grouped by key head: gated_deltanet.qkv_channel_order).
+    ("linear_attn", "in_proj_qkv"): ("embed", "lin_groups"),
+    ("linear_attn", "conv1d"): ("lin_groups", None),
+    ("linear_attn", "in_proj_z"): ("embed", "lin_v_heads"),
+    ("linear_attn", "in_proj_b"): ("embed", "lin_v_heads"),
+    ("linear_attn", "in_proj_a"): ("embed", "lin_v_heads"),
+    ("linear_attn", "A_log"): ("lin_v_heads",),
+    ("linear_attn", "dt_bias"): ("lin_v_heads",),
+    ("linear_attn", "norm"): (None,),  # over head_v_dim, as q_norm
+    ("linear_attn", "out_proj"): ("lin_v_heads", "embed"),
 }
 
 # A low-rank weight (lpe_jax.model.low_rank.LowRankWeight) keeps the named parameter's base and
@@ -280,14 +308,20 @@ def place_param(
     return placed
 
 
-def state_axes(cfg: Any, ndim: int, lead: str | None) -> Logical:
+def state_axes(cfg: Any, ndim: int, lead: str | None, field: str | None = None) -> Logical:
     """Logical axes of one leaf of a layer's engine state (prompt or own state) whose leading
-    dimension is rows (`lead`='rows': slots) or prompt-table entries (None).
+    dimension is rows (`lead`='rows': slots) or prompt-table entries (None); `field` is the
+    leaf's name in its state (a `GatedDeltaNetState`'s 'conv' or 'recurrent'), None for K/V.
 
-    Qwen3 attention K/V [n, kv, positions, hd]: K/V heads on 'kv_heads'. Other layer kinds
-    (Qwen3.5's linear layers) keep only the leading axis.
+    Attention K/V [n, kv, positions, hd] (Qwen3's, Qwen3.5's gated attention): K/V heads on
+    'kv_heads'. Qwen3.5's Gated DeltaNet: the conv window [n, conv_dim, K-1] by its channels, split
+    as `conv1d`'s rows ('lin_groups'), the delta state [n, nv, dk, dv] by value heads.
     """
-    if isinstance(cfg, Qwen3Config) and ndim == 4:
+    if isinstance(cfg, Qwen35Config) and field == "conv" and ndim == 3:
+        return (lead, "lin_groups", None)
+    if isinstance(cfg, Qwen35Config) and field == "recurrent" and ndim == 4:
+        return (lead, "lin_v_heads", None, None)
+    if isinstance(cfg, Qwen3Config | Qwen35Config) and field is None and ndim == 4:
         return (lead, "kv_heads", None, None)
     return (lead,) + (None,) * (ndim - 1)
 
@@ -296,10 +330,13 @@ def state_shardings(
     mesh: Mesh, cfg: Any, states: Any, lead: str | None, rules: ShardingRules = RULES
 ) -> Any:
     """NamedShardings for a tree of layer states of `cfg`'s model (see `state_axes`)."""
-    return jax.tree.map(
-        lambda x: NamedSharding(mesh, logical_to_spec(state_axes(cfg, np.ndim(x), lead), rules)),
-        states,
-    )
+
+    def one(path: Sequence[Any], x: Any) -> NamedSharding:
+        names = _names(path)
+        field = names[-1] if names and names[-1] in ("conv", "recurrent") else None
+        return NamedSharding(mesh, logical_to_spec(state_axes(cfg, np.ndim(x), lead, field), rules))
+
+    return jax.tree_util.tree_map_with_path(one, states)
 
 
 def logits_sharding(mesh: Mesh, lead: str | None = ROWS) -> NamedSharding:
@@ -313,6 +350,8 @@ def logits_sharding(mesh: Mesh, lead: str | None = ROWS) -> NamedSharding:
 def _dims(cfg: Any) -> dict[str, tuple[int, str]]:
     """The sizes each logical axis splits in `cfg`'s model that must divide: logical -> (size,
     config field). Not the vocabulary: `pad_vocab` pads it to the next multiple."""
+    if isinstance(cfg, Qwen35Config):
+        return _hybrid_dims(cfg)
     if not isinstance(cfg, Qwen3Config):
         return {}
     dims = {
@@ -324,6 +363,26 @@ def _dims(cfg: Any) -> dict[str, tuple[int, str]]:
     if cfg.num_experts:
         dims["experts"] = (cfg.num_experts, "num_experts")
         dims["expert_ffw"] = (cfg.moe_intermediate_size, "moe_intermediate_size")
+    return dims
+
+
+def _hybrid_dims(cfg: Qwen35Config) -> dict[str, tuple[int, str]]:
+    """`_dims` of a Qwen3.5 model, named by its HF config keys; only the layer kinds it has."""
+    dims: dict[str, tuple[int, str]] = {}
+    if cfg.count("full_attention"):
+        dims["heads"] = (cfg.attention.num_heads, "num_attention_heads")
+        dims["kv_heads"] = (cfg.attention.num_kv_heads, "num_key_value_heads")
+    if cfg.count("linear_attention"):
+        dims["lin_groups"] = (cfg.linear.num_k_heads, "linear_num_key_heads")
+        dims["lin_v_heads"] = (cfg.linear.num_v_heads, "linear_num_value_heads")
+    if cfg.num_layers and cfg.moe is None:
+        dims["ffw"] = (cfg.intermediate_size, "intermediate_size")
+    elif cfg.num_layers:
+        dims["experts"] = (cfg.moe.num_experts, "num_experts")
+        dims["expert_ffw"] = (cfg.moe.expert_intermediate_size, "moe_intermediate_size")
+        if cfg.moe.shared_expert_intermediate_size:
+            size = cfg.moe.shared_expert_intermediate_size
+            dims["shared_ffw"] = (size, "shared_expert_intermediate_size")
     return dims
 
 

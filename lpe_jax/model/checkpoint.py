@@ -64,6 +64,7 @@ _NP_TO_ST = {v: k for k, v in ST_TO_NP.items()}
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 _HF_DEFAULT_HEAD_DIM = 128  # transformers.Qwen3Config's default when config.json omits it
 _CACHE_FORMAT = "lpe_jax-qwen3-v1"  # bump when the converted layout changes
+_QWEN35_LAYOUT = "qkv-grouped"  # Qwen3.5 cache entries: gated_deltanet's q|k|v channel order
 TIED_HEAD_READINGS = ("embedding", "lm_head")  # see load_model(tied_head=...)
 
 
@@ -717,13 +718,15 @@ def _load_qwen35(
 
     if tied_head is not None:
         raise ValueError(f"{path} is a Qwen3.5 checkpoint; tied_head applies to Qwen3 only.")
-    if mesh is not None:  # Qwen3.5 has no tensor/expert rules: a rows-only mesh, params whole
+    if mesh is not None:  # read whole, then placed by the rules (`_placed`)
         _check_mesh(mesh, abstract_model(path, dtype).cfg)
     if cache_dir is None:
         return _placed(load_qwen35(path, dtype), mesh)
     model = abstract_model(path, dtype)  # checks config and headers before the cache is read
     key = _content_key(path, weight_files(path), Path(cache_dir))
-    entry = Path(cache_dir) / f"{key}-{_np_dtype(dtype).name}"
+    # The layout tag keeps entries converted before the q|k|v re-layout (gated_deltanet's
+    # channel order) from being restored into the grouped layout.
+    entry = Path(cache_dir) / f"{key}-{_np_dtype(dtype).name}-{_QWEN35_LAYOUT}"
     if _cache_restore(model, entry):
         return _placed(model, mesh)
     model = load_qwen35(path, dtype)

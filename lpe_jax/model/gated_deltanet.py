@@ -1,7 +1,7 @@
 """Gated DeltaNet: the linear-attention layer of Qwen3.5 (HF `Qwen3_5GatedDeltaNet`, identical in
 `Qwen3_5MoeGatedDeltaNet`), in Flax NNX.
 
-Per token: in-projections `in_proj_qkv` (q|k|v, one row block each), `in_proj_z` (output gate),
+Per token: in-projections `in_proj_qkv` (q, k, v), `in_proj_z` (output gate),
 `in_proj_b` (beta = sigmoid(b), the write strength) and `in_proj_a` (decay
 g = -exp(A_log) * softplus(a + dt_bias) <= 0, in log space); a causal depthwise conv of width
 `conv_kernel` over q|k|v followed by SiLU; q and k L2-normalised (eps 1e-6, float32), q scaled by
@@ -22,6 +22,17 @@ conv_kernel - 1 inputs of the conv) and S. `prefill(x, lengths)` takes right-pad
 different true lengths: positions >= a row's length get beta = 0 and g = 0, which makes them
 identity steps of the rule, and the conv window is read at the true length, so the returned state
 is the state after exactly `lengths[b]` tokens. Outputs at padded positions are junk.
+
+**Channel layout of q|k|v (one permutation at load).** HF's `in_proj_qkv` (and `conv1d`, and the
+conv window) order their channels [all q heads | all k heads | all v heads]: a contiguous split
+over a tensor mesh axis would cut across q, k and v. Here they are stored *grouped by key head*:
+for key head i, [q_i (head_k_dim) | k_i (head_k_dim) | the value heads i*r .. i*r + r - 1 it
+serves (r * head_v_dim)], r = num_v_heads / num_k_heads (`qkv_channel_order` gives the map;
+`hf_weight_table` applies it to `in_proj_qkv` and `conv1d` once, at load). A split into n equal
+blocks (n dividing num_k_heads) then holds whole key heads with their own value heads, and value
+heads keep HF's order, so `in_proj_z`, `in_proj_b/a`, `A_log`, `dt_bias`, `out_proj` and the
+delta state are unchanged. The conv is per channel, so the forward math is HF's exactly; only the
+channel order of `GatedDeltaNetState.conv` differs from HF's conv cache (by the same map).
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from lpe_jax.model.hf_keymap import HFParam, same, transposed
@@ -76,8 +88,13 @@ class GatedDeltaNetConfig:
 
     @property
     def conv_dim(self) -> int:
-        """Channels of the conv: q, k and v concatenated."""
+        """Channels of the conv: q, k and v (grouped by key head, module docstring)."""
         return 2 * self.key_dim + self.value_dim
+
+    @property
+    def group_dim(self) -> int:
+        """Channels of one key head's group: its q, its k and the value heads it serves."""
+        return self.conv_dim // self.num_k_heads
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> GatedDeltaNetConfig:
@@ -106,12 +123,32 @@ class GatedDeltaNetConfig:
         return conv + self.num_v_heads * self.head_k_dim * self.head_v_dim * 4
 
 
+def qkv_channel_order(cfg: GatedDeltaNetConfig) -> np.ndarray:
+    """int [conv_dim]: our q|k|v channel c is HF's channel order[c] (module docstring: grouped
+    by key head). `hf[..., order]` converts an HF-ordered channel axis (in_proj_qkv's output,
+    conv1d's rows, the conv cache) to ours; `np.argsort(order)` converts back."""
+    dk, kd = cfg.head_k_dim, cfg.key_dim
+    vg = cfg.value_dim // cfg.num_k_heads  # value channels per key head
+    groups = [
+        np.concatenate(
+            [
+                np.arange(i * dk, (i + 1) * dk),
+                kd + np.arange(i * dk, (i + 1) * dk),
+                2 * kd + np.arange(i * vg, (i + 1) * vg),
+            ]
+        )
+        for i in range(cfg.num_k_heads)
+    ]
+    return np.concatenate(groups)
+
+
 @struct.dataclass
 class GatedDeltaNetState:
     """One layer's state for a batch of sequences; its size does not grow with their length.
 
     conv: [B, conv_dim, conv_kernel - 1] in the activation dtype, the last conv inputs (oldest
-        first; zeros before the first token), as HF's conv cache.
+        first; zeros before the first token), as HF's conv cache with its channels in our
+        grouped order (`qkv_channel_order`).
     recurrent: float32 [B, num_v_heads, head_k_dim, head_v_dim], the delta-rule state S. Kept in
         float32 in every dtype, as HF does: it is updated every token, and bf16 would round it
         at each step (measured, with what bf16 would save: docs/benchmarks.md, "Qwen3.5's delta
@@ -258,10 +295,11 @@ class GatedDeltaNet(nnx.Module):
         scaled, key heads repeated per value head) and v float32 [B, T, nv, dv]."""
         cfg = self.cfg
         b, t, _ = mixed.shape
-        q, k, v = jnp.split(mixed, [cfg.key_dim, 2 * cfg.key_dim], axis=-1)
+        dk = cfg.head_k_dim
+        groups = mixed.reshape(b, t, cfg.num_k_heads, cfg.group_dim)  # grouped by key head
+        q, k, v = groups[..., :dk], groups[..., dk : 2 * dk], groups[..., 2 * dk :]
         rep = cfg.num_v_heads // cfg.num_k_heads
-        q = jnp.repeat(q.reshape(b, t, cfg.num_k_heads, cfg.head_k_dim), rep, axis=2)
-        k = jnp.repeat(k.reshape(b, t, cfg.num_k_heads, cfg.head_k_dim), rep, axis=2)
+        q, k = jnp.repeat(q, rep, axis=2), jnp.repeat(k, rep, axis=2)
         v = v.reshape(b, t, cfg.num_v_heads, cfg.head_v_dim).astype(jnp.float32)
         return l2norm(q) * cfg.head_k_dim**-0.5, l2norm(k), v
 
@@ -319,15 +357,22 @@ class GatedDeltaNet(nnx.Module):
 
 def hf_weight_table(cfg: GatedDeltaNetConfig, prefix: str) -> list[HFParam]:
     """HF names of one Gated DeltaNet layer under `prefix` (e.g.
-    'model.language_model.layers.0.linear_attn.') -> `GatedDeltaNet` parameters."""
+    'model.language_model.layers.0.linear_attn.') -> `GatedDeltaNet` parameters; `in_proj_qkv`
+    and `conv1d` have their channels put in the grouped order (`qkv_channel_order`)."""
     h, nv, c = cfg.hidden_size, cfg.num_v_heads, cfg.conv_dim
+    order = qkv_channel_order(cfg)  # HF's q|k|v channels -> grouped by key head
     return [
-        transposed(("in_proj_qkv",), prefix + "in_proj_qkv.weight", (c, h)),
+        HFParam(
+            ("in_proj_qkv",), (prefix + "in_proj_qkv.weight",), ((c, h),), lambda w: w[order].T
+        ),
         transposed(("in_proj_z",), prefix + "in_proj_z.weight", (cfg.value_dim, h)),
         transposed(("in_proj_b",), prefix + "in_proj_b.weight", (nv, h)),
         transposed(("in_proj_a",), prefix + "in_proj_a.weight", (nv, h)),
         HFParam(
-            ("conv1d",), (prefix + "conv1d.weight",), ((c, 1, cfg.conv_kernel),), lambda w: w[:, 0]
+            ("conv1d",),
+            (prefix + "conv1d.weight",),
+            ((c, 1, cfg.conv_kernel),),
+            lambda w: w[order, 0],
         ),
         same(("dt_bias",), prefix + "dt_bias", (nv,)),
         same(("A_log",), prefix + "A_log", (nv,)),
