@@ -8,7 +8,11 @@ from path_model import L_O, L_V, SEQS, rate, seq_logp, token_logp
 
 from lpe_jax.estimators.lpe import lpe_paper_from_counts
 from lpe_jax.estimators.mixture import mixture_log_weights
-from lpe_jax.estimators.path_is import crossfit_estimate, path_importance_sampling
+from lpe_jax.estimators.path_is import (
+    crossfit_estimate,
+    crossfit_estimate_and_ess,
+    path_importance_sampling,
+)
 from lpe_jax.evaluation import evaluation as ev
 
 ALPHAS = np.array([0.0, 0.3, 0.6, 0.9])
@@ -79,20 +83,24 @@ def test_crossfit_estimate_is_path_importance_samplings_combination():
         a = np.repeat(ALPHAS, n)
         c = (rng.random(a.size) < 0.4).astype(np.int8)
         lw = rng.normal(-3, 2, a.size)
-        want = path_importance_sampling(a, c, -lw, np.zeros(a.size)).estimate
+        full = path_importance_sampling(a, c, -lw, np.zeros(a.size))
+        want = full.estimate
         y = np.where(c == 1, np.exp(lw), 0.0)
         pos = np.concatenate([np.arange(k) for k in n])  # position within its alpha
         grp = np.repeat(np.arange(4), n)
         n_h = np.zeros((2, 4))
-        s_h, v_h = np.zeros((2, 4)), np.full((2, 4), np.nan)
+        s_h, q_h, v_h = np.zeros((2, 4)), np.zeros((2, 4)), np.full((2, 4), np.nan)
         for h in (0, 1):
             for k in range(4):
                 part = y[(grp == k) & (pos % 2 == h)]
-                n_h[h, k], s_h[h, k] = part.size, part.sum()
+                n_h[h, k], s_h[h, k], q_h[h, k] = part.size, part.sum(), (part**2).sum()
                 if part.size > 1:
                     v_h[h, k] = part.var(ddof=1)
         got = crossfit_estimate(n_h, s_h, v_h)
         assert got == pytest.approx(0.0 if np.isnan(want) else want, rel=1e-12, abs=1e-300)
+        total, ess = crossfit_estimate_and_ess(n_h, s_h, q_h, v_h)
+        assert total == pytest.approx(got, rel=1e-12, abs=1e-300)
+        assert ess == pytest.approx(0.0 if np.isnan(want) else full.ess_estimate, rel=1e-9)
 
 
 def _replay(bank, n_sims, seed):
@@ -139,6 +147,25 @@ def test_path_is_in_the_evaluation_has_the_law_of_replaying_lpes_draws(bank):
         lg, lw_ = np.log10(got[got[:, p] > 0, p]), np.log10(want[want[:, p] > 0, p])
         l_se = np.hypot(lg.std() / np.sqrt(lg.size), lw_.std() / np.sqrt(lw_.size))
         assert abs(lg.mean() - lw_.mean()) < 4 * l_se
+
+
+def test_switch_is_path_is_where_its_ess_reaches_10_and_pooled_elsewhere(bank):
+    d = _draws(bank, 200, seed=3)
+    path = ev._path_is(d, N_FIT).log10_scores
+    pooled = ev._lpe_pooled(d, N_FIT).log10_scores
+    scores, ess = d.path_is(N_FIT)  # cached: the switch reads path_is's own draws
+    got = ev._lpe_path_is_switch(d, N_FIT)
+    np.testing.assert_array_equal(scores, path)
+    use = ess >= 10
+    assert use.any() and (~use).any()  # both branches are exercised on this bank
+    np.testing.assert_array_equal(got.log10_scores, np.where(use, path, pooled))
+    assert got.rollouts == pytest.approx(d.adaptive(N_FIT).paper.rollouts.mean())
+    blend = ev._lpe_path_is_blend(d, N_FIT).log10_scores
+    lo, hi = np.minimum(path, pooled), np.maximum(path, pooled)
+    inside = np.where(ess > 0, (lo - 1e-12 <= blend) & (blend <= hi + 1e-12), blend == pooled)
+    assert inside.all()
+    assert [m.name for m in ev.COMBINED_METHODS] == ["lpe_path_is_switch", "lpe_path_is_blend"]
+    assert not set(ev.METHODS) & {m.name for m in ev.COMBINED_METHODS}
 
 
 def test_mixture_is_weights_are_unbiased_on_exact_mixture_draws(bank):

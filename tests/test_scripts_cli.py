@@ -192,3 +192,13 @@ def test_evaluate_notes_every_budget_it_cannot_draw(tmp_path):
     rows = [ln.split()[:2] for ln in table.splitlines() if ln.startswith(("naive ", "lpe_"))]
     assert ["naive", "1000"] in rows and ["naive", "2000"] not in rows  # stops at truth's n
     assert ["lpe_paper", "13"] in rows and ["lpe_paper", "20"] not in rows
+
+
+def test_evaluate_combined_prints_both_joins_against_both_parts():
+    bank = "toy1=lpe_jax/assets/toy_pair/bank.npz"
+    p = run("evaluate_combined.py", f"--banks={bank}", "--n_sims=2", "--n_fits=13")
+    assert p.returncode == 0, p.stderr
+    for row in ("lpe_path_is_switch − path_is", "lpe_path_is_blend − lpe_pooled", "switch takes"):
+        assert f"| toy1 | {row}" in p.stdout, p.stdout
+    p = run("evaluate_combined.py", "--banks=toy1", "--n_sims=2")
+    assert p.returncode == 1 and "name=path.npz" in p.stderr, p.stderr

@@ -31,6 +31,7 @@ __all__ = [
     "LOW_ESS",
     "PathISResult",
     "crossfit_estimate",
+    "crossfit_estimate_and_ess",
     "path_importance_sampling",
     "verdict_codes",
 ]
@@ -177,14 +178,38 @@ def crossfit_estimate(n_h: np.ndarray, sum_y: np.ndarray, var_h: np.ndarray) -> 
     the halves (the estimate of r(1), in the scale of ``sum_y``; 0 where nothing has a draw).
     """
     n_h = np.asarray(n_h, np.float64)
+    mean = np.where(n_h > 0, sum_y / np.where(n_h > 0, n_h, 1.0), 0.0)
+    return (_crossfit_shares(n_h, var_h) * mean).sum(axis=(-2, -1))
+
+
+def _crossfit_shares(n_h: np.ndarray, var_h: np.ndarray) -> np.ndarray:
+    """[..., 2, K] each (half, alpha)'s share in the combination (halves with draws averaged)."""
     has = n_h.sum(axis=-1) > 0  # [..., 2]
     halves = np.maximum(has.sum(axis=-1), 1)[..., None, None]
     share = np.stack(
         [_crossfit_weights(n_h[..., h, :], var_h[..., 1 - h, :]) for h in (0, 1)], axis=-2
     )
-    share = np.where(has[..., None], share, 0.0) / halves
-    mean = np.where(n_h > 0, sum_y / np.where(n_h > 0, n_h, 1.0), 0.0)
-    return (share * mean).sum(axis=(-2, -1))
+    return np.where(has[..., None], share, 0.0) / halves
+
+
+def crossfit_estimate_and_ess(
+    n_h: np.ndarray, sum_y: np.ndarray, sum_y2: np.ndarray, var_h: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`crossfit_estimate` and its Kish ESS, batched.
+
+    ``sum_y2`` [..., 2, K] holds the sums of the squared terms (same scale as ``sum_y``); the
+    other arguments are :func:`crossfit_estimate`'s. Returns float64 [...] estimates and
+    (sum a)^2 / sum a^2 over the combined sum's terms a_j = share * y_j / n, which is
+    :attr:`PathISResult.ess_estimate` (0 where the estimate is 0).
+    """
+    n_h = np.asarray(n_h, np.float64)
+    share = _crossfit_shares(n_h, var_h)
+    safe_n = np.where(n_h > 0, n_h, 1.0)
+    total = (share * np.where(n_h > 0, sum_y / safe_n, 0.0)).sum(axis=(-2, -1))
+    sq = (share**2 * np.where(n_h > 0, sum_y2 / safe_n**2, 0.0)).sum(axis=(-2, -1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ess = np.where((total > 0) & (sq > 0), total**2 / np.where(sq > 0, sq, 1.0), 0.0)
+    return total, ess
 
 
 def _combine(group, usable, y_all, n_h, var_h, var_k):

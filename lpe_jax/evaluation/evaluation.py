@@ -25,6 +25,7 @@ from lpe_jax.estimators.binomial import (
     lpe_binomial_from_counts,
     lpe_binomial_grid_from_counts,
 )
+from lpe_jax.estimators.combined import blend_path_is_lpe, combine_path_is_lpe
 from lpe_jax.estimators.degenerate import no_data
 from lpe_jax.estimators.forecast import fit_gumbel_tail
 from lpe_jax.estimators.lpe import (
@@ -33,8 +34,8 @@ from lpe_jax.estimators.lpe import (
     LPECountsResult,
     lpe_paper_from_counts,
 )
-from lpe_jax.estimators.path_is import crossfit_estimate
-from lpe_jax.estimators.pooled import DEFAULT_PRIOR, lpe_pooled_from_counts
+from lpe_jax.estimators.path_is import crossfit_estimate_and_ess
+from lpe_jax.estimators.pooled import DEFAULT_PRIOR, PooledBatch, lpe_pooled_from_counts
 
 __all__ = [
     "RolloutBank",
@@ -50,6 +51,7 @@ __all__ = [
     "paired_difference",
     "Method",
     "MethodPoint",
+    "COMBINED_METHODS",
     "METHODS",
     "register_method",
     "SimulatedDraws",
@@ -508,8 +510,9 @@ def _is_scores(
 
 def _path_is_scores(
     bank: RolloutBank, a: AdaptiveDraws, n_search: int, n_fit: int, rng: np.random.Generator
-) -> np.ndarray:
-    """Path IS log10-scores [S, P] over exactly the rollouts LPE drew in each simulation.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Path IS log10-scores [S, P] over exactly the rollouts LPE drew in each simulation, and
+    their Kish ESS of compliant rows [S, P] (``PathISResult.ess_estimate``; 0 where NaN or -inf).
 
     The counts fix, per (simulation, prompt, alpha), how many of LPE's draws complied, were
     refused or are unknown; under a uniformly random order the drawn rows of each class are a
@@ -551,10 +554,11 @@ def _path_is_scores(
             arr[s0:s1, :, 0], arr[s0:s1, :, 1] = lo, hi - lo
     with np.errstate(invalid="ignore", divide="ignore"):
         var = np.where(n_h > 1, (sq - sums**2 / np.maximum(n_h, 1)) / (n_h - 1), np.nan)
-        total = crossfit_estimate(n_h, sums, np.maximum(var, 0.0))
+        total, ess = crossfit_estimate_and_ess(n_h, sums, sq, np.maximum(var, 0.0))
         score = np.where(total > 0, (np.log(total) + shift) / np.log(10), -np.inf)
     used, asked = u.sum(-1), m.sum(-1)
-    return np.where((used == 0) | (used < 0.5 * asked), np.nan, score)
+    blind = (used == 0) | (used < 0.5 * asked)
+    return np.where(blind, np.nan, score), np.where(blind, 0.0, ess)
 
 
 def _mixture_scores(
@@ -845,6 +849,8 @@ class SimulatedDraws:
         self._is: dict[str, np.ndarray] | None = None
         self._counts: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
         self._adaptive: dict[int, AdaptiveDraws] = {}
+        self._path_is: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._pooled: dict[tuple[int, str], PooledBatch] = {}
 
     def is_scores(self) -> dict[str, np.ndarray]:
         """Plain and self-normalized IS log10 scores at ``settings["is_budgets"]``,
@@ -883,6 +889,24 @@ class SimulatedDraws:
                 fwd = 2 * tok.mean()
             self._adaptive[n_fit] = AdaptiveDraws(sk, sn, fk, fn, res, fwd)
         return self._adaptive[n_fit]
+
+    def path_is(self, n_fit: int) -> tuple[np.ndarray, np.ndarray]:
+        """Path IS log10-scores and ESS [S, P] on LPE's draws at ``n_fit``
+        (:func:`_path_is_scores`)."""
+        if n_fit not in self._path_is:
+            a = self.adaptive(n_fit)
+            self._path_is[n_fit] = _path_is_scores(self.bank, a, self.n_search, n_fit, self.rng)
+        return self._path_is[n_fit]
+
+    def pooled(self, n_fit: int, prior: str) -> PooledBatch:
+        """The pooled fit of LPE's draws at ``n_fit`` with ``prior`` (deterministic)."""
+        if (n_fit, prior) not in self._pooled:
+            a = self.adaptive(n_fit)
+            self._pooled[(n_fit, prior)] = lpe_pooled_from_counts(
+                *a.counts, self.bank.alphas, n_fit, n_search=self.n_search, paper=a.paper,
+                prior=prior,
+            )  # fmt: skip
+        return self._pooled[(n_fit, prior)]
 
 
 def _naive(d: SimulatedDraws, k: int) -> MethodPoint:
@@ -926,14 +950,7 @@ def _lpe_binomial(draws: str) -> Callable[[SimulatedDraws, int], MethodPoint]:
 
 def _lpe_pooled(d: SimulatedDraws, n_fit: int, prior: str | None = None) -> MethodPoint:
     a = d.adaptive(n_fit)
-    pooled = lpe_pooled_from_counts(
-        *a.counts,
-        d.bank.alphas,
-        n_fit,
-        n_search=d.n_search,
-        paper=a.paper,
-        prior=d.pooled_prior if prior is None else prior,
-    )
+    pooled = d.pooled(n_fit, d.pooled_prior if prior is None else prior)
     cov, exact = None, d.bank.true_r1
     if exact is not None:
         t = np.log10(exact)
@@ -943,8 +960,27 @@ def _lpe_pooled(d: SimulatedDraws, n_fit: int, prior: str | None = None) -> Meth
 
 def _path_is(d: SimulatedDraws, n_fit: int) -> MethodPoint:
     a = d.adaptive(n_fit)
-    scores = _path_is_scores(d.bank, a, d.n_search, n_fit, d.rng)
-    return MethodPoint(scores, a.paper.rollouts.mean(), a.forward_passes)
+    return MethodPoint(d.path_is(n_fit)[0], a.paper.rollouts.mean(), a.forward_passes)
+
+
+def _lpe_path_is_switch(d: SimulatedDraws, n_fit: int) -> MethodPoint:
+    """Path IS where its ESS of compliant rows reaches 10, pooled LPE otherwise (same draws)."""
+    a = d.adaptive(n_fit)
+    scores, ess = d.path_is(n_fit)
+    pooled = d.pooled(n_fit, d.pooled_prior).log10_estimate
+    comb = combine_path_is_lpe(scores, ess, pooled)
+    return MethodPoint(comb.log10_estimate, a.paper.rollouts.mean(), a.forward_passes)
+
+
+def _lpe_path_is_blend(d: SimulatedDraws, n_fit: int) -> MethodPoint:
+    """Precision-weighted log10 mean of path IS and pooled LPE (same draws); pooled LPE's sd is
+    its upper 95% half-width / 1.96 (its interval has no lower bound)."""
+    a = d.adaptive(n_fit)
+    scores, ess = d.path_is(n_fit)
+    pooled = d.pooled(n_fit, d.pooled_prior)
+    sd = (pooled.log10_upper - pooled.log10_estimate) / 1.959964
+    est = blend_path_is_lpe(scores, ess, pooled.log10_estimate, np.maximum(sd, 1e-6))
+    return MethodPoint(est, a.paper.rollouts.mean(), a.forward_passes)
 
 
 def _mixture_is(d: SimulatedDraws, n_fit: int) -> MethodPoint:
@@ -991,6 +1027,15 @@ for _m in (
     Method("lpe_pooled_averaged", "n_fits", functools.partial(_lpe_pooled, prior="averaged")),
 ):
     register_method(_m)
+
+_HAS_PATH = lambda b: b.path_log_weights is not None  # noqa: E731
+COMBINED_METHODS: tuple[Method, ...] = (
+    Method("lpe_path_is_switch", "n_fits", _lpe_path_is_switch, _HAS_PATH),
+    Method("lpe_path_is_blend", "n_fits", _lpe_path_is_blend, _HAS_PATH),
+)
+"""Path IS and pooled LPE joined (:mod:`estimators.combined`), on request only
+(``evaluate(methods=...)``): measured on both organisms' banks, neither beats both of its parts
+(docs/results.md, "A combined estimate"), so they are not in :data:`METHODS`."""
 
 
 def evaluate(
@@ -1048,6 +1093,10 @@ def evaluate(
       mean of w c over the first b of a random order of the prompt's mixture rollouts, b = the
       rollouts lpe_paper spent on that prompt in that simulation (equal budget, capped at the
       bank's M; the curve's rollouts are those used). No forward passes (no token counts).
+    * :data:`COMBINED_METHODS` (on request; n_fit; banks with ``path_log_weights``):
+      lpe_path_is_switch, path_is's estimate where its Kish ESS of compliant rows reaches 10,
+      lpe_pooled's elsewhere; lpe_path_is_blend, their precision-weighted log10 mean
+      (:mod:`estimators.combined`); the same draws as both (path_is's cached ones).
     * Forward passes for adaptive draws use the expected token count given the drawn counts
       (per-class mean tokens at that alpha), which is exact in expectation.
     * AUROC is averaged over simulations; the 95% interval is a bootstrap over prompts
