@@ -301,6 +301,8 @@ def load_pair() -> Any:
             logging.info("%s", plan.summary())
             return variant
 
+    mesh = load_mesh() if loader is None else None
+    refuse_weights_past_memory(mesh, whole_variant=loader is None)
     return _load(
         FLAGS.original,
         FLAGS.variant,
@@ -310,8 +312,40 @@ def load_pair() -> Any:
         variant_loader=loader,
         # each model loaded straight onto the --mesh by the sharding rules (never whole on one
         # device); the low-rank loader compares the variant with the original whole
-        mesh=load_mesh() if loader is None else None,
+        mesh=mesh,
     )
+
+
+def refuse_weights_past_memory(mesh: Any, whole_variant: bool = True) -> None:
+    """Before any weight is read: refuse a pair whose weights alone (from the config.json files,
+    --dtype, placed on `mesh` by the sharding rules; None: one device) exceed a device's memory,
+    with the numbers, instead of failing part-way through the load. whole_variant False (a
+    low-rank variant, mostly the original's arrays): the original alone is counted. The full plan
+    (slots, prompt table, a low-rank variant's own arrays) is checked once the models are loaded
+    (`check_memory_plan`). Backends that report no memory limit (CPU) are not checked."""
+    import jax
+
+    from lpe_jax.decoding import memory
+    from lpe_jax.model.checkpoint import model_config, read_config
+
+    device = jax.local_devices()[0] if mesh is None else mesh.devices.flat[0]
+    limit = memory.device_limit_bytes(device)
+    if limit is None:
+        return
+    shape = (1, 1, 1) if mesh is None else tuple(mesh.devices.shape)
+    per_model = [
+        memory.param_bytes_per_device(model_config(read_config(Path(d))), FLAGS.dtype, shape)
+        for d in (FLAGS.original, FLAGS.variant)[: 2 if whole_variant else 1]
+    ]
+    if sum(per_model) > limit:
+        each = " + ".join(memory.format_bytes(b) for b in per_model)
+        raise ValueError(
+            f"the pair's weights alone take {each} per device on mesh {shape} "
+            f"(rows, tensor, experts), {FLAGS.dtype}, more than a device's "
+            f"{memory.format_bytes(limit)}; nothing was read. Spread the weights over more "
+            "devices (a larger tensor or experts size in --mesh), use --dtype=bfloat16, or hold "
+            "the variant as low-rank deltas (--variant_low_rank=auto)."
+        )
 
 
 def load_mesh() -> Any:

@@ -92,6 +92,30 @@ def test_bad_inputs_are_named(tmp_path):
     assert p.returncode != 0 and "writable" in p.stderr
 
 
+def test_a_pair_too_large_for_the_device_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A device that reports a memory limit below the two models' weights (from their configs):
+    refused naming both sizes and the limit before any weight is read or any file written."""
+    from lpe_jax.decoding import memory
+    from lpe_jax.model.checkpoint import model_config, read_config
+    from lpe_jax.organisms.toy import TOY_DIR
+    from lpe_jax.runs import pipeline
+
+    monkeypatch.setattr(memory, "device_limit_bytes", lambda device: 3 * 2**19)
+    read = []
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: read.append(a))
+    p = run("sample.py", f"--out={tmp_path / 'run'}", "--limit=1", check=False)
+    assert p.returncode != 0 and not read, p.stderr[-2000:]
+    both = [
+        memory.param_bytes_per_device(model_config(read_config(TOY_DIR / d)), "float32", (1, 1, 1))
+        for d in ("original", "variant")
+    ]
+    assert sum(both) > 3 * 2**19 > max(both)  # each model alone would fit: the pair is refused
+    sizes = " + ".join(memory.format_bytes(b) for b in both)
+    assert f"weights alone take {sizes} per device on mesh (1, 1, 1)" in p.stderr, p.stderr[-2000:]
+    assert "more than a device's 1.50 MiB; nothing was read" in p.stderr
+    assert not list((tmp_path / "run").glob("chunks/**/*.npz"))
+
+
 def test_two_process_run_matches_one_process(reference_run, tmp_path):
     out = tmp_path / "multi"
     for so in run_two_processes("sample.py", f"--out={out}", *SAMPLE_FLAGS):

@@ -359,14 +359,15 @@ class MeshPlan:
         rows, t, e = self.mesh_shape
         line = (
             f"plan per device, mesh rows={rows} tensor={t} experts={e}: weights "
-            f"{_size(self.weights)} + {self.slots} slots x {_size(self.slot_bytes)} + "
-            f"{self.prompts} prompts x {_size(self.prompt_bytes)} = {_size(self.total)}"
+            f"{format_bytes(self.weights)} + {self.slots} slots x "
+            f"{format_bytes(self.slot_bytes)} + {self.prompts} prompts x "
+            f"{format_bytes(self.prompt_bytes)} = {format_bytes(self.total)}"
         )
-        return line if limit_bytes is None else f"{line} of {_size(limit_bytes)}"
+        return line if limit_bytes is None else f"{line} of {format_bytes(limit_bytes)}"
 
 
-def _size(nbytes: int) -> str:
-    """nbytes in GiB from 1 GiB up, else in MiB."""
+def format_bytes(nbytes: int) -> str:
+    """nbytes in GiB from 1 GiB up, else in MiB (2 decimals)."""
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
 
 
