@@ -262,3 +262,16 @@ def test_evaluation_forecast_and_its_figure(bank, tmp_path):
     f = big.curves["mixture_is"].forecast[0]
     assert f.top == 3 and f.median[0] is not None and big.exact_worst_log10 is not None
     assert plots.plot_forecast(big, str(tmp_path / "fc"))[0].endswith("fc.png")
+
+
+def test_averaged_line_in_the_evaluation_is_the_direct_fit(bank):
+    """lpe_pooled_averaged reuses the cached log-rate and log-odds fits: the same numbers as
+    fitting prior="averaged" on LPE's draws directly."""
+    d = _draws(bank, 50, seed=5)
+    a = d.adaptive(N_FIT)
+    direct = ev.lpe_pooled_from_counts(
+        *a.counts, bank.alphas, N_FIT, n_search=N_SEARCH, paper=a.paper, prior="averaged"
+    )
+    got = d.pooled(N_FIT, "averaged")
+    for f in ("log10_estimate", "log10_lower", "log10_upper", "slope"):
+        np.testing.assert_allclose(getattr(got, f), getattr(direct, f), rtol=1e-12, err_msg=f)

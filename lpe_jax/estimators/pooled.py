@@ -318,7 +318,7 @@ def fit_pooled_batch(
         if curvature is not None:
             raise ValueError(f'curvature is for prior="curved", not {prior!r}; drop it')
         kw = dict(level=level, fallback=fallback, firth=firth)
-        return _averaged(
+        return average_lines(
             fit_pooled_batch(alphas, k, n, mask, prior="coupled", **kw),
             fit_pooled_batch(alphas, k, n, mask, prior="logit", **kw),
         )
@@ -383,7 +383,7 @@ def fit_pooled_batch(
     )
 
 
-def _averaged(log: PooledBatch, odds: PooledBatch) -> PooledBatch:
+def average_lines(log: PooledBatch, odds: PooledBatch) -> PooledBatch:
     """``prior="averaged"``: the mean of the log-rate and the log-odds lines' log10 r(1) (each
     biased by about 0.3-0.45 decades, in opposite directions, where the other link is the true
     one, and the counts at n_fit <= 50 cannot tell which: docs/results.md), with the hull of the

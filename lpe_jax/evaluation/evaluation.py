@@ -35,7 +35,12 @@ from lpe_jax.estimators.lpe import (
     lpe_paper_from_counts,
 )
 from lpe_jax.estimators.path_is import crossfit_estimate_and_ess
-from lpe_jax.estimators.pooled import DEFAULT_PRIOR, PooledBatch, lpe_pooled_from_counts
+from lpe_jax.estimators.pooled import (
+    DEFAULT_PRIOR,
+    PooledBatch,
+    average_lines,
+    lpe_pooled_from_counts,
+)
 
 __all__ = [
     "RolloutBank",
@@ -900,6 +905,10 @@ class SimulatedDraws:
 
     def pooled(self, n_fit: int, prior: str) -> PooledBatch:
         """The pooled fit of LPE's draws at ``n_fit`` with ``prior`` (deterministic)."""
+        if (n_fit, prior) not in self._pooled and prior == "averaged":
+            # the mean of two lines this cache holds (the default is one): not fitted again
+            log, odds = self.pooled(n_fit, "coupled"), self.pooled(n_fit, "logit")
+            self._pooled[(n_fit, prior)] = average_lines(log, odds)
         if (n_fit, prior) not in self._pooled:
             a = self.adaptive(n_fit)
             self._pooled[(n_fit, prior)] = lpe_pooled_from_counts(
