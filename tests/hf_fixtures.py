@@ -10,9 +10,6 @@ norms) gives near-zero logits that would agree with almost anything.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -193,15 +190,3 @@ QWEN3_MOE = dict(
         mlp_only_layers=[0],
     )
 )
-
-
-def run_script(script: str, *args: str) -> None:
-    """experiments/<script> with args in a subprocess on the CPU, as a user runs it; fails the
-    test with the script's output tail when it exits non-zero."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
-    p = subprocess.run(
-        [sys.executable, str(root / "experiments" / script), *args],
-        capture_output=True, text=True, env=env, cwd=root, timeout=600,
-    )  # fmt: skip
-    assert p.returncode == 0, f"{script} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"

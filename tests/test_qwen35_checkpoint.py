@@ -6,18 +6,14 @@ through the key map; logits parity of that key map is tests/test_qwen35.py's."""
 import copy
 import json
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hf_fixtures import run_script
 from hybrid_fixtures import QWEN35_TEXT, qwen35_text_config, randomize, state_dict_numpy
+from script_main import run_script
 
 from lpe_jax.model.checkpoint import load_model
 from lpe_jax.model.hf_keymap import assign_hf
@@ -135,7 +131,6 @@ def test_estimate_runs_on_a_tiny_qwen35_pair(tmp_path):
     import transformers
     from hybrid_fixtures import make_qwen35_tokenizer
 
-    root = Path(__file__).resolve().parents[1]
     dirs = []
     for seed in (0, 1):
         cfg = qwen35_text_config(**LAYERS, vocab_size=96)
@@ -151,12 +146,7 @@ def test_estimate_runs_on_a_tiny_qwen35_pair(tmp_path):
         "--judge=string", "--n_fit=3", "--n_search=3", "--max_new_tokens=3", "--max_rows=8",
         "--nofigures", f"--out={out}",
     ]  # fmt: skip
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
-    p = subprocess.run(
-        [sys.executable, str(root / "experiments" / "estimate.py"), *args],
-        capture_output=True, text=True, env=env, cwd=root, timeout=600,
-    )  # fmt: skip
-    assert p.returncode == 0, p.stderr[-4000:]
+    run_script("estimate.py", *args)
     results = json.loads((out / "results.json").read_text())
     assert [r["id"] for r in results["prompts"]] == ["p0"]
 
