@@ -10,10 +10,7 @@ sampled tokens depend on the logits; 2 layers and a small vocabulary keep the te
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -23,6 +20,7 @@ import pytest
 from flax import nnx
 from hf_fixtures import make_tokenizer
 from scipy import special
+from script_main import run_script as run
 
 from lpe_jax.abliteration import abliterate as ab
 from lpe_jax.abliteration.direction_path import DirectionalQwen3
@@ -165,22 +163,9 @@ def test_abliteration_passes_in_bf16(models):
     assert np.isfinite(ablated).all() and rel(ablated, logits) > 0.05
 
 
-# The scripts as a user runs them, --dtype=bfloat16, on HF checkpoints of hidden size 256.
+# The scripts as a user runs them (in this process: tests/script_main.py), --dtype=bfloat16, on
+# HF checkpoints of hidden size 256.
 WIDE = {"hidden_size": 256, "num_layers": 2, "head_dim": 64, "intermediate_size": 512}
-
-
-def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    p = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / script), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert p.returncode == 0, f"{script} failed:\n{p.stdout}\n{p.stderr[-4000:]}"
-    return p
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +190,7 @@ def wide_pair(hf_checkpoint, tmp_path_factory):
 def test_estimate_runs_in_bf16(wide_pair):
     root, original, variant, prompts = wide_pair
     out = root / "estimate"
-    # mixture IS off: the dtype is the point here (test_experiments runs mixture IS)
+    # mixture IS off: the dtype is the point here (test_experiments_estimate runs mixture IS)
     run(
         "estimate.py", f"--original={original}", f"--variant={variant}", "--dtype=bfloat16",
         f"--prompts={prompts}", "--judge=string", "--n_fit=3", "--n_search=3",
