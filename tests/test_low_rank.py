@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -17,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from hf_fixtures import make_tokenizer
+from script_main import run_script
 
 from lpe_jax.abliteration.orthogonalize import orthogonalize_model, write_abliterated
 from lpe_jax.decoding import paths
@@ -162,18 +160,9 @@ def test_sample_script_runs_the_low_rank_variant_and_logs_the_plan(tmp_path):
     h = json.loads((src / "config.json").read_text())["hidden_size"]
     abl = write_abliterated(src, tmp_path / "abl", np.random.default_rng(0).normal(size=h))
     out = tmp_path / "run"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     args = [f"--original={src}", f"--variant={abl}", "--variant_low_rank=auto", f"--out={out}"]
     args += ["--limit=1", "--rollouts=2", "--alphas=0,1", "--max_new_tokens=4"]
-    p = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "sample.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert p.returncode == 0, p.stderr[-2000:]
+    p = run_script("sample.py", *args)  # in this process (tests/script_main.py)
     line = next(x for x in p.stderr.splitlines() if "low-rank variant" in x)
     assert "5 tensors low rank (ranks [1]" in line and "0 whole" in line, line
     manifest = json.loads((out / MANIFEST).read_text())
