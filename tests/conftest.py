@@ -42,27 +42,28 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # The files that take longest (wall seconds on an idle 2-core box; docs/benchmarks.md "Stop 25:
-# test time"), longest first. `make test` runs whole files per worker (`--dist loadfile`) and
-# pytest-xdist hands them out in collection order, after reordering them by their number of tests
-# unless told not to: that put these few-test files last, where one of them could still run on
-# one worker for minutes after the other had run out of files. Handing out the longest first
-# (xdist's reordering off, pytest_configure) lets the many short files fill in behind them.
-# Files not listed keep their usual order after these.
+# test time", reordered from the merged tree's full-run profile), longest first. `make test` runs
+# whole files per worker (`--dist loadfile`) and pytest-xdist hands them out in collection order,
+# after reordering them by their number of tests unless told not to: that put these few-test
+# files last, where one of them could still run on one worker for minutes after the other had
+# run out of files. Handing out the longest first (xdist's reordering off, pytest_configure) lets
+# the many short files fill in behind them. Files not listed keep their usual order after these.
 SLOWEST_FILES = (
+    "test_mesh.py",
     "test_readme.py",
     "test_experiments_estimate.py",
-    "test_bf16.py",
     "test_real_model_recipe.py",
-    "test_mesh.py",
+    "test_notebooks.py",
+    "test_bf16.py",
     "test_qwen35_checkpoint.py",
     "test_engine.py",
-    "test_notebooks.py",
     "test_qwen3_moe.py",
-    "test_experiments.py",
     "test_low_rank.py",
-    "test_abliterate_hybrid.py",
+    "test_experiments.py",
     "test_judge_failure.py",
+    "test_abliterate_hybrid.py",
     "test_abliterate_script.py",
+    "test_bf16_qwen35.py",
     "test_sampler_determinism.py",
     "test_toy.py",
 )
