@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 # A small Qwen3.5 text config: GQA in the linear layers (2 key heads, 4 value heads), partial
 # rotary 0.25 of head_dim 16 in the full-attention layers.
@@ -121,3 +124,33 @@ def make_qwen35_tokenizer(path: Any, *, generation_eos: list[int] | None = (2, 0
         gen = {"eos_token_id": list(generation_eos), "pad_token_id": 0}
         (path / "generation_config.json").write_text(json.dumps(gen))
     return path
+
+
+def direction_path_decode(
+    dm: Any, cfg: Any, dtype: Any, tokens: np.ndarray, alphas: tuple[float, float], n: int = 4
+) -> np.ndarray:
+    """A direction-path model `dm` (config `cfg`, states in `dtype`) through the engine's layer
+    protocol: rows 0 and 1 of `tokens` [>= 2, T] prefilled from their first n tokens (bucket 8)
+    at alphas[0] and alphas[1], then decoded teacher-forced one token per step (`decode_slots`
+    with both alphas). float32 logits [2, T - n, V]: position j predicts token n + j."""
+    bucket, new = 8, tokens.shape[1] - n
+    prefill = nnx.jit(lambda m, t, k, a: m.prefill_states(t, k, alpha=a))
+    decode = nnx.jit(lambda m, *args, alpha: m.decode_slots(*args, alpha=alpha))
+    entries, firsts = [], []
+    for row, a in enumerate(alphas):
+        padded = np.zeros(bucket, np.int32)
+        padded[:n] = tokens[row, :n]
+        logits, entry = prefill(dm, jnp.asarray(padded), jnp.int32(n), jnp.float32(a))
+        entries.append(entry)
+        firsts.append(np.asarray(logits))
+    prompt = jax.tree.map(lambda x, y: jnp.concatenate([x, y]), *entries)
+    own = cfg.empty_own_states(dtype, 2, new)
+    steps = [np.stack(firsts)]
+    for i in range(new - 1):
+        args = (
+            jnp.asarray(tokens[:2, n + i]), jnp.full(2, n + i, jnp.int32),
+            jnp.full(2, n, jnp.int32), jnp.full(2, i, jnp.int32), jnp.ones(2, bool), prompt, own,
+        )  # fmt: skip
+        out, prompt, own = decode(dm, *args, alpha=jnp.asarray(alphas, jnp.float32))
+        steps.append(np.asarray(out))
+    return np.stack(steps, axis=1)

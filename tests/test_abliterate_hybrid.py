@@ -21,6 +21,7 @@ import pytest
 from flax import nnx
 from hybrid_fixtures import (
     QWEN35_TEXT,
+    direction_path_decode,
     make_qwen35_tokenizer,
     qwen35_text_config,
     randomize,
@@ -178,27 +179,8 @@ def test_direction_path_through_the_engine_protocol_is_the_orthogonalized_model(
     assert rel(full(TOKENS, 1.0), model_logits(model, TOKENS)) <= 1e-5
     assert rel(refs[0], model_logits(model, TOKENS)) > 1e-2
 
-    cfg, n, bucket, new = model.cfg, 4, 8, TOKENS.shape[1] - 4
-    prefill = nnx.jit(lambda m, t, k, a: m.prefill_states(t, k, alpha=a))
-    decode = nnx.jit(lambda m, *args, alpha: m.decode_slots(*args, alpha=alpha))
-    entries, firsts = [], []
-    for row, a in enumerate(alphas):
-        padded = np.zeros(bucket, np.int32)
-        padded[:n] = TOKENS[row, :n]
-        logits, entry = prefill(dm, jnp.asarray(padded), jnp.int32(n), jnp.float32(a))
-        entries.append(entry)
-        firsts.append(np.asarray(logits))
-    prompt = jax.tree.map(lambda x, y: jnp.concatenate([x, y]), *entries)
-    own = cfg.empty_own_states(jnp.float32, 2, new)
-    steps = [np.stack(firsts)]
-    for i in range(new - 1):
-        args = (
-            jnp.asarray(TOKENS[:2, n + i]), jnp.full(2, n + i, jnp.int32),
-            jnp.full(2, n, jnp.int32), jnp.full(2, i, jnp.int32), jnp.ones(2, bool), prompt, own,
-        )  # fmt: skip
-        out, prompt, own = decode(dm, *args, alpha=jnp.asarray(alphas, jnp.float32))
-        steps.append(np.asarray(out))
-    got = np.stack(steps, axis=1)  # [2, new, V]
+    n, new = 4, TOKENS.shape[1] - 4
+    got = direction_path_decode(dm, model.cfg, jnp.float32, TOKENS, alphas, n)  # [2, new, V]
     for row in range(2):
         assert rel(got[row], refs[row][row, n - 1 : n - 1 + new]) <= 1e-4, row
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hybrid_fixtures import direction_path_decode
 
 from lpe_jax.abliteration import abliterate as ab
 from lpe_jax.abliteration.direction_path import DirectionalQwen35, directional
@@ -153,27 +154,8 @@ def test_direction_path_decode_in_bf16(pair):
     alphas = (0.0, 0.6)
     full16 = jax.jit(lambda t, a: dm16(t, a))
     full32 = jax.jit(lambda t, a: dm32(t, a))
-    n, bucket, new = 4, 8, TOKENS.shape[1] - 4
-    prefill = nnx.jit(lambda m, t, k, a: m.prefill_states(t, k, alpha=a))
-    decode = nnx.jit(lambda m, *args, alpha: m.decode_slots(*args, alpha=alpha))
-    entries, firsts = [], []
-    for row, a in enumerate(alphas):
-        padded = np.zeros(bucket, np.int32)
-        padded[:n] = TOKENS[row, :n]
-        logits, entry = prefill(dm16, jnp.asarray(padded), jnp.int32(n), jnp.float32(a))
-        entries.append(entry)
-        firsts.append(np.asarray(logits))
-    prompt = jax.tree.map(lambda x, y: jnp.concatenate([x, y]), *entries)
-    own = bf16.cfg.empty_own_states(jnp.bfloat16, 2, new)
-    steps = [np.stack(firsts)]
-    for i in range(new - 1):
-        args = (
-            jnp.asarray(TOKENS[:2, n + i]), jnp.full(2, n + i, jnp.int32),
-            jnp.full(2, n, jnp.int32), jnp.full(2, i, jnp.int32), jnp.ones(2, bool), prompt, own,
-        )  # fmt: skip
-        out, prompt, own = decode(dm16, *args, alpha=jnp.asarray(alphas, jnp.float32))
-        steps.append(np.asarray(out))
-    got = np.stack(steps, axis=1)  # [2, new, V]
+    n, new = 4, TOKENS.shape[1] - 4
+    got = direction_path_decode(dm16, bf16.cfg, jnp.bfloat16, TOKENS, alphas, n)  # [2, new, V]
     assert got.dtype == np.float32 and np.isfinite(got).all()
     for row, a in enumerate(alphas):
         window = slice(n - 1, n - 1 + new)
