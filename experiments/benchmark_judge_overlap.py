@@ -25,7 +25,6 @@ wanted. Results must be equal across judges and shapes (same seed, same rows; ch
 from __future__ import annotations
 
 import concurrent.futures as cf
-import dataclasses
 import hashlib
 import os
 import threading
@@ -36,6 +35,8 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from lpe_jax.decoding.engine import BlockResult
+from lpe_jax.decoding.rollouts import Rollouts
 from lpe_jax.decoding.row_block import RowBlock
 from lpe_jax.estimators.lpe import adaptive_search
 from lpe_jax.judges.base import JudgeStats, Verdict
@@ -68,23 +69,6 @@ def rate_of(prompt_key: Hashable) -> Any:
     return lambda alpha: 0.8 * (r1 / 0.8) ** alpha
 
 
-@dataclasses.dataclass(frozen=True)
-class Rows:
-    tokens: np.ndarray
-    lengths: np.ndarray
-    logp_original: np.ndarray
-    logp_variant: np.ndarray
-    logp_sampled: np.ndarray
-    truncated: np.ndarray
-    nonfinite: np.ndarray
-
-
-@dataclasses.dataclass(frozen=True)
-class Result:
-    block: RowBlock
-    rollouts: Rows
-
-
 class SleepEngine:
     """The scheduler's engine contract; every decode step sleeps step_ms (see module docstring)."""
 
@@ -93,7 +77,7 @@ class SleepEngine:
         self.queue: list[tuple[Any, int]] = []
         self.live: list[list] = []  # [block id, remaining steps]
         self.left: dict[int, int] = {}
-        self.open: dict[int, tuple[RowBlock, Rows]] = {}
+        self.open: dict[int, tuple[RowBlock, Rollouts]] = {}
         self.steps_run = self.slot_steps = 0  # decode steps, and busy slots summed over them
 
     def submit(self, block: RowBlock) -> None:
@@ -106,9 +90,10 @@ class SleepEngine:
             tokens[i, : lengths[i]] = 7
             tokens[i, 0] = int(u_c < rate)
         lp = -lengths.astype(np.float32)
-        rows = Rows(
+        rows = Rollouts(
             tokens[None], lengths[None], lp[None], 1.1 * lp[None], 1.05 * lp[None],
             (lengths == self.t_n)[None], np.zeros((1, block.count), bool),
+            np.array([block.alpha], np.float64), block.rollout_start,
         )  # fmt: skip
         self.open[id(block)] = (block, rows)
         self.left[id(block)] = block.count
@@ -118,7 +103,7 @@ class SleepEngine:
     def idle(self) -> bool:
         return not self.queue and not self.live
 
-    def poll(self) -> list[Result]:
+    def poll(self) -> list[BlockResult]:
         done = []
         for _ in range(self.steps):
             if self.idle:
@@ -134,7 +119,7 @@ class SleepEngine:
             for b, _ in (r for r in self.live if r[1] <= 0):
                 self.left[b] -= 1
                 if self.left[b] == 0:
-                    done.append(Result(*self.open.pop(b)))
+                    done.append(BlockResult(*self.open.pop(b)))
             self.live = [r for r in self.live if r[1] > 0]
         return done
 

@@ -12,7 +12,6 @@ So a serial oracle (`synthetic_rows`) gives exactly what any interleaving must g
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 import threading
 from collections.abc import Callable, Hashable
@@ -20,27 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from lpe_jax.decoding.engine import BlockResult
+from lpe_jax.decoding.rollouts import Rollouts
 from lpe_jax.decoding.row_block import RowBlock
 from lpe_jax.judges.base import JudgeStats, Verdict
-
-
-@dataclasses.dataclass(frozen=True)
-class Rows:
-    """A one-alpha Rollouts: arrays [1, R(, T)]."""
-
-    tokens: np.ndarray
-    lengths: np.ndarray
-    logp_original: np.ndarray
-    logp_variant: np.ndarray
-    logp_sampled: np.ndarray
-    truncated: np.ndarray
-    nonfinite: np.ndarray
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockResult:
-    block: RowBlock
-    rollouts: Rows
 
 
 def default_rate(prompt_key: Hashable, alpha: float) -> float:
@@ -63,7 +45,7 @@ def synthetic_rows(
     max_new_tokens: int,
     rate: Callable[[Hashable, float], float] = default_rate,
     nonfinite_every: int = 0,
-) -> Rows:
+) -> Rollouts:
     """Rows start .. start + n - 1 of stream (prompt, seed, alpha), as a one-alpha Rollouts."""
     t_n = max_new_tokens
     tokens = np.full((n, t_n), -1, np.int32)
@@ -84,7 +66,7 @@ def synthetic_rows(
         )
         nonfinite[i] = bool(nonfinite_every) and r % nonfinite_every == nonfinite_every - 1
     lp[:, nonfinite] = np.nan
-    return Rows(
+    return Rollouts(
         tokens=tokens[None],
         lengths=lengths[None],
         logp_original=lp[0][None],
@@ -92,6 +74,8 @@ def synthetic_rows(
         logp_sampled=lp[2][None],
         truncated=(lengths == t_n)[None],
         nonfinite=nonfinite[None],
+        alphas=np.array([alpha], np.float64),
+        rollout_offset=start,
     )
 
 
@@ -117,7 +101,7 @@ class SyntheticEngine:
         self.queue: collections.deque[tuple[RowBlock, int]] = collections.deque()
         self.live: list[list] = []  # [block, row index, remaining steps]
         self.rows_left: dict[int, int] = {}
-        self.rows: dict[int, Rows] = {}
+        self.rows: dict[int, Rollouts] = {}
         self.polls = self.slot_steps = self.slot_steps_used = 0
         self.submitted_rows = 0
 
@@ -154,7 +138,7 @@ class SyntheticEngine:
             self.live = [r for r in self.live if r[2] > 0]
         return done
 
-    def _rows(self, block: RowBlock) -> Rows:
+    def _rows(self, block: RowBlock) -> Rollouts:
         return synthetic_rows(
             block.prompt_key,
             block.alpha,
