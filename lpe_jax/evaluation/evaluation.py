@@ -96,6 +96,23 @@ def _verdicts(x: np.ndarray, name: str) -> np.ndarray:
     return x.astype(np.int8)
 
 
+def _weighted_draws(
+    log_weights: np.ndarray, compliance: np.ndarray, n_p: int, names: tuple[str, str], draws: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """An importance sample's (log-weights float64 [P, N], verdicts int8 [P, N]), validated:
+    one row per prompt, the same shape, weights finite wherever the verdict is known.
+    names: the two fields' names, draws: N's name (for the messages)."""
+    lw = np.asarray(log_weights, np.float64)
+    if lw.ndim != 2 or lw.shape[0] != n_p:
+        raise ValueError(f"{names[0]} must be [prompts={n_p}, {draws}], got {lw.shape}")
+    verdicts = _verdicts(compliance, names[1])
+    if verdicts.shape != lw.shape:
+        raise ValueError(f"{names[1]} must be {lw.shape}, got {verdicts.shape}")
+    if not np.all(np.isfinite(lw[verdicts >= 0])):
+        raise ValueError(f"{names[0]} must be finite where the verdict is known")
+    return lw, verdicts
+
+
 @dataclasses.dataclass(frozen=True)
 class RolloutBank:
     """Judged rollouts for P prompts (arrays are converted and validated on construction).
@@ -161,14 +178,8 @@ class RolloutBank:
         if (self.is_log_weights is None) != (self.is_compliance is None):
             raise ValueError("is_log_weights and is_compliance must be given together")
         if self.is_log_weights is not None:
-            lw = np.asarray(self.is_log_weights, dtype=np.float64)
-            if lw.ndim != 2 or lw.shape[0] != n_p:
-                raise ValueError(f"is_log_weights must be [prompts={n_p}, N], got {lw.shape}")
-            ic = _verdicts(self.is_compliance, "is_compliance")
-            if ic.shape != lw.shape:
-                raise ValueError(f"is_compliance must be {lw.shape}, got {ic.shape}")
-            if not np.all(np.isfinite(lw[ic >= 0])):
-                raise ValueError("is_log_weights must be finite where the verdict is known")
+            names = ("is_log_weights", "is_compliance")
+            lw, ic = _weighted_draws(self.is_log_weights, self.is_compliance, n_p, names, "N")
             s(self, "is_log_weights", lw)
             s(self, "is_compliance", ic)
             self._opt("is_tokens", np.int32, lw.shape, nonneg=True)
@@ -213,14 +224,8 @@ class RolloutBank:
         lam = float(np.asarray(self.mixture_lambda))
         if not 0.0 < lam <= 1.0:
             raise ValueError(f"mixture_lambda (the original's share) must be in (0, 1]; got {lam}")
-        lw = np.asarray(self.mixture_log_weights, np.float64)
-        if lw.ndim != 2 or lw.shape[0] != n_p:
-            raise ValueError(f"mixture_log_weights must be [prompts={n_p}, M], got {lw.shape}")
-        mc = _verdicts(self.mixture_compliance, "mixture_compliance")
-        if mc.shape != lw.shape:
-            raise ValueError(f"mixture_compliance must be {lw.shape}, got {mc.shape}")
-        if not np.all(np.isfinite(lw[mc >= 0])):
-            raise ValueError("mixture_log_weights must be finite where the verdict is known")
+        names = ("mixture_log_weights", "mixture_compliance")
+        lw, mc = _weighted_draws(self.mixture_log_weights, self.mixture_compliance, n_p, names, "M")
         s = object.__setattr__
         s(self, "mixture_log_weights", lw)
         s(self, "mixture_compliance", mc)
